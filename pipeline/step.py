@@ -1,0 +1,98 @@
+"""One training step's forward math: the distillation step, and the MLM-only step that pre-trains a teacher.
+
+Shape legend: B batch, T sequence length, V vocabulary, D hidden size.
+No Ray, no rank checks and no logging here: the loop owns those.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipeline import losses
+from pipeline.config import LossSection
+from pipeline.masking import IGNORE_INDEX
+
+
+@dataclass(frozen=True)
+class Batch:
+    input_ids_BT: torch.Tensor  # after masking
+    attention_mask_BT: torch.Tensor
+    labels_BT: torch.Tensor  # original ids at chosen positions, -100 elsewhere
+
+
+def kd_mask(batch: Batch, kd_positions: str) -> torch.Tensor:
+    if kd_positions == "masked":
+        return batch.labels_BT != IGNORE_INDEX
+    return batch.attention_mask_BT.bool()
+
+
+def count_supervised(batch: Batch, kd_positions: str) -> torch.Tensor:
+    """Local counts [N_ce, N_mlm] of one micro-batch: the loop sums them over micro-batches and ranks."""
+    n_ce = kd_mask(batch, kd_positions).sum()
+    n_mlm = (batch.labels_BT != IGNORE_INDEX).sum()
+    return torch.stack([n_ce, n_mlm]).float()
+
+
+def distill_step(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    batch: Batch,
+    *,
+    loss_cfg: LossSection,
+    norm_ce: torch.Tensor | float | None = None,
+    norm_mlm: torch.Tensor | float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Teacher forward (frozen, no grad), student forward, the weighted triple loss."""
+    with torch.no_grad():
+        t_out = teacher(
+            input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT, output_hidden_states=True
+        )
+    s_out = student(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT, output_hidden_states=True)
+    mask_BT = kd_mask(batch, loss_cfg.kd_positions)
+    terms = {
+        "ce": losses.kd_loss(
+            s_out.logits, t_out.logits, mask_BT, temperature=loss_cfg.temperature, normalizer=norm_ce
+        ),
+        "mlm": losses.mlm_loss(s_out.logits, batch.labels_BT, normalizer=norm_mlm),
+        "cos": losses.cosine_loss(
+            s_out.hidden_states[-1], t_out.hidden_states[-1].to(s_out.hidden_states[-1].dtype), mask_BT,
+            normalizer=norm_ce,
+        ),
+    }
+    weights = {"ce": loss_cfg.alpha_ce, "mlm": loss_cfg.alpha_mlm, "cos": loss_cfg.alpha_cos}
+    return losses.combine(terms, weights)
+
+
+def mlm_step(
+    model: torch.nn.Module, batch: Batch, *, norm_mlm: torch.Tensor | float | None = None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Masked-LM pre-training of a BERT: the distillation step with L_ce and L_cos switched off.
+
+    Only ~15 % of positions carry a label, so the vocabulary projection (the largest matmul at a small
+    width) runs on those positions alone: N×D @ D×V instead of B·T×D @ D×V.
+    """
+    bert = model.module if hasattr(model, "module") else model  # unwrap a DeepSpeed engine
+    hidden_BTD = bert.bert(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT).last_hidden_state
+    selected_BT = batch.labels_BT != IGNORE_INDEX
+    logits_NV = bert.cls(hidden_BTD[selected_BT])
+    mlm = losses.mlm_loss(logits_NV.unsqueeze(0), batch.labels_BT[selected_BT].unsqueeze(0), normalizer=norm_mlm)
+    return losses.combine({"mlm": mlm}, {"mlm": 1.0})
+
+
+@torch.no_grad()
+def eval_sums(model: torch.nn.Module, teacher: torch.nn.Module | None, batch: Batch) -> torch.Tensor:
+    """Sums for held-out metrics: [masked CE sum, masked correct, masked count, teacher-agreement count]."""
+    logits_BTV = model(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT).logits
+    selected_BT = batch.labels_BT != IGNORE_INDEX
+    logits_NV = logits_BTV[selected_BT].float()
+    labels_N = batch.labels_BT[selected_BT]
+    ce_sum = torch.nn.functional.cross_entropy(logits_NV, labels_N, reduction="sum")
+    pred_N = logits_NV.argmax(-1)
+    correct = (pred_N == labels_N).sum()
+    agree = torch.zeros(())
+    if teacher is not None:
+        t_logits_BTV = teacher(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT).logits
+        agree = (t_logits_BTV[selected_BT].argmax(-1) == pred_N).sum()
+    return torch.stack([ce_sum, correct.float(), selected_BT.sum().float(), agree.float()])

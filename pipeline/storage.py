@@ -1,0 +1,108 @@
+"""Local paths and s3:// URIs behind one small interface.
+
+S3 uses the standard AWS credential chain. An S3-compatible store is reached by setting ``AWS_ENDPOINT_URL``
+(boto3 and pyarrow both read it); ``MLFLOW_S3_ENDPOINT_URL`` is honoured as a fallback so that one variable
+serves MLflow and the pipeline alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def is_s3(path: str) -> bool:
+    return path.startswith("s3://")
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    return bucket, key.strip("/")
+
+
+def endpoint_url() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None
+
+
+def s3_client():
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint_url())
+
+
+def pyarrow_filesystem(path: str):
+    """The pyarrow filesystem for a path, for Ray Data reads/writes and Ray Train storage (None for local)."""
+    if not is_s3(path):
+        return None
+    from pyarrow import fs
+
+    endpoint = endpoint_url()
+    kwargs = {}
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs = {"endpoint_override": host, "scheme": scheme}
+    return fs.S3FileSystem(**kwargs)
+
+
+def download_dir(uri: str, cache_root: str) -> str:
+    """Download an s3:// prefix once into ``cache_root``; later calls reuse the local copy."""
+    bucket, prefix = split_s3(uri)
+    local = Path(cache_root) / hashlib.sha1(uri.encode()).hexdigest()[:16]
+    done = local / ".complete"
+    if done.exists():
+        return str(local)
+    client = s3_client()
+    tmp = Path(tempfile.mkdtemp(dir=cache_root if os.path.isdir(cache_root) else None))
+    count = 0
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
+        for obj in page.get("Contents", []):
+            rel = obj["Key"][len(prefix) + 1 :]
+            target = tmp / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(bucket, obj["Key"], str(target))
+            count += 1
+    if count == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ValueError(f"{uri} holds no files: check the bucket and prefix, and AWS_ENDPOINT_URL for S3-compatible stores")
+    (tmp / ".complete").write_text(str(count))
+    if local.exists():
+        shutil.rmtree(local)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, local)  # atomic: a half-finished download is never taken for a cached copy
+    return str(local)
+
+
+def write_json(path: str, payload: dict) -> None:
+    """Write JSON to a local path or s3:// URI (atomically for local paths)."""
+    text = json.dumps(payload, indent=2, sort_keys=True, default=str)
+    if is_s3(path):
+        bucket, key = split_s3(path)
+        s3_client().put_object(Bucket=bucket, Key=key, Body=text.encode())
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{path}.tmp"
+    Path(tmp).write_text(text)
+    os.replace(tmp, path)
+
+
+def read_json(path: str) -> dict | None:
+    """Read JSON from a local path or s3:// URI; None if it does not exist."""
+    if is_s3(path):
+        bucket, key = split_s3(path)
+        client = s3_client()
+        try:
+            body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except client.exceptions.NoSuchKey:
+            return None
+        return json.loads(body)
+    return json.loads(Path(path).read_text()) if os.path.exists(path) else None
+
+
+def join(base: str, *parts: str) -> str:
+    if is_s3(base):
+        return "/".join([base.rstrip("/"), *parts])
+    return os.path.join(base, *parts)

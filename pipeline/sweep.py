@@ -1,0 +1,119 @@
+"""Ray Tune over the temperature and the α weights, with Ray's Train-V2 pattern.
+
+Each trial is a function that builds and fits its own distributed TorchTrainer. TuneReportCallback forwards
+the workers' reports to Tune, so ASHA can stop a trial early on the validation loss. Every trial runs with
+the same seed, so it sees the same data order and the same masks: differences come from the hyperparameters.
+"""
+
+from __future__ import annotations
+
+import math
+
+from pipeline.config import RunConfig
+
+KEY_SEP = "__"  # Tune flattens config keys on "/", and we keep dots out of its way too
+
+
+def search_space(space: dict) -> dict:
+    from ray import tune
+
+    samplers = {
+        "choice": lambda s: tune.choice(s["values"]),
+        "grid": lambda s: tune.grid_search(s["values"]),
+        "uniform": lambda s: tune.uniform(s["low"], s["high"]),
+        "loguniform": lambda s: tune.loguniform(s["low"], s["high"]),
+    }
+    return {key.replace(".", KEY_SEP): samplers[spec["type"]](spec) for key, spec in space.items()}
+
+
+def overrides_from_sample(sample: dict) -> dict:
+    return {key.replace(KEY_SEP, "."): value for key, value in sample.items()}
+
+
+def max_concurrent_trials(cfg: RunConfig, cluster_cpus: float) -> int:
+    """How many trials fit at once: each needs its workers plus a sliver of CPU for its driver."""
+    per_trial = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + cfg.sweep.trial_driver_cpus
+    fits = math.floor((cluster_cpus + 1e-9) / per_trial)
+    if fits < 1:
+        raise ValueError(
+            f"one sweep trial needs {per_trial:g} CPUs ({cfg.scaling.num_workers} workers × "
+            f"{cfg.scaling.cpus_per_worker:g} + {cfg.sweep.trial_driver_cpus:g} for the trial driver) but the "
+            f"cluster has {cluster_cpus:g}: lower scaling.num_workers or scaling.cpus_per_worker"
+        )
+    return min(fits, cfg.sweep.max_concurrent) if cfg.sweep.max_concurrent else fits
+
+
+def trial_fn(config: dict, datasets: dict) -> None:
+    """One trial: apply the sampled overrides, open a nested MLflow run, build and fit a TorchTrainer."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from pipeline import tracking, trainer
+
+    overrides = overrides_from_sample(config["sample"])
+    cfg = RunConfig.from_dict(config["cfg"]).with_overrides(overrides)
+    trial_id = ray.tune.get_context().get_trial_id()
+    tracking.setup(cfg.run.root, cfg.tracking.experiment)
+    import mlflow
+
+    with mlflow.start_run(run_id=config["parent_run_id"]):
+        with tracking.stage_run(f"trial-{trial_id}", params={**overrides, "trial_id": trial_id}, nested=True,
+                                tags={"trial_id": trial_id}) as run:
+            loop_cfg = trainer.loop_config(cfg, role="student", teacher_uri=config["teacher_uri"], run_id=run.info.run_id)
+            fit = trainer.build_trainer(
+                cfg, name=f"{config['sweep_name']}-{trial_id}", datasets=datasets, config=loop_cfg,
+                callbacks=[TuneReportCallback()],
+            )
+            result = fit.fit()
+            ckpt = trainer.checkpoint_uri(result.checkpoint, cfg.storage_path)
+            mlflow.set_tag("checkpoint", ckpt)
+
+
+def run(cfg: RunConfig, *, datasets: dict, teacher_uri: str, parent_run_id: str, cluster_cpus: float, name: str):
+    """Run the sweep; returns one candidate per trial that finished with a checkpoint."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from pipeline import storage
+
+    concurrency = max_concurrent_trials(cfg, cluster_cpus)
+    scheduler = ASHAScheduler(
+        time_attr="step", max_t=cfg.optim.max_steps, grace_period=cfg.sweep.grace_period, reduction_factor=2
+    )
+    tuner = tune.Tuner(
+        # with_parameters puts the datasets in the object store once, for every trial.
+        tune.with_resources(tune.with_parameters(trial_fn, datasets=datasets), {"CPU": cfg.sweep.trial_driver_cpus}),
+        param_space={
+            "sample": search_space(cfg.sweep.space),
+            "cfg": cfg.to_dict(), "teacher_uri": teacher_uri,
+            "parent_run_id": parent_run_id, "sweep_name": name,
+        },
+        tune_config=tune.TuneConfig(
+            metric=cfg.sweep.metric, mode=cfg.sweep.mode, num_samples=cfg.sweep.num_samples,
+            scheduler=scheduler, max_concurrent_trials=concurrency,
+        ),
+        run_config=tune.RunConfig(
+            name=name, storage_path=cfg.storage_path, storage_filesystem=storage.pyarrow_filesystem(cfg.storage_path),
+        ),
+    )
+    results = tuner.fit()
+    return candidates(results, cfg)
+
+
+def candidates(results, cfg: RunConfig) -> list[dict]:
+    out = []
+    for r in results:
+        metrics = r.metrics or {}
+        if r.error or "checkpoint_path" not in metrics:
+            continue
+        path = metrics["checkpoint_path"]
+        from pipeline import storage
+
+        uri = f"s3://{path}" if storage.is_s3(cfg.storage_path) and not path.startswith("s3://") else path
+        out.append({
+            "source": f"trial {r.config and overrides_from_sample(r.config['sample'])}",
+            "checkpoint": uri,
+            "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and "/" in k},
+            "overrides": overrides_from_sample(r.config["sample"]),
+        })
+    return out

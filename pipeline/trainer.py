@@ -1,0 +1,89 @@
+"""Build and fit a Ray Train TorchTrainer for one training run (the teacher's, the student's or a trial's).
+
+Resources are checked before anything starts: a run that can never be scheduled is a clear error here, not
+a silent hang waiting for workers.
+"""
+
+from __future__ import annotations
+
+import os
+
+from pipeline import storage, tracking
+from pipeline.config import RunConfig
+
+
+def check_fits(cfg: RunConfig, cluster_cpus: float, *, extra_cpus: float = 0.0) -> None:
+    need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + extra_cpus
+    if need > cluster_cpus + 1e-9:
+        raise ValueError(
+            f"the run needs {need:g} CPUs ({cfg.scaling.num_workers} workers × {cfg.scaling.cpus_per_worker:g}"
+            f"{f' + {extra_cpus:g}' if extra_cpus else ''}) but the cluster has {cluster_cpus:g}: lower "
+            "scaling.num_workers or scaling.cpus_per_worker, or raise run.ray_num_cpus for the local Ray"
+        )
+
+
+def check_batches(cfg: RunConfig, manifest: dict, *, role: str) -> None:
+    optim = cfg.teacher_optim if role == "teacher" else cfg.optim
+    rows = manifest["splits"]["train"]["num_sequences"]
+    per_step = cfg.scaling.num_workers * optim.micro_batch_size
+    if rows < per_step:
+        raise ValueError(
+            f"{rows} training sequences cannot fill one micro-batch of {optim.micro_batch_size} on each of "
+            f"{cfg.scaling.num_workers} workers: lower the micro-batch size or the number of workers, or add data"
+        )
+
+
+def loop_config(cfg: RunConfig, *, role: str, teacher_uri: str | None, run_id: str | None) -> dict:
+    """Everything a worker needs, as plain data: it rebuilds its RunConfig from this dict."""
+    return {
+        "cfg": cfg.to_dict(),
+        "role": role,
+        "teacher_uri": teacher_uri,
+        "tracking_uri": tracking.tracking_uri(cfg.run.root) if run_id else None,
+        "run_id": run_id,
+        "git_sha": tracking.git_sha(),
+    }
+
+
+def build_trainer(cfg: RunConfig, *, name: str, datasets: dict, config: dict, callbacks=None):
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    # The same data order in every run with the same seed: a resumed run and every sweep trial see it too.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    ray.data.DataContext.get_current().enable_progress_bars = False  # workers' bars flood job logs
+    from pipeline.train_loop import train_loop_per_worker
+
+    storage_path = cfg.storage_path
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            storage_filesystem=storage.pyarrow_filesystem(storage_path),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
+            callbacks=callbacks,
+        ),
+    )
+
+
+def checkpoint_uri(result_checkpoint, storage_path: str) -> str:
+    """A URI for a Ray checkpoint that other processes (and `ray job submit` drivers) can open."""
+    path = result_checkpoint.path
+    return f"s3://{path}" if storage.is_s3(storage_path) and not path.startswith("s3://") else path
+
+
+def model_uri(ckpt_uri: str) -> str:
+    from pipeline.checkpoint import HF_DIR
+
+    return storage.join(ckpt_uri, HF_DIR) if storage.is_s3(ckpt_uri) else os.path.join(ckpt_uri, HF_DIR)

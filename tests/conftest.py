@@ -1,0 +1,55 @@
+"""Shared fixtures: the environment every test runs under, one in-process Ray, and one end-to-end run."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Explicit, so behaviour does not depend on leftovers such as ~/.ray/auth_token (see ENVIRONMENT.md).
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests pick their tracking store themselves
+os.environ.pop("RAY_ADDRESS", None)
+
+# The end-to-end run: the demo config, shortened. Several slow tests inspect its outputs.
+E2E_OVERRIDES = [
+    "run.name=e2e",
+    "teacher_optim.max_steps=60",
+    "optim.max_steps=24",
+    "checkpoint.every_steps=12",
+    "eval.every_steps=12",
+    "sweep.grace_period=12",
+    "tracking.model_name=e2e-student",
+]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for every in-process test that needs it."""
+    import ray
+
+    ray.init(num_cpus=4, object_store_memory=512 * 2**20, include_dashboard=True, dashboard_host="127.0.0.1")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def e2e_run(tmp_path_factory):
+    """Run `python -m jobs.pipeline` once, as a user would, and hand its run folder to the tests."""
+    root = tmp_path_factory.mktemp("e2e")
+    cmd = [sys.executable, "-m", "jobs.pipeline", "--config", "configs/tiny.yaml", "--set", f"run.root={root}"]
+    for o in E2E_OVERRIDES:
+        cmd += ["--set", o]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    (root / "pipeline.log").write_text(proc.stdout + "\n" + proc.stderr)
+    assert proc.returncode == 0, f"pipeline failed ({proc.returncode}); log tail:\n{(proc.stdout + proc.stderr)[-6000:]}"
+    records = {p.stem: json.loads(p.read_text()) for p in (root / "e2e" / "stages").glob("*.json")}
+    return {"root": root, "stdout": proc.stdout, "records": records}
