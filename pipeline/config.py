@@ -45,6 +45,7 @@ class DataSection:
     output: str = ""  # "" means <root>/<name>/data
     rows_per_file: int = 50_000  # parquet shard size, in packed rows
     materialize_max_gib: float = 1.0  # a prepared corpus up to this size is held in the object store
+    shuffle_buffer_rows: int = 2000  # per-epoch local shuffle, seeded by (run.seed, epoch); 0 turns it off
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,6 +94,7 @@ class OptimSection:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
     grad_clip: float = 5.0
+    global_batch_size: int = 0  # optional check: must equal workers × micro-batch × accumulation; 0 skips it
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -120,6 +122,14 @@ class ScalingSection:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     max_failures: int = 0
+    peak_tflops_per_worker: float = 0.0  # for the MFU metric; 0 means measured on GPU, not reported on CPU
+
+
+@dataclass(frozen=True, kw_only=True)
+class FaultsSection:
+    """Rehearse a failure: rank 0 raises after this optimizer step, once (0 means never)."""
+
+    fail_at_step: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -158,6 +168,7 @@ class RunConfig:
     eval: EvalSection = field(default_factory=EvalSection)
     scaling: ScalingSection = field(default_factory=ScalingSection)
     sweep: SweepSection = field(default_factory=SweepSection)
+    faults: FaultsSection = field(default_factory=FaultsSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
 
     # ---- construction -------------------------------------------------------------------------------
@@ -271,6 +282,15 @@ def validate(cfg: RunConfig) -> None:
         p.append("deepspeed.precision=fp16 needs a GPU (DeepSpeed refuses fp16 on CPU): use fp32 or bf16")
     if cfg.scaling.num_workers < 1:
         p.append(f"scaling.num_workers={cfg.scaling.num_workers}: must be >= 1")
+    if cfg.optim.global_batch_size and cfg.optim.global_batch_size != (
+        cfg.scaling.num_workers * cfg.optim.micro_batch_size * cfg.optim.grad_accum
+    ):
+        o, w = cfg.optim, cfg.scaling.num_workers
+        p.append(
+            f"optim.global_batch_size={o.global_batch_size} but scaling.num_workers × optim.micro_batch_size × "
+            f"optim.grad_accum = {w} × {o.micro_batch_size} × {o.grad_accum} = {w * o.micro_batch_size * o.grad_accum}: "
+            f"set optim.grad_accum={max(1, o.global_batch_size // max(w * o.micro_batch_size, 1))} or adjust the others"
+        )
     if cfg.checkpoint.every_steps < 1 or cfg.eval.every_steps < 1:
         p.append("checkpoint.every_steps and eval.every_steps must be >= 1")
     if cfg.sweep.trial_driver_cpus <= 0:

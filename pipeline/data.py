@@ -183,6 +183,11 @@ def _row_tokens(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"tokens": np.asarray(batch["attention_mask"]).reshape(len(batch["attention_mask"]), -1).sum(1)}
 
 
+def fits_in_memory(manifest: dict, split: str, max_gib: float) -> bool:
+    num_bytes = manifest["splits"][split]["num_sequences"] * manifest["max_seq_len"] * 5  # int32 ids + int8 mask
+    return num_bytes <= max_gib * 2**30
+
+
 def load_splits(manifest: dict, *, materialize_max_gib: float):
     """The train and validation datasets for Ray Train.
 
@@ -197,8 +202,7 @@ def load_splits(manifest: dict, *, materialize_max_gib: float):
     for split in SPLITS:
         path = manifest["splits"][split]["path"]
         fs = storage.pyarrow_filesystem(path)
-        num_bytes = manifest["splits"][split]["num_sequences"] * manifest["max_seq_len"] * 5  # int32 ids + int8 mask
-        if num_bytes > materialize_max_gib * 2**30:
+        if not fits_in_memory(manifest, split, materialize_max_gib):
             out[split] = ray.data.read_parquet(path, filesystem=fs)
             continue
         import pyarrow.parquet as pq

@@ -69,3 +69,17 @@ def initialize(model: torch.nn.Module, ds_config: dict, optim: OptimSection, *, 
     )
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine
+
+
+def gathered_module(engine):
+    """A context in which ``engine.module`` holds full parameters on every rank (ZeRO-3 partitions them).
+
+    Collective under ZeRO-3: every rank must enter it.
+    """
+    import contextlib
+
+    import deepspeed
+
+    if engine.zero_optimization_stage() == 3:
+        return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+    return contextlib.nullcontext()

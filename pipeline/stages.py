@@ -79,7 +79,8 @@ def teacher(cfg: RunConfig, *, cluster_cpus: float) -> dict:
         name = _run_name(cfg, "teacher", ("data", "masking", "teacher", "teacher_optim", "deepspeed", "scaling"))
         result = trainer.build_trainer(
             cfg, name=name, datasets=_datasets(cfg, manifest),
-            config=trainer.loop_config(cfg, role="teacher", teacher_uri=None, run_id=run.info.run_id),
+            config=trainer.loop_config(cfg, role="teacher", teacher_uri=None, run_id=run.info.run_id,
+                                       replicated_data=_replicated(cfg, manifest)),
         ).fit()
         ckpt = trainer.checkpoint_uri(result.checkpoint, cfg.storage_path)
         _log_final(result.metrics, time.perf_counter() - t0, ckpt)
@@ -100,7 +101,8 @@ def distill(cfg: RunConfig, *, cluster_cpus: float) -> dict:
         name = _run_name(cfg, "distill", TRAIN_SECTIONS, extra=teacher_uri)
         result = trainer.build_trainer(
             cfg, name=name, datasets=_datasets(cfg, manifest),
-            config=trainer.loop_config(cfg, role="student", teacher_uri=teacher_uri, run_id=run.info.run_id),
+            config=trainer.loop_config(cfg, role="student", teacher_uri=teacher_uri, run_id=run.info.run_id,
+                                       replicated_data=_replicated(cfg, manifest)),
         ).fit()
         ckpt = trainer.checkpoint_uri(result.checkpoint, cfg.storage_path)
         _log_final(result.metrics, time.perf_counter() - t0, ckpt)
@@ -120,7 +122,7 @@ def sweep(cfg: RunConfig, *, cluster_cpus: float) -> dict:
     params = {**flatten(cfg.to_dict()), "sweep.space": json.dumps(cfg.sweep.space)}
     with tracking.stage_run("sweep", params=params, tags={"data.manifest_key": manifest["key"], "teacher": teacher_uri}) as run:
         name = _run_name(cfg, "sweep", TRAIN_SECTIONS + ("sweep",), extra=teacher_uri)
-        found = sweep_lib.run(cfg, datasets=_datasets(cfg, manifest), teacher_uri=teacher_uri, parent_run_id=run.info.run_id,
+        found = sweep_lib.run(cfg, datasets=_datasets(cfg, manifest), replicated_data=_replicated(cfg, manifest), teacher_uri=teacher_uri, parent_run_id=run.info.run_id,
                               cluster_cpus=cluster_cpus, name=name)
         import mlflow
 
@@ -152,6 +154,10 @@ def _datasets(cfg: RunConfig, manifest: dict) -> dict:
     if manifest["key"] not in _LOADED:
         _LOADED[manifest["key"]] = data.load_splits(manifest, materialize_max_gib=cfg.data.materialize_max_gib)
     return _LOADED[manifest["key"]]
+
+
+def _replicated(cfg: RunConfig, manifest: dict) -> bool:
+    return data.fits_in_memory(manifest, "train", cfg.data.materialize_max_gib)
 
 
 def _numeric(metrics: dict | None) -> dict:

@@ -59,7 +59,8 @@ def trial_fn(config: dict, datasets: dict) -> None:
     with mlflow.start_run(run_id=config["parent_run_id"]):
         with tracking.stage_run(f"trial-{trial_id}", params={**overrides, "trial_id": trial_id}, nested=True,
                                 tags={"trial_id": trial_id}) as run:
-            loop_cfg = trainer.loop_config(cfg, role="student", teacher_uri=config["teacher_uri"], run_id=run.info.run_id)
+            loop_cfg = trainer.loop_config(cfg, role="student", teacher_uri=config["teacher_uri"], run_id=run.info.run_id,
+                                           replicated_data=config["replicated_data"])
             fit = trainer.build_trainer(
                 cfg, name=f"{config['sweep_name']}-{trial_id}", datasets=datasets, config=loop_cfg,
                 callbacks=[TuneReportCallback()],
@@ -69,7 +70,7 @@ def trial_fn(config: dict, datasets: dict) -> None:
             mlflow.set_tag("checkpoint", ckpt)
 
 
-def run(cfg: RunConfig, *, datasets: dict, teacher_uri: str, parent_run_id: str, cluster_cpus: float, name: str):
+def run(cfg: RunConfig, *, datasets: dict, replicated_data: bool, teacher_uri: str, parent_run_id: str, cluster_cpus: float, name: str):
     """Run the sweep; returns one candidate per trial that finished with a checkpoint."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -86,7 +87,7 @@ def run(cfg: RunConfig, *, datasets: dict, teacher_uri: str, parent_run_id: str,
         param_space={
             "sample": search_space(cfg.sweep.space),
             "cfg": cfg.to_dict(), "teacher_uri": teacher_uri,
-            "parent_run_id": parent_run_id, "sweep_name": name,
+            "parent_run_id": parent_run_id, "sweep_name": name, "replicated_data": replicated_data,
         },
         tune_config=tune.TuneConfig(
             metric=cfg.sweep.metric, mode=cfg.sweep.mode, num_samples=cfg.sweep.num_samples,

@@ -19,7 +19,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from pipeline import checkpoint, engine as engine_lib, masking, models, step as step_lib, tracking
+from pipeline import checkpoint, engine as engine_lib, flops, masking, models, step as step_lib, tracking
 from pipeline.config import RunConfig
 
 
@@ -58,6 +58,8 @@ def train_loop_per_worker(config: dict) -> None:
     if resumed:
         with resumed.as_directory() as d:
             state = checkpoint.load(engine, d)
+        print(f"[distil] rank {ctx.get_world_rank()} resumed from step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
+    config = {**config, "resumed": resumed is not None}
 
     logger = tracking.make_logger(config.get("tracking_uri"), config.get("run_id"), is_rank0=setup.rank == 0)
     logger.log({"time/worker_setup_s": time.perf_counter() - t_start}, state.step)
@@ -78,18 +80,29 @@ def _build_models(setup: WorkerSetup, teacher_uri: str | None, tokenizer, cache:
     return student, teacher
 
 
-def _micro_batches(setup: WorkerSetup, state: checkpoint.TrainState, batch_size: int):
-    """Endless micro-batches over epochs, starting at the saved data position."""
+def _micro_batches(setup: WorkerSetup, state: checkpoint.TrainState, batch_size: int, *, replicated: bool):
+    """Endless micro-batches over epochs, starting at the saved data position.
+
+    ``replicated``: every rank iterates the whole (small, in-memory) dataset in the same seeded order and
+    yields each *global* batch (the loop masks it, then takes this rank's slice), so the order is
+    deterministic, every rank takes the same number of steps, a resumed run skips exactly the batches it has
+    seen, and 1 or N workers see the same global batches and masks. Otherwise each rank yields micro-batches
+    of its streaming_split shard.
+    """
+    cfg = setup.cfg
     shard = ray.train.get_dataset_shard("train")
+    per_iter = batch_size * setup.world_size if replicated else batch_size
     while True:
         n = 0
-        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, dtypes=torch.long, device=setup.device):
+        shuffle = {"local_shuffle_buffer_size": cfg.data.shuffle_buffer_rows,
+                   "local_shuffle_seed": cfg.run.seed * 10_007 + state.epoch} if cfg.data.shuffle_buffer_rows else {}
+        for batch in shard.iter_torch_batches(batch_size=per_iter, drop_last=True, dtypes=torch.long, device=setup.device, **shuffle):
             if n >= state.batch_in_epoch:
                 state.batch_in_epoch = n + 1
                 yield batch
             n += 1
         if n == 0:
-            raise RuntimeError("this worker's data shard holds no full micro-batch: lower optim.micro_batch_size or add data")
+            raise RuntimeError("the training data holds no full global batch: lower optim.micro_batch_size or add data")
         state.epoch += 1
         state.batch_in_epoch = 0
 
@@ -125,6 +138,11 @@ class Phases:
         return out
 
 
+def _slice(batch: step_lib.Batch, setup: WorkerSetup, size: int) -> step_lib.Batch:
+    mine = slice(setup.rank * size, (setup.rank + 1) * size)
+    return step_lib.Batch(input_ids_BT=batch.input_ids_BT[mine], attention_mask_BT=batch.attention_mask_BT[mine], labels_BT=batch.labels_BT[mine])
+
+
 def _train_step(setup, engine, teacher, micro: list[step_lib.Batch], phases: Phases) -> dict[str, torch.Tensor]:
     cfg = setup.cfg
     counts = sum(step_lib.count_supervised(b, cfg.loss.kd_positions) for b in micro)
@@ -151,23 +169,36 @@ def _train_step(setup, engine, teacher, micro: list[step_lib.Batch], phases: Pha
 
 def _run(setup, engine, teacher, state, optim, logger, tokenizer, config) -> None:
     cfg = setup.cfg
-    batches = _micro_batches(setup, state, optim.micro_batch_size)
+    replicated = config.get("replicated_data", False)
+    batches = _micro_batches(setup, state, optim.micro_batch_size, replicated=replicated)
     t0 = time.perf_counter()
     val_batches = _validation_batches(setup)
     logger.log({"time/val_load_s": time.perf_counter() - t0}, state.step)
     engine.train()
+    flops_per_token = flops.step_flops_per_token(
+        engine.module.config, teacher.config if teacher is not None else None,
+        seq_len=cfg.data.max_seq_len, mask_prob=cfg.masking.mask_prob,
+    )
+    peak_tflops = _peak_tflops(setup)
     phases = Phases(setup.device)
     t_last, step_last, sums = time.perf_counter(), state.step, {}
     base_tokens, tokens_local, tokens_last = state.tokens_seen, 0, state.tokens_seen
     every = cfg.tracking.log_every_steps
     while state.step < optim.max_steps:
+        # Dropout draws from torch's global RNG: seed it from (seed, rank, step) so a resumed run is exact.
+        torch.manual_seed(int(masking.step_generator(cfg.run.seed, setup.rank + 1_000, state.step).initial_seed()))
         micro = []
         for i in range(optim.grad_accum):
-            gen = masking.step_generator(cfg.run.seed, setup.rank, state.step * optim.grad_accum + i, setup.device)
-            micro.append(_mask(setup, next(batches), gen))
+            # Replicated data: one mask draw per global batch (rank-independent), then this rank's slice.
+            seed_rank = 0 if replicated else setup.rank
+            gen = masking.step_generator(cfg.run.seed, seed_rank, state.step * optim.grad_accum + i, setup.device)
+            batch = _mask(setup, next(batches), gen)
+            micro.append(_slice(batch, setup, optim.micro_batch_size) if replicated else batch)
         phases.mark("data")
         metrics = _train_step(setup, engine, teacher, micro, phases)
         state.step += 1
+        if state.step == cfg.faults.fail_at_step and setup.rank == 0 and not config.get("resumed"):
+            _inject_fault(cfg, state.step)
         tokens_local = tokens_local + sum(b.attention_mask_BT.sum() for b in micro)  # a tensor: no sync per step
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0) + v
@@ -181,6 +212,9 @@ def _run(setup, engine, teacher, state, optim, logger, tokenizer, config) -> Non
             train = _finite_means(sums, state.step - step_last, state.step)
             train.update(phases.pop(state.step - step_last))
             train["throughput/tokens_per_s"] = (state.tokens_seen - tokens_last) / (now - t_last)
+            train["perf/model_tflops_per_s_per_worker"] = train["throughput/tokens_per_s"] * flops_per_token / setup.world_size / 1e12
+            if peak_tflops:
+                train["perf/mfu"] = train["perf/model_tflops_per_s_per_worker"] / peak_tflops
             train["optim/lr"] = engine.get_lr()[0]
             logger.log(train, state.step)
             sums, step_last = {}, state.step
@@ -195,6 +229,31 @@ def _run(setup, engine, teacher, state, optim, logger, tokenizer, config) -> Non
             phases.mark("checkpoint")
         if state.step % every == 0 or do_eval:
             t_last, tokens_last = time.perf_counter(), state.tokens_seen  # throughput excludes eval/checkpoint
+
+
+def _inject_fault(cfg: RunConfig, step: int) -> None:
+    """Rehearse a worker failure: leave a note in the run folder (for people and tests), then die."""
+    note = os.path.join(cfg.run_dir, "faults", f"fired-at-step-{step}-{int(time.time())}")
+    os.makedirs(os.path.dirname(note), exist_ok=True)
+    open(note, "w").close()
+    raise RuntimeError(f"faults.fail_at_step={step}: injected failure after step {step}")
+
+
+def _peak_tflops(setup: WorkerSetup) -> float | None:
+    """The configured peak, or a measured bf16 matmul peak on GPU; None on CPU (no MFU reported)."""
+    if setup.cfg.scaling.peak_tflops_per_worker > 0:
+        return setup.cfg.scaling.peak_tflops_per_worker
+    if setup.device.type != "cuda":
+        return None
+    a = torch.randn(8192, 8192, device=setup.device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ a
+    torch.cuda.synchronize()
+    t0, n = time.perf_counter(), 20
+    for _ in range(n):
+        a @ a
+    torch.cuda.synchronize()
+    return 2 * 8192**3 * n / (time.perf_counter() - t0) / 1e12
 
 
 def _finite_means(sums: dict[str, torch.Tensor], n_steps: int, step: int) -> dict[str, float]:
@@ -243,6 +302,8 @@ def _report(setup, engine, state, metrics, config, tokenizer, *, checkpoint_now:
     with tempfile.TemporaryDirectory() as d:
         is_rank0 = setup.rank == 0
         checkpoint.save(engine, d, state, config=config["cfg"], git_sha=config.get("git_sha", "unknown"), is_rank0=is_rank0)
-        if final and is_rank0:
-            models.export_model(engine.module, tokenizer, os.path.join(d, checkpoint.HF_DIR))
+        if final:
+            with engine_lib.gathered_module(engine):  # every rank enters: collective under ZeRO-3
+                if is_rank0:
+                    models.export_model(engine.module, tokenizer, os.path.join(d, checkpoint.HF_DIR))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))

@@ -33,7 +33,7 @@ def check_batches(cfg: RunConfig, manifest: dict, *, role: str) -> None:
         )
 
 
-def loop_config(cfg: RunConfig, *, role: str, teacher_uri: str | None, run_id: str | None) -> dict:
+def loop_config(cfg: RunConfig, *, role: str, teacher_uri: str | None, run_id: str | None, replicated_data: bool) -> dict:
     """Everything a worker needs, as plain data: it rebuilds its RunConfig from this dict."""
     return {
         "cfg": cfg.to_dict(),
@@ -42,6 +42,7 @@ def loop_config(cfg: RunConfig, *, role: str, teacher_uri: str | None, run_id: s
         "tracking_uri": tracking.tracking_uri(cfg.run.root) if run_id else None,
         "run_id": run_id,
         "git_sha": tracking.git_sha(),
+        "replicated_data": replicated_data,
     }
 
 
@@ -65,7 +66,9 @@ def build_trainer(cfg: RunConfig, *, name: str, datasets: dict, config: dict, ca
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
         ),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        # An in-memory corpus is replicated and sliced per rank in the loop (deterministic order, exact resume);
+        # a streamed one is split across ranks with equal shards.
+        dataset_config=ray.train.DataConfig(datasets_to_split=[] if config["replicated_data"] else ["train"]),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage_path,

@@ -53,3 +53,15 @@ def e2e_run(tmp_path_factory):
     assert proc.returncode == 0, f"pipeline failed ({proc.returncode}); log tail:\n{(proc.stdout + proc.stderr)[-6000:]}"
     records = {p.stem: json.loads(p.read_text()) for p in (root / "e2e" / "stages").glob("*.json")}
     return {"root": root, "stdout": proc.stdout, "records": records}
+
+
+@pytest.fixture(autouse=True)
+def _isolate_mlflow_uri():
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; keep one test's store from leaking into the next."""
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    mlflow.set_tracking_uri(before)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)

@@ -25,6 +25,7 @@ def _free_port() -> int:
 def ray_head(tmp_path_factory):
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled"}
+    env.pop("MLFLOW_TRACKING_URI", None)  # the jobs must fall back to the embedded store under run.root
     port, dash = _free_port(), _free_port()
     temp = tmp_path_factory.mktemp("ray")
     start = [str(bin_dir / "ray"), "start", "--head", f"--port={port}", "--num-cpus=4",

@@ -1,0 +1,40 @@
+"""Model FLOPs per token, for the tokens/s → MFU estimate. Pure arithmetic, no framework imports.
+
+For a transformer encoder with L layers, width d, FFN width f, sequence length T and vocabulary V, one
+token's forward pass costs (a multiply-add counts 2 FLOPs, as in Kaplan et al. 2020 and PaLM's MFU):
+
+    forward = L · (2·4d² + 2·2·d·f + 2·2·T·d)  +  2·d² + 2·d·V
+              └ QKVO proj ┘ └ FFN ┘  └ QKᵀ, AV ┘   └ MLM head transform + vocabulary projection ┘
+
+Training costs 3× forward (forward + backward of activations and weights). A distillation step trains the
+student and runs the frozen teacher forward only:
+
+    distill = 3 · forward(student) + forward(teacher)
+
+The MLM pre-training step projects only the masked positions onto the vocabulary, so its head term is
+scaled by the mask rate. MFU = achieved model FLOPs/s ÷ the hardware's peak FLOPs/s.
+"""
+
+from __future__ import annotations
+
+
+def forward_flops_per_token(*, layers: int, d: int, f: int, seq_len: int, vocab: int, head_fraction: float = 1.0) -> float:
+    per_layer = 2 * 4 * d * d + 2 * 2 * d * f + 2 * 2 * seq_len * d
+    head = (2 * d * d + 2 * d * vocab) * head_fraction
+    return layers * per_layer + head
+
+
+def shape_of(config) -> dict:
+    """(layers, d, f, vocab) from a BERT or DistilBERT HF config."""
+    if getattr(config, "model_type", "") == "distilbert":
+        return {"layers": config.n_layers, "d": config.dim, "f": config.hidden_dim, "vocab": config.vocab_size}
+    return {"layers": config.num_hidden_layers, "d": config.hidden_size, "f": config.intermediate_size, "vocab": config.vocab_size}
+
+
+def step_flops_per_token(student_config, teacher_config, *, seq_len: int, mask_prob: float) -> float:
+    """Training FLOPs per token: distillation when a teacher is given, MLM pre-training when it is None."""
+    if teacher_config is None:
+        return 3 * forward_flops_per_token(**shape_of(student_config), seq_len=seq_len, head_fraction=mask_prob)
+    student = forward_flops_per_token(**shape_of(student_config), seq_len=seq_len)
+    teacher = forward_flops_per_token(**shape_of(teacher_config), seq_len=seq_len)
+    return 3 * student + teacher
