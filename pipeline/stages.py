@@ -77,13 +77,7 @@ def teacher(cfg: RunConfig, *, cluster_cpus: float) -> dict:
     params = flatten({k: cfg.to_dict()[k] for k in ("teacher", "teacher_optim", "masking", "deepspeed", "scaling")})
     with tracking.stage_run("teacher", params=params, tags={"data.manifest_key": manifest["key"]}) as run:
         name = _run_name(cfg, "teacher", ("data", "masking", "teacher", "teacher_optim", "deepspeed", "scaling"))
-        result = trainer.build_trainer(
-            cfg, name=name, datasets=_datasets(cfg, manifest),
-            config=trainer.loop_config(cfg, role="teacher", teacher_uri=None, run_id=run.info.run_id,
-                                       replicated_data=_replicated(cfg, manifest)),
-        ).fit()
-        ckpt = trainer.checkpoint_uri(result.checkpoint, cfg.storage_path)
-        _log_final(result.metrics, time.perf_counter() - t0, ckpt)
+        result, ckpt = _fit(cfg, manifest, role="teacher", name=name, teacher_uri=None, run_id=run.info.run_id, t0=t0)
     return _write_record(cfg, "teacher", {
         "teacher_uri": trainer.model_uri(ckpt), "checkpoint": ckpt, "metrics": _numeric(result.metrics),
         "run_id": run.info.run_id, "seconds": time.perf_counter() - t0,
@@ -99,15 +93,19 @@ def distill(cfg: RunConfig, *, cluster_cpus: float) -> dict:
     tags = {"data.manifest_key": manifest["key"], "teacher": teacher_uri}
     with tracking.stage_run("distill", params=flatten(cfg.to_dict()), tags=tags) as run:
         name = _run_name(cfg, "distill", TRAIN_SECTIONS, extra=teacher_uri)
-        result = trainer.build_trainer(
-            cfg, name=name, datasets=_datasets(cfg, manifest),
-            config=trainer.loop_config(cfg, role="student", teacher_uri=teacher_uri, run_id=run.info.run_id,
-                                       replicated_data=_replicated(cfg, manifest)),
-        ).fit()
-        ckpt = trainer.checkpoint_uri(result.checkpoint, cfg.storage_path)
-        _log_final(result.metrics, time.perf_counter() - t0, ckpt)
+        result, ckpt = _fit(cfg, manifest, role="student", name=name, teacher_uri=teacher_uri, run_id=run.info.run_id, t0=t0)
     candidate = {"source": "distill", "checkpoint": ckpt, "metrics": _numeric(result.metrics), "run_id": run.info.run_id}
     return _write_record(cfg, "distill", {"candidates": [candidate], "seconds": time.perf_counter() - t0})
+
+
+def _fit(cfg: RunConfig, manifest: dict, *, role: str, name: str, teacher_uri, run_id: str, t0: float):
+    """Fit one TorchTrainer inside the stage's MLflow run; returns the result and its final checkpoint URI."""
+    config = trainer.loop_config(cfg, role=role, teacher_uri=teacher_uri, run_id=run_id,
+                                 replicated_data=_replicated(cfg, manifest))
+    result = trainer.build_trainer(cfg, name=name, datasets=_datasets(cfg, manifest), config=config).fit()
+    ckpt = trainer.checkpoint_uri(result.checkpoint, cfg.storage_path)
+    _log_final(result.metrics, time.perf_counter() - t0, ckpt)
+    return result, ckpt
 
 
 def sweep(cfg: RunConfig, *, cluster_cpus: float) -> dict:

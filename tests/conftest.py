@@ -22,11 +22,12 @@ os.environ.pop("RAY_ADDRESS", None)
 # The end-to-end run: the demo config, shortened. Several slow tests inspect its outputs.
 E2E_OVERRIDES = [
     "run.name=e2e",
+    "data.max_docs=6000",
     "teacher_optim.max_steps=60",
-    "optim.max_steps=24",
-    "checkpoint.every_steps=12",
-    "eval.every_steps=12",
-    "sweep.grace_period=12",
+    "optim.max_steps=12",
+    "checkpoint.every_steps=6",
+    "eval.every_steps=6",
+    "sweep.grace_period=6",
     "tracking.model_name=e2e-student",
 ]
 

