@@ -102,19 +102,21 @@ def run(cfg: RunConfig, *, datasets: dict, replicated_data: bool, teacher_uri: s
 
 
 def candidates(results, cfg: RunConfig) -> list[dict]:
+    """One registry candidate per trial that ended with a checkpoint (ASHA-stopped trials may not)."""
+    from pipeline import storage
+
     out = []
     for r in results:
         metrics = r.metrics or {}
         if r.error or "checkpoint_path" not in metrics:
             continue
         path = metrics["checkpoint_path"]
-        from pipeline import storage
-
         uri = f"s3://{path}" if storage.is_s3(cfg.storage_path) and not path.startswith("s3://") else path
+        overrides = overrides_from_sample(r.config["sample"])
         out.append({
-            "source": f"trial {r.config and overrides_from_sample(r.config['sample'])}",
+            "source": f"sweep trial {metrics.get('trial_id', '?')} {overrides}",
             "checkpoint": uri,
             "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and "/" in k},
-            "overrides": overrides_from_sample(r.config["sample"]),
+            "overrides": overrides,
         })
     return out
