@@ -80,6 +80,7 @@ class LossSection:
     alpha_ce: float = 5.0
     alpha_mlm: float = 2.0
     alpha_cos: float = 1.0
+    alpha_mse: float = 0.0  # optional MSE between logits (HF's recipe has it, off by default)
     kd_positions: str = "all"  # all (non-pad tokens) | masked
 
 
@@ -267,7 +268,7 @@ def validate(cfg: RunConfig) -> None:
         p.append(f"student.layer_map={lm!r}: use 'alternate', 'hf' or a list of teacher layer indices")
     if cfg.loss.temperature <= 0:
         p.append(f"loss.temperature={cfg.loss.temperature}: must be > 0 (the paper uses 2)")
-    alphas = (cfg.loss.alpha_ce, cfg.loss.alpha_mlm, cfg.loss.alpha_cos)
+    alphas = (cfg.loss.alpha_ce, cfg.loss.alpha_mlm, cfg.loss.alpha_cos, cfg.loss.alpha_mse)
     if min(alphas) < 0 or sum(alphas) <= 0:
         p.append(f"loss alphas {alphas}: each must be >= 0 and at least one > 0 (the paper: 5/2/1)")
     for name, o in (("optim", cfg.optim), ("teacher_optim", cfg.teacher_optim)):

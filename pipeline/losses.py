@@ -109,6 +109,19 @@ def cosine_loss(
     return cos_sum / _norm(normalizer, s_ND.shape[0])
 
 
+def mse_loss(
+    student_logits_BTV: torch.Tensor,
+    teacher_logits_BTV: torch.Tensor,
+    mask_BT: torch.Tensor,
+    *,
+    normalizer: float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Σ ‖s − t‖² / V over positions where ``mask_BT`` is true (HF's optional alpha_mse term, per position)."""
+    s_NV, t_NV = _select(student_logits_BTV, mask_BT).float(), _select(teacher_logits_BTV.detach(), mask_BT).float()
+    mse_sum = F.mse_loss(s_NV, t_NV, reduction="sum") / max(s_NV.shape[-1], 1)
+    return mse_sum / _norm(normalizer, s_NV.shape[0])
+
+
 def combine(terms: dict[str, torch.Tensor], weights: dict[str, float]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted sum of the loss terms. Terms with weight 0 are left out of the sum but still reported."""
     total = sum(weights[name] * value for name, value in terms.items() if weights.get(name, 0.0) > 0)

@@ -61,7 +61,9 @@ def distill_step(
             normalizer=norm_ce,
         ),
     }
-    weights = {"ce": loss_cfg.alpha_ce, "mlm": loss_cfg.alpha_mlm, "cos": loss_cfg.alpha_cos}
+    if loss_cfg.alpha_mse > 0:
+        terms["mse"] = losses.mse_loss(s_out.logits, t_out.logits, mask_BT, normalizer=norm_ce)
+    weights = {"ce": loss_cfg.alpha_ce, "mlm": loss_cfg.alpha_mlm, "cos": loss_cfg.alpha_cos, "mse": loss_cfg.alpha_mse}
     return losses.combine(terms, weights)
 
 

@@ -99,3 +99,39 @@ def test_combine_weights_terms_and_reports_each():
     assert total.item() == pytest.approx(9.0)
     assert set(metrics) == {"loss/ce", "loss/mlm", "loss/cos", "loss/total"}
     assert metrics["loss/cos"].item() == 3.0
+
+
+def test_mse_loss_is_per_position_mean_squared_error_over_the_vocabulary():
+    s, t = _logits(), _logits()
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[0, 0] = False
+    ref = ((s[mask] - t[mask]) ** 2).mean()
+    assert losses.mse_loss(s, t, mask).item() == pytest.approx(ref.item(), rel=1e-5)
+    assert losses.mse_loss(s, s.clone(), mask).item() == 0.0
+
+
+def test_distill_step_reports_each_term_and_weights_them():
+    from pipeline.config import LossSection, StudentSection, TeacherSection
+    from pipeline import models
+    from pipeline.step import Batch, distill_step
+
+    teacher = models.build_teacher_for_pretraining(
+        TeacherSection(num_layers=2, hidden_size=16, num_heads=2, intermediate_size=32, max_position_embeddings=16),
+        vocab_size=40, pad_token_id=0, seed=0).eval()
+    student = models.build_student(StudentSection(), teacher, seed=0).eval()
+    ids = torch.randint(5, 40, (2, 8))
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[:, 2] = ids[:, 2]
+    batch = Batch(input_ids_BT=ids, attention_mask_BT=torch.ones_like(ids), labels_BT=labels)
+    cfg = LossSection(alpha_ce=5.0, alpha_mlm=2.0, alpha_cos=1.0, alpha_mse=0.5)
+    loss, m = distill_step(student, teacher, batch, loss_cfg=cfg)
+    expected = 5 * m["loss/ce"] + 2 * m["loss/mlm"] + 1 * m["loss/cos"] + 0.5 * m["loss/mse"]
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert set(m) == {"loss/ce", "loss/mlm", "loss/cos", "loss/mse", "loss/total"}
+
+
+def test_a_non_finite_loss_raises_naming_the_step_and_the_term():
+    from pipeline.train_loop import _finite_means
+
+    with pytest.raises(FloatingPointError, match=r"loss/ce is nan at step 7"):
+        _finite_means({"loss/mlm": torch.tensor(2.0), "loss/ce": torch.tensor(float("nan"))}, 1, 7)
