@@ -53,17 +53,33 @@ def train_loop_per_worker(config: dict) -> None:
     ds_config = engine_lib.build_ds_config(cfg.deepspeed, optim, world_size=setup.world_size, use_gpu=cfg.scaling.use_gpu)
     engine = engine_lib.initialize(model, ds_config, optim, use_gpu=cfg.scaling.use_gpu)
 
-    state = checkpoint.TrainState(seed=cfg.run.seed)
-    resumed = ray.train.get_checkpoint()
-    if resumed:
-        with resumed.as_directory() as d:
-            state = checkpoint.load(engine, d)
-        print(f"[distil] rank {ctx.get_world_rank()} resumed from step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
-    config = {**config, "resumed": resumed is not None}
+    state, resume = _resume(setup, engine)
+    config = {**config, **resume}
 
     logger = tracking.make_logger(config.get("tracking_uri"), config.get("run_id"), is_rank0=setup.rank == 0)
     logger.log({"time/worker_setup_s": time.perf_counter() - t_start}, state.step)
     _run(setup, engine, teacher, state, optim, logger, tokenizer, config)
+
+
+def _resume(setup: WorkerSetup, engine) -> tuple[checkpoint.TrainState, dict]:
+    """Restore from the newest complete checkpoint Ray Train hands back; report the ones skipped."""
+    state = checkpoint.TrainState(seed=setup.cfg.run.seed, world_size=setup.world_size)
+    handed = ray.train.get_checkpoint()
+    info = {"resumed": handed is not None, "resume/from_step": 0, "resume/ignored_checkpoints": 0}
+    if handed is None:
+        return state, info
+    path, skipped = checkpoint.find_resumable(handed.path, handed.filesystem)
+    for line in skipped:
+        print(f"[distil] rank {setup.rank}: ignoring incomplete checkpoint {line}", flush=True)
+    if path is None:
+        print(f"[distil] rank {setup.rank}: no complete checkpoint to resume from: starting at step 0", flush=True)
+    else:
+        with ray.train.Checkpoint(path, filesystem=handed.filesystem).as_directory() as d:
+            state = checkpoint.load(engine, d)
+        print(f"[distil] rank {setup.rank} resumed from {path} at step {state.step} "
+              f"(epoch {state.epoch}, batch {state.batch_in_epoch})", flush=True)
+    state.world_size = setup.world_size
+    return state, {**info, "resume/from_step": state.step, "resume/ignored_checkpoints": len(skipped)}
 
 
 def _build_models(setup: WorkerSetup, teacher_uri: str | None, tokenizer, cache: str):
@@ -181,6 +197,9 @@ def _run(setup, engine, teacher, state, optim, logger, tokenizer, config) -> Non
     )
     peak_tflops = _peak_tflops(setup)
     phases = Phases(setup.device)
+    numerics = Numerics(fp16=engine_lib.resolve_precision(cfg.deepspeed, use_gpu=cfg.scaling.use_gpu) == "fp16",
+                        skipped_steps=engine.skipped_steps, is_rank0=setup.rank == 0)
+    logger.log({"resume/from_step": config["resume/from_step"], "resume/ignored_checkpoints": config["resume/ignored_checkpoints"]}, state.step)
     t_last, step_last, sums = time.perf_counter(), state.step, {}
     base_tokens, tokens_local, tokens_last = state.tokens_seen, 0, state.tokens_seen
     every = cfg.tracking.log_every_steps
@@ -200,8 +219,9 @@ def _run(setup, engine, teacher, state, optim, logger, tokenizer, config) -> Non
         if state.step == cfg.faults.fail_at_step and setup.rank == 0 and not config.get("resumed"):
             _inject_fault(cfg, state.step)
         tokens_local = tokens_local + sum(b.attention_mask_BT.sum() for b in micro)  # a tensor: no sync per step
-        for k, v in metrics.items():
-            sums[k] = sums.get(k, 0) + v
+        if numerics.after_step(state.step, metrics, engine.skipped_steps, _loss_scale(engine)):
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0) + v
         is_last = state.step == optim.max_steps
         do_ckpt = is_last or state.step % cfg.checkpoint.every_steps == 0
         # Every checkpoint carries held-out metrics: the registry and Tune's scheduler both rank by them.
@@ -209,7 +229,9 @@ def _run(setup, engine, teacher, state, optim, logger, tokenizer, config) -> Non
         if state.step % every == 0 or do_eval:
             now = time.perf_counter()
             state.tokens_seen = base_tokens + int(tokens_local) * setup.world_size  # global (equal shards)
-            train = _finite_means(sums, state.step - step_last, state.step)
+            numerics.check()
+            train = {k: float(v) / max(state.step - step_last - numerics.skipped_since_log, 1) for k, v in sums.items()}
+            train.update(numerics.pop_metrics())
             train.update(phases.pop(state.step - step_last))
             train["throughput/tokens_per_s"] = (state.tokens_seen - tokens_last) / (now - t_last)
             train["perf/model_tflops_per_s_per_worker"] = train["throughput/tokens_per_s"] * flops_per_token / setup.world_size / 1e12
@@ -219,7 +241,9 @@ def _run(setup, engine, teacher, state, optim, logger, tokenizer, config) -> Non
             logger.log(train, state.step)
             sums, step_last = {}, state.step
         if do_eval:
-            report = {**train, "step": state.step, "tokens_seen": state.tokens_seen, "epoch": state.epoch}
+            report = {**train, "step": state.step, "tokens_seen": state.tokens_seen, "epoch": state.epoch,
+                      "resume/from_step": config["resume/from_step"],
+                      "resume/ignored_checkpoints": config["resume/ignored_checkpoints"]}
             held_out = evaluate(setup, engine, teacher, val_batches)
             phases.mark("eval")
             report.update(held_out)
@@ -256,14 +280,73 @@ def _peak_tflops(setup: WorkerSetup) -> float | None:
     return 2 * 8192**3 * n / (time.perf_counter() - t0) / 1e12
 
 
-def _finite_means(sums: dict[str, torch.Tensor], n_steps: int, step: int) -> dict[str, float]:
-    out = {}
-    for k, v in sums.items():
-        value = float(v) / n_steps
-        if not math.isfinite(value):
-            raise FloatingPointError(f"{k} is {value} at step {step}: lower optim.lr or check the data and precision")
-        out[k] = value
-    return out
+class Numerics:
+    """NaN/Inf guard and fp16 overflow accounting, without a host sync per step.
+
+    After each step, ``after_step`` records on the device the first step at which each loss term was not
+    finite; ``check`` (at log steps, and so before every checkpoint) raises naming that step and term.
+    Under fp16, DeepSpeed's loss scaler skips a step whose gradients overflowed: that step is logged, left out
+    of the means, and is not an error unless the scaler keeps skipping (the scale has collapsed).
+    """
+
+    MAX_CONSECUTIVE_SKIPS = 50
+
+    def __init__(self, *, fp16: bool, skipped_steps: int, is_rank0: bool):
+        self.fp16, self.is_rank0 = fp16, is_rank0
+        self.skipped_total = skipped_steps
+        self.skipped_since_log = 0
+        self.consecutive = 0
+        self.loss_scale: float | None = None
+        self._first: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # term → (step or -1, value then)
+
+    def after_step(self, step: int, metrics: dict[str, torch.Tensor], skipped_steps: int, loss_scale) -> bool:
+        """Returns whether the step was applied (and so belongs in the means)."""
+        self.loss_scale = loss_scale
+        if skipped_steps > self.skipped_total:
+            self.skipped_total = skipped_steps
+            self.skipped_since_log += 1
+            self.consecutive += 1
+            if self.is_rank0:
+                print(f"[distil] step {step}: fp16 gradient overflow, step skipped by the loss scaler "
+                      f"(loss scale now {loss_scale})", flush=True)
+            if self.consecutive > self.MAX_CONSECUTIVE_SKIPS:
+                raise FloatingPointError(
+                    f"fp16: {self.consecutive} steps in a row overflowed up to step {step} (loss scale {loss_scale}): "
+                    "the model does not fit fp16's range; use deepspeed.precision=bf16 or lower optim.lr"
+                )
+            return False
+        self.consecutive = 0
+        for k, v in metrics.items():
+            v = v.detach()
+            first_step, first_value = self._first.get(k) or (torch.full((), -1, dtype=torch.long, device=v.device), v)
+            new_bad = (first_step < 0) & ~torch.isfinite(v)
+            self._first[k] = (torch.where(new_bad, step, first_step), torch.where(new_bad, v, first_value))
+        return True
+
+    def check(self) -> None:
+        for k, (first_step, value) in self._first.items():
+            step = int(first_step)
+            if step >= 0:
+                raise FloatingPointError(
+                    f"{k} was {float(value)} at step {step}: lower optim.lr, check the data, or use fp32/bf16 "
+                    "(deepspeed.precision) if it is fp16"
+                )
+
+    def pop_metrics(self) -> dict[str, float]:
+        out = {}
+        if self.fp16:
+            out = {"optim/skipped_steps": float(self.skipped_total), "optim/skipped_steps_since_log": float(self.skipped_since_log)}
+            if self.loss_scale is not None:
+                out["optim/loss_scale"] = float(self.loss_scale)
+        self.skipped_since_log = 0
+        return out
+
+
+def _loss_scale(engine) -> float | None:
+    """DeepSpeed's current fp16 loss scale, when there is one."""
+    optimizer = getattr(engine, "optimizer", None)
+    scale = getattr(optimizer, "cur_scale", None)
+    return float(scale) if scale is not None else None
 
 
 def _validation_batches(setup: WorkerSetup) -> list[step_lib.Batch]:
@@ -301,7 +384,7 @@ def _report(setup, engine, state, metrics, config, tokenizer, *, checkpoint_now:
         return
     with tempfile.TemporaryDirectory() as d:
         is_rank0 = setup.rank == 0
-        checkpoint.save(engine, d, state, config=config["cfg"], git_sha=config.get("git_sha", "unknown"), is_rank0=is_rank0)
+        checkpoint.save(engine, d, state, config=config["cfg"], git_sha=config.get("git_sha", "unknown"), rank=setup.rank)
         if final:
             with engine_lib.gathered_module(engine):  # every rank enters: collective under ZeRO-3
                 if is_rank0:

@@ -5,13 +5,15 @@ compared exactly: the data order and the masks depend only on the seed and the g
 """
 
 import glob
+import json
 import os
+import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline import data, models, trainer
+from pipeline import checkpoint, data, models, trainer
 from pipeline.config import TeacherSection, load_config
 
 pytestmark = pytest.mark.slow
@@ -90,11 +92,46 @@ def test_injected_fault_resumes_automatically_and_matches_the_straight_run(setup
 
 
 def test_resubmitting_a_failed_run_continues_from_its_checkpoint(setup, reference):
+    """Checkpoints at steps 1 and 2, a failure at 3, and the step-2 checkpoint damaged before resubmission:
+    the resubmitted run reports it, resumes from step 1, and still ends on the straight run's weights."""
     before = set(glob.glob(str(setup["root"] / "engine" / "faults" / "*")))
-    _fit(setup, "resubmit", "faults.fail_at_step=3", expect_failure=True)
+    _fit(setup, "resubmit", "faults.fail_at_step=3", "checkpoint.every_steps=1", expect_failure=True)
     assert len(set(glob.glob(str(setup["root"] / "engine" / "faults" / "*"))) - before) == 1
-    again = _fit(setup, "resubmit", "faults.fail_at_step=3")  # same name and storage: resumes at step 2
+    newest = _checkpoints_by_step(setup["root"] / "engine" / "ray" / "resubmit")
+    assert sorted(newest) == [1, 2]
+    os.remove(glob.glob(os.path.join(newest[2], "engine", "state", "*optim_states.pt"))[0])
+    again = _fit(setup, "resubmit", "faults.fail_at_step=3", "checkpoint.every_steps=1")  # same name and storage
+    assert again.metrics["resume/from_step"] == 1
+    assert again.metrics["resume/ignored_checkpoints"] == 1
     _assert_same(reference, again, atol=1e-6)
+
+
+def _checkpoints_by_step(run_storage) -> dict[int, str]:
+    out = {}
+    for d in glob.glob(os.path.join(run_storage, "checkpoint_*", "")):
+        with open(os.path.join(d, "train_state.json")) as f:
+            out[json.load(f)["step"]] = d
+    return out
+
+
+def test_a_damaged_checkpoint_is_detected_file_by_file(reference, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(reference.checkpoint.path, ckpt)
+
+    def reason():
+        return checkpoint.incomplete_reason(checkpoint._local_listing(str(ckpt)), lambda rel: (ckpt / rel).read_text())
+
+    assert reason() is None
+    shard = sorted(glob.glob(str(ckpt / "engine" / "state" / "*optim_states.pt")))[1]
+    with open(shard, "r+b") as f:
+        f.truncate(100)  # an upload cut short
+    assert reason().startswith(f"engine/state/{os.path.basename(shard)} has 100 bytes")
+    os.remove(shard)
+    assert reason() == f"engine/state/{os.path.basename(shard)} is missing"
+    os.remove(ckpt / "ranks" / "1.json")
+    assert reason() == "rank 1's part is missing (ranks/1.json)"
+    os.remove(ckpt / "train_state.json")
+    assert reason() == "no train_state.json"
 
 
 @pytest.mark.parametrize("stage", [0, 1, 3])
