@@ -86,24 +86,30 @@ def incomplete_reason(listing: dict[str, int], read) -> str | None:
     return None
 
 
-def find_resumable(checkpoint_path: str, filesystem) -> tuple[str | None, list[str]]:
-    """The newest complete checkpoint at or before the one Ray Train handed back, and what was skipped.
+def find_resumable(run_path: str, registered: str | None, filesystem) -> tuple[str | None, list[str]]:
+    """The newest complete checkpoint of a run at or before the one Ray Train registered, and what was skipped.
 
-    Ray's checkpoints of one run are siblings named ``checkpoint_<timestamp>``; any newer than Ray's choice
-    were never registered (half-written) and are skipped too. Returns (path or None, ["path: reason", ...]).
+    ``run_path`` is the run's folder on ``filesystem``, holding its ``checkpoint_<timestamp>`` siblings;
+    ``registered`` is the path Ray Train handed back, or None when it registered none. Any checkpoint newer
+    than that was never registered (its upload or report was cut short) and is skipped too.
+    Returns (path or None, ["path: reason", ...]).
     """
     import pyarrow.fs as pafs
 
-    parent, chosen = posixpath.split(checkpoint_path.rstrip("/"))
-    infos = filesystem.get_file_info(pafs.FileSelector(parent))
+    run_path = run_path.rstrip("/")
+    chosen = posixpath.basename(registered.rstrip("/")) if registered else ""
+    try:
+        infos = filesystem.get_file_info(pafs.FileSelector(run_path))
+    except FileNotFoundError:
+        infos = []
     siblings = sorted((posixpath.basename(i.path) for i in infos
                        if i.type == pafs.FileType.Directory and posixpath.basename(i.path).startswith("checkpoint_")),
                       reverse=True)
     skipped = []
     for name in siblings:
-        path = posixpath.join(parent, name)
+        path = posixpath.join(run_path, name)
         if name > chosen:
-            skipped.append(f"{path}: newer than the last checkpoint Ray Train registered (half-written)")
+            skipped.append(f"{path}: never registered by Ray Train (cut short while being written or reported)")
             continue
         listing = _fs_listing(filesystem, path)
 

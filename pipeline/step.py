@@ -70,15 +70,20 @@ def distill_step(
 def mlm_step(
     model: torch.nn.Module, batch: Batch, *, norm_mlm: torch.Tensor | float | None = None
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Masked-LM pre-training of a BERT: the distillation step with L_ce and L_cos switched off.
+    """Masked-LM training of a BERT or DistilBERT: the distillation step with L_ce and L_cos switched off.
 
     Only ~15 % of positions carry a label, so the vocabulary projection (the largest matmul at a small
     width) runs on those positions alone: N×D @ D×V instead of B·T×D @ D×V.
     """
-    bert = model.module if hasattr(model, "module") else model  # unwrap a DeepSpeed engine
-    hidden_BTD = bert.bert(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT).last_hidden_state
+    m = model.module if hasattr(model, "module") else model  # unwrap a DeepSpeed engine
     selected_BT = batch.labels_BT != IGNORE_INDEX
-    logits_NV = bert.cls(hidden_BTD[selected_BT])
+    if hasattr(m, "distilbert"):
+        hidden_BTD = m.distilbert(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT).last_hidden_state
+        x_ND = m.vocab_layer_norm(m.activation(m.vocab_transform(hidden_BTD[selected_BT])))
+        logits_NV = m.vocab_projector(x_ND)
+    else:
+        hidden_BTD = m.bert(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT).last_hidden_state
+        logits_NV = m.cls(hidden_BTD[selected_BT])
     mlm = losses.mlm_loss(logits_NV.unsqueeze(0), batch.labels_BT[selected_BT].unsqueeze(0), normalizer=norm_mlm)
     return losses.combine({"mlm": mlm}, {"mlm": 1.0})
 

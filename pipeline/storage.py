@@ -102,6 +102,11 @@ def read_json(path: str) -> dict | None:
     return json.loads(Path(path).read_text()) if os.path.exists(path) else None
 
 
+def fs_path(uri: str) -> str:
+    """A path on the uri's pyarrow filesystem: "bucket/key" for s3://, the absolute path for local."""
+    return uri[len("s3://"):] if is_s3(uri) else os.path.abspath(uri)
+
+
 def join(base: str, *parts: str) -> str:
     if is_s3(base):
         return "/".join([base.rstrip("/"), *parts])

@@ -14,12 +14,13 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+import pyarrow.fs
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from pipeline import checkpoint, engine as engine_lib, flops, masking, models, step as step_lib, tracking
+from pipeline import checkpoint, engine as engine_lib, flops, masking, models, step as step_lib, storage, tracking
 from pipeline.config import RunConfig
 
 
@@ -65,16 +66,18 @@ def _resume(setup: WorkerSetup, engine) -> tuple[checkpoint.TrainState, dict]:
     """Restore from the newest complete checkpoint Ray Train hands back; report the ones skipped."""
     state = checkpoint.TrainState(seed=setup.cfg.run.seed, world_size=setup.world_size)
     handed = ray.train.get_checkpoint()
-    info = {"resumed": handed is not None, "resume/from_step": 0, "resume/ignored_checkpoints": 0}
+    fs = storage.pyarrow_filesystem(setup.cfg.storage_path) or pyarrow.fs.LocalFileSystem()
+    run_path = storage.fs_path(storage.join(setup.cfg.storage_path, ray.train.get_context().get_experiment_name()))
+    path, skipped = checkpoint.find_resumable(run_path, handed.path if handed else None, fs)
+    info = {"resumed": handed is not None, "resume/from_step": 0, "resume/ignored_checkpoints": len(skipped)}
+    for line in skipped:
+        print(f"[distil] rank {setup.rank}: ignoring checkpoint {line}", flush=True)
     if handed is None:
         return state, info
-    path, skipped = checkpoint.find_resumable(handed.path, handed.filesystem)
-    for line in skipped:
-        print(f"[distil] rank {setup.rank}: ignoring incomplete checkpoint {line}", flush=True)
     if path is None:
         print(f"[distil] rank {setup.rank}: no complete checkpoint to resume from: starting at step 0", flush=True)
     else:
-        with ray.train.Checkpoint(path, filesystem=handed.filesystem).as_directory() as d:
+        with ray.train.Checkpoint(path, filesystem=fs).as_directory() as d:
             state = checkpoint.load(engine, d)
         print(f"[distil] rank {setup.rank} resumed from {path} at step {state.step} "
               f"(epoch {state.epoch}, batch {state.batch_in_epoch})", flush=True)
@@ -269,15 +272,20 @@ def _peak_tflops(setup: WorkerSetup) -> float | None:
         return setup.cfg.scaling.peak_tflops_per_worker
     if setup.device.type != "cuda":
         return None
-    a = torch.randn(8192, 8192, device=setup.device, dtype=torch.bfloat16)
+    return measure_peak_tflops(setup.device)
+
+
+def measure_peak_tflops(device: torch.device, dtype: torch.dtype = torch.bfloat16, n: int = 8192, reps: int = 20) -> float:
+    """The achieved dense matmul TFLOP/s of this GPU (the MFU denominator): n×n×n products, timed."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ a
-    torch.cuda.synchronize()
-    t0, n = time.perf_counter(), 20
-    for _ in range(n):
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
         a @ a
-    torch.cuda.synchronize()
-    return 2 * 8192**3 * n / (time.perf_counter() - t0) / 1e12
+    torch.cuda.synchronize(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
 
 
 class Numerics:
