@@ -6,7 +6,7 @@ artifacts under ``<run.root>/mlartifacts``.
 
 The driver of each stage owns an MLflow run; it hands the run id to the Ray workers, and rank 0 logs metrics
 into it through :class:`MetricLogger`. Every other rank gets :class:`NullLogger`. A tracking server that
-fails mid-run never stops training: the logger warns once and drops the metrics it could not send.
+fails mid-run never stops training: the logger holds the metrics and sends them when the server is back.
 """
 
 from __future__ import annotations
@@ -83,28 +83,110 @@ class NullLogger:
     def log(self, metrics: dict[str, float], step: int) -> None:
         pass
 
+    def close(self, timeout_s: float = 0.0) -> None:
+        pass
+
+
+_STOP = object()
+
 
 class MetricLogger:
-    """Rank 0's metric sink: namespaced names with units, e.g. loss/ce, throughput/tokens_per_s."""
+    """Rank 0's metric sink: namespaced names with units, e.g. loss/ce, throughput/tokens_per_s.
 
-    def __init__(self, uri: str, run_id: str):
+    ``log`` never blocks training: it stamps the points with their step and time and queues them; a
+    background thread sends them in batches. While the tracking server is unreachable the thread keeps the
+    points (up to ``max_pending``; beyond that the oldest are dropped and counted), warns once per outage,
+    and retries with backoff up to ``retry_max_s``. When the server comes back, the held points are sent with
+    their original steps and timestamps, so a short outage loses nothing. ``close`` flushes what it can.
+    """
+
+    BATCH = 1000  # MLflow's log_batch limit on metrics per call
+
+    def __init__(self, uri: str, run_id: str, *, max_pending: int = 200_000, retry_max_s: float = 30.0):
+        import collections
+        import queue
+        import threading
+
         from mlflow.tracking import MlflowClient
 
+        # Fail fast on each try: this thread does its own retrying, MLflow's default backs off for minutes.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self._client = MlflowClient(tracking_uri=uri)
         self._run_id = run_id
-        self._failed = False
+        self._max_pending, self._retry_max_s = max_pending, retry_max_s
+        self._queue: queue.Queue = queue.Queue()
+        self._pending: collections.deque = collections.deque()
+        self.dropped = 0
+        self.failures = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._send_loop, name="mlflow-metrics", daemon=True)
+        self._thread.start()
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(key=k, value=float(v), timestamp=now, step=step) for k, v in metrics.items()]
+        self._queue.put([Metric(key=k, value=float(v), timestamp=now, step=step) for k, v in metrics.items()])
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending) + sum(len(item) for item in list(self._queue.queue) if item is not _STOP)
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Send what is queued (waiting up to ``timeout_s`` for the server), then stop the thread."""
+        self._queue.put(_STOP)
+        self._thread.join(timeout_s)
+        self._stop.set()
+        self._thread.join(5.0)
+        if self.pending or self.dropped:
+            log.warning("MLflow: %d metric points could not be sent and %d were dropped (server unreachable)",
+                        self.pending, self.dropped)
+
+    def _take(self, block: bool) -> bool:
+        """Move queued points to the pending buffer; False once close() was called and the queue is drained."""
+        import queue
+
+        alive = True
         try:
-            self._client.log_batch(self._run_id, metrics=batch)
-        except Exception as e:  # noqa: BLE001 -- tracking must never stop training
-            if not self._failed:
-                log.warning("MLflow logging failed at step %d (%s); training goes on, these metrics are dropped", step, e)
-            self._failed = True
+            item = self._queue.get(timeout=1.0) if block else self._queue.get_nowait()
+            while True:
+                if item is _STOP:
+                    alive = False
+                else:
+                    self._pending.extend(item)
+                item = self._queue.get_nowait()
+        except queue.Empty:
+            pass
+        while len(self._pending) > self._max_pending:
+            self._pending.popleft()
+            self.dropped += 1
+        return alive
+
+    def _send_loop(self) -> None:
+        backoff, alive, down_since = 1.0, True, None
+        while not self._stop.is_set():
+            alive = self._take(block=not self._pending) and alive
+            if not self._pending:
+                if not alive:
+                    return
+                continue
+            batch = [self._pending[i] for i in range(min(self.BATCH, len(self._pending)))]
+            try:
+                self._client.log_batch(self._run_id, metrics=batch)
+            except Exception as e:  # noqa: BLE001 -- tracking must never stop training
+                self.failures += 1
+                if down_since is None:
+                    down_since = time.time()
+                    log.warning("MLflow unreachable (%s): training goes on; holding metrics and retrying", e)
+                self._stop.wait(backoff)
+                backoff = min(2 * backoff, self._retry_max_s)
+                continue
+            for _ in batch:
+                self._pending.popleft()
+            if down_since is not None:
+                log.warning("MLflow reachable again after %.0f s: sending the held metrics", time.time() - down_since)
+                down_since, backoff = None, 1.0
 
 
 def make_logger(uri: str | None, run_id: str | None, *, is_rank0: bool):

@@ -59,7 +59,10 @@ def train_loop_per_worker(config: dict) -> None:
 
     logger = tracking.make_logger(config.get("tracking_uri"), config.get("run_id"), is_rank0=setup.rank == 0)
     logger.log({"time/worker_setup_s": time.perf_counter() - t_start}, state.step)
-    _run(setup, engine, teacher, state, optim, logger, tokenizer, config)
+    try:
+        _run(setup, engine, teacher, state, optim, logger, tokenizer, config)
+    finally:
+        logger.close()
 
 
 def _resume(setup: WorkerSetup, engine) -> tuple[checkpoint.TrainState, dict]:

@@ -1,0 +1,55 @@
+"""A tracking server that goes down mid-run costs no metrics and never blocks training."""
+
+import time
+
+import pytest
+
+import servers
+from pipeline import tracking
+
+pytestmark = pytest.mark.slow
+
+
+def test_metrics_logged_during_a_server_outage_arrive_after_it_returns(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    port = servers.free_port()
+    backend = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    server, uri = servers.start_mlflow(tmp_path, port=port, backend=backend)
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        run_id = client.create_run(client.create_experiment("outage")).info.run_id
+        logger = tracking.MetricLogger(uri, run_id, retry_max_s=2.0)
+        for step in (1, 2, 3):
+            logger.log({"loss/total": 10.0 - step}, step)
+        deadline = time.time() + 30
+        while logger.pending and time.time() < deadline:
+            time.sleep(0.2)
+        assert logger.pending == 0
+
+        servers.stop(server)  # the server dies mid-run
+        t0 = time.perf_counter()
+        for step in (4, 5, 6):
+            logger.log({"loss/total": 10.0 - step}, step)
+        assert time.perf_counter() - t0 < 0.5, "logging must not wait for the server"
+        time.sleep(3)
+        assert logger.failures >= 1 and logger.pending == 3, "held, not dropped"
+
+        server, uri = servers.start_mlflow(tmp_path, port=port, backend=backend)  # back, same store
+        logger.log({"loss/total": 3.0}, 7)
+        logger.close(timeout_s=60)
+        history = MlflowClient(tracking_uri=uri).get_metric_history(run_id, "loss/total")
+        assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6, 7]
+        assert logger.dropped == 0
+    finally:
+        servers.stop(server)
+
+
+def test_the_buffer_is_bounded_and_counts_what_it_drops(tmp_path):
+    port = servers.free_port()  # nothing listens here
+    logger = tracking.MetricLogger(f"http://127.0.0.1:{port}", "0" * 32, max_pending=5, retry_max_s=1.0)
+    for step in range(8):
+        logger.log({"a": step}, step)
+    time.sleep(2)
+    logger.close(timeout_s=1)
+    assert logger.dropped == 3 and logger.pending == 5
