@@ -83,7 +83,7 @@ def measure(seq_len: int, batch: int, *, steps: int, warmup: int, device: torch.
     tokens_per_s = batch * seq_len * steps / seconds
     per_token = flops.step_flops_per_token(engine.module.config, teacher.config, seq_len=seq_len, mask_prob=0.15)
     out = {"seq_len": seq_len, "batch": batch, "tokens_per_s": round(tokens_per_s, 1),
-           "model_tflops_per_s": round(tokens_per_s * per_token / 1e12, 3),
+           "model_tflops_per_s": round(tokens_per_s * per_token / 1e12, 6),
            "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if use_gpu else None}
     del engine, teacher, student
     if use_gpu:

@@ -5,6 +5,7 @@ Layout of one checkpoint directory (merged by Ray Train from every rank's upload
     ranks/<r>.json        what rank r wrote (path → bytes): the proof that its part is complete  (every rank)
     train_state.json      step, tokens seen, epoch, batch within the epoch, seed, world size   (rank 0)
     config.json           the resolved RunConfig, and the git SHA                              (rank 0)
+    metrics.json          the metrics reported with it, held-out ones included                 (rank 0)
     hf_model/             the exported HF model, in the final checkpoint only                  (rank 0)
 
 Atomicity. Ray Train registers a checkpoint only after every rank's upload returned, so a run that dies
@@ -25,6 +26,7 @@ ENGINE_TAG = "state"
 RANKS_DIR = "ranks"
 STATE_FILE = "train_state.json"
 CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.json"
 HF_DIR = "hf_model"
 
 
@@ -38,12 +40,14 @@ class TrainState:
     world_size: int = 1
 
 
-def save(engine, directory: str, state: TrainState, *, config: dict, git_sha: str, rank: int) -> None:
+def save(engine, directory: str, state: TrainState, *, config: dict, git_sha: str, rank: int,
+         metrics: dict | None = None) -> None:
     """Every rank calls this (DeepSpeed's save is collective); rank 0 adds the small JSON files."""
     engine.save_checkpoint(os.path.join(directory, ENGINE_DIR), tag=ENGINE_TAG)
     if rank == 0:
         _write(os.path.join(directory, STATE_FILE), asdict(state))
         _write(os.path.join(directory, CONFIG_FILE), {"config": config, "git_sha": git_sha})
+        _write(os.path.join(directory, METRICS_FILE), metrics or {})
     written = {}
     for dirpath, _, files in os.walk(directory):
         for name in files:

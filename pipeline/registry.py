@@ -41,13 +41,65 @@ def _better(new: float, old: float, mode: str) -> bool:
     return new < old if mode == "min" else new > old
 
 
-def register(cfg: TrackingSection, *, model_dir: str, checkpoint: str, metrics: dict, tags: dict) -> dict:
+def cpu_latency_ms(model, *, seq_len: int = 128, runs: int = 20) -> float:
+    """Median wall time of one forward pass, batch 1 × ``seq_len`` tokens, on CPU, in milliseconds."""
+    import statistics
+    import time
+
+    import torch
+
+    seq_len = min(seq_len, model.config.max_position_embeddings)
+    ids = torch.randint(1000, model.config.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(0))
+    model = model.eval()
+    times = []
+    with torch.inference_mode():
+        for i in range(runs + 3):
+            t0 = time.perf_counter()
+            model(input_ids=ids)
+            if i >= 3:
+                times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def num_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_card(*, name: str, model, teacher=None, metrics: dict, lineage: dict, config: dict | None) -> str:
+    """A markdown model card: size and CPU latency (against the teacher's), metrics, lineage and config."""
+    import json
+
+    s_params, s_ms = num_params(model), cpu_latency_ms(model)
+    lines = [f"# {name}", "",
+             f"A {model.config.model_type} student ({getattr(model.config, 'n_layers', '?')} layers, width "
+             f"{getattr(model.config, 'dim', '?')}) distilled by distil. Load it with "
+             f"`mlflow.transformers.load_model(\"models:/{name}@champion\")`.", "",
+             "| | student | teacher | student / teacher |", "|---|---|---|---|"]
+    if teacher is not None:
+        t_params, t_ms = num_params(teacher), cpu_latency_ms(teacher)
+        lines += [f"| parameters | {s_params:,} | {t_params:,} | {s_params / t_params:.2f} |",
+                  f"| CPU latency, batch 1 × 128 tokens (median of 20) | {s_ms:.1f} ms | {t_ms:.1f} ms | {s_ms / t_ms:.2f} |"]
+    else:
+        lines += [f"| parameters | {s_params:,} | | |", f"| CPU latency, batch 1 × 128 tokens (median of 20) | {s_ms:.1f} ms | | |"]
+    lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4g} |" for k, v in sorted(metrics.items()) if isinstance(v, (int, float))]
+    lines += ["", "## Lineage", ""] + [f"- {k}: `{v}`" for k, v in sorted(lineage.items())]
+    if config:
+        lines += ["", "## Config", "", "```json", json.dumps(config, indent=2, sort_keys=True, default=str), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def register(cfg: TrackingSection, *, model_dir: str, checkpoint: str, metrics: dict, tags: dict,
+             description: str | None = None) -> dict:
     """Log the model in the transformers flavor and register it; returns name, version, alias and URI."""
     import mlflow
     import torch
     import transformers
     from mlflow.tracking import MlflowClient
 
+    if cfg.select_metric not in metrics:
+        raise ValueError(f"the model to register has no {cfg.select_metric!r} metric, which tracking.select_metric "
+                         f"ranks by: pass it (--metric {cfg.select_metric}=<value>) or register a checkpoint that carries it")
     client = MlflowClient()
     existing = _version_for_checkpoint(client, cfg.model_name, checkpoint)
     if existing is not None:
@@ -69,6 +121,9 @@ def register(cfg: TrackingSection, *, model_dir: str, checkpoint: str, metrics: 
     version_tags = {CHECKPOINT_TAG: checkpoint, METRIC_TAG_PREFIX + cfg.select_metric: score, **tags}
     for k, v in version_tags.items():
         client.set_model_version_tag(cfg.model_name, version, k, str(v))
+    if description:
+        client.update_model_version(cfg.model_name, version, description=description)
+        mlflow.log_text(description, "model_card.md")
     alias = _move_alias(client, cfg, version, score)
     return {"name": cfg.model_name, "version": version, "aliases": [alias], "new": True,
             "uri": f"models:/{cfg.model_name}@{alias}", "version_uri": f"models:/{cfg.model_name}/{version}"}

@@ -13,7 +13,7 @@ import json
 import os
 import time
 
-from pipeline import data, models, registry, storage, tracking, trainer
+from pipeline import checkpoint as checkpoint_lib, data, models, registry, storage, tracking, trainer
 from pipeline.config import RunConfig, flatten
 
 
@@ -61,7 +61,7 @@ def prepare(cfg: RunConfig) -> dict:
             **{f"data/{s}_tokens": v["num_tokens"] for s, v in splits.items()},
             "time/stage_s": time.perf_counter() - t0,
         })
-        mlflow.set_tag("data.manifest_key", manifest["key"])
+        mlflow.set_tags(_manifest_tags(manifest))
     return _write_record(cfg, "prepare", {"manifest": manifest, "seconds": time.perf_counter() - t0})
 
 
@@ -75,7 +75,7 @@ def teacher(cfg: RunConfig, *, cluster_cpus: float) -> dict:
     trainer.check_fits(cfg, cluster_cpus)
     trainer.check_batches(cfg, manifest, role="teacher")
     params = flatten({k: cfg.to_dict()[k] for k in ("teacher", "teacher_optim", "masking", "deepspeed", "scaling")})
-    with tracking.stage_run("teacher", params=params, tags={"data.manifest_key": manifest["key"]}) as run:
+    with tracking.stage_run("teacher", params=params, tags=_lineage(cfg, manifest, None)) as run:
         name = _run_name(cfg, "teacher", ("data", "masking", "teacher", "teacher_optim", "deepspeed", "scaling"))
         result, ckpt = _fit(cfg, manifest, role="teacher", name=name, teacher_uri=None, run_id=run.info.run_id, t0=t0)
     return _write_record(cfg, "teacher", {
@@ -90,8 +90,7 @@ def distill(cfg: RunConfig, *, cluster_cpus: float) -> dict:
     teacher_uri = read_record(cfg, "teacher", needed_by="distill")["teacher_uri"]
     trainer.check_fits(cfg, cluster_cpus)
     trainer.check_batches(cfg, manifest, role="student")
-    tags = {"data.manifest_key": manifest["key"], "teacher": teacher_uri}
-    with tracking.stage_run("distill", params=flatten(cfg.to_dict()), tags=tags) as run:
+    with tracking.stage_run("distill", params=flatten(cfg.to_dict()), tags=_lineage(cfg, manifest, teacher_uri)) as run:
         name = _run_name(cfg, "distill", TRAIN_SECTIONS, extra=teacher_uri)
         result, ckpt = _fit(cfg, manifest, role="student", name=name, teacher_uri=teacher_uri, run_id=run.info.run_id, t0=t0)
     candidate = {"source": "distill", "checkpoint": ckpt, "metrics": _numeric(result.metrics), "run_id": run.info.run_id}
@@ -118,8 +117,13 @@ def sweep(cfg: RunConfig, *, cluster_cpus: float) -> dict:
         raise ValueError("sweep.space is empty: declare at least one parameter, e.g. loss.temperature: {type: choice, values: [1, 2, 4]}")
     trainer.check_batches(cfg, manifest, role="student")
     params = {**flatten(cfg.to_dict()), "sweep.space": json.dumps(cfg.sweep.space)}
-    with tracking.stage_run("sweep", params=params, tags={"data.manifest_key": manifest["key"], "teacher": teacher_uri}) as run:
-        name = _run_name(cfg, "sweep", TRAIN_SECTIONS + ("sweep",), extra=teacher_uri)
+    name = _run_name(cfg, "sweep", TRAIN_SECTIONS + ("sweep",), extra=teacher_uri)
+    # A restored sweep (Tuner.restore) continues in the MLflow parent run its trials already log under.
+    parent_path = os.path.join(cfg.run_dir, "sweeps", f"{name}.json")
+    parent = storage.read_json(parent_path)
+    resume_id = parent["run_id"] if parent and sweep_lib.is_restorable(cfg, name) else None
+    with tracking.stage_run("sweep", params=params, tags=_lineage(cfg, manifest, teacher_uri), run_id=resume_id) as run:
+        storage.write_json(parent_path, {"name": name, "run_id": run.info.run_id})
         found = sweep_lib.run(cfg, datasets=_datasets(cfg, manifest), replicated_data=_replicated(cfg, manifest), teacher_uri=teacher_uri, parent_run_id=run.info.run_id,
                               cluster_cpus=cluster_cpus, name=name)
         import mlflow
@@ -128,20 +132,60 @@ def sweep(cfg: RunConfig, *, cluster_cpus: float) -> dict:
     return _write_record(cfg, "sweep", {"candidates": found, "seconds": time.perf_counter() - t0})
 
 
-def register(cfg: RunConfig, *, stages: tuple[str, ...] = ("distill", "sweep")) -> dict:
+def register(cfg: RunConfig, *, stages: tuple[str, ...] = ("distill", "sweep"), candidate: dict | None = None) -> dict:
+    """Register the best candidate of the given stages, or one ``candidate`` given by hand.
+
+    A candidate is {"source", "checkpoint", "metrics"} and optionally "model_dir" (an exported HF directory;
+    by default the checkpoint's hf_model/). Its checkpoint (or directory) is the idempotency key.
+    """
     t0 = time.perf_counter()
-    candidates = []
-    for stage in stages:
-        record = storage.read_json(record_path(cfg, stage))
-        candidates.extend(record["candidates"] if record else [])
-    if not candidates:
-        raise ValueError(f"no student to register: run the distill or sweep stage first (looked in {', '.join(stages)})")
-    best = registry.choose(candidates, cfg.tracking)
-    model_dir = registry.local_model_dir(trainer.model_uri(best["checkpoint"]), os.path.join(cfg.run.root, "cache"))
-    with tracking.stage_run("register", params={"candidates": len(candidates), "chosen": best["source"]}):
-        reg = registry.register(cfg.tracking, model_dir=model_dir, checkpoint=best["checkpoint"],
-                                metrics=best["metrics"], tags={"source": best["source"], "git_sha": tracking.git_sha()})
+    if candidate is None:
+        candidates = []
+        for stage in stages:
+            record = storage.read_json(record_path(cfg, stage))
+            candidates.extend(record["candidates"] if record else [])
+        if not candidates:
+            raise ValueError(f"no student to register: run the distill or sweep stage first (looked in {', '.join(stages)})")
+        best = registry.choose(candidates, cfg.tracking)
+    else:
+        best = candidate
+    cache = os.path.join(cfg.run.root, "cache")
+    model_dir = best.get("model_dir") or registry.local_model_dir(trainer.model_uri(best["checkpoint"]), cache)
+    lineage = {"source": best["source"], "checkpoint": best["checkpoint"], "git_sha": tracking.git_sha()}
+    teacher_model = None
+    prepare_rec, teacher_rec = storage.read_json(record_path(cfg, "prepare")), storage.read_json(record_path(cfg, "teacher"))
+    if prepare_rec:
+        lineage.update(_manifest_tags(prepare_rec["manifest"]))
+    if teacher_rec:
+        lineage.update(_teacher_tags(teacher_rec["teacher_uri"], cache))
+        teacher_model = models.load_teacher(teacher_rec["teacher_uri"], cache_root=cache)
+    import transformers
+
+    student = transformers.AutoModelForMaskedLM.from_pretrained(model_dir)
+    ckpt_config = storage.read_json(storage.join(best["checkpoint"], checkpoint_lib.CONFIG_FILE)) if "checkpoint" in best else None
+    card = registry.model_card(name=cfg.tracking.model_name, model=student, teacher=teacher_model, metrics=best["metrics"],
+                               lineage=lineage, config=(ckpt_config or {}).get("config"))
+    with tracking.stage_run("register", params={"chosen": best["source"], "checkpoint": best["checkpoint"]}, tags=lineage):
+        reg = registry.register(cfg.tracking, model_dir=model_dir, checkpoint=best["checkpoint"], metrics=best["metrics"],
+                                tags=lineage, description=card)
     return _write_record(cfg, "register", {**reg, "chosen": best, "seconds": time.perf_counter() - t0})
+
+
+def _manifest_tags(manifest: dict) -> dict:
+    text = json.dumps(storage.read_json(storage.join(manifest["path"], "manifest.json")) or manifest, sort_keys=True)
+    return {"data.manifest_key": manifest["key"], "data.manifest_hash": hashlib.sha256(text.encode()).hexdigest()[:16]}
+
+
+def _teacher_tags(teacher_uri: str, cache: str) -> dict:
+    local = models.resolve_local(teacher_uri, cache)
+    return {"teacher": teacher_uri, "teacher.hash": tracking.model_hash(local) if os.path.isdir(local) else "unknown"}
+
+
+def _lineage(cfg: RunConfig, manifest: dict, teacher_uri: str | None) -> dict:
+    tags = _manifest_tags(manifest)
+    if teacher_uri:
+        tags.update(_teacher_tags(teacher_uri, os.path.join(cfg.run.root, "cache")))
+    return tags
 
 
 _LOADED: dict[str, dict] = {}

@@ -81,24 +81,39 @@ def run(cfg: RunConfig, *, datasets: dict, replicated_data: bool, teacher_uri: s
     scheduler = ASHAScheduler(
         time_attr="step", max_t=cfg.optim.max_steps, grace_period=cfg.sweep.grace_period, reduction_factor=2
     )
-    tuner = tune.Tuner(
-        # with_parameters puts the datasets in the object store once, for every trial.
-        tune.with_resources(tune.with_parameters(trial_fn, datasets=datasets), {"CPU": cfg.sweep.trial_driver_cpus}),
-        param_space={
-            "sample": search_space(cfg.sweep.space),
-            "cfg": cfg.to_dict(), "teacher_uri": teacher_uri,
-            "parent_run_id": parent_run_id, "sweep_name": name, "replicated_data": replicated_data,
-        },
-        tune_config=tune.TuneConfig(
-            metric=cfg.sweep.metric, mode=cfg.sweep.mode, num_samples=cfg.sweep.num_samples,
-            scheduler=scheduler, max_concurrent_trials=concurrency,
-        ),
-        run_config=tune.RunConfig(
-            name=name, storage_path=cfg.storage_path, storage_filesystem=storage.pyarrow_filesystem(cfg.storage_path),
-        ),
-    )
+    # with_parameters puts the datasets in the object store once, for every trial.
+    trainable = tune.with_resources(tune.with_parameters(trial_fn, datasets=datasets), {"CPU": cfg.sweep.trial_driver_cpus})
+    param_space = {
+        "sample": search_space(cfg.sweep.space),
+        "cfg": cfg.to_dict(), "teacher_uri": teacher_uri,
+        "parent_run_id": parent_run_id, "sweep_name": name, "replicated_data": replicated_data,
+    }
+    fs = storage.pyarrow_filesystem(cfg.storage_path)
+    if is_restorable(cfg, name):
+        # The same sweep was started before (the driver crashed, or the job is resubmitted): finished trials keep
+        # their results, unfinished and errored ones resume from their latest checkpoints.
+        tuner = tune.Tuner.restore(storage.join(cfg.storage_path, name), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True, storage_filesystem=fs)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                metric=cfg.sweep.metric, mode=cfg.sweep.mode, num_samples=cfg.sweep.num_samples,
+                scheduler=scheduler, max_concurrent_trials=concurrency,
+            ),
+            run_config=tune.RunConfig(name=name, storage_path=cfg.storage_path, storage_filesystem=fs),
+        )
     results = tuner.fit()
     return candidates(results, cfg)
+
+
+def is_restorable(cfg: RunConfig, name: str) -> bool:
+    from ray import tune
+
+    from pipeline import storage
+
+    return tune.Tuner.can_restore(storage.join(cfg.storage_path, name), storage_filesystem=storage.pyarrow_filesystem(cfg.storage_path))
 
 
 def candidates(results, cfg: RunConfig) -> list[dict]:

@@ -45,6 +45,41 @@ def git_sha() -> str:
         return "unknown"
 
 
+def file_hash(path: str, *, length: int = 16) -> str:
+    """sha256 of a file (the teacher's weights, a data manifest), shortened: a lineage tag."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:length]
+
+
+def model_hash(model_dir: str) -> str:
+    """The hash of an exported HF model's weights (model.safetensors, else pytorch_model.bin)."""
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        path = os.path.join(model_dir, name)
+        if os.path.exists(path):
+            return file_hash(path)
+    return "unknown"
+
+
+def start_system_metrics(uri: str | None, run_id: str | None, node_id: str):
+    """MLflow's system metrics (CPU, memory, disk, network, GPU) for this node, into the stage's run; None if off."""
+    if not (uri and run_id):
+        return None
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, node_id=node_id, tracking_uri=uri, resume_logging=True)
+        monitor.start()
+        return monitor
+    except Exception as e:  # noqa: BLE001 -- observability must never stop training
+        log.warning("MLflow system metrics are off on %s: %s", node_id, e)
+        return None
+
+
 def setup(root: str, experiment: str) -> str:
     """Point MLflow at the tracking store and create the experiment; returns the tracking URI."""
     import mlflow
@@ -61,11 +96,11 @@ def setup(root: str, experiment: str) -> str:
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, *, params: dict, tags: dict | None = None, nested: bool = False):
-    """An MLflow run for one stage, with flattened params and the git SHA as a tag."""
+def stage_run(stage: str, *, params: dict, tags: dict | None = None, nested: bool = False, run_id: str | None = None):
+    """An MLflow run for one stage (or the continuation of ``run_id``), with flattened params and the git SHA."""
     import mlflow
 
-    with mlflow.start_run(run_name=stage, nested=nested) as run:
+    with mlflow.start_run(run_name=None if run_id else stage, nested=nested, run_id=run_id) as run:
         mlflow.set_tags({"stage": stage, "git_sha": git_sha(), **(tags or {})})
         log_params(params)
         yield run

@@ -59,10 +59,15 @@ def train_loop_per_worker(config: dict) -> None:
 
     logger = tracking.make_logger(config.get("tracking_uri"), config.get("run_id"), is_rank0=setup.rank == 0)
     logger.log({"time/worker_setup_s": time.perf_counter() - t_start}, state.step)
+    system = None
+    if ctx.get_local_rank() == 0:  # one monitor per node
+        system = tracking.start_system_metrics(config.get("tracking_uri"), config.get("run_id"), f"node{ctx.get_node_rank()}")
     try:
         _run(setup, engine, teacher, state, optim, logger, tokenizer, config)
     finally:
         logger.close()
+        if system is not None:
+            system.finish()
 
 
 def _resume(setup: WorkerSetup, engine) -> tuple[checkpoint.TrainState, dict]:
@@ -395,7 +400,8 @@ def _report(setup, engine, state, metrics, config, tokenizer, *, checkpoint_now:
         return
     with tempfile.TemporaryDirectory() as d:
         is_rank0 = setup.rank == 0
-        checkpoint.save(engine, d, state, config=config["cfg"], git_sha=config.get("git_sha", "unknown"), rank=setup.rank)
+        checkpoint.save(engine, d, state, config=config["cfg"], git_sha=config.get("git_sha", "unknown"), rank=setup.rank,
+                        metrics=metrics)
         if final:
             with engine_lib.gathered_module(engine):  # every rank enters: collective under ZeRO-3
                 if is_rank0:

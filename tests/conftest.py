@@ -43,17 +43,37 @@ def ray_session():
 
 
 @pytest.fixture(scope="session")
-def e2e_run(tmp_path_factory):
-    """Run `python -m jobs.pipeline` once, as a user would, and hand its run folder to the tests."""
+def tracking_server(tmp_path_factory):
+    """`mlflow server` on a sqlite backend, its artifacts on a local S3-compatible store: two real processes."""
+    import servers
+
+    work = tmp_path_factory.mktemp("servers")
+    s3, endpoint = servers.start_s3(work, ["mlflow-artifacts"])
+    env = {**servers.S3_ENV, "MLFLOW_S3_ENDPOINT_URL": endpoint}
+    try:
+        server, uri = servers.start_mlflow(work, artifacts="s3://mlflow-artifacts/artifacts", env=env)
+    except Exception:
+        servers.stop(s3)
+        raise
+    yield {"uri": uri, "s3_endpoint": endpoint, "bucket": "mlflow-artifacts", "s3_env": env, "workdir": work}
+    servers.stop(server)
+    servers.stop(s3)
+
+
+@pytest.fixture(scope="session")
+def e2e_run(tmp_path_factory, tracking_server):
+    """Run `python -m jobs.pipeline` once, as a user would, against the tracking server, and hand its run
+    folder to the tests."""
     root = tmp_path_factory.mktemp("e2e")
     cmd = [sys.executable, "-m", "jobs.pipeline", "--config", "configs/tiny.yaml", "--set", f"run.root={root}"]
     for o in E2E_OVERRIDES:
         cmd += ["--set", o]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_server["uri"]}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1500, env=env)
     (root / "pipeline.log").write_text(proc.stdout + "\n" + proc.stderr)
     assert proc.returncode == 0, f"pipeline failed ({proc.returncode}); log tail:\n{(proc.stdout + proc.stderr)[-6000:]}"
     records = {p.stem: json.loads(p.read_text()) for p in (root / "e2e" / "stages").glob("*.json")}
-    return {"root": root, "stdout": proc.stdout, "records": records}
+    return {"root": root, "stdout": proc.stdout, "records": records, "tracking_uri": tracking_server["uri"], "env": env}
 
 
 @pytest.fixture(autouse=True)

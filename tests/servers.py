@@ -72,7 +72,8 @@ def start_mlflow(workdir: Path, *, port: int | None = None, backend: str | None 
            "--backend-store-uri", backend]
     if artifacts:
         cmd += ["--artifacts-destination", artifacts]
-    proc = start(cmd, workdir / "mlflow-server.log", env)
+    # No background job runner (huey consumers): the tests need none, and it costs seven processes.
+    proc = start(cmd, workdir / "mlflow-server.log", {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})})
     uri = f"http://127.0.0.1:{port}"
     wait_http(uri + "/health")
     return proc, uri

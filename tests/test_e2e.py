@@ -10,10 +10,11 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def _mlflow(root):
+def _mlflow(e2e_run):
+    """MLflow as a user sees it: through the tracking server the run used."""
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+    mlflow.set_tracking_uri(e2e_run["tracking_uri"])
     return mlflow
 
 
@@ -56,7 +57,7 @@ def test_distill_checkpoint_holds_full_state_and_an_hf_student(e2e_run):
 
 
 def test_sweep_ran_two_trials_as_nested_mlflow_runs(e2e_run):
-    mlflow = _mlflow(e2e_run["root"])
+    mlflow = _mlflow(e2e_run)
     runs = mlflow.search_runs(experiment_names=["distil-tiny"], output_format="list")
     by_name = {}
     for r in runs:
@@ -75,7 +76,7 @@ def test_sweep_ran_two_trials_as_nested_mlflow_runs(e2e_run):
 
 
 def test_registered_champion_loads_as_a_fill_mask_pipeline(e2e_run):
-    mlflow = _mlflow(e2e_run["root"])
+    mlflow = _mlflow(e2e_run)
     reg = e2e_run["records"]["register"]
     assert reg["name"] == "e2e-student" and "champion" in reg["aliases"]
     fill = mlflow.transformers.load_model("models:/e2e-student@champion")
@@ -92,7 +93,91 @@ def test_registration_is_idempotent(e2e_run):
     cmd = [sys.executable, "-m", "jobs.register", "--config", "configs/tiny.yaml", "--set", f"run.root={e2e_run['root']}"]
     for o in E2E_OVERRIDES:
         cmd += ["--set", o]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ})
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=e2e_run["env"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["new"] is False and out["version"] == e2e_run["records"]["register"]["version"]
+
+
+def test_everything_went_through_the_server_and_the_model_files_are_on_s3(e2e_run, tracking_server):
+    import boto3
+
+    assert not (Path(e2e_run["root"]) / "mlflow.db").exists(), "MLFLOW_TRACKING_URI wins over the embedded store"
+    s3 = boto3.client("s3", endpoint_url=tracking_server["s3_endpoint"], region_name="us-east-1",
+                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=tracking_server["bucket"])
+            for o in page.get("Contents", [])]
+    assert any(k.endswith("model.safetensors") for k in keys), keys[:20]
+    mlflow = _mlflow(e2e_run)
+    version = mlflow.MlflowClient().get_model_version_by_alias("e2e-student", "champion")
+    assert version.source.startswith(("models:/", "mlflow-artifacts:", "s3://")), version.source
+
+
+def _register(e2e_run, *flags):
+    import subprocess
+    import sys
+
+    from conftest import E2E_OVERRIDES, ROOT
+
+    cmd = [sys.executable, "-m", "jobs.register", "--config", "configs/tiny.yaml", "--set", f"run.root={e2e_run['root']}"]
+    for o in E2E_OVERRIDES:
+        cmd += ["--set", o]
+    proc = subprocess.run([*cmd, *flags], cwd=ROOT, capture_output=True, text=True, timeout=300, env=e2e_run["env"])
+    return proc
+
+
+def test_the_champion_carries_a_model_card_and_lineage_tags(e2e_run):
+    mlflow = _mlflow(e2e_run)
+    v = mlflow.MlflowClient().get_model_version_by_alias("e2e-student", "champion")
+    card = v.description
+    assert "| parameters |" in card and "CPU latency" in card and "## Config" in card
+    student_params, teacher_params = [int(x.replace(",", "")) for x in card.split("| parameters | ")[1].split(" |")[:2]]
+    assert 0 < student_params < teacher_params
+    for tag in ("teacher", "teacher.hash", "data.manifest_hash", "data.manifest_key", "git_sha", "distil.checkpoint"):
+        assert v.tags.get(tag) not in (None, "", "unknown"), tag
+
+
+def test_register_by_hand_from_a_directory_and_from_a_checkpoint(e2e_run, tmp_path):
+    import shutil
+
+    records = e2e_run["records"]
+    chosen = records["register"]["chosen"]["checkpoint"]
+    model_dir = tmp_path / "student"
+    shutil.copytree(Path(chosen) / "hf_model", model_dir)
+
+    worse = _register(e2e_run, "--model-dir", str(model_dir), "--metric", "val/mlm_loss=99")
+    assert worse.returncode == 0, worse.stderr[-3000:]
+    out = json.loads(worse.stdout.strip().splitlines()[-1])
+    assert out["new"] is True and out["aliases"] == ["challenger"], "a worse model does not take the champion alias"
+    again = json.loads(_register(e2e_run, "--model-dir", str(model_dir), "--metric", "val/mlm_loss=99").stdout.strip().splitlines()[-1])
+    assert again["new"] is False and again["version"] == out["version"]
+
+    # A checkpoint carries its own metrics (metrics.json): the chosen one is already registered, so no new version.
+    same = json.loads(_register(e2e_run, "--checkpoint", chosen).stdout.strip().splitlines()[-1])
+    assert same["new"] is False and same["version"] == records["register"]["version"]
+
+    missing = _register(e2e_run, "--model-dir", str(tmp_path / "nope"))
+    assert missing.returncode == 2 and "not an exported HF model directory" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+
+def test_rerunning_the_sweep_restores_it_instead_of_starting_over(e2e_run):
+    """Tuner.restore: the same sweep, run again, keeps its trials and its MLflow parent run."""
+    import subprocess
+    import sys
+
+    from conftest import E2E_OVERRIDES, ROOT
+
+    cmd = [sys.executable, "-m", "jobs.sweep", "--config", "configs/tiny.yaml", "--set", f"run.root={e2e_run['root']}"]
+    for o in E2E_OVERRIDES:
+        cmd += ["--set", o]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=e2e_run["env"])
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    before = {c["checkpoint"] for c in e2e_run["records"]["sweep"]["candidates"]}
+    after = json.loads((Path(e2e_run["root"]) / "e2e" / "stages" / "sweep.json").read_text())
+    assert {c["checkpoint"] for c in after["candidates"]} == before, "the restored sweep reports the same trials"
+    mlflow = _mlflow(e2e_run)
+    runs = mlflow.search_runs(experiment_names=["distil-tiny"], output_format="list")
+    sweeps = [r for r in runs if r.info.run_name == "sweep"]
+    assert len(sweeps) == 1, "no second parent run"
+    assert len([r for r in runs if r.data.tags.get("mlflow.parentRunId") == sweeps[0].info.run_id]) == 2

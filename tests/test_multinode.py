@@ -168,4 +168,8 @@ def test_a_killed_node_costs_at_most_one_checkpoint_interval(cluster, tmp_path):
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db")
     versions = client.search_model_versions("name='multinode-student'")
     assert len(versions) == 1, "the student is registered exactly once"
+    # The embedded store (sqlite under run.root): the champion loads in one line and predicts.
+    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+    fill = mlflow.transformers.load_model("models:/multinode-student@champion")
+    assert len(fill("the movie was a [MASK] of time .")) == 5
 
