@@ -149,16 +149,25 @@ def test_register_by_hand_from_a_directory_and_from_a_checkpoint(e2e_run, tmp_pa
     assert worse.returncode == 0, worse.stderr[-3000:]
     out = json.loads(worse.stdout.strip().splitlines()[-1])
     assert out["new"] is True and out["aliases"] == ["challenger"], "a worse model does not take the champion alias"
-    again = json.loads(_register(e2e_run, "--model-dir", str(model_dir), "--metric", "val/mlm_loss=99").stdout.strip().splitlines()[-1])
-    assert again["new"] is False and again["version"] == out["version"]
 
     # A checkpoint carries its own metrics (metrics.json): the chosen one is already registered, so no new version.
     same = json.loads(_register(e2e_run, "--checkpoint", chosen).stdout.strip().splitlines()[-1])
     assert same["new"] is False and same["version"] == records["register"]["version"]
 
-    missing = _register(e2e_run, "--model-dir", str(tmp_path / "nope"))
-    assert missing.returncode == 2 and "not an exported HF model directory" in missing.stderr
-    assert "Traceback" not in missing.stderr
+
+
+def test_register_by_hand_refuses_bad_input_at_the_edge(tmp_path, capsys):
+    from conftest import ROOT
+    from jobs import register
+
+    config = str(ROOT / "configs" / "tiny.yaml")
+    assert register.main(["--config", config, "--model-dir", str(tmp_path / "nope")]) == 2
+    assert "not an exported HF model directory" in capsys.readouterr().err
+    assert register.main(["--config", config, "--metric", "val/mlm_loss=1"]) == 2
+    assert "--metric goes with --checkpoint or --model-dir" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text("{}")
+    assert register.main(["--config", config, "--model-dir", str(tmp_path), "--metric", "val/mlm_loss"]) == 2
+    assert "write it as name=number" in capsys.readouterr().err
 
 
 def test_rerunning_the_sweep_restores_it_instead_of_starting_over(e2e_run):

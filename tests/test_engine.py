@@ -85,25 +85,28 @@ def test_reference_run_trains_and_checkpoints_full_state(reference):
 
 
 def test_injected_fault_resumes_automatically_and_matches_the_straight_run(setup, reference):
-    resumed = _fit(setup, "fault-auto", "faults.fail_at_step=3", "scaling.max_failures=1")
+    """Under ZeRO-1 (the reference is ZeRO-2): a restart from ZeRO-1 shards, and the stage's equivalence."""
+    resumed = _fit(setup, "fault-auto", "faults.fail_at_step=3", "scaling.max_failures=1", "deepspeed.zero_stage=1")
     fired = glob.glob(str(setup["root"] / "engine" / "faults" / "fired-at-step-3-*"))
     assert fired, "the fault fired"
-    _assert_same(reference, resumed, atol=1e-6)  # resumed from step 2: same batches, masks and optimizer state
+    assert resumed.metrics["resume/from_step"] == 2
+    _assert_same(reference, resumed, atol=1e-5)  # resumed from step 2: same batches, masks and optimizer state
 
 
 def test_resubmitting_a_failed_run_continues_from_its_checkpoint(setup, reference):
-    """Checkpoints at steps 1 and 2, a failure at 3, and the step-2 checkpoint damaged before resubmission:
-    the resubmitted run reports it, resumes from step 1, and still ends on the straight run's weights."""
+    """Under ZeRO-3: checkpoints at steps 1 and 2, a failure at 3, and the step-2 checkpoint damaged before
+    resubmission: the resubmitted run reports it, resumes from step 1, and still ends on the straight run's weights."""
     before = set(glob.glob(str(setup["root"] / "engine" / "faults" / "*")))
-    _fit(setup, "resubmit", "faults.fail_at_step=3", "checkpoint.every_steps=1", expect_failure=True)
+    zero3 = ("checkpoint.every_steps=1", "deepspeed.zero_stage=3")
+    _fit(setup, "resubmit", "faults.fail_at_step=3", *zero3, expect_failure=True)
     assert len(set(glob.glob(str(setup["root"] / "engine" / "faults" / "*"))) - before) == 1
     newest = _checkpoints_by_step(setup["root"] / "engine" / "ray" / "resubmit")
     assert sorted(newest) == [1, 2]
     os.remove(glob.glob(os.path.join(newest[2], "engine", "state", "*optim_states.pt"))[0])
-    again = _fit(setup, "resubmit", "faults.fail_at_step=3", "checkpoint.every_steps=1")  # same name and storage
+    again = _fit(setup, "resubmit", "faults.fail_at_step=3", *zero3)  # same name and storage
     assert again.metrics["resume/from_step"] == 1
     assert again.metrics["resume/ignored_checkpoints"] == 1
-    _assert_same(reference, again, atol=1e-6)
+    _assert_same(reference, again, atol=1e-5)
 
 
 def _checkpoints_by_step(run_storage) -> dict[int, str]:
@@ -134,9 +137,9 @@ def test_a_damaged_checkpoint_is_detected_file_by_file(reference, tmp_path):
     assert reason() == "no train_state.json"
 
 
-@pytest.mark.parametrize("stage", [0, 1, 3])
-def test_zero_stages_train_the_same_weights(setup, reference, stage):
-    _assert_same(reference, _fit(setup, f"zero{stage}", f"deepspeed.zero_stage={stage}"), atol=1e-5)
+def test_zero_stage_0_trains_the_same_weights(setup, reference):
+    """Stages 1 and 3 are compared with ZeRO-2 by the resume tests above, which run under them."""
+    _assert_same(reference, _fit(setup, "zero0", "deepspeed.zero_stage=0"), atol=1e-5)
 
 
 def test_one_worker_matches_two_at_equal_global_batch(setup):
