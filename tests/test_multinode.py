@@ -12,7 +12,6 @@ import glob
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+import servers
+
 from conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -28,15 +29,9 @@ pytestmark = pytest.mark.slow
 STEPS, EVERY = 40, 5
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ray_start(bin_dir: Path, env: dict, *args: str) -> subprocess.Popen:
-    ports = [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-             f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
+    ports = [f"--dashboard-agent-listen-port={servers.free_port()}", f"--dashboard-agent-grpc-port={servers.free_port()}",
+             f"--runtime-env-agent-port={servers.free_port()}", f"--metrics-export-port={servers.free_port()}"]
     cmd = [str(bin_dir / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
            f"--object-store-memory={300 * 2**20}", *ports, *args]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -50,8 +45,8 @@ def cluster(tmp_path_factory):
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",
            "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    port = _free_port()
-    dash = _free_port()
+    port = servers.free_port()
+    dash = servers.free_port()
     head = _ray_start(bin_dir, env, "--head", f"--port={port}", "--num-cpus=0", "--dashboard-host=127.0.0.1",
                       f"--dashboard-port={dash}", f"--temp-dir={tmp_path_factory.mktemp('ray')}")
     nodes = {}
