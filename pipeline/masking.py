@@ -11,6 +11,8 @@ which the training loop seeds from (run seed, rank, step): the same seed gives t
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -28,11 +30,23 @@ def mask_tokens(
     mask_prob: float = 0.15,
     mask_token_frac: float = 0.8,
     random_token_frac: float = 0.1,
+    token_weights_V: torch.Tensor | None = None,
+    continuation_V: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (masked input ids, labels). Inputs are not modified."""
+    """Return (masked input ids, labels). Inputs are not modified.
+
+    ``token_weights_V`` (HF's frequency smoothing): choose exactly ceil(mask_prob × eligible) tokens per batch,
+    without replacement, with probability ∝ the token's weight. ``continuation_V`` (whole-word masking): a
+    WordPiece continuation ("##…") is chosen together with the token that starts its word.
+    """
     eligible_BT = attention_mask_BT.bool() & ~torch.isin(input_ids_BT, special_ids)
     draw_BT = torch.rand(input_ids_BT.shape, generator=generator, device=input_ids_BT.device)
-    chosen_BT = eligible_BT & (draw_BT < mask_prob)
+    if token_weights_V is not None:
+        chosen_BT = _choose_weighted(input_ids_BT, eligible_BT, token_weights_V, mask_prob, draw_BT)
+    elif continuation_V is not None:
+        chosen_BT = _choose_words(input_ids_BT, eligible_BT, continuation_V, mask_prob, draw_BT)
+    else:
+        chosen_BT = eligible_BT & (draw_BT < mask_prob)
     labels_BT = torch.where(chosen_BT, input_ids_BT, torch.full_like(input_ids_BT, IGNORE_INDEX))
 
     action_BT = torch.rand(input_ids_BT.shape, generator=generator, device=input_ids_BT.device)
@@ -43,6 +57,42 @@ def mask_tokens(
     out_BT = torch.where(to_mask_BT, torch.full_like(input_ids_BT, mask_id), input_ids_BT)
     out_BT = torch.where(to_random_BT, random_ids_BT.to(input_ids_BT.dtype), out_BT)
     return out_BT, labels_BT
+
+
+def _choose_weighted(ids_BT, eligible_BT, weights_V, mask_prob, draw_BT) -> torch.Tensor:
+    """Weighted sampling without replacement by the Gumbel top-k trick: the k largest log w − log(−log u)."""
+    w_BT = torch.where(eligible_BT, weights_V[ids_BT], torch.zeros((), dtype=weights_V.dtype, device=ids_BT.device))
+    k = math.ceil(mask_prob * int(eligible_BT.sum()))  # one host sync per batch, as in HF's recipe
+    keys_BT = torch.log(w_BT) - torch.log(-torch.log(draw_BT.clamp(min=1e-12)))
+    keys_BT = torch.where(w_BT > 0, keys_BT, torch.full_like(keys_BT, -math.inf))
+    chosen = torch.zeros(ids_BT.numel(), dtype=torch.bool, device=ids_BT.device)
+    if k:
+        chosen[torch.topk(keys_BT.flatten(), k).indices] = True
+    return chosen.view_as(ids_BT) & eligible_BT
+
+
+def _choose_words(ids_BT, eligible_BT, continuation_V, mask_prob, draw_BT) -> torch.Tensor:
+    """Whole words: every position takes the draw of the position that starts its word."""
+    starts_BT = ~continuation_V[ids_BT] | ~eligible_BT
+    pos_BT = torch.arange(ids_BT.shape[1], device=ids_BT.device).expand_as(ids_BT)
+    start_idx_BT = torch.cummax(torch.where(starts_BT, pos_BT, torch.zeros_like(pos_BT)), dim=1).values
+    return eligible_BT & (draw_BT.gather(1, start_idx_BT) < mask_prob)
+
+
+def smoothing_weights(counts_V, special_ids: list[int], exponent: float) -> torch.Tensor:
+    """HF's recipe: a token's selection weight is max(count, 1)^-exponent; special tokens weigh 0."""
+    w_V = torch.as_tensor(np.maximum(np.asarray(counts_V, dtype=np.float64), 1.0) ** -exponent, dtype=torch.float32)
+    w_V[list(special_ids)] = 0.0
+    return w_V
+
+
+def continuation_table(tokenizer) -> torch.Tensor:
+    """True for WordPiece continuation tokens ("##ing"): they belong to the word before them."""
+    vocab = tokenizer.get_vocab()
+    table = torch.zeros(max(len(tokenizer), max(vocab.values()) + 1), dtype=torch.bool)
+    for token, i in vocab.items():
+        table[i] = token.startswith("##")
+    return table
 
 
 def _random_regular_tokens(shape, special_ids, vocab_size, generator, device) -> torch.Tensor:

@@ -31,6 +31,17 @@ def clean_text(text: str) -> str:
     return _WS.sub(" ", text).strip()
 
 
+def clean_document(text: str, max_line_chars: int) -> tuple[str, int]:
+    """Cut lines longer than ``max_line_chars``, then normalise whitespace. Returns (text, lines cut)."""
+    capped = 0
+    if len(text) > max_line_chars:  # only then can a line be too long
+        lines = text.split("\n")
+        capped = sum(1 for line in lines if len(line) > max_line_chars)
+        if capped:
+            text = "\n".join(line[:max_line_chars] for line in lines)
+    return clean_text(text), capped
+
+
 def is_validation(text: str, val_fraction: float) -> bool:
     """A deterministic split by document hash: the same document always lands on the same side."""
     digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()

@@ -45,12 +45,16 @@ def _run_name(cfg: RunConfig, role: str, sections: tuple[str, ...], extra: str =
 TRAIN_SECTIONS = ("data", "masking", "optim", "deepspeed", "scaling", "checkpoint", "eval", "student", "loss", "teacher")
 
 
+def prepare_data(cfg: RunConfig) -> dict:
+    """The prepared corpus's manifest: prepared now, or the cached one (no MLflow run)."""
+    tokenizer_path = models.resolve_local(cfg.data.tokenizer, os.path.join(cfg.run.root, "cache"))
+    return data.prepare(cfg.data, data_dir=cfg.data_dir, run_root=cfg.run.root,
+                        tokenizer_path=tokenizer_path, tokenizer_name=cfg.data.tokenizer)
+
+
 def prepare(cfg: RunConfig) -> dict:
     t0 = time.perf_counter()
-    cache = os.path.join(cfg.run.root, "cache")
-    tokenizer_path = models.resolve_local(cfg.data.tokenizer, cache)
-    manifest = data.prepare(cfg.data, data_dir=cfg.data_dir, run_root=cfg.run.root,
-                            tokenizer_path=tokenizer_path, tokenizer_name=cfg.data.tokenizer)
+    manifest = prepare_data(cfg)
     with tracking.stage_run("prepare", params=flatten({"data": cfg.to_dict()["data"]})):
         import mlflow
 
@@ -100,8 +104,8 @@ def distill(cfg: RunConfig, *, cluster_cpus: float) -> dict:
 def _fit(cfg: RunConfig, manifest: dict, *, role: str, name: str, teacher_uri, run_id: str, t0: float):
     """Fit one TorchTrainer inside the stage's MLflow run; returns the result and its final checkpoint URI."""
     config = trainer.loop_config(cfg, role=role, teacher_uri=teacher_uri, run_id=run_id,
-                                 replicated_data=_replicated(cfg, manifest))
-    result = trainer.build_trainer(cfg, name=name, datasets=_datasets(cfg, manifest), config=config).fit()
+                                 replicated_data=_replicated(cfg, manifest), manifest_path=manifest_path(manifest))
+    result = trainer.build_trainer(cfg, name=name, datasets=datasets(cfg, manifest), config=config).fit()
     ckpt = trainer.checkpoint_uri(result.checkpoint, cfg.storage_path)
     _log_final(result.metrics, time.perf_counter() - t0, ckpt)
     return result, ckpt
@@ -124,7 +128,7 @@ def sweep(cfg: RunConfig, *, cluster_cpus: float) -> dict:
     resume_id = parent["run_id"] if parent and sweep_lib.is_restorable(cfg, name) else None
     with tracking.stage_run("sweep", params=params, tags=_lineage(cfg, manifest, teacher_uri), run_id=resume_id) as run:
         storage.write_json(parent_path, {"name": name, "run_id": run.info.run_id})
-        found = sweep_lib.run(cfg, datasets=_datasets(cfg, manifest), replicated_data=_replicated(cfg, manifest), teacher_uri=teacher_uri, parent_run_id=run.info.run_id,
+        found = sweep_lib.run(cfg, datasets=datasets(cfg, manifest), replicated_data=_replicated(cfg, manifest), teacher_uri=teacher_uri, parent_run_id=run.info.run_id,
                               cluster_cpus=cluster_cpus, name=name)
         import mlflow
 
@@ -171,6 +175,10 @@ def register(cfg: RunConfig, *, stages: tuple[str, ...] = ("distill", "sweep"), 
     return _write_record(cfg, "register", {**reg, "chosen": best, "seconds": time.perf_counter() - t0})
 
 
+def manifest_path(manifest: dict) -> str:
+    return storage.join(manifest["path"], data.MANIFEST)
+
+
 def _manifest_tags(manifest: dict) -> dict:
     text = json.dumps(storage.read_json(storage.join(manifest["path"], "manifest.json")) or manifest, sort_keys=True)
     return {"data.manifest_key": manifest["key"], "data.manifest_hash": hashlib.sha256(text.encode()).hexdigest()[:16]}
@@ -191,7 +199,7 @@ def _lineage(cfg: RunConfig, manifest: dict, teacher_uri: str | None) -> dict:
 _LOADED: dict[str, dict] = {}
 
 
-def _datasets(cfg: RunConfig, manifest: dict) -> dict:
+def datasets(cfg: RunConfig, manifest: dict) -> dict:
     """Load a prepared corpus once per driver: the pipeline job reuses it across its stages."""
     if manifest["key"] not in _LOADED:
         _LOADED[manifest["key"]] = data.load_splits(manifest, materialize_max_gib=cfg.data.materialize_max_gib)

@@ -48,6 +48,13 @@ def pyarrow_filesystem(path: str):
     return fs.S3FileSystem(**kwargs)
 
 
+def open_input(path: str):
+    """A seekable binary file for a local path or an s3:// URI (a context manager)."""
+    if is_s3(path):
+        return pyarrow_filesystem(path).open_input_file(fs_path(path))
+    return open(path, "rb")
+
+
 def download_dir(uri: str, cache_root: str) -> str:
     """Download an s3:// prefix once into ``cache_root``; later calls reuse the local copy."""
     bucket, prefix = split_s3(uri)

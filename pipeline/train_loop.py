@@ -8,6 +8,7 @@ runs ``engine.backward(loss)`` on each and ``engine.step()``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import tempfile
@@ -20,7 +21,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from pipeline import checkpoint, engine as engine_lib, flops, masking, models, step as step_lib, storage, tracking
+from pipeline import batches as batches_lib, checkpoint, engine as engine_lib, flops, masking, models, step as step_lib, storage, tracking
 from pipeline.config import RunConfig
 
 
@@ -31,9 +32,9 @@ class WorkerSetup:
     rank: int
     world_size: int
     device: torch.device
-    special_ids: torch.Tensor
-    mask_id: int
     vocab_size: int
+    masker: batches_lib.Masker  # the training masks (uniform, frequency-smoothed or whole-word)
+    val_masker: batches_lib.Masker  # validation always uses uniform BERT masking, comparable across runs
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -46,8 +47,9 @@ def train_loop_per_worker(config: dict) -> None:
     tokenizer = models.load_tokenizer(cfg.data.tokenizer, cache)
     setup = WorkerSetup(
         cfg=cfg, role=role, rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), device=device,
-        special_ids=torch.tensor(sorted(set(tokenizer.all_special_ids)), device=device),
-        mask_id=tokenizer.mask_token_id, vocab_size=len(tokenizer),
+        vocab_size=len(tokenizer),
+        masker=batches_lib.Masker.build(cfg.masking, tokenizer, token_counts=_token_counts(cfg, config), device=device),
+        val_masker=batches_lib.Masker.build(dataclasses.replace(cfg.masking, smoothing=0.0, whole_word=False), tokenizer, device=device),
     )
     optim = cfg.teacher_optim if role == "teacher" else cfg.optim
     model, teacher = _build_models(setup, config.get("teacher_uri"), tokenizer, cache)
@@ -68,6 +70,14 @@ def train_loop_per_worker(config: dict) -> None:
         logger.close()
         if system is not None:
             system.finish()
+
+
+def _token_counts(cfg: RunConfig, config: dict):
+    """The training corpus's token counts (for frequency-smoothed masking), from the prepare stage's manifest."""
+    if not cfg.masking.smoothing:
+        return None
+    manifest = storage.read_json(config["manifest_path"]) if config.get("manifest_path") else None
+    return manifest.get("token_counts") if manifest else None
 
 
 def _resume(setup: WorkerSetup, engine) -> tuple[checkpoint.TrainState, dict]:
@@ -114,19 +124,19 @@ def _micro_batches(setup: WorkerSetup, state: checkpoint.TrainState, batch_size:
     yields each *global* batch (the loop masks it, then takes this rank's slice), so the order is
     deterministic, every rank takes the same number of steps, a resumed run skips exactly the batches it has
     seen, and 1 or N workers see the same global batches and masks. Otherwise each rank yields micro-batches
-    of its streaming_split shard.
+    of its streaming_split shard (equal rows per rank) in batches of exactly ``batch_size`` rows
+    (pipeline/batches.py), so every rank takes the same number of steps per epoch.
     """
     cfg = setup.cfg
     shard = ray.train.get_dataset_shard("train")
     per_iter = batch_size * setup.world_size if replicated else batch_size
     while True:
         n = 0
-        shuffle = {"local_shuffle_buffer_size": cfg.data.shuffle_buffer_rows,
-                   "local_shuffle_seed": cfg.run.seed * 10_007 + state.epoch} if cfg.data.shuffle_buffer_rows else {}
-        for batch in shard.iter_torch_batches(batch_size=per_iter, drop_last=True, dtypes=torch.long, device=setup.device, **shuffle):
+        for batch in batches_lib.epoch_batches(shard, per_iter, shuffle_rows=cfg.data.shuffle_buffer_rows,
+                                               shuffle_seed=cfg.run.seed * 10_007 + state.epoch):
             if n >= state.batch_in_epoch:
                 state.batch_in_epoch = n + 1
-                yield batch
+                yield batches_lib.to_torch(batch, setup.device)
             n += 1
         if n == 0:
             raise RuntimeError("the training data holds no full global batch: lower optim.micro_batch_size or add data")
@@ -134,13 +144,8 @@ def _micro_batches(setup: WorkerSetup, state: checkpoint.TrainState, batch_size:
         state.batch_in_epoch = 0
 
 
-def _mask(setup: WorkerSetup, raw: dict, generator: torch.Generator) -> step_lib.Batch:
-    m = setup.cfg.masking
-    ids_BT, labels_BT = masking.mask_tokens(
-        raw["input_ids"], raw["attention_mask"], special_ids=setup.special_ids, mask_id=setup.mask_id,
-        vocab_size=setup.vocab_size, generator=generator, mask_prob=m.mask_prob,
-        mask_token_frac=m.mask_token_frac, random_token_frac=m.random_token_frac,
-    )
+def _mask(masker: batches_lib.Masker, raw: dict, generator: torch.Generator) -> step_lib.Batch:
+    ids_BT, labels_BT = masker(raw["input_ids"], raw["attention_mask"], generator)
     return step_lib.Batch(input_ids_BT=ids_BT, attention_mask_BT=raw["attention_mask"], labels_BT=labels_BT)
 
 
@@ -222,8 +227,11 @@ def _run(setup, engine, teacher, state, optim, logger, tokenizer, config) -> Non
             # Replicated data: one mask draw per global batch (rank-independent), then this rank's slice.
             seed_rank = 0 if replicated else setup.rank
             gen = masking.step_generator(cfg.run.seed, seed_rank, state.step * optim.grad_accum + i, setup.device)
-            batch = _mask(setup, next(batches), gen)
+            batch = _mask(setup.masker, next(batches), gen)
             micro.append(_slice(batch, setup, optim.micro_batch_size) if replicated else batch)
+        if state.step == 0 and setup.rank == 0:
+            # The data fingerprint: equal digests mean the same tokens and masks (compare runs, trials, previews).
+            print(f"[distil] rank 0 first micro-batch digest {batches_lib.digest(micro[0].input_ids_BT, micro[0].labels_BT)}", flush=True)
         phases.mark("data")
         metrics = _train_step(setup, engine, teacher, micro, phases)
         state.step += 1
@@ -374,7 +382,7 @@ def _validation_batches(setup: WorkerSetup) -> list[step_lib.Batch]:
         if i >= cfg.eval.max_batches * setup.world_size:
             break
         if i % setup.world_size == setup.rank:
-            out.append(_mask(setup, raw, masking.step_generator(cfg.run.seed, 0, 10**9 + i, setup.device)))
+            out.append(_mask(setup.val_masker, raw, masking.step_generator(cfg.run.seed, 0, 10**9 + i, setup.device)))
     return out
 
 

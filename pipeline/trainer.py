@@ -33,9 +33,13 @@ def check_batches(cfg: RunConfig, manifest: dict, *, role: str) -> None:
         )
 
 
-def loop_config(cfg: RunConfig, *, role: str, teacher_uri: str | None, run_id: str | None, replicated_data: bool) -> dict:
+def loop_config(cfg: RunConfig, *, role: str, teacher_uri: str | None, run_id: str | None, replicated_data: bool,
+                manifest_path: str | None = None) -> dict:
     """Everything a worker needs, as plain data: it rebuilds its RunConfig from this dict."""
+    if cfg.masking.smoothing and not manifest_path:
+        raise ValueError("masking.smoothing needs the prepared corpus's token counts: pass the manifest (run prepare first)")
     return {
+        "manifest_path": manifest_path,
         "cfg": cfg.to_dict(),
         "role": role,
         "teacher_uri": teacher_uri,

@@ -16,6 +16,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Dummy credentials for the local S3-compatible server, set before Ray starts so that its workers inherit them.
+for _k, _v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    os.environ.setdefault(_k, _v)
 os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests pick their tracking store themselves
 os.environ.pop("RAY_ADDRESS", None)
 

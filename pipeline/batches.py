@@ -1,0 +1,148 @@
+"""From a Ray Data iterator to masked training batches, the same way in the workers and in preview_batches.
+
+Two guarantees live here:
+
+- **Exact batch sizes.** Ray Data can yield short batches in the middle of an epoch when a local shuffle buffer
+  meets block boundaries (ray-project/ray#66085), so two ranks holding the same number of rows (Train's
+  ``streaming_split(equal=True)``) could still take different numbers of steps and hang in a collective.
+  :func:`exact_batches` re-chunks the stream into batches of exactly ``size`` rows and drops only the final
+  remainder: equal rows per rank then mean equal steps per rank.
+- **Masks that depend only on (seed, rank, step).** :class:`Masker` holds what a worker needs to mask a batch
+  (special ids, and the optional frequency weights or whole-word table) and draws from
+  :func:`pipeline.masking.step_generator`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from pipeline import masking
+from pipeline.config import MaskingSection
+
+COLUMNS = ("input_ids", "attention_mask")
+
+
+def exact_batches(batches: Iterable[dict[str, np.ndarray]], size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Re-chunk numpy batches into batches of exactly ``size`` rows; the last partial batch is dropped."""
+    pending: list[dict[str, np.ndarray]] = []
+    have = 0
+    for batch in batches:
+        batch = {k: np.asarray(v) for k, v in batch.items()}
+        rows = len(next(iter(batch.values())))
+        if rows == size and not pending:
+            yield batch
+            continue
+        pending.append(batch)
+        have += rows
+        while have >= size:
+            merged = {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
+            yield {k: v[:size] for k, v in merged.items()}
+            have -= size
+            pending = [{k: v[size:] for k, v in merged.items()}] if have else []
+
+
+def epoch_batches(iterator, size: int, *, shuffle_rows: int, shuffle_seed: int) -> Iterator[dict[str, np.ndarray]]:
+    """One epoch of a Ray DataIterator (or Dataset) in batches of exactly ``size`` rows."""
+    shuffle = {"local_shuffle_buffer_size": shuffle_rows, "local_shuffle_seed": shuffle_seed} if shuffle_rows else {}
+    raw = iterator.iter_batches(batch_size=size, batch_format="numpy", **shuffle)
+    return exact_batches(raw, size)
+
+
+def to_torch(batch: dict[str, np.ndarray], device) -> dict[str, torch.Tensor]:
+    return {k: torch.as_tensor(batch[k], dtype=torch.long).to(device) for k in COLUMNS}
+
+
+@dataclass
+class Masker:
+    cfg: MaskingSection
+    special_ids: torch.Tensor
+    mask_id: int
+    vocab_size: int
+    token_weights_V: torch.Tensor | None = None
+    continuation_V: torch.Tensor | None = None
+
+    @classmethod
+    def build(cls, cfg: MaskingSection, tokenizer, *, token_counts=None, device="cpu") -> "Masker":
+        special = sorted(set(tokenizer.all_special_ids))
+        weights = continuation = None
+        if cfg.smoothing:
+            if token_counts is None:
+                raise ValueError("masking.smoothing needs the token counts of the prepare stage's manifest: re-run prepare")
+            weights = masking.smoothing_weights(token_counts, special, cfg.smoothing).to(device)
+        if cfg.whole_word:
+            continuation = masking.continuation_table(tokenizer).to(device)
+        return cls(cfg=cfg, special_ids=torch.tensor(special, device=device), mask_id=tokenizer.mask_token_id,
+                   vocab_size=len(tokenizer), token_weights_V=weights, continuation_V=continuation)
+
+    def __call__(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor, generator: torch.Generator):
+        return masking.mask_tokens(
+            input_ids_BT, attention_mask_BT, special_ids=self.special_ids, mask_id=self.mask_id,
+            vocab_size=self.vocab_size, generator=generator, mask_prob=self.cfg.mask_prob,
+            mask_token_frac=self.cfg.mask_token_frac, random_token_frac=self.cfg.random_token_frac,
+            token_weights_V=self.token_weights_V, continuation_V=self.continuation_V,
+        )
+
+
+def digest(input_ids, labels) -> str:
+    """A short fingerprint of a masked batch: equal digests mean the same tokens and the same masks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for a in (input_ids, labels):
+        a = a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+        h.update(np.ascontiguousarray(a, dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
+# ---- a human view: what rank 0 sees ------------------------------------------------------------------
+def preview(cfg, manifest: dict, dataset, tokenizer, num_batches: int):
+    """Rank 0's first ``num_batches`` micro-batches of distillation, masked as the worker masks them.
+
+    An in-memory corpus (the replicated path) gives exactly rank 0's batches: the same seeded order, the same
+    global batch, the same mask draw, then rank 0's slice. A streamed corpus is split by Ray Train at run time;
+    here it is read unsplit, with rank 0's masks.
+    Yields dicts of numpy arrays: input_ids (masked), attention_mask, labels.
+    """
+    from pipeline import data as data_lib
+
+    replicated = data_lib.fits_in_memory(manifest, "train", cfg.data.materialize_max_gib)
+    micro, world = cfg.optim.micro_batch_size, cfg.scaling.num_workers
+    per_iter = micro * world if replicated else micro
+    import ray.data
+
+    ray.data.DataContext.get_current().execution_options.preserve_order = True  # as build_trainer sets it
+    masker = Masker.build(cfg.masking, tokenizer, token_counts=manifest.get("token_counts"))
+    produced = 0
+    for i, raw in enumerate(epoch_batches(dataset, per_iter, shuffle_rows=cfg.data.shuffle_buffer_rows,
+                                          shuffle_seed=cfg.run.seed * 10_007)):
+        if produced >= num_batches:
+            return
+        t = to_torch(raw, "cpu")
+        # The loop draws step_generator(seed, rank, step × grad_accum + micro index): micro-batch i is that index.
+        ids_BT, labels_BT = masker(t["input_ids"], t["attention_mask"], masking.step_generator(cfg.run.seed, 0, i))
+        mine = slice(0, micro)
+        yield {"input_ids": ids_BT[mine].numpy(), "attention_mask": t["attention_mask"][mine].numpy(),
+               "labels": labels_BT[mine].numpy()}
+        produced += 1
+
+
+def render(batch: dict[str, np.ndarray], tokenizer, max_rows: int) -> str:
+    """Decoded rows with the chosen positions marked: [MASK:orig], {orig→random}, <orig> (kept unchanged)."""
+    lines = []
+    for row in range(min(max_rows, len(batch["input_ids"]))):
+        ids, am, labels = batch["input_ids"][row], batch["attention_mask"][row], batch["labels"][row]
+        out = []
+        for tid, real, lab in zip(ids[am.astype(bool)], am[am.astype(bool)], labels[am.astype(bool)]):
+            tok = tokenizer.convert_ids_to_tokens(int(tid))
+            if lab == masking.IGNORE_INDEX:
+                out.append(tok)
+            else:
+                orig = tokenizer.convert_ids_to_tokens(int(lab))
+                out.append(f"[MASK:{orig}]" if tid == tokenizer.mask_token_id else f"<{orig}>" if tid == lab else f"{{{orig}→{tok}}}")
+        chosen = int((labels != masking.IGNORE_INDEX).sum(where=am.astype(bool)))
+        lines.append(f"row {row} ({int(am.sum())} tokens, {chosen} chosen): " + " ".join(out))
+    return "\n".join(lines)

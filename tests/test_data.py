@@ -1,0 +1,229 @@
+"""The corpus pipeline: sources, bad input, cleaning, token counts and the manifest (issue #3)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from pipeline import sources
+from pipeline.config import DataSection
+from pipeline.packing import clean_document
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORDS = ("the student keeps most of what the teacher knows while it runs faster on smaller hardware and "
+         "every layer was copied from the larger network before training began again on the same text").split()
+
+
+def _sentence(i: int, n: int = 40) -> str:
+    rng = np.random.default_rng(i)
+    return " ".join(rng.choice(WORDS, n))
+
+
+# ---- decoding and cleaning: pure functions, no Ray --------------------------------------------------
+def _decode(data: bytes, fmt="text", separator="line", errors="replace"):
+    return sources.decode_file(data, fmt=fmt, separator=separator, text_field="text", errors=errors)
+
+
+def test_decode_counts_every_kind_of_bad_content_instead_of_raising():
+    assert _decode(b"") == ([], {"files_empty": 1})
+    assert _decode(b"  \n\n ") == ([], {"files_empty": 1})
+    assert _decode(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256))) == ([], {"files_binary": 1})
+    latin1 = "caf\xe9 au lait\nplain line\n".encode("latin-1")
+    docs, counts = _decode(latin1)
+    assert docs[1] == "plain line" and "\ufffd" in docs[0] and counts == {"docs_undecodable_replaced": 1}
+    docs, counts = _decode(latin1, errors="skip")
+    assert docs[0] == "plain line" and counts == {"docs_undecodable_skipped": 1}
+    jsonl = b'{"text": "one"}\nnot json\n{"body": "no text field"}\n{"text": 5}\n\n{"text": "two"}\n'
+    assert _decode(jsonl, fmt="jsonl") == (["one", "two"], {"lines_bad_json": 1, "records_missing_field": 2})
+
+
+def test_text_separator_line_or_blank_line():
+    data = b"first doc line one\nline two\n\n \nsecond doc\n"
+    assert _decode(data, separator="blank_line")[0] == ["first doc line one\nline two", "second doc\n"]
+    assert _decode(data, separator="line")[0] == ["first doc line one", "line two", "second doc"]
+
+
+def test_pathological_lines_are_cut_and_counted():
+    ten_mb = "x" * (10 * 2**20)
+    text, capped = clean_document(f"short line\n{ten_mb}\nend", 1000)
+    assert capped == 1 and len(text) == len("short line ") + 1000 + len(" end")
+    assert clean_document("  a \t b\n\n c ", 1000) == ("a b c", 0)
+
+
+# ---- resolution: errors at the edge, before Ray ------------------------------------------------------
+def test_missing_paths_empty_globs_and_unknown_files_are_one_clear_error(tmp_path):
+    (tmp_path / "notes.docx").write_bytes(b"PK\x03\x04")
+    (tmp_path / "a.jsonl").write_text('{"body": "x"}\n')
+    cfg = DataSection(sources=[str(tmp_path / "missing.txt"), str(tmp_path / "*.parquet"), str(tmp_path / "notes.docx")])
+    with pytest.raises(ValueError) as e:
+        sources.resolve(cfg, str(tmp_path / "corpora"))
+    lines = str(e.value).splitlines()
+    assert len(lines) == 3
+    assert "missing.txt' does not exist" in lines[0]
+    assert "matches no file" in lines[1]
+    assert "unknown type (notes.docx)" in lines[2] and "data.format" in lines[2]
+    with pytest.raises(ValueError, match=r"no field 'text'; its fields are \['body'\]: set data.text_field"):
+        sources.resolve(DataSection(sources=[str(tmp_path / "a.jsonl")]), str(tmp_path / "corpora"))
+
+
+def test_an_unreadable_bucket_is_one_clear_error(tracking_server, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", tracking_server["s3_endpoint"])
+    cfg = DataSection(sources=["s3://no-such-bucket/corpus/*.jsonl"])
+    with pytest.raises(ValueError, match=r"cannot read s3://no-such-bucket/corpus/\*\.jsonl: .*AWS_ENDPOINT_URL"):
+        sources.resolve(cfg, "/tmp/unused")
+
+
+def test_a_hub_dataset_that_cannot_be_reached_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="hub:someone/no-such-corpus could not be loaded .*save_to_disk"):
+        sources.resolve(DataSection(sources=["hub:someone/no-such-corpus"]), "/tmp/unused")
+
+
+# ---- the stage on Ray Data: every format, every bad input, counts and manifest -----------------------
+@pytest.fixture(scope="module")
+def messy_corpus(tmp_path_factory):
+    """Every source kind the stage reads, with every bad input the issue lists, and known counts."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = tmp_path_factory.mktemp("corpus")
+    files = d / "files"
+    files.mkdir()
+    (files / "lines.txt").write_text("\n".join(_sentence(i) for i in range(0, 300)) + "\n")
+    (files / "blocks.txt").write_text("\n\n".join(f"{_sentence(i, 20)}\n{_sentence(i + 1, 20)}" for i in range(300, 400)))
+    (files / "docs.jsonl").write_text("".join(json.dumps({"text": _sentence(i), "id": i}) + "\n" for i in range(400, 600))
+                                      + "{broken json\n")
+    pq.write_table(pa.table({"text": [_sentence(i) for i in range(600, 700)] + ["  ", None]}), files / "docs.parquet")
+    (files / "empty.txt").write_bytes(b"")
+    (files / "image.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00" + os.urandom(4096))
+    (files / "latin1.txt").write_bytes(("caf\xe9 " + _sentence(700)).encode("latin-1") + b"\n" + _sentence(701).encode())
+    (files / "huge_line.txt").write_text("word " * (2 * 2**20) + "\n" + _sentence(702) + "\n")  # one 10 MB line
+    datasets.Dataset.from_dict({"text": [_sentence(i) for i in range(800, 900)]}).save_to_disk(str(d / "saved"))
+    hub = d / "hub_like"  # load_dataset on a local folder: the same code path as a Hub id
+    hub.mkdir()
+    (hub / "train.jsonl").write_text("".join(json.dumps({"text": _sentence(i)}) + "\n" for i in range(900, 950)))
+    return d
+
+
+def _prepare(cfg: DataSection, root):
+    from pipeline import data, models
+
+    tok = models.resolve_local(cfg.tokenizer, str(root / "cache"))
+    return data.prepare(cfg, data_dir=cfg.output or str(root / "data"), run_root=str(root), tokenizer_path=tok, tokenizer_name=cfg.tokenizer)
+
+
+@pytest.fixture(scope="module")
+def messy_manifest(messy_corpus, ray_session, tmp_path_factory):
+    root = tmp_path_factory.mktemp("prep")
+    cfg = DataSection(sources=[str(messy_corpus / "files" / "*"), str(messy_corpus / "saved"), f"hub:{messy_corpus / 'hub_like'}"],
+                      text_separator="line", max_seq_len=64, max_line_chars=5000, val_fraction=0.1, min_seq_tokens=12)
+    return cfg, root, _prepare(cfg, root)
+
+
+def test_every_format_is_read_and_every_bad_input_is_counted(messy_manifest):
+    cfg, root, m = messy_manifest
+    c = m["counts"]
+    assert {g["format"] for g in m["sources"]} == {"text", "jsonl", "parquet", "arrow"}
+    assert c["files_empty"] == 1 and c["files_binary"] == 1
+    assert c["docs_undecodable_replaced"] == 1 and c["docs_undecodable_skipped"] == 0
+    assert c["lines_bad_json"] == 1 and c["lines_capped"] == 1
+    assert c["records_missing_field"] == 1  # the parquet null
+    # lines.txt 300 + blocks.txt 200 lines (line mode) + docs.jsonl 200 + parquet 101 + latin1 2 + huge_line 2
+    # + saved 100 + hub 50
+    assert c["docs_in"] == 300 + 200 + 200 + 101 + 2 + 2 + 100 + 50
+    assert c["docs_empty"] == 1  # the parquet blank
+
+
+def test_manifest_holds_vocab_hash_token_counts_and_sizes(messy_manifest):
+    cfg, root, m = messy_manifest
+    on_disk = json.loads(open(os.path.join(m["path"], "manifest.json")).read())
+    assert on_disk["vocab_hash"] == m["vocab_hash"] and len(on_disk["vocab_hash"]) == 16
+    assert on_disk["max_seq_len"] == 64 and on_disk["tokenizer"] == cfg.tokenizer
+    counts = np.array(on_disk["token_counts"])
+    assert len(counts) == on_disk["vocab_size"] == 30522
+    assert counts.sum() == on_disk["splits"]["train"]["num_tokens"], "token counts cover exactly the training tokens"
+    assert counts[0] == 0, "padding is not counted"
+    assert counts[101] == on_disk["splits"]["train"]["num_sequences"], "one [CLS] per packed row"
+    from transformers import AutoTokenizer
+    from pipeline import models
+
+    tok = AutoTokenizer.from_pretrained(models.resolve_local(cfg.tokenizer, str(root / "cache")))
+    assert counts[tok.convert_tokens_to_ids("student")] > 0 and counts[tok.convert_tokens_to_ids("zebra")] == 0
+
+
+def test_rerunning_prepare_is_a_no_op_and_a_changed_setting_is_not(messy_manifest):
+    import dataclasses
+
+    cfg, root, m = messy_manifest
+    again = _prepare(cfg, root)
+    assert again["cached"] and again["key"] == m["key"]
+    from pipeline import data
+
+    groups = sources.resolve(cfg, str(root / "corpora"))
+    changed = dataclasses.replace(cfg, text_separator="blank_line")
+    assert data.cache_key(changed, groups, m["vocab_hash"]) != m["key"]
+
+
+def test_s3_sources_globs_and_output_on_a_real_s3_server(tracking_server, ray_session, tmp_path, monkeypatch):
+    """Sources and output on an S3-compatible server (moto, 127.0.0.1); the tasks get the endpoint with the fs."""
+    import boto3
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", tracking_server["s3_endpoint"])
+    s3 = boto3.client("s3", endpoint_url=tracking_server["s3_endpoint"])
+    s3.create_bucket(Bucket="corpus")
+    for shard in range(3):
+        body = "".join(json.dumps({"text": _sentence(shard * 100 + i)}) + "\n" for i in range(100))
+        s3.put_object(Bucket="corpus", Key=f"wiki/shard-{shard}.jsonl", Body=body.encode())
+    s3.put_object(Bucket="corpus", Key="wiki/README.md", Body=b"not matched by the glob")
+    s3.put_object(Bucket="corpus", Key="books/a.txt", Body="\n\n".join(_sentence(i, 30) for i in range(500, 560)).encode())
+    cfg = DataSection(sources=["s3://corpus/wiki/*.jsonl", "s3://corpus/books/"], text_separator="blank_line",
+                      max_seq_len=64, output="s3://corpus/prepared")
+    from pipeline import data, storage
+
+    m = _prepare(cfg, tmp_path)
+    assert m["counts"]["docs_in"] == 300 + 60
+    assert [g["files"] for g in m["sources"]] == [[f"s3://corpus/wiki/shard-{i}.jsonl" for i in range(3)], ["s3://corpus/books/a.txt"]]
+    assert m["path"].startswith("s3://corpus/prepared/")
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="corpus", Prefix="prepared/")["Contents"]]
+    assert any(k.endswith("manifest.json") for k in keys) and any(k.endswith(".parquet") and "/train/" in k for k in keys)
+    assert storage.read_json(storage.join(m["path"], "manifest.json"))["key"] == m["key"]
+    splits = data.load_splits(m, materialize_max_gib=1.0)
+    assert splits["train"].count() == m["splits"]["train"]["num_sequences"]
+
+
+@pytest.mark.slow
+def test_preview_batches_are_exactly_what_rank_0_trained_on(e2e_run, ray_session, tmp_path, capsys):
+    """jobs.preview_batches against the e2e run folder: its first batch has the digest that rank 0 printed when
+    it trained, in the distill stage and in every sweep trial (same data order and masks: a fair comparison)."""
+    import re
+
+    import pyarrow.parquet as pq
+
+    from conftest import E2E_OVERRIDES
+    from jobs import preview_batches
+
+    args = ["--config", os.path.join(ROOT, "configs/tiny.yaml"), "--set", f"run.root={e2e_run['root']}"]
+    for o in E2E_OVERRIDES:
+        args += ["--set", o]
+    out = tmp_path / "batches.parquet"
+    assert preview_batches.main(args + ["--num-batches", "3", "--rows", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    first = re.search(r"micro-batch 0 \(rank 0, step 0\), digest (\w+)", printed).group(1)
+    assert "[MASK:" in printed
+    trained = re.findall(r"rank 0 first micro-batch digest (\w+)", (e2e_run["root"] / "pipeline.log").read_text())
+    assert trained.count(first) == 3, f"distill + 2 sweep trials should match the preview {first}: {trained}"
+    table = pq.read_table(out)
+    assert table.column_names == ["input_ids", "attention_mask", "labels"] and table.num_rows == 3 * 8
+    labels = np.array(table["labels"].to_pylist())
+    ids = np.array(table["input_ids"].to_pylist())
+    assert ((labels == -100) | (ids == 103) | (labels > 0)).all() and (labels != -100).any()
+
+
+def test_preview_batches_refuses_bad_flags(capsys):
+    from jobs import preview_batches
+
+    assert preview_batches.main(["--config", os.path.join(ROOT, "configs/tiny.yaml"), "--out", "x.csv"]) == 2
+    assert "ending in .parquet" in capsys.readouterr().err
