@@ -76,7 +76,7 @@ def teacher(cfg: RunConfig, *, cluster_cpus: float) -> dict:
         # A pretrained teacher: check here, at the edge, that it loads and is a supported kind.
         models.load_teacher(cfg.teacher.source, cache_root=os.path.join(cfg.run.root, "cache"))
         return _write_record(cfg, "teacher", {"teacher_uri": cfg.teacher.source, "metrics": {}, "seconds": 0.0})
-    trainer.check_fits(cfg, cluster_cpus)
+    trainer.check_fits(cfg, cluster_cpus, streamed=not _replicated(cfg, manifest))
     trainer.check_batches(cfg, manifest, role="teacher")
     params = flatten({k: cfg.to_dict()[k] for k in ("teacher", "teacher_optim", "masking", "deepspeed", "scaling")})
     with tracking.stage_run("teacher", params=params, tags=_lineage(cfg, manifest, None)) as run:
@@ -92,7 +92,7 @@ def distill(cfg: RunConfig, *, cluster_cpus: float) -> dict:
     t0 = time.perf_counter()
     manifest = read_record(cfg, "prepare", needed_by="distill")["manifest"]
     teacher_uri = read_record(cfg, "teacher", needed_by="distill")["teacher_uri"]
-    trainer.check_fits(cfg, cluster_cpus)
+    trainer.check_fits(cfg, cluster_cpus, streamed=not _replicated(cfg, manifest))
     trainer.check_batches(cfg, manifest, role="student")
     with tracking.stage_run("distill", params=flatten(cfg.to_dict()), tags=_lineage(cfg, manifest, teacher_uri)) as run:
         name = _run_name(cfg, "distill", TRAIN_SECTIONS, extra=teacher_uri)

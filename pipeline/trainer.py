@@ -12,8 +12,14 @@ from pipeline import storage, tracking
 from pipeline.config import RunConfig
 
 
-def check_fits(cfg: RunConfig, cluster_cpus: float, *, extra_cpus: float = 0.0) -> None:
+def check_fits(cfg: RunConfig, cluster_cpus: float, *, extra_cpus: float = 0.0, streamed: bool = False) -> None:
     need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + extra_cpus
+    if streamed and need + 1 > cluster_cpus + 1e-9 and need <= cluster_cpus + 1e-9:
+        raise ValueError(
+            f"the corpus is larger than data.materialize_max_gib={cfg.data.materialize_max_gib:g}, so it streams from "
+            f"parquet, and Ray Data's read tasks need a CPU beside the {need:g} the training workers take; the cluster "
+            f"has {cluster_cpus:g}: lower scaling.cpus_per_worker, add a node, or raise data.materialize_max_gib"
+        )
     if need > cluster_cpus + 1e-9:
         raise ValueError(
             f"the run needs {need:g} CPUs ({cfg.scaling.num_workers} workers × {cfg.scaling.cpus_per_worker:g}"

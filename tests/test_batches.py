@@ -56,3 +56,19 @@ def test_two_ranks_on_uneven_shards_take_the_same_number_of_steps(ray_session):
     rows = [sum(r.sizes) for r in recorders]
     assert rows[0] == rows[1] == sum(sizes) // 2, "Train's split gives every rank the same number of rows"
     assert steps[0] == steps[1] == rows[0] // 16, ([r.sizes for r in recorders], steps)
+
+
+def test_a_streamed_corpus_needs_a_cpu_for_its_read_tasks():
+    """Train workers holding every CPU would starve Ray Data's read tasks: a hang, caught at the edge instead."""
+    import pytest
+
+    from pipeline.config import RunConfig
+    from pipeline.trainer import check_fits
+
+    cfg = RunConfig.from_dict({"scaling": {"num_workers": 2, "cpus_per_worker": 1.0}})
+    check_fits(cfg, 2.0)  # in-memory corpus: no read tasks during training
+    check_fits(cfg, 3.0, streamed=True)
+    with pytest.raises(ValueError, match="streams from parquet, and Ray Data's read tasks need a CPU"):
+        check_fits(cfg, 2.0, streamed=True)
+    with pytest.raises(ValueError, match="the run needs 2 CPUs"):
+        check_fits(cfg, 1.0, streamed=True)

@@ -158,7 +158,7 @@ def test_a_killed_node_costs_at_most_one_checkpoint_interval(cluster, ray_sessio
     sets = [f"run.root={root}", "run.name=multinode", "data.max_docs=1500",
             "data.max_seq_len=32", f"teacher.source={teacher}", f"optim.max_steps={STEPS}", "optim.micro_batch_size=4",
             f"checkpoint.every_steps={EVERY}", f"eval.every_steps={EVERY}", "eval.max_batches=1",
-            "scaling.max_failures=2", "tracking.model_name=multinode-student"]
+            "scaling.max_failures=2", "tracking.model_name=multinode-student", "masking.whole_word=true"]
     # Prepare the corpus here, on the test session's warm Ray: the job's prepare stage then finds it by its cache
     # key (cold Ray Data workers on the new nodes cost ~40 s of CI time, and prepare is not what is tested).
     from pipeline import data, models
