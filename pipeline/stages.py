@@ -129,7 +129,7 @@ def sweep(cfg: RunConfig, *, cluster_cpus: float) -> dict:
     with tracking.stage_run("sweep", params=params, tags=_lineage(cfg, manifest, teacher_uri), run_id=resume_id) as run:
         storage.write_json(parent_path, {"name": name, "run_id": run.info.run_id})
         found = sweep_lib.run(cfg, datasets=datasets(cfg, manifest), replicated_data=_replicated(cfg, manifest), teacher_uri=teacher_uri, parent_run_id=run.info.run_id,
-                              cluster_cpus=cluster_cpus, name=name)
+                              cluster_cpus=cluster_cpus, name=name, manifest_path=manifest_path(manifest))
         import mlflow
 
         mlflow.log_metrics({"sweep/num_trials_with_checkpoint": len(found), "time/stage_s": time.perf_counter() - t0})

@@ -44,7 +44,11 @@ def max_concurrent_trials(cfg: RunConfig, cluster_cpus: float) -> int:
 
 
 def trial_fn(config: dict, datasets: dict) -> None:
-    """One trial: apply the sampled overrides, open a nested MLflow run, build and fit a TorchTrainer."""
+    """One trial: apply the sampled overrides, open a nested MLflow run, build and fit a TorchTrainer.
+
+    A trial resumed by Tuner.restore continues in the nested run it opened before the driver died, as its
+    TorchTrainer (same name, same storage) continues from its latest checkpoint.
+    """
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -57,10 +61,11 @@ def trial_fn(config: dict, datasets: dict) -> None:
     import mlflow
 
     with mlflow.start_run(run_id=config["parent_run_id"]):
+        earlier = tracking.find_nested_run(config["parent_run_id"], tags={"trial_id": trial_id})
         with tracking.stage_run(f"trial-{trial_id}", params={**overrides, "trial_id": trial_id}, nested=True,
-                                tags={"trial_id": trial_id}) as run:
+                                tags={"trial_id": trial_id}, run_id=earlier) as run:
             loop_cfg = trainer.loop_config(cfg, role="student", teacher_uri=config["teacher_uri"], run_id=run.info.run_id,
-                                           replicated_data=config["replicated_data"])
+                                           replicated_data=config["replicated_data"], manifest_path=config.get("manifest_path"))
             fit = trainer.build_trainer(
                 cfg, name=f"{config['sweep_name']}-{trial_id}", datasets=datasets, config=loop_cfg,
                 callbacks=[TuneReportCallback()],
@@ -70,7 +75,8 @@ def trial_fn(config: dict, datasets: dict) -> None:
             mlflow.set_tag("checkpoint", ckpt)
 
 
-def run(cfg: RunConfig, *, datasets: dict, replicated_data: bool, teacher_uri: str, parent_run_id: str, cluster_cpus: float, name: str):
+def run(cfg: RunConfig, *, datasets: dict, replicated_data: bool, teacher_uri: str, parent_run_id: str, cluster_cpus: float, name: str,
+        manifest_path: str | None = None):
     """Run the sweep; returns one candidate per trial that finished with a checkpoint."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -87,11 +93,13 @@ def run(cfg: RunConfig, *, datasets: dict, replicated_data: bool, teacher_uri: s
         "sample": search_space(cfg.sweep.space),
         "cfg": cfg.to_dict(), "teacher_uri": teacher_uri,
         "parent_run_id": parent_run_id, "sweep_name": name, "replicated_data": replicated_data,
+        "manifest_path": manifest_path,
     }
     fs = storage.pyarrow_filesystem(cfg.storage_path)
     if is_restorable(cfg, name):
         # The same sweep was started before (the driver crashed, or the job is resubmitted): finished trials keep
         # their results, unfinished and errored ones resume from their latest checkpoints.
+        print(f"[distil] restoring sweep {name} from {storage.join(cfg.storage_path, name)}", flush=True)
         tuner = tune.Tuner.restore(storage.join(cfg.storage_path, name), trainable=trainable, resume_unfinished=True,
                                    resume_errored=True, storage_filesystem=fs)
     else:

@@ -100,10 +100,22 @@ def stage_run(stage: str, *, params: dict, tags: dict | None = None, nested: boo
     """An MLflow run for one stage (or the continuation of ``run_id``), with flattened params and the git SHA."""
     import mlflow
 
-    with mlflow.start_run(run_name=None if run_id else stage, nested=nested, run_id=run_id) as run:
-        mlflow.set_tags({"stage": stage, "git_sha": git_sha(), **(tags or {})})
+    # Tags go in with the run's creation, so no run ever exists without them (find_nested_run relies on it).
+    tags = {"stage": stage, "git_sha": git_sha(), **(tags or {})}
+    with mlflow.start_run(run_name=None if run_id else stage, nested=nested, run_id=run_id, tags=tags) as run:
         log_params(params)
         yield run
+
+
+def find_nested_run(parent_run_id: str, *, tags: dict) -> str | None:
+    """The id of the oldest run nested under ``parent_run_id`` that carries ``tags``; None if there is none."""
+    import mlflow
+
+    experiment_id = mlflow.get_run(parent_run_id).info.experiment_id
+    filters = [f"tags.mlflow.parentRunId = '{parent_run_id}'"] + [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
+    runs = mlflow.search_runs(experiment_ids=[experiment_id], filter_string=" and ".join(filters),
+                              order_by=["attributes.start_time ASC"], max_results=1, output_format="list")
+    return runs[0].info.run_id if runs else None
 
 
 def log_params(params: dict) -> None:

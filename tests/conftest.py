@@ -32,6 +32,7 @@ E2E_OVERRIDES = [
     "eval.every_steps=6",
     "sweep.grace_period=6",
     "tracking.model_name=e2e-student",
+    "masking.smoothing=0.7",  # HF's frequency smoothing: the workers read the manifest's token counts
 ]
 
 

@@ -170,23 +170,122 @@ def test_register_by_hand_refuses_bad_input_at_the_edge(tmp_path, capsys):
     assert "write it as name=number" in capsys.readouterr().err
 
 
-def test_rerunning_the_sweep_restores_it_instead_of_starting_over(e2e_run):
-    """Tuner.restore: the same sweep, run again, keeps its trials and its MLflow parent run."""
-    import subprocess
+SHORT, LONG = 6, 36  # the steps of the two trials of the sweep whose driver the crash test below kills
+
+
+def _crash_sweep_cmd(e2e_run, root: Path) -> list[str]:
+    """`python -m jobs.sweep` as the shared run calls it, but a sweep of its own under ``root`` (other tests read
+    the shared run's records) on the shared run's data and teacher, with its own MLflow experiment. Its two
+    trials differ only in length, so the short one finishes while the long one is still training; one worker
+    each keeps the Ray processes to start on 2 cores few."""
+    import shutil
     import sys
 
-    from conftest import E2E_OVERRIDES, ROOT
+    from conftest import E2E_OVERRIDES
 
-    cmd = [sys.executable, "-m", "jobs.sweep", "--config", "configs/tiny.yaml", "--set", f"run.root={e2e_run['root']}"]
-    for o in E2E_OVERRIDES:
+    (root / "e2e" / "stages").mkdir(parents=True)
+    for stage in ("prepare", "teacher"):
+        shutil.copy(Path(e2e_run["root"]) / "e2e" / "stages" / f"{stage}.json", root / "e2e" / "stages")
+    sets = [*E2E_OVERRIDES, "tracking.experiment=distil-tiny-crash", "scaling.num_workers=1",
+            f"optim.max_steps={LONG}", f"sweep.grace_period={LONG}", "sweep.num_samples=1",
+            f"sweep.space={{optim.max_steps: {{type: grid, values: [{SHORT}, {LONG}]}}}}"]
+    cmd = [sys.executable, "-m", "jobs.sweep", "--config", "configs/tiny.yaml", "--set", f"run.root={root}"]
+    for o in sets:
         cmd += ["--set", o]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=e2e_run["env"])
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    before = {c["checkpoint"] for c in e2e_run["records"]["sweep"]["candidates"]}
-    after = json.loads((Path(e2e_run["root"]) / "e2e" / "stages" / "sweep.json").read_text())
-    assert {c["checkpoint"] for c in after["candidates"]} == before, "the restored sweep reports the same trials"
+    return cmd
+
+
+def _saved_trials(ray_dir: Path) -> dict:
+    """The sweep's trials as Tune last saved them (it rewrites its state at most every 10 s):
+    {trial_id: {status, steps, checkpoints, experiment}}, checkpoints being the steps of the checkpoints Ray Train
+    has registered for the trial's TorchTrainer."""
+    out = {}
+    for path in ray_dir.glob("*/experiment_state-*.json"):
+        try:
+            states = [json.loads(t[0]) for t in json.loads(path.read_text())["trial_data"]]
+        except (ValueError, KeyError):
+            return {}  # being rewritten
+        for st in states:
+            registered = []
+            for snapshot in ray_dir.glob(f"*-{st['trial_id']}/checkpoint_manager_snapshot.json"):
+                try:
+                    registered = [c["metrics"]["step"] for c in json.loads(snapshot.read_text())["checkpoint_results"]]
+                except (ValueError, KeyError):
+                    pass  # being rewritten
+            out[st["trial_id"]] = {"status": st["status"], "steps": st["config"]["sample"]["optim__max_steps"],
+                                   "checkpoints": registered, "experiment": path.parent}
+    return out
+
+
+def _run_until_killed(cmd: list[str], env: dict, ray_dir: Path, log_path: Path, *, timeout_s: float = 400) -> dict:
+    """Run the sweep in its own process group and SIGKILL the group (the driver and its local Ray at once) as soon
+    as Tune has saved the short trial as finished and Ray Train has registered a checkpoint of the long one.
+    Returns the trials as Tune had saved them at the kill."""
+    import signal
+    import subprocess
+    import time
+
+    from conftest import ROOT
+
+    def ready(trials):
+        return (any(t["steps"] == SHORT and t["status"] == "TERMINATED" for t in trials.values())
+                and any(t["steps"] == LONG and t["checkpoints"] for t in trials.values()))
+
+    deadline = time.monotonic() + timeout_s
+    with open(log_path, "w") as log:
+        driver = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            while not ready(trials := _saved_trials(ray_dir)) and driver.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            running = driver.poll() is None
+        finally:
+            if driver.poll() is None:
+                os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+    assert running, "the sweep ended before it could be killed:\n" + log_path.read_text()[-3000:]
+    assert ready(trials), f"no finished trial and registered checkpoint after {timeout_s:.0f} s: {trials}"
+    return trials
+
+
+def test_a_sweep_whose_driver_was_killed_resumes_with_tuner_restore(e2e_run, tmp_path):
+    """SIGKILL the sweep's driver and its local Ray mid-sweep, then run the same command again: Tuner.restore
+    keeps the finished trial, resumes the unfinished one from its checkpoint, and both stay in the MLflow runs
+    they opened, one nested run per trial."""
+    import subprocess
+
+    from conftest import ROOT
+
+    root = tmp_path / "root"
+    cmd = _crash_sweep_cmd(e2e_run, root)
+    before = _run_until_killed(cmd, e2e_run["env"], root / "e2e" / "ray", tmp_path / "killed.log")
+    (short,) = [tid for tid, t in before.items() if t["steps"] == SHORT]
+    (long,) = [tid for tid, t in before.items() if t["steps"] == LONG]
+    assert before[long]["status"] != "TERMINATED"
+    short_result = next(before[short]["experiment"].glob(f"*_{short}_*/result.json"))
+    short_result_text = short_result.read_text()
+    parent_record = next((root / "e2e" / "sweeps").glob("*.json"))
+    parent_id = json.loads(parent_record.read_text())["run_id"]
+
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400, env=e2e_run["env"])
+    (tmp_path / "restored.log").write_text(again.stdout + again.stderr)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+    assert f"[distil] restoring sweep {parent_record.stem} from " in again.stdout
+    assert json.loads(parent_record.read_text())["run_id"] == parent_id, "the same MLflow parent run"
+
+    # The finished trial was not run again; the unfinished one resumed from a registered checkpoint and finished.
+    assert short_result.read_text() == short_result_text
+    record = json.loads((root / "e2e" / "stages" / "sweep.json").read_text())
+    candidates = {c["source"].split()[2]: c for c in record["candidates"]}
+    assert set(candidates) == {short, long}, "the sweep finished with a candidate per trial"
+    for tid, steps in ((short, SHORT), (long, LONG)):
+        assert json.loads((Path(candidates[tid]["checkpoint"]) / "train_state.json").read_text())["step"] == steps
+    assert candidates[long]["metrics"]["resume/from_step"] >= min(before[long]["checkpoints"]) > 0
+
     mlflow = _mlflow(e2e_run)
-    runs = mlflow.search_runs(experiment_names=["distil-tiny"], output_format="list")
-    sweeps = [r for r in runs if r.info.run_name == "sweep"]
-    assert len(sweeps) == 1, "no second parent run"
-    assert len([r for r in runs if r.data.tags.get("mlflow.parentRunId") == sweeps[0].info.run_id]) == 2
+    runs = mlflow.search_runs(experiment_names=["distil-tiny-crash"], output_format="list")
+    assert [(r.info.run_id, r.info.status) for r in runs if r.info.run_name == "sweep"] == [(parent_id, "FINISHED")]
+    nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id]
+    assert sorted(r.data.tags["trial_id"] for r in nested) == sorted([short, long]), "one nested run per trial"
+    (resumed,) = [r for r in nested if r.data.tags["trial_id"] == long]
+    logged = {m.step for m in mlflow.MlflowClient().get_metric_history(resumed.info.run_id, "loss/total")}
+    assert min(logged) <= min(before[long]["checkpoints"]) and max(logged) == LONG, "both halves in one nested run"
