@@ -31,7 +31,7 @@ def main(argv=None) -> int:
         return 2
 
     def run():
-        cli.start(cfg)
+        cli.start(cfg, with_tracking=False)  # a read-only look: no MLflow run
         manifest = stages.prepare_data(cfg)
         tokenizer = models.load_tokenizer(cfg.data.tokenizer, os.path.join(cfg.run.root, "cache"))
         train = stages.datasets(cfg, manifest)["train"]

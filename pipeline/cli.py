@@ -24,12 +24,13 @@ def parse(description: str, argv: list[str] | None = None, extra=None) -> tuple[
     return cfg, args
 
 
-def start(cfg: RunConfig, *, with_ray: bool = True) -> float:
-    """Connect to MLflow and (unless told not to) Ray; returns the cluster's CPU count."""
+def start(cfg: RunConfig, *, with_ray: bool = True, with_tracking: bool = True) -> float:
+    """Connect to MLflow and Ray (unless told not to); returns the cluster's CPU count."""
     from pipeline import runtime, tracking
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    tracking.setup(cfg.run.root, cfg.tracking.experiment)
+    if with_tracking:
+        tracking.setup(cfg.run.root, cfg.tracking.experiment)
     if not with_ray:
         return 0.0
     return float(runtime.init_ray(cfg.run).get("CPU", 0))

@@ -57,7 +57,7 @@ def trial_fn(config: dict, datasets: dict) -> None:
     overrides = overrides_from_sample(config["sample"])
     cfg = RunConfig.from_dict(config["cfg"]).with_overrides(overrides)
     trial_id = ray.tune.get_context().get_trial_id()
-    tracking.setup(cfg.run.root, cfg.tracking.experiment)
+    tracking.setup(cfg.run.root, cfg.tracking.experiment, uri=config.get("tracking_uri"))
     import mlflow
 
     with mlflow.start_run(run_id=config["parent_run_id"]):
@@ -81,7 +81,7 @@ def run(cfg: RunConfig, *, datasets: dict, replicated_data: bool, teacher_uri: s
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from pipeline import storage
+    from pipeline import storage, tracking
 
     concurrency = max_concurrent_trials(cfg, cluster_cpus)
     scheduler = ASHAScheduler(
@@ -93,7 +93,7 @@ def run(cfg: RunConfig, *, datasets: dict, replicated_data: bool, teacher_uri: s
         "sample": search_space(cfg.sweep.space),
         "cfg": cfg.to_dict(), "teacher_uri": teacher_uri,
         "parent_run_id": parent_run_id, "sweep_name": name, "replicated_data": replicated_data,
-        "manifest_path": manifest_path,
+        "manifest_path": manifest_path, "tracking_uri": tracking.tracking_uri(cfg.run.root),
     }
     fs = storage.pyarrow_filesystem(cfg.storage_path)
     if is_restorable(cfg, name):

@@ -80,12 +80,14 @@ def start_system_metrics(uri: str | None, run_id: str | None, node_id: str):
         return None
 
 
-def setup(root: str, experiment: str) -> str:
-    """Point MLflow at the tracking store and create the experiment; returns the tracking URI."""
+def setup(root: str, experiment: str, uri: str | None = None) -> str:
+    """Point MLflow at the tracking store (``uri``, else the environment's, else the embedded one) and create the
+    experiment; returns the tracking URI. Code running in Ray workers passes the driver's ``uri``: on a running
+    cluster, workers do not inherit the driver's environment."""
     import mlflow
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    uri = tracking_uri(root)
+    uri = uri or tracking_uri(root)
     if uri.startswith("sqlite:///"):
         os.makedirs(root, exist_ok=True)
     mlflow.set_tracking_uri(uri)

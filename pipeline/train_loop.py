@@ -48,7 +48,9 @@ def train_loop_per_worker(config: dict) -> None:
     setup = WorkerSetup(
         cfg=cfg, role=role, rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), device=device,
         vocab_size=len(tokenizer),
-        masker=batches_lib.Masker.build(cfg.masking, tokenizer, token_counts=_token_counts(cfg, config), device=device),
+        # HF's frequency smoothing is a distillation recipe: the teacher's own pre-training masks as BERT does.
+        masker=batches_lib.Masker.build(cfg.masking if role == "student" else dataclasses.replace(cfg.masking, smoothing=0.0),
+                                        tokenizer, token_counts=_token_counts(cfg, config), device=device),
         val_masker=batches_lib.Masker.build(dataclasses.replace(cfg.masking, smoothing=0.0, whole_word=False), tokenizer, device=device),
     )
     optim = cfg.teacher_optim if role == "teacher" else cfg.optim
