@@ -135,6 +135,10 @@ def candidates(results, cfg: RunConfig) -> list[dict]:
             continue
         path = metrics["checkpoint_path"]
         uri = f"s3://{path}" if storage.is_s3(cfg.storage_path) and not path.startswith("s3://") else path
+        if not _has_exported_model(uri):
+            # ASHA stopped it between checkpoints: its last checkpoint holds training state, not an exported
+            # student (the loop exports at the final step). Its metrics stay in MLflow; it is not a candidate.
+            continue
         overrides = overrides_from_sample(r.config["sample"])
         out.append({
             "source": f"sweep trial {metrics.get('trial_id', '?')} {overrides}",
@@ -143,3 +147,14 @@ def candidates(results, cfg: RunConfig) -> list[dict]:
             "overrides": overrides,
         })
     return out
+
+
+def _has_exported_model(checkpoint_uri: str) -> bool:
+    from pyarrow import fs as pafs
+
+    from pipeline import storage
+    from pipeline.checkpoint import HF_DIR
+
+    filesystem = storage.pyarrow_filesystem(checkpoint_uri) or pafs.LocalFileSystem()
+    path = storage.fs_path(storage.join(checkpoint_uri, HF_DIR, "config.json"))
+    return filesystem.get_file_info(path).type == pafs.FileType.File
