@@ -135,14 +135,14 @@ def render(batch: dict[str, np.ndarray], tokenizer, max_rows: int) -> str:
     lines = []
     for row in range(min(max_rows, len(batch["input_ids"]))):
         ids, am, labels = batch["input_ids"][row], batch["attention_mask"][row], batch["labels"][row]
-        out = []
-        for tid, real, lab in zip(ids[am.astype(bool)], am[am.astype(bool)], labels[am.astype(bool)]):
+        out, real = [], am.astype(bool)
+        for tid, lab in zip(ids[real], labels[real]):
             tok = tokenizer.convert_ids_to_tokens(int(tid))
             if lab == masking.IGNORE_INDEX:
                 out.append(tok)
             else:
                 orig = tokenizer.convert_ids_to_tokens(int(lab))
                 out.append(f"[MASK:{orig}]" if tid == tokenizer.mask_token_id else f"<{orig}>" if tid == lab else f"{{{orig}→{tok}}}")
-        chosen = int((labels != masking.IGNORE_INDEX).sum(where=am.astype(bool)))
+        chosen = int((labels[real] != masking.IGNORE_INDEX).sum())
         lines.append(f"row {row} ({int(am.sum())} tokens, {chosen} chosen): " + " ".join(out))
     return "\n".join(lines)
