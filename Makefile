@@ -28,7 +28,7 @@ demo: install
 	$(BIN)/python -m jobs.pipeline --config $(CONFIG)
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" tests

@@ -1,4 +1,9 @@
-"""The whole pipeline in one job: prepare → teacher → distill → sweep → register, then a summary."""
+"""The whole pipeline in one job: prepare → teacher → distill → sweep → register, then a summary.
+
+Resubmitting the same command after a crash skips the stages that finished (same settings, checkpoints in
+place), resumes the one that was running (a Ray Train run from its latest checkpoint, a sweep through
+Tuner.restore) and goes on from there.
+"""
 
 import sys
 import time
@@ -25,8 +30,8 @@ def main(argv=None) -> int:
                 continue
             t = time.perf_counter()
             print(f"== {name} ==", flush=True)
-            fn()
-            times[name] = time.perf_counter() - t
+            record = fn()
+            times[name] = (time.perf_counter() - t, bool(record.get("skipped")))
         print(summary(cfg, times, time.perf_counter() - t0))
 
     return cli.main_guard(run)
@@ -36,7 +41,8 @@ def summary(cfg, times: dict, total_s: float) -> str:
     reg = stages.read_record(cfg, "register", needed_by="summary")
     teacher = stages.read_record(cfg, "teacher", needed_by="summary")
     lines = ["", "distil: pipeline finished", "  stage times:"]
-    lines += [f"    {k:<9} {v:7.1f} s" for k, v in times.items()] + [f"    {'total':<9} {total_s:7.1f} s"]
+    lines += [f"    {k:<9} {s:7.1f} s" + ("  (finished earlier: skipped)" if skipped else "") for k, (s, skipped) in times.items()]
+    lines.append(f"    {'total':<9} {total_s:7.1f} s")
     lines.append(f"  teacher:  {teacher['teacher_uri']}")
     for k in ("val/mlm_loss", "val/mlm_acc", "val/perplexity"):
         if k in teacher["metrics"]:

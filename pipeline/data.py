@@ -253,13 +253,16 @@ def fits_in_memory(manifest: dict, split: str, max_gib: float) -> bool:
     return num_bytes <= max_gib * 2**30
 
 
-def load_splits(manifest: dict, *, materialize_max_gib: float):
+def load_splits(manifest: dict, *, materialize_max_gib: float, val_rows: int | None = None):
     """The train and validation datasets for Ray Train.
 
     A corpus whose packed rows fit in ``materialize_max_gib`` is read once by the driver into the object
     store (no read tasks, whose worker processes cost seconds each to start), so every trainer and sweep
-    trial of this driver iterates it at once; a larger one streams from the parquet shards.
+    trial of this driver iterates it at once; a larger one streams from the parquet shards. A validation split
+    too large to hold is cut to its first ``val_rows`` rows (what the evaluation reads), read by the driver:
+    otherwise every rank would start its own read of the whole split for a few batches.
     """
+    import pyarrow.dataset as pads
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -267,12 +270,14 @@ def load_splits(manifest: dict, *, materialize_max_gib: float):
     for split in SPLITS:
         path = manifest["splits"][split]["path"]
         fs = storage.pyarrow_filesystem(path)
-        if not fits_in_memory(manifest, split, materialize_max_gib):
+        local = path[len("s3://") :] if fs else path
+        if fits_in_memory(manifest, split, materialize_max_gib):
+            table = pads.dataset(local, format="parquet", filesystem=fs).to_table()
+        elif split == "val" and val_rows:
+            table = pads.dataset(local, format="parquet", filesystem=fs).head(val_rows)
+        else:
             out[split] = ray.data.read_parquet(path, filesystem=fs)
             continue
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path[len("s3://") :] if fs else path, filesystem=fs)
         rows_per_block = max(1024, -(-table.num_rows // 16))
         out[split] = ray.data.from_arrow([table.slice(i, rows_per_block) for i in range(0, max(table.num_rows, 1), rows_per_block)])
     return out

@@ -3,7 +3,9 @@
 Each stage opens its own MLflow run, does its work on Ray, and writes a small JSON record under
 ``<run.root>/<run.name>/stages/``; the next stage reads the records it depends on. A Ray Train run's name
 carries a hash of the settings that shape it, so resubmitting the same config resumes that run from its
-latest checkpoint, while a changed config starts a new one.
+latest checkpoint, while a changed config starts a new one. A stage that already finished with the same
+settings on the same prepared corpus, its checkpoints still in place, is skipped (`_finished`): a job
+resubmitted after a crash redoes only the unfinished work and opens no second MLflow run for the rest.
 """
 
 from __future__ import annotations
@@ -36,6 +38,22 @@ def _write_record(cfg: RunConfig, stage: str, record: dict) -> dict:
     return record
 
 
+def _finished(cfg: RunConfig, stage: str, *, name: str, manifest: dict) -> dict | None:
+    """The stage's record if it finished earlier under this Ray Train/Tune name (same settings), on the same
+    prepared corpus, and its checkpoints are still there; the caller then skips the stage."""
+    path = record_path(cfg, stage)
+    record = storage.read_json(path)
+    if not record or record.get("name") != name or record.get("manifest_key") != manifest["key"]:
+        return None
+    ckpts = [record["checkpoint"]] if "checkpoint" in record else [c["checkpoint"] for c in record.get("candidates", [])]
+    missing = [c for c in ckpts if storage.read_json(storage.join(c, checkpoint_lib.STATE_FILE)) is None]
+    if missing:
+        print(f"[distil] {stage}: the record {path} names checkpoints that are gone ({missing[0]}): running the stage again", flush=True)
+        return None
+    print(f"[distil] {stage}: finished earlier with these settings ({path}); skipped. Delete that file to run it again.", flush=True)
+    return {**record, "skipped": True}
+
+
 def _run_name(cfg: RunConfig, role: str, sections: tuple[str, ...], extra: str = "") -> str:
     d = cfg.to_dict()
     shaping = json.dumps({k: d[k] for k in sections} | {"extra": extra, "seed": cfg.run.seed}, sort_keys=True)
@@ -55,6 +73,10 @@ def prepare_data(cfg: RunConfig) -> dict:
 def prepare(cfg: RunConfig) -> dict:
     t0 = time.perf_counter()
     manifest = prepare_data(cfg)
+    earlier = storage.read_json(record_path(cfg, "prepare"))
+    if manifest.get("cached") and earlier and earlier["manifest"]["key"] == manifest["key"]:
+        print(f"[distil] prepare: the corpus is prepared already (cache key {manifest['key']}); skipped", flush=True)
+        return {**earlier, "skipped": True}
     with tracking.stage_run("prepare", params=flatten({"data": cfg.to_dict()["data"]})):
         import mlflow
 
@@ -76,15 +98,17 @@ def teacher(cfg: RunConfig, *, cluster_cpus: float) -> dict:
         # A pretrained teacher: check here, at the edge, that it loads and is a supported kind.
         models.load_teacher(cfg.teacher.source, cache_root=os.path.join(cfg.run.root, "cache"))
         return _write_record(cfg, "teacher", {"teacher_uri": cfg.teacher.source, "metrics": {}, "seconds": 0.0})
+    name = _run_name(cfg, "teacher", ("data", "masking", "teacher", "teacher_optim", "deepspeed", "scaling"))
+    if earlier := _finished(cfg, "teacher", name=name, manifest=manifest):
+        return earlier
     trainer.check_fits(cfg, cluster_cpus, streamed=not _replicated(cfg, manifest))
     trainer.check_batches(cfg, manifest, role="teacher")
     params = flatten({k: cfg.to_dict()[k] for k in ("teacher", "teacher_optim", "masking", "deepspeed", "scaling")})
     with tracking.stage_run("teacher", params=params, tags=_lineage(cfg, manifest, None)) as run:
-        name = _run_name(cfg, "teacher", ("data", "masking", "teacher", "teacher_optim", "deepspeed", "scaling"))
         result, ckpt = _fit(cfg, manifest, role="teacher", name=name, teacher_uri=None, run_id=run.info.run_id, t0=t0)
     return _write_record(cfg, "teacher", {
         "teacher_uri": trainer.model_uri(ckpt), "checkpoint": ckpt, "metrics": _numeric(result.metrics),
-        "run_id": run.info.run_id, "seconds": time.perf_counter() - t0,
+        "run_id": run.info.run_id, "seconds": time.perf_counter() - t0, "name": name, "manifest_key": manifest["key"],
     })
 
 
@@ -92,13 +116,16 @@ def distill(cfg: RunConfig, *, cluster_cpus: float) -> dict:
     t0 = time.perf_counter()
     manifest = read_record(cfg, "prepare", needed_by="distill")["manifest"]
     teacher_uri = read_record(cfg, "teacher", needed_by="distill")["teacher_uri"]
+    name = _run_name(cfg, "distill", TRAIN_SECTIONS, extra=teacher_uri)
+    if earlier := _finished(cfg, "distill", name=name, manifest=manifest):
+        return earlier
     trainer.check_fits(cfg, cluster_cpus, streamed=not _replicated(cfg, manifest))
     trainer.check_batches(cfg, manifest, role="student")
     with tracking.stage_run("distill", params=flatten(cfg.to_dict()), tags=_lineage(cfg, manifest, teacher_uri)) as run:
-        name = _run_name(cfg, "distill", TRAIN_SECTIONS, extra=teacher_uri)
         result, ckpt = _fit(cfg, manifest, role="student", name=name, teacher_uri=teacher_uri, run_id=run.info.run_id, t0=t0)
     candidate = {"source": "distill", "checkpoint": ckpt, "metrics": _numeric(result.metrics), "run_id": run.info.run_id}
-    return _write_record(cfg, "distill", {"candidates": [candidate], "seconds": time.perf_counter() - t0})
+    return _write_record(cfg, "distill", {"candidates": [candidate], "seconds": time.perf_counter() - t0, "name": name,
+                                          "manifest_key": manifest["key"]})
 
 
 def _fit(cfg: RunConfig, manifest: dict, *, role: str, name: str, teacher_uri, run_id: str, t0: float):
@@ -122,6 +149,8 @@ def sweep(cfg: RunConfig, *, cluster_cpus: float) -> dict:
     trainer.check_batches(cfg, manifest, role="student")
     params = {**flatten(cfg.to_dict()), "sweep.space": json.dumps(cfg.sweep.space)}
     name = _run_name(cfg, "sweep", TRAIN_SECTIONS + ("sweep",), extra=teacher_uri)
+    if earlier := _finished(cfg, "sweep", name=name, manifest=manifest):
+        return earlier
     # A restored sweep (Tuner.restore) continues in the MLflow parent run its trials already log under.
     parent_path = os.path.join(cfg.run_dir, "sweeps", f"{name}.json")
     parent = storage.read_json(parent_path)
@@ -133,7 +162,8 @@ def sweep(cfg: RunConfig, *, cluster_cpus: float) -> dict:
         import mlflow
 
         mlflow.log_metrics({"sweep/num_trials_with_checkpoint": len(found), "time/stage_s": time.perf_counter() - t0})
-    return _write_record(cfg, "sweep", {"candidates": found, "seconds": time.perf_counter() - t0})
+    return _write_record(cfg, "sweep", {"candidates": found, "seconds": time.perf_counter() - t0, "name": name,
+                                        "manifest_key": manifest["key"]})
 
 
 def register(cfg: RunConfig, *, stages: tuple[str, ...] = ("distill", "sweep"), candidate: dict | None = None) -> dict:
@@ -200,9 +230,16 @@ _LOADED: dict[str, dict] = {}
 
 
 def datasets(cfg: RunConfig, manifest: dict) -> dict:
-    """Load a prepared corpus once per driver: the pipeline job reuses it across its stages."""
+    """Load a prepared corpus once per driver: the pipeline job reuses it across its stages.
+
+    A streamed validation split is cut to the rows the evaluation reads at the configured sizes (the larger
+    micro-batch of the teacher and the student): a sweep trial with more workers or larger micro-batches than
+    the config evaluates on fewer than ``eval.max_batches`` batches per rank.
+    """
     if manifest["key"] not in _LOADED:
-        _LOADED[manifest["key"]] = data.load_splits(manifest, materialize_max_gib=cfg.data.materialize_max_gib)
+        micro = max(cfg.optim.micro_batch_size, cfg.teacher_optim.micro_batch_size)
+        _LOADED[manifest["key"]] = data.load_splits(manifest, materialize_max_gib=cfg.data.materialize_max_gib,
+                                                    val_rows=cfg.eval.max_batches * micro * cfg.scaling.num_workers)
     return _LOADED[manifest["key"]]
 
 

@@ -33,6 +33,7 @@ E2E_OVERRIDES = [
     "sweep.grace_period=6",
     "tracking.model_name=e2e-student",
     "masking.smoothing=0.7",  # HF's frequency smoothing: the workers read the manifest's token counts
+    "sweep.max_concurrent=1",  # trials in turn: the first is the one running when the driver is killed
 ]
 
 
@@ -66,18 +67,70 @@ def tracking_server(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def e2e_run(tmp_path_factory, tracking_server):
-    """Run `python -m jobs.pipeline` once, as a user would, against the tracking server, and hand its run
-    folder to the tests."""
+    """Run `python -m jobs.pipeline` as a user would, against the tracking server; SIGKILL it (the driver and
+    its local Ray) once the sweep's first trial has a registered checkpoint, as a crashed job; then submit the
+    same command again, which must skip the finished stages, restore the sweep and finish. Several tests
+    inspect the run folder, both logs and the trials as Tune had saved them at the kill."""
     root = tmp_path_factory.mktemp("e2e")
     cmd = [sys.executable, "-m", "jobs.pipeline", "--config", "configs/tiny.yaml", "--set", f"run.root={root}"]
     for o in E2E_OVERRIDES:
         cmd += ["--set", o]
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_server["uri"]}
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1500, env=env)
-    (root / "pipeline.log").write_text(proc.stdout + "\n" + proc.stderr)
+    killed_at = run_until_killed(cmd, env, root / "e2e" / "ray", root / "killed.log",
+                                 ready=lambda trials: any(t["checkpoints"] and t["status"] != "TERMINATED" for t in trials.values()))
+    killed_log = (root / "killed.log").read_text()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200, env=env)
+    (root / "pipeline.log").write_text(killed_log + "\n" + proc.stdout + "\n" + proc.stderr)
     assert proc.returncode == 0, f"pipeline failed ({proc.returncode}); log tail:\n{(proc.stdout + proc.stderr)[-6000:]}"
     records = {p.stem: json.loads(p.read_text()) for p in (root / "e2e" / "stages").glob("*.json")}
-    return {"root": root, "stdout": proc.stdout, "records": records, "tracking_uri": tracking_server["uri"], "env": env}
+    return {"root": root, "stdout": proc.stdout, "killed_log": killed_log, "killed_at": killed_at, "records": records,
+            "tracking_uri": tracking_server["uri"], "env": env}
+
+
+def saved_trials(ray_dir: Path) -> dict:
+    """A sweep's trials as Tune last saved them (it rewrites its state at most every 10 s):
+    {trial_id: {status, checkpoints, experiment}}, checkpoints being the steps of the checkpoints Ray Train
+    has registered for the trial's TorchTrainer."""
+    out = {}
+    newest = {}  # a restored experiment writes a new state file beside the old one: the newest name wins
+    for path in sorted(ray_dir.glob("*/experiment_state-*.json")):
+        newest[path.parent] = path
+    for path in newest.values():
+        try:
+            states = [json.loads(t[0]) for t in json.loads(path.read_text())["trial_data"]]
+        except (ValueError, KeyError):
+            return {}  # being rewritten
+        for st in states:
+            registered = []
+            for snapshot in ray_dir.glob(f"*-{st['trial_id']}/checkpoint_manager_snapshot.json"):
+                try:
+                    registered = [c["metrics"]["step"] for c in json.loads(snapshot.read_text())["checkpoint_results"]]
+                except (ValueError, KeyError):
+                    pass  # being rewritten
+            out[st["trial_id"]] = {"status": st["status"], "checkpoints": registered, "experiment": path.parent}
+    return out
+
+
+def run_until_killed(cmd: list[str], env: dict, ray_dir: Path, log_path: Path, *, ready, timeout_s: float = 1200) -> dict:
+    """Run a job in its own process group and SIGKILL the group (the driver and the local Ray it started) as
+    soon as ``ready(saved_trials(ray_dir))``. Returns the trials as Tune had saved them at the kill."""
+    import signal
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    with open(log_path, "w") as log:
+        driver = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            while not ready(trials := saved_trials(ray_dir)) and driver.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            running = driver.poll() is None
+        finally:
+            if driver.poll() is None:
+                os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+    assert running, "the job ended before it could be killed:\n" + log_path.read_text()[-3000:]
+    assert ready(trials), f"not ready to be killed after {timeout_s:.0f} s: {trials}"
+    return trials
 
 
 @pytest.fixture(autouse=True)

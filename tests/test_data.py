@@ -167,6 +167,26 @@ def test_rerunning_prepare_is_a_no_op_and_a_changed_setting_is_not(messy_manifes
     assert data.cache_key(changed, groups, m["vocab_hash"]) != m["key"]
 
 
+def test_a_corpus_too_big_to_hold_streams_and_only_the_evaluated_val_rows_are_read(messy_manifest):
+    """Over data.materialize_max_gib the train split streams from its shards (read tasks), while the validation
+    split is cut on the driver to the rows the evaluation reads; under it both are held in memory."""
+    import pyarrow.parquet as pq
+    from ray.data.dataset import MaterializedDataset
+
+    from pipeline import data
+
+    _cfg, _root, m = messy_manifest
+    streamed = data.load_splits(m, materialize_max_gib=0.0, val_rows=7)
+    assert not isinstance(streamed["train"], MaterializedDataset) and isinstance(streamed["val"], MaterializedDataset)
+    assert streamed["train"].count() == m["splits"]["train"]["num_sequences"]
+    val = streamed["val"].take_all()
+    first = pq.ParquetDataset(m["splits"]["val"]["path"]).read().slice(0, 7).to_pylist()
+    assert [list(r["input_ids"]) for r in val] == [list(r["input_ids"]) for r in first], "the split's first rows, in order"
+    held = data.load_splits(m, materialize_max_gib=1.0, val_rows=7)
+    assert isinstance(held["train"], MaterializedDataset)
+    assert held["val"].count() == m["splits"]["val"]["num_sequences"] > 7, "a split that fits is held whole"
+
+
 def test_s3_sources_globs_and_output_on_a_real_s3_server(tracking_server, ray_session, tmp_path, monkeypatch):
     """Sources and output on an S3-compatible server (moto, 127.0.0.1); the tasks get the endpoint with the fs."""
     import boto3

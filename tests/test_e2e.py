@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -113,17 +114,21 @@ def test_everything_went_through_the_server_and_the_model_files_are_on_s3(e2e_ru
     assert version.source.startswith(("models:/", "mlflow-artifacts:", "s3://")), version.source
 
 
-def _register(e2e_run, *flags):
-    import subprocess
-    import sys
-
+def _register(e2e_run, monkeypatch, capsys, *flags) -> dict:
+    """`jobs.register` in this process (its imports are warm here: ~8 s less than a subprocess, which
+    test_registration_is_idempotent runs); returns the JSON line it prints."""
     from conftest import E2E_OVERRIDES, ROOT
+    from jobs import register
 
-    cmd = [sys.executable, "-m", "jobs.register", "--config", "configs/tiny.yaml", "--set", f"run.root={e2e_run['root']}"]
+    argv = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--set", f"run.root={e2e_run['root']}"]
     for o in E2E_OVERRIDES:
-        cmd += ["--set", o]
-    proc = subprocess.run([*cmd, *flags], cwd=ROOT, capture_output=True, text=True, timeout=300, env=e2e_run["env"])
-    return proc
+        argv += ["--set", o]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", e2e_run["tracking_uri"])
+    capsys.readouterr()
+    rc = register.main([*argv, *flags])
+    out = capsys.readouterr()
+    assert rc == 0, out.err[-3000:]
+    return json.loads(out.out.strip().splitlines()[-1])
 
 
 def test_the_champion_carries_a_model_card_and_lineage_tags(e2e_run):
@@ -137,7 +142,7 @@ def test_the_champion_carries_a_model_card_and_lineage_tags(e2e_run):
         assert v.tags.get(tag) not in (None, "", "unknown"), tag
 
 
-def test_register_by_hand_from_a_directory_and_from_a_checkpoint(e2e_run, tmp_path):
+def test_register_by_hand_from_a_directory_and_from_a_checkpoint(e2e_run, tmp_path, monkeypatch, capsys):
     import shutil
 
     records = e2e_run["records"]
@@ -145,13 +150,11 @@ def test_register_by_hand_from_a_directory_and_from_a_checkpoint(e2e_run, tmp_pa
     model_dir = tmp_path / "student"
     shutil.copytree(Path(chosen) / "hf_model", model_dir)
 
-    worse = _register(e2e_run, "--model-dir", str(model_dir), "--metric", "val/mlm_loss=99")
-    assert worse.returncode == 0, worse.stderr[-3000:]
-    out = json.loads(worse.stdout.strip().splitlines()[-1])
+    out = _register(e2e_run, monkeypatch, capsys, "--model-dir", str(model_dir), "--metric", "val/mlm_loss=99")
     assert out["new"] is True and out["aliases"] == ["challenger"], "a worse model does not take the champion alias"
 
     # A checkpoint carries its own metrics (metrics.json): the chosen one is already registered, so no new version.
-    same = json.loads(_register(e2e_run, "--checkpoint", chosen).stdout.strip().splitlines()[-1])
+    same = _register(e2e_run, monkeypatch, capsys, "--checkpoint", chosen)
     assert same["new"] is False and same["version"] == records["register"]["version"]
 
 
@@ -170,124 +173,41 @@ def test_register_by_hand_refuses_bad_input_at_the_edge(tmp_path, capsys):
     assert "write it as name=number" in capsys.readouterr().err
 
 
-SHORT, LONG = 6, 18  # the steps of the two trials of the sweep whose driver the crash test below kills
+def test_a_job_resubmitted_after_its_driver_died_mid_sweep_skips_what_finished_and_restores_the_sweep(e2e_run):
+    """The shared run was SIGKILLed (driver and local Ray) while the sweep's first trial was training, with a
+    checkpoint registered, and the same command was submitted again (conftest.e2e_run)."""
+    killed = e2e_run["killed_at"]
+    (first,) = [tid for tid, t in killed.items() if t["checkpoints"] and t["status"] != "TERMINATED"]
+    assert "distil: pipeline finished" not in e2e_run["killed_log"]
+    out = e2e_run["stdout"]
+    assert "[distil] prepare: the corpus is prepared already" in out
+    for stage in ("teacher", "distill"):
+        assert f"[distil] {stage}: finished earlier with these settings" in out
+    for stage in ("prepare", "teacher", "distill"):  # the summary's stage times
+        assert re.search(rf"^    {stage} +[0-9.]+ s  \(finished earlier: skipped\)$", out, re.M), stage
+    assert re.search(r"^    sweep +[0-9.]+ s$", out, re.M)
+    assert "[distil] restoring sweep e2e-sweep-" in out
 
-
-def _crash_sweep_cmd(e2e_run, root: Path) -> list[str]:
-    """`python -m jobs.sweep` as the shared run calls it, but a sweep of its own under ``root`` (other tests read
-    the shared run's records) on the shared run's data and teacher, with its own MLflow experiment. Its two
-    trials differ only in length, so the short one finishes while the long one is still training; one worker
-    each keeps the Ray processes to start on 2 cores few."""
-    import shutil
-    import sys
-
-    from conftest import E2E_OVERRIDES
-
-    (root / "e2e" / "stages").mkdir(parents=True)
-    for stage in ("prepare", "teacher"):
-        shutil.copy(Path(e2e_run["root"]) / "e2e" / "stages" / f"{stage}.json", root / "e2e" / "stages")
-    sets = [*E2E_OVERRIDES, "tracking.experiment=distil-tiny-crash", "scaling.num_workers=1",
-            f"optim.max_steps={LONG}", f"sweep.grace_period={LONG}", "sweep.num_samples=1",
-            f"sweep.space={{optim.max_steps: {{type: grid, values: [{SHORT}, {LONG}]}}}}"]
-    cmd = [sys.executable, "-m", "jobs.sweep", "--config", "configs/tiny.yaml", "--set", f"run.root={root}"]
-    for o in sets:
-        cmd += ["--set", o]
-    return cmd
-
-
-def _saved_trials(ray_dir: Path) -> dict:
-    """The sweep's trials as Tune last saved them (it rewrites its state at most every 10 s):
-    {trial_id: {status, steps, checkpoints, experiment}}, checkpoints being the steps of the checkpoints Ray Train
-    has registered for the trial's TorchTrainer."""
-    out = {}
-    for path in ray_dir.glob("*/experiment_state-*.json"):
-        try:
-            states = [json.loads(t[0]) for t in json.loads(path.read_text())["trial_data"]]
-        except (ValueError, KeyError):
-            return {}  # being rewritten
-        for st in states:
-            registered = []
-            for snapshot in ray_dir.glob(f"*-{st['trial_id']}/checkpoint_manager_snapshot.json"):
-                try:
-                    registered = [c["metrics"]["step"] for c in json.loads(snapshot.read_text())["checkpoint_results"]]
-                except (ValueError, KeyError):
-                    pass  # being rewritten
-            out[st["trial_id"]] = {"status": st["status"], "steps": st["config"]["sample"]["optim__max_steps"],
-                                   "checkpoints": registered, "experiment": path.parent}
-    return out
-
-
-def _run_until_killed(cmd: list[str], env: dict, ray_dir: Path, log_path: Path, *, timeout_s: float = 400) -> dict:
-    """Run the sweep in its own process group and SIGKILL the group (the driver and its local Ray at once) as soon
-    as Tune has saved the short trial as finished and Ray Train has registered a checkpoint of the long one.
-    Returns the trials as Tune had saved them at the kill."""
-    import signal
-    import subprocess
-    import time
-
-    from conftest import ROOT
-
-    def ready(trials):
-        return (any(t["steps"] == SHORT and t["status"] == "TERMINATED" for t in trials.values())
-                and any(t["steps"] == LONG and t["checkpoints"] for t in trials.values()))
-
-    deadline = time.monotonic() + timeout_s
-    with open(log_path, "w") as log:
-        driver = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            while not ready(trials := _saved_trials(ray_dir)) and driver.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.2)
-            running = driver.poll() is None
-        finally:
-            if driver.poll() is None:
-                os.killpg(driver.pid, signal.SIGKILL)
-            driver.wait()
-    assert running, "the sweep ended before it could be killed:\n" + log_path.read_text()[-3000:]
-    assert ready(trials), f"no finished trial and registered checkpoint after {timeout_s:.0f} s: {trials}"
-    return trials
-
-
-def test_a_sweep_whose_driver_was_killed_resumes_with_tuner_restore(e2e_run, ray_session, tmp_path):
-    """SIGKILL the sweep's driver mid-sweep, then run the same command again: Tuner.restore keeps the finished
-    trial, resumes the unfinished one from its checkpoint, and both stay in the MLflow runs they opened, one
-    nested run per trial. The driver runs on the tests' running Ray cluster, as a job's driver does on a cluster
-    (Ray kills a dead driver's trials); this also saves starting a local Ray twice."""
-    import subprocess
-
-    from conftest import ROOT
-
-    root = tmp_path / "root"
-    cmd = _crash_sweep_cmd(e2e_run, root)
-    env = {**e2e_run["env"], "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    before = _run_until_killed(cmd, env, root / "e2e" / "ray", tmp_path / "killed.log")
-    (short,) = [tid for tid, t in before.items() if t["steps"] == SHORT]
-    (long,) = [tid for tid, t in before.items() if t["steps"] == LONG]
-    assert before[long]["status"] != "TERMINATED"
-    short_result = next(before[short]["experiment"].glob(f"*_{short}_*/result.json"))
-    short_result_text = short_result.read_text()
-    parent_record = next((root / "e2e" / "sweeps").glob("*.json"))
-    parent_id = json.loads(parent_record.read_text())["run_id"]
-
-    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400, env=env)
-    (tmp_path / "restored.log").write_text(again.stdout + again.stderr)
-    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
-    assert f"[distil] restoring sweep {parent_record.stem} from " in again.stdout
-    assert json.loads(parent_record.read_text())["run_id"] == parent_id, "the same MLflow parent run"
-
-    # The finished trial was not run again; the unfinished one resumed from a registered checkpoint and finished.
-    assert short_result.read_text() == short_result_text
-    record = json.loads((root / "e2e" / "stages" / "sweep.json").read_text())
+    # The interrupted trial resumed from a checkpoint registered before the kill and ran to the end.
+    record = e2e_run["records"]["sweep"]
     candidates = {c["source"].split()[2]: c for c in record["candidates"]}
-    assert set(candidates) == {short, long}, "the sweep finished with a candidate per trial"
-    for tid, steps in ((short, SHORT), (long, LONG)):
-        assert json.loads((Path(candidates[tid]["checkpoint"]) / "train_state.json").read_text())["step"] == steps
-    assert candidates[long]["metrics"]["resume/from_step"] >= min(before[long]["checkpoints"]) > 0
+    assert first in candidates, record["candidates"]
+    resumed = candidates[first]
+    assert json.loads((Path(resumed["checkpoint"]) / "train_state.json").read_text())["step"] == 12
+    assert resumed["metrics"]["resume/from_step"] >= min(killed[first]["checkpoints"]) > 0
 
+    # MLflow holds one run per stage (the resubmission opened none for the skipped stages), the sweep's parent
+    # run is the one the killed driver opened and is FINISHED, with one nested run per trial; the resumed
+    # trial's nested run holds its metrics from before and after the kill.
     mlflow = _mlflow(e2e_run)
-    runs = mlflow.search_runs(experiment_names=["distil-tiny-crash"], output_format="list")
-    assert [(r.info.run_id, r.info.status) for r in runs if r.info.run_name == "sweep"] == [(parent_id, "FINISHED")]
-    nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id]
-    assert sorted(r.data.tags["trial_id"] for r in nested) == sorted([short, long]), "one nested run per trial"
-    (resumed,) = [r for r in nested if r.data.tags["trial_id"] == long]
-    logged = {m.step for m in mlflow.MlflowClient().get_metric_history(resumed.info.run_id, "loss/total")}
-    assert min(logged) <= min(before[long]["checkpoints"]) and max(logged) == LONG, "both halves in one nested run"
+    runs = mlflow.search_runs(experiment_names=["distil-tiny"], output_format="list")
+    top = sorted(r.info.run_name for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    assert top == ["distill", "prepare", "register", "sweep", "teacher"], top
+    (parent,) = [r for r in runs if r.info.run_name == "sweep"]
+    assert parent.info.status == "FINISHED"
+    nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    ids = [r.data.tags["trial_id"] for r in nested]
+    assert len(ids) == len(set(ids)) == 2 and first in ids, f"one nested run per trial: {ids}"
+    (again,) = [r for r in nested if r.data.tags["trial_id"] == first]
+    logged = {m.step for m in mlflow.MlflowClient().get_metric_history(again.info.run_id, "loss/total")}
+    assert min(logged) <= min(killed[first]["checkpoints"]) and max(logged) == 12, "both halves in one nested run"

@@ -1,4 +1,4 @@
-"""DeepSpeed under Ray Train on CPU (gloo): ZeRO stages, 1 vs 2 workers, fault injection, resume.
+"""DeepSpeed under Ray Train on CPU (gloo): ZeRO stages 0-3, 1 vs 2 workers, fault injection, resume.
 
 Every run here distils the same tiny random teacher on the same tiny corpus, so final weights can be
 compared exactly: the data order and the masks depend only on the seed and the global step.
@@ -84,15 +84,6 @@ def test_reference_run_trains_and_checkpoints_full_state(reference):
     assert reference.metrics["val/mlm_loss"] > 0
 
 
-def test_injected_fault_resumes_automatically_and_matches_the_straight_run(setup, reference):
-    """Under ZeRO-1 (the reference is ZeRO-2): a restart from ZeRO-1 shards, and the stage's equivalence."""
-    resumed = _fit(setup, "fault-auto", "faults.fail_at_step=3", "scaling.max_failures=1", "deepspeed.zero_stage=1")
-    fired = glob.glob(str(setup["root"] / "engine" / "faults" / "fired-at-step-3-*"))
-    assert fired, "the fault fired"
-    assert resumed.metrics["resume/from_step"] == 2
-    _assert_same(reference, resumed, atol=1e-5)  # resumed from step 2: same batches, masks and optimizer state
-
-
 def test_resubmitting_a_failed_run_continues_from_its_checkpoint(setup, reference):
     """Under ZeRO-3: checkpoints at steps 1 and 2, a failure at 3, and the step-2 checkpoint damaged before
     resubmission: the resubmitted run reports it, resumes from step 1, and still ends on the straight run's weights."""
@@ -137,9 +128,11 @@ def test_a_damaged_checkpoint_is_detected_file_by_file(reference, tmp_path):
     assert reason() == "no train_state.json"
 
 
-def test_one_worker_matches_two_and_zero_0_matches_zero_2(setup):
-    """One comparison for two equivalences (each fit costs ~40 s of CI): 2 workers under ZeRO-0 against 1 worker
-    under ZeRO-2 at the same global batch. Stages 1 and 3 are compared with ZeRO-2 by the resume tests above."""
-    two = _fit(setup, "two-workers-nodrop-zero0", "deepspeed.zero_stage=0", teacher="nodrop")
-    one = _fit(setup, "one-worker-nodrop", "scaling.num_workers=1", "optim.micro_batch_size=8", teacher="nodrop")
+def test_one_worker_matches_two_and_zero_0_matches_zero_1(setup):
+    """One comparison for two equivalences (each fit costs ~40 s of CI): 2 workers under ZeRO-1 against 1 worker
+    under ZeRO-0 at the same global batch. With the reference (ZeRO-2) and the resubmitted run (ZeRO-3) above,
+    every stage is checked."""
+    two = _fit(setup, "two-workers-nodrop-zero1", "deepspeed.zero_stage=1", teacher="nodrop")
+    one = _fit(setup, "one-worker-nodrop-zero0", "scaling.num_workers=1", "optim.micro_batch_size=8",
+               "deepspeed.zero_stage=0", teacher="nodrop")
     _assert_same(two, one, atol=1e-5)
