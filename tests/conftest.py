@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -84,7 +85,7 @@ def e2e_run(tmp_path_factory, tracking_server):
     assert proc.returncode == 0, f"pipeline failed ({proc.returncode}); log tail:\n{(proc.stdout + proc.stderr)[-6000:]}"
     records = {p.stem: json.loads(p.read_text()) for p in (root / "e2e" / "stages").glob("*.json")}
     return {"root": root, "stdout": proc.stdout, "killed_log": killed_log, "killed_at": killed_at, "records": records,
-            "tracking_uri": tracking_server["uri"], "env": env}
+            "finished_at_ms": int(time.time() * 1000), "tracking_uri": tracking_server["uri"], "env": env}
 
 
 def saved_trials(ray_dir: Path) -> dict:
@@ -115,7 +116,6 @@ def run_until_killed(cmd: list[str], env: dict, ray_dir: Path, log_path: Path, *
     """Run a job in its own process group and SIGKILL the group (the driver and the local Ray it started) as
     soon as ``ready(saved_trials(ray_dir))``. Returns the trials as Tune had saved them at the kill."""
     import signal
-    import time
 
     deadline = time.monotonic() + timeout_s
     with open(log_path, "w") as log:

@@ -1,0 +1,43 @@
+"""When a resubmitted job skips a stage: same settings, same prepared corpus, checkpoints still there."""
+
+import json
+from pathlib import Path
+
+from pipeline import stages
+from pipeline.config import load_config
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
+
+def _finished_distill(tmp_path, *overrides):
+    """A config, and the record a distill stage that finished under it would have left (checkpoint included)."""
+    cfg = load_config(CONFIG, [f"run.root={tmp_path}", *overrides])
+    name = stages._run_name(cfg, "distill", stages.TRAIN_SECTIONS, extra="teacher-uri")
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir(exist_ok=True)
+    (ckpt / "train_state.json").write_text(json.dumps({"step": 60}))
+    record = {"candidates": [{"source": "distill", "checkpoint": str(ckpt), "metrics": {}}], "name": name,
+              "manifest_key": "k1"}
+    path = Path(stages.record_path(cfg, "distill"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record))
+    return cfg, name, ckpt
+
+
+def test_a_stage_that_finished_with_the_same_settings_is_skipped(tmp_path, capsys):
+    cfg, name, _ = _finished_distill(tmp_path)
+    earlier = stages._finished(cfg, "distill", name=name, manifest={"key": "k1"})
+    assert earlier["skipped"] and earlier["name"] == name
+    assert "distill: finished earlier with these settings" in capsys.readouterr().out
+
+
+def test_a_changed_setting_a_changed_corpus_or_a_lost_checkpoint_runs_the_stage_again(tmp_path, capsys):
+    cfg, name, ckpt = _finished_distill(tmp_path)
+    changed = load_config(CONFIG, [f"run.root={tmp_path}", "loss.temperature=4.0"])
+    new_name = stages._run_name(changed, "distill", stages.TRAIN_SECTIONS, extra="teacher-uri")
+    assert new_name != name
+    assert stages._finished(changed, "distill", name=new_name, manifest={"key": "k1"}) is None
+    assert stages._finished(cfg, "distill", name=name, manifest={"key": "k2"}) is None, "re-prepared corpus"
+    (ckpt / "train_state.json").unlink()
+    assert stages._finished(cfg, "distill", name=name, manifest={"key": "k1"}) is None
+    assert "names checkpoints that are gone" in capsys.readouterr().out
