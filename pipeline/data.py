@@ -7,6 +7,7 @@ folder with a manifest is complete, and re-running with the same inputs is a no-
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -42,7 +43,7 @@ KEY_FIELDS = ("text_field", "text_separator", "split", "hub_config", "decode_err
 
 
 def cache_key(cfg: DataSection, groups: list[sources.Group], vocab_hash: str) -> str:
-    payload = {"sources": _fingerprint(groups), "vocab": vocab_hash, "version": 2,
+    payload = {"sources": _fingerprint(groups), "vocab": vocab_hash, "version": 3,
                **{k: getattr(cfg, k) for k in KEY_FIELDS}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -123,38 +124,100 @@ def _tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path, use_fast=True, model_max_length=10**9)
 
 
-def tokenize_and_pack(batch: dict[str, np.ndarray], *, tokenizer_path: str, cfg: DataSection) -> dict[str, np.ndarray]:
-    """Clean, split by document hash, tokenise and pack one batch; a last row carries the batch's counts."""
-    tok = _tokenizer(tokenizer_path)
-    special = packing.SpecialIds(cls=tok.cls_token_id, sep=tok.sep_token_id, pad=tok.pad_token_id, unk=tok.unk_token_id, mask=tok.mask_token_id)
+@dataclasses.dataclass(frozen=True)
+class WorkerTokenizer:
+    """What a Ray Data task needs of the tokenizer: the fast tokenizer's own JSON and the special ids.
+
+    The tasks load it with the `tokenizers` library alone: importing transformers (and torch with it) costs a
+    fresh worker process seconds, which on a small cluster is a large share of the prepare stage.
+    """
+
+    json: str
+    special: packing.SpecialIds
+    vocab_size: int
+
+    @classmethod
+    def of(cls, tok) -> "WorkerTokenizer":
+        if not getattr(tok, "is_fast", False):
+            raise ValueError(f"{type(tok).__name__} is not a fast tokenizer: the prepare stage needs one (tokenizer.json)")
+        special = packing.SpecialIds(cls=tok.cls_token_id, sep=tok.sep_token_id, pad=tok.pad_token_id,
+                                     unk=tok.unk_token_id, mask=tok.mask_token_id)
+        return cls(json=tok.backend_tokenizer.to_str(), special=special, vocab_size=len(tok))
+
+    def encode(self, docs: list[str]) -> list[list[int]]:
+        return [e.ids for e in _backend(self.json).encode_batch(docs, add_special_tokens=False)] if docs else []
+
+
+@functools.lru_cache(maxsize=4)
+def _backend(tokenizer_json: str):
+    import tokenizers
+
+    backend = tokenizers.Tokenizer.from_str(tokenizer_json)
+    backend.no_truncation()  # a saved tokenizer.json may carry a model window's truncation and padding
+    backend.no_padding()
+    return backend
+
+
+DOCS_PER_CALL = 512  # documents per tokenizer call: bounds the memory of one call's token lists
+
+
+def tokenize_and_pack(batch: dict[str, np.ndarray], *, tokenizer: WorkerTokenizer, cfg: DataSection):
+    """Clean, split by document hash, tokenise and pack one block, DOCS_PER_CALL documents at a time.
+
+    Yields the packed rows, then one 'stats' row with the block's counts: the manifest's counts by reason, the
+    rows and real tokens per split, and the training split's token counts. The driver adds up the stats rows,
+    so the manifest needs no further pass over the packed data.
+    """
     counts: dict[str, int] = {}
+    train_counts = np.zeros(tokenizer.vocab_size, np.int64)
+    for start in range(0, len(batch["text"]), DOCS_PER_CALL):
+        part = {k: batch[k][start:start + DOCS_PER_CALL] for k in ("text", "event", "n")}
+        rows = _tokenize_and_pack(part, tokenizer, cfg, counts, train_counts)
+        if len(rows["split"]):
+            yield rows
+    nz = np.flatnonzero(train_counts)
+    yield _stats_row(counts, nz, train_counts[nz], cfg.max_seq_len)
+
+
+def _tokenize_and_pack(batch, tokenizer: WorkerTokenizer, cfg: DataSection, counts: dict[str, int], train_counts: np.ndarray):
+    """One tokenizer call's worth: add its counts to ``counts`` and ``train_counts``; return its packed rows."""
+    def add(key, n):
+        counts[key] = counts.get(key, 0) + int(n)
+
     texts = []
     for text, event, n in zip(batch["text"], batch["event"], batch["n"]):
         if event:
-            counts[event] = counts.get(event, 0) + int(n)
+            add(event, n)
             continue
         clean, capped = packing.clean_document(str(text), cfg.max_line_chars)
-        counts["lines_capped"] = counts.get("lines_capped", 0) + capped
+        add("lines_capped", capped)
         texts.append(clean)
-    counts["docs_in"] = len(texts)
-    counts["docs_empty"] = sum(1 for t in texts if not t)
-    texts = [t for t in texts if t]
+    add("docs_in", len(texts))
+    add("docs_empty", sum(1 for t in texts if not t))
     by_split = {s: [] for s in SPLITS}
     for t in texts:
-        by_split["val" if packing.is_validation(t, cfg.val_fraction) else "train"].append(t)
+        if t:
+            by_split["val" if packing.is_validation(t, cfg.val_fraction) else "train"].append(t)
     ids_parts, mask_parts, split_parts = [], [], []
     for split, docs in by_split.items():
-        token_ids = tok(docs, add_special_tokens=False)["input_ids"] if docs else []
         rows, dropped = packing.pack_documents(
-            token_ids, max_seq_len=cfg.max_seq_len, special=special,
+            tokenizer.encode(docs), max_seq_len=cfg.max_seq_len, special=tokenizer.special,
             min_seq_tokens=cfg.min_seq_tokens, max_unk_fraction=cfg.max_unk_fraction,
         )
         for reason, n in dropped.items():
-            counts[f"seq_dropped_{reason}"] = counts.get(f"seq_dropped_{reason}", 0) + n
+            add(f"seq_dropped_{reason}", n)
+        real = rows["attention_mask"].astype(bool)
+        add(f"rows_{split}", len(real))
+        add(f"tokens_{split}", real.sum())
+        if split == "train":
+            # For frequency-smoothed masking (HF's recipe, count^-0.7): counts of the training tokens.
+            train_counts += np.bincount(rows["input_ids"][real], minlength=len(train_counts))
         ids_parts.append(rows["input_ids"])
         mask_parts.append(rows["attention_mask"])
         split_parts.append(np.full(len(rows["input_ids"]), split))
-    return _with_stats_row(ids_parts, mask_parts, split_parts, counts, cfg.max_seq_len)
+    n = sum(len(p) for p in ids_parts)
+    return {"input_ids": np.concatenate(ids_parts), "attention_mask": np.concatenate(mask_parts),
+            "split": np.concatenate(split_parts).astype(object), "stats": np.full(n, b"", dtype=object)}
 
 
 # Every count the manifest reports, by reason. Documents: read, empty after cleaning, lines cut to
@@ -165,35 +228,26 @@ STAT_KEYS = ("docs_in", "docs_empty", "lines_capped", "files_empty", "files_bina
              "seq_dropped_short_sequence", "seq_dropped_unk_heavy")
 
 
-def _with_stats_row(ids_parts, mask_parts, split_parts, counts, max_seq_len) -> dict[str, np.ndarray]:
-    """Append one 'stats' row: Ray Data then sums the counts over all batches with one aggregation."""
-    input_ids = np.concatenate([*ids_parts, np.zeros((1, max_seq_len), np.int32)])
-    out = {
-        "input_ids": input_ids,
-        "attention_mask": np.concatenate([*mask_parts, np.zeros((1, max_seq_len), np.int8)]),
-        "split": np.concatenate([*split_parts, np.array(["stats"])]),
-    }
-    for key in STAT_KEYS:
-        col = np.zeros(len(input_ids), np.int64)
-        col[-1] = counts.get(key, 0)
-        out[key] = col
-    return out
+def _stats_row(counts: dict[str, int], token_ids: np.ndarray, token_counts: np.ndarray, max_seq_len: int) -> dict[str, np.ndarray]:
+    """A block's counts as one row: JSON counts, then the training token counts as sparse (id, count) pairs."""
+    head = json.dumps(counts).encode()
+    payload = len(head).to_bytes(8, "little") + head + token_ids.astype(np.int64).tobytes() + token_counts.astype(np.int64).tobytes()
+    return {"input_ids": np.zeros((1, max_seq_len), np.int32), "attention_mask": np.zeros((1, max_seq_len), np.int8),
+            "split": np.array(["stats"], dtype=object), "stats": np.array([payload], dtype=object)}
 
 
-def _block_token_counts(batch: dict[str, np.ndarray], *, vocab_size: int) -> dict[str, np.ndarray]:
-    """One block's token counts (real tokens only), as one row; the driver adds the rows up."""
-    ids = np.asarray(batch["input_ids"]).reshape(len(batch["input_ids"]), -1)
-    real = np.asarray(batch["attention_mask"]).reshape(ids.shape).astype(bool)
-    return {"counts": np.bincount(ids[real], minlength=vocab_size).astype(np.int64)[None]}
-
-
-def token_counts(rows, vocab_size: int) -> np.ndarray:
-    """Token counts over the packed training rows: per-block bincounts in Ray Data tasks, summed here."""
+def sum_stats(payloads, vocab_size: int) -> tuple[dict[str, int], np.ndarray]:
+    """Add up stats rows: (counts by key, training token counts)."""
+    counts: dict[str, int] = {}
     total = np.zeros(vocab_size, np.int64)
-    for row in rows.map_batches(_block_token_counts, batch_size=None, batch_format="numpy",
-                                fn_kwargs={"vocab_size": vocab_size}).iter_rows():
-        total += np.asarray(row["counts"])
-    return total
+    for payload in payloads:
+        payload = bytes(payload)
+        n = int.from_bytes(payload[:8], "little")
+        for k, v in json.loads(payload[8:8 + n]).items():
+            counts[k] = counts.get(k, 0) + v
+        pairs = np.frombuffer(payload[8 + n:], np.int64).reshape(2, -1)
+        np.add.at(total, pairs[0], pairs[1])
+    return counts, total
 
 
 # ---- the stage -------------------------------------------------------------------------------------
@@ -217,35 +271,31 @@ def prepare(cfg: DataSection, *, data_dir: str, run_root: str, tokenizer_path: s
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     if cfg.max_docs:
         ds = ds.limit(cfg.max_docs)
+    # One block per call (the function tokenises DOCS_PER_CALL documents at a time): a batch size here would
+    # make Ray Data bundle the one-row-per-file blocks of the readers into a single task.
     packed = ds.map_batches(
-        tokenize_and_pack, batch_format="numpy", batch_size=512,
-        fn_kwargs={"tokenizer_path": tokenizer_path, "cfg": cfg},
+        tokenize_and_pack, batch_format="numpy", batch_size=None,
+        fn_kwargs={"tokenizer": WorkerTokenizer.of(tokenizer), "cfg": cfg},
     ).materialize()
 
-    stats = packed.filter(expr="split == 'stats'").sum(list(STAT_KEYS))
-    counts = {k: int(stats[f"sum({k})"]) for k in STAT_KEYS}
+    payloads = [b for batch in packed.filter(expr="split == 'stats'").select_columns(["stats"]).iter_batches(batch_format="numpy")
+                for b in batch["stats"]]
+    totals, train_counts = sum_stats(payloads, len(tokenizer))
+    counts = {k: totals.get(k, 0) for k in STAT_KEYS}
     manifest = {"key": key, "path": out, "sources": [{"format": g.format, "names": g.names, "files": g.paths} for g in groups],
                 "tokenizer": tokenizer_name, "vocab_hash": vhash, "vocab_size": len(tokenizer),
-                "max_seq_len": cfg.max_seq_len, "counts": counts, "splits": {}}
+                "max_seq_len": cfg.max_seq_len, "counts": counts, "splits": {}, "token_counts": train_counts.tolist()}
+    if totals.get("rows_train", 0) == 0:
+        raise ValueError(f"the corpus yielded no training sequences (counts: {counts}): add text or lower data.min_seq_tokens")
     for split in SPLITS:
         rows = packed.filter(expr=f"split == '{split}'").select_columns(["input_ids", "attention_mask"])
         path = storage.join(out, split)
         # Few large files: every file is a read task, and a read task's worker process costs seconds to start.
         rows.write_parquet(path, filesystem=storage.pyarrow_filesystem(path), min_rows_per_file=cfg.rows_per_file)
-        num_seqs = rows.count()
-        num_tokens = int(rows.map_batches(_row_tokens, batch_format="numpy").sum("tokens") or 0) if num_seqs else 0
-        manifest["splits"][split] = {"path": path, "num_sequences": num_seqs, "num_tokens": num_tokens}
-        if split == "train":
-            # For frequency-smoothed masking (HF's recipe, count^-0.7): counts of the training tokens.
-            manifest["token_counts"] = token_counts(rows, len(tokenizer)).tolist() if num_seqs else [0] * len(tokenizer)
-    if manifest["splits"]["train"]["num_sequences"] == 0:
-        raise ValueError(f"the corpus yielded no training sequences (counts: {counts}): add text or lower data.min_seq_tokens")
+        manifest["splits"][split] = {"path": path, "num_sequences": totals.get(f"rows_{split}", 0),
+                                     "num_tokens": totals.get(f"tokens_{split}", 0)}
     storage.write_json(storage.join(out, MANIFEST), manifest)
     return {**manifest, "cached": False}
-
-
-def _row_tokens(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {"tokens": np.asarray(batch["attention_mask"]).reshape(len(batch["attention_mask"]), -1).sum(1)}
 
 
 def fits_in_memory(manifest: dict, split: str, max_gib: float) -> bool:

