@@ -263,8 +263,11 @@ def prepare(cfg: DataSection, *, data_dir: str, run_root: str, tokenizer_path: s
     cached = storage.read_json(storage.join(out, MANIFEST))
     if cached:
         return {**cached, "cached": True}
-    if not storage.is_s3(out) and os.path.exists(out):
-        shutil.rmtree(out)  # a folder without a manifest is an interrupted attempt
+    # A folder without a manifest is an interrupted attempt: clear it, or its shards would join this attempt's.
+    if storage.is_s3(out):
+        storage.pyarrow_filesystem(out).delete_dir_contents(storage.fs_path(out), missing_dir_ok=True)
+    elif os.path.exists(out):
+        shutil.rmtree(out)
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     parts = [_read(g, cfg) for g in groups]

@@ -253,6 +253,17 @@ def test_s3_sources_globs_and_output_on_a_real_s3_server(tracking_server, ray_se
     splits = data.load_splits(m, materialize_max_gib=1.0)
     assert splits["train"].count() == m["splits"]["train"]["num_sequences"]
 
+    # An interrupted attempt (shards written, no manifest yet) is cleared, not mixed into the next attempt.
+    prefix = m["path"].removeprefix("s3://corpus/")
+    s3.delete_object(Bucket="corpus", Key=f"{prefix}/manifest.json")
+    s3.copy_object(Bucket="corpus", Key=f"{prefix}/train/stale.parquet",
+                   CopySource={"Bucket": "corpus", "Key": next(k for k in keys if k.endswith(".parquet") and "/train/" in k)})
+    again = _prepare(cfg, tmp_path)
+    assert not again["cached"] and again["key"] == m["key"]
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="corpus", Prefix=f"{prefix}/")["Contents"]]
+    assert f"{prefix}/train/stale.parquet" not in keys
+    assert data.load_splits(again, materialize_max_gib=1.0)["train"].count() == m["splits"]["train"]["num_sequences"]
+
 
 @pytest.mark.slow
 def test_preview_batches_are_exactly_what_rank_0_trained_on(e2e_run, ray_session, tmp_path, capsys):
