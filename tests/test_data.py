@@ -121,6 +121,37 @@ def test_a_block_packs_in_several_calls_and_its_stats_row_counts_exactly_what_it
     assert np.array_equal(counts, expect)
 
 
+def test_the_sink_caps_shards_a_retried_task_overwrites_its_own_and_an_empty_split_gets_a_schema(hf_tokenizer, tmp_path):
+    import types
+
+    import pyarrow.dataset as pads
+    from ray.data.block import BlockAccessor
+    from ray.data.datasource.datasink import WriteResult
+
+    from pipeline import data
+
+    batch = {"text": np.array([_sentence(i, 30) for i in range(300)], dtype=object),
+             "event": np.array([""] * 300, dtype=object), "n": np.zeros(300, np.int64)}
+    cfg = DataSection(sources=["unused"], max_seq_len=32, val_fraction=0.0)
+    blocks = [BlockAccessor.batch_to_block(b) for b in data.tokenize_and_pack(batch, tokenizer=data.WorkerTokenizer.of(hf_tokenizer), cfg=cfg)]
+    sink = data.PackedSink(str(tmp_path / "out"), rows_per_file=40)
+    first = sink.write(iter(blocks), types.SimpleNamespace(task_idx=3))
+    again = sink.write(iter(blocks), types.SimpleNamespace(task_idx=3))  # a retry of the same task
+    assert first["rows"] == again["rows"] and first["rows"]["val"] == 0
+    sink.on_write_complete(WriteResult(num_rows=0, size_bytes=0, write_returns=[again]))
+    (totals, _), rows = data.sum_stats(sink.result["stats"], len(hf_tokenizer)), sink.result["rows"]
+    assert rows["train"] == totals["rows_train"] > 80, "several shards' worth"
+
+    train = sorted(os.listdir(tmp_path / "out" / "train"))
+    assert len(train) == -(-rows["train"] // 40) and all(f.startswith(f"{sink.attempt}_000003_") for f in train), train
+    sizes = [pads.dataset(str(tmp_path / "out" / "train" / f)).count_rows() for f in train]
+    assert max(sizes) == 40 and sum(sizes) == rows["train"]
+    read = pads.dataset(str(tmp_path / "out" / "train")).to_table()
+    assert BlockAccessor.for_block(read).to_numpy()["input_ids"].shape == (rows["train"], 32)
+    val = pads.dataset(str(tmp_path / "out" / "val")).to_table()
+    assert val.num_rows == 0 and val.schema.names == ["input_ids", "attention_mask"]
+
+
 # ---- the stage on Ray Data: every format, every bad input, counts and manifest -----------------------
 @pytest.fixture(scope="module")
 def messy_corpus(tmp_path_factory):
