@@ -51,6 +51,7 @@ class DataSection:
     max_docs: int = 0  # 0 means every document; tiny runs cap it
     output: str = ""  # "" means <root>/<name>/data
     rows_per_file: int = 50_000  # parquet shard size, in packed rows
+    read_chunk_mb: float = 128.0  # a line-separated text or jsonl file larger than this is read by several tasks
     materialize_max_gib: float = 1.0  # a prepared corpus up to this size is held in the object store
     shuffle_buffer_rows: int = 2000  # per-epoch local shuffle, seeded by (run.seed, epoch); 0 turns it off
 
@@ -275,6 +276,9 @@ def validate(cfg: RunConfig) -> None:
         p.append(f"masking.smoothing={m.smoothing}: use 0 (uniform) or a positive exponent (HF's recipe: 0.7)")
     if m.smoothing and m.whole_word:
         p.append("masking.smoothing and masking.whole_word are exclusive: choose words or frequency-weighted tokens")
+    if cfg.data.read_chunk_mb <= 0 or cfg.data.rows_per_file < 1:
+        p.append(f"data.read_chunk_mb={cfg.data.read_chunk_mb}, data.rows_per_file={cfg.data.rows_per_file}: "
+                 "both must be > 0 (defaults 128 MB and 50,000 rows)")
     if cfg.data.max_line_chars < 100:
         p.append(f"data.max_line_chars={cfg.data.max_line_chars}: use at least 100")
     t = cfg.teacher

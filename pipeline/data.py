@@ -41,7 +41,7 @@ def _fingerprint(groups: list[sources.Group]) -> list:
 
 
 KEY_FIELDS = ("text_field", "text_separator", "split", "hub_config", "decode_errors", "max_line_chars", "max_seq_len",
-              "min_seq_tokens", "max_unk_fraction", "val_fraction", "max_docs")
+              "min_seq_tokens", "max_unk_fraction", "val_fraction", "max_docs", "read_chunk_mb")
 
 
 def cache_key(cfg: DataSection, groups: list[sources.Group], vocab_hash: str) -> str:
@@ -67,11 +67,12 @@ def _rows(docs: list[str], counts: dict[str, int]) -> dict[str, np.ndarray]:
     }
 
 
-def decode_files(batch: dict[str, np.ndarray], *, fmt: str, cfg: DataSection) -> dict[str, np.ndarray]:
+def read_ranges(batch: dict[str, np.ndarray], *, fmt: str, cfg: DataSection, fs) -> dict[str, np.ndarray]:
+    """Byte ranges of text or jsonl files → documents (see sources.read_range)."""
     docs, counts = [], {}
-    for raw in batch["bytes"]:
-        d, c = sources.decode_file(bytes(raw), fmt=fmt, separator=cfg.text_separator, text_field=cfg.text_field,
-                                   errors=cfg.decode_errors)
+    for path, start, end, size in zip(batch["path"], batch["start"], batch["end"], batch["size"]):
+        d, c = sources.read_range(str(path), int(start), int(end), int(size), fs=fs, fmt=fmt, separator=cfg.text_separator,
+                                  text_field=cfg.text_field, errors=cfg.decode_errors)
         docs.extend(d)
         for k, v in c.items():
             counts[k] = counts.get(k, 0) + v
@@ -100,6 +101,12 @@ def read_arrow_files(batch: dict[str, np.ndarray], *, cfg: DataSection):
                 yield decode_column({cfg.text_field: record_batch.column(cfg.text_field).to_numpy(zero_copy_only=False)}, cfg=cfg)
 
 
+def _sizes(paths: list[str], fs) -> list[int]:
+    if fs is None:
+        return [os.path.getsize(p) for p in paths]
+    return [info.size for info in fs.get_file_info([storage.fs_path(p) for p in paths])]
+
+
 def _read(group: sources.Group, cfg: DataSection):
     import ray.data
 
@@ -107,9 +114,15 @@ def _read(group: sources.Group, cfg: DataSection):
     paths = [storage.fs_path(p) if fs else p for p in group.paths]
     if group.format in ("text", "jsonl"):
         # Raw bytes, decoded by our own code: a bad byte, a binary file or a bad JSON line is a counted skip
-        # instead of a reader exception deep inside a Ray task.
-        raw = ray.data.read_binary_files(paths, filesystem=fs)
-        return raw.map_batches(decode_files, batch_size=1, fn_kwargs={"fmt": group.format, "cfg": cfg})
+        # instead of a reader exception deep inside a Ray task. A file of one record per line larger than
+        # data.read_chunk_mb is cut into byte ranges, each read by its own task.
+        chunk = max(1, int(cfg.read_chunk_mb * 2**20))
+        split = sources.splittable(group.format, cfg.text_separator)
+        items = [{"path": p, "start": a, "end": b, "size": size}
+                 for p, size in zip(group.paths, _sizes(group.paths, fs))
+                 for a, b in (sources.byte_ranges(size, chunk) if split else [(0, size)])]
+        ranges = ray.data.from_items(items, override_num_blocks=len(items))  # one range per block, so per task
+        return ranges.map_batches(read_ranges, batch_size=1, fn_kwargs={"fmt": group.format, "cfg": cfg, "fs": fs})
     if group.format == "parquet":
         ds = ray.data.read_parquet(paths, columns=[cfg.text_field], filesystem=fs)
         return ds.map_batches(decode_column, batch_format="numpy", fn_kwargs={"cfg": cfg})

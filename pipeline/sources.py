@@ -222,13 +222,18 @@ def decode_file(data: bytes, *, fmt: str, separator: str, text_field: str, error
     Counts: ``files_empty``, ``files_binary`` (a NUL byte near the start), ``docs_undecodable_replaced`` or
     ``docs_undecodable_skipped`` (per ``errors``), ``lines_bad_json``, ``records_missing_field``.
     """
-    counts: dict[str, int] = {}
     if not data.strip():
         return [], {"files_empty": 1}
     if b"\x00" in data[:BINARY_PROBE]:
         return [], {"files_binary": 1}
-    if data.startswith(b"\xef\xbb\xbf"):
+    if data.startswith(_BOM):
         data = data[3:]
+    return decode_records(data, fmt=fmt, separator=separator, text_field=text_field, errors=errors)
+
+
+def decode_records(data: bytes, *, fmt: str, separator: str, text_field: str, errors: str) -> tuple[list[str], dict[str, int]]:
+    """The documents in whole records (lines or blocks) of a text or jsonl file, and the counts of bad ones."""
+    counts: dict[str, int] = {}
     if fmt == "jsonl" or separator == "line":
         chunks = data.split(b"\n")
     else:
@@ -264,6 +269,62 @@ def decode_file(data: bytes, *, fmt: str, separator: str, text_field: str, error
             continue
         docs.append(value)
     return docs, counts
+
+
+# ---- byte ranges: a large line-separated file is read by several tasks ---------------------------------
+def splittable(fmt: str, separator: str) -> bool:
+    """Files of one record per line can be cut at any newline; blank-line blocks are read whole."""
+    return fmt == "jsonl" or separator == "line"
+
+
+def byte_ranges(size: int, chunk: int) -> list[tuple[int, int]]:
+    """[start, end) ranges that cover a file of ``size`` bytes, ``chunk`` bytes each (one for an empty file)."""
+    return [(s, min(s + chunk, size)) for s in range(0, size, chunk)] or [(0, 0)]
+
+
+def read_range(path: str, start: int, end: int, size: int, *, fs, fmt: str, separator: str, text_field: str,
+               errors: str) -> tuple[list[str], dict[str, int]]:
+    """The documents of the lines that *start* in bytes [start, end) of a file, and their counts.
+
+    A line belongs to the range in which it starts (it may run past ``end``), so the ranges of a file together
+    read every line exactly once, whatever the cut points. A range of the whole file is :func:`decode_file`.
+    A binary file is skipped by every range and counted by the first; the first range strips a UTF-8 BOM.
+    ``fs`` is the pyarrow filesystem built on the driver (None for local paths).
+    """
+    with _open(path, fs) as f:
+        if start == 0 and end >= size:
+            return decode_file(f.read(), fmt=fmt, separator=separator, text_field=text_field, errors=errors)
+        if b"\x00" in f.read(BINARY_PROBE):
+            return [], ({"files_binary": 1} if start == 0 else {})
+        begin = 0 if start == 0 else _next_newline(f, start - 1, size) + 1
+        if begin >= end:
+            return [], {}
+        stop = _next_newline(f, end - 1, size) + 1
+        f.seek(begin)
+        data = f.read(stop - begin)
+    if start == 0 and data.startswith(_BOM):
+        data = data[3:]
+    return decode_records(data, fmt=fmt, separator=separator, text_field=text_field, errors=errors)
+
+
+_BOM = b"\xef\xbb\xbf"
+_SCAN = 1 << 20
+
+
+def _open(path: str, fs):
+    return fs.open_input_file(storage.fs_path(path)) if fs is not None else open(path, "rb")
+
+
+def _next_newline(f, offset: int, size: int) -> int:
+    """The position of the first newline at or after ``offset`` (``size`` - 1 when there is none)."""
+    while offset < size:
+        f.seek(offset)
+        buf = f.read(min(_SCAN, size - offset))
+        i = buf.find(b"\n")
+        if i >= 0:
+            return offset + i
+        offset += len(buf)
+    return size - 1
 
 
 def decode_value(value, errors: str) -> tuple[str | None, str | None]:

@@ -58,11 +58,12 @@ def test_unknown_override_key_is_an_error():
 
 def test_validation_collects_every_problem(tmp_path):
     p = tmp_path / "c.yaml"
-    p.write_text("loss: {temperature: 0.0, alpha_ce: -1.0}\ndeepspeed: {zero_stage: 5}\nsweep: {space: {loss.nope: {type: choice, values: [1]}}}\n")
+    p.write_text("loss: {temperature: 0.0, alpha_ce: -1.0}\ndeepspeed: {zero_stage: 5}\nsweep: {space: {loss.nope: {type: choice, values: [1]}}}\n"
+                 "data: {read_chunk_mb: 0}\n")
     with pytest.raises(ValueError) as e:
         load_config(p)
     msg = str(e.value)
-    for fragment in ("loss.temperature", "alphas", "zero_stage", "sweep.space.loss.nope"):
+    for fragment in ("loss.temperature", "alphas", "zero_stage", "sweep.space.loss.nope", "data.read_chunk_mb=0"):
         assert fragment in msg
 
 

@@ -51,6 +51,47 @@ def test_pathological_lines_are_cut_and_counted():
     assert clean_document("  a \t b\n\n c ", 1000) == ("a b c", 0)
 
 
+@pytest.mark.parametrize("fmt", ["text", "jsonl"])
+def test_byte_ranges_read_every_line_exactly_once_whatever_the_cut_points(tmp_path, fmt):
+    """A large file is read by several tasks, each owning the lines that start in its range."""
+    lines = [_sentence(i, 1 + i % 17) for i in range(60)]
+    lines[7] = "ünïcödé — 日本語 🙂 " * 40  # multi-byte characters across cut points
+    lines[20] = "y" * 5000  # one line longer than most ranges
+    lines[33] = ""  # a blank line
+    lines[41] = "caf\xe9"  # becomes Latin-1 below: undecodable
+    raw = [json.dumps({"text": t}).encode() if fmt == "jsonl" and t else t.encode() for t in lines]
+    raw[41] = b'{"text": "caf\xe9"}' if fmt == "jsonl" else "caf\xe9".encode("latin-1")
+    data = b"\xef\xbb\xbf" + b"\r\n".join(raw[:10]) + b"\r\n" + b"\n".join(raw[10:])  # BOM, CRLF, no final newline
+    path = tmp_path / f"big.{fmt}"
+    path.write_bytes(data)
+    whole = _decode(data, fmt=fmt)
+    assert len(whole[0]) == 59 and whole[1] == {"docs_undecodable_replaced": 1}
+
+    def read(chunk):
+        docs, counts = [], {}
+        for a, b in sources.byte_ranges(len(data), chunk):
+            d, c = sources.read_range(str(path), a, b, len(data), fs=None, fmt=fmt, separator="line", text_field="text", errors="replace")
+            docs += d
+            for k, v in c.items():
+                counts[k] = counts.get(k, 0) + v
+        return docs, counts
+
+    for chunk in (1, 2, 3, 7, 100, 1000, 4999, 5001, len(data) - 1, len(data), 10**6):
+        assert read(chunk) == whole, chunk
+
+
+def test_a_binary_file_cut_into_ranges_is_skipped_by_every_range_and_counted_once(tmp_path):
+    data = b"\x89PNG\r\n\x1a\n\x00\x00" + b"\n".join(b"line %d" % i for i in range(2000))
+    (tmp_path / "x.txt").write_bytes(data)
+    results = [sources.read_range(str(tmp_path / "x.txt"), a, b, len(data), fs=None, fmt="text", separator="line",
+                                  text_field="text", errors="replace") for a, b in sources.byte_ranges(len(data), 1000)]
+    assert len(results) > 10 and [r for r in results if r != ([], {})] == [([], {"files_binary": 1})]
+    (tmp_path / "empty.txt").write_bytes(b"")
+    assert sources.byte_ranges(0, 1000) == [(0, 0)]
+    assert sources.read_range(str(tmp_path / "empty.txt"), 0, 0, 0, fs=None, fmt="text", separator="line", text_field="text",
+                              errors="replace") == ([], {"files_empty": 1})
+
+
 # ---- resolution: errors at the edge, before Ray ------------------------------------------------------
 def test_missing_paths_empty_globs_and_unknown_files_are_one_clear_error(tmp_path):
     (tmp_path / "notes.docx").write_bytes(b"PK\x03\x04")
@@ -259,7 +300,8 @@ def test_a_corpus_too_big_to_hold_streams_and_only_the_evaluated_val_rows_are_re
 
 
 def test_s3_sources_globs_and_output_on_a_real_s3_server(tracking_server, ray_session, tmp_path, monkeypatch):
-    """Sources and output on an S3-compatible server (moto, 127.0.0.1); the tasks get the endpoint with the fs."""
+    """Sources and output on an S3-compatible server (moto, 127.0.0.1); the tasks get the endpoint with the fs.
+    The jsonl shards are cut into byte ranges (every line read once); the blank-line text file is read whole."""
     import boto3
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", tracking_server["s3_endpoint"])
@@ -270,8 +312,9 @@ def test_s3_sources_globs_and_output_on_a_real_s3_server(tracking_server, ray_se
         s3.put_object(Bucket="corpus", Key=f"wiki/shard-{shard}.jsonl", Body=body.encode())
     s3.put_object(Bucket="corpus", Key="wiki/README.md", Body=b"not matched by the glob")
     s3.put_object(Bucket="corpus", Key="books/a.txt", Body="\n\n".join(_sentence(i, 30) for i in range(500, 560)).encode())
+    # 4 KB ranges: each jsonl shard (~25 KB) is read by several tasks, through the filesystem the driver built.
     cfg = DataSection(sources=["s3://corpus/wiki/*.jsonl", "s3://corpus/books/"], text_separator="blank_line",
-                      max_seq_len=64, output="s3://corpus/prepared")
+                      max_seq_len=64, output="s3://corpus/prepared", read_chunk_mb=4 / 1024)
     from pipeline import data, storage
 
     m = _prepare(cfg, tmp_path)
@@ -279,7 +322,8 @@ def test_s3_sources_globs_and_output_on_a_real_s3_server(tracking_server, ray_se
     assert [g["files"] for g in m["sources"]] == [[f"s3://corpus/wiki/shard-{i}.jsonl" for i in range(3)], ["s3://corpus/books/a.txt"]]
     assert m["path"].startswith("s3://corpus/prepared/")
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="corpus", Prefix="prepared/")["Contents"]]
-    assert any(k.endswith("manifest.json") for k in keys) and any(k.endswith(".parquet") and "/train/" in k for k in keys)
+    assert any(k.endswith("manifest.json") for k in keys)
+    assert sum(k.endswith(".parquet") and "/train/" in k for k in keys) > 4, "one shard per range's task, not per file"
     assert storage.read_json(storage.join(m["path"], "manifest.json"))["key"] == m["key"]
     splits = data.load_splits(m, materialize_max_gib=1.0)
     assert splits["train"].count() == m["splits"]["train"]["num_sequences"]
