@@ -54,7 +54,7 @@ def run_distil(paths: list[str], work: str, tokenizer_path: str, cpus: int, max_
 
     from pipeline import data
 
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)  # its own, never a running one
     cfg = DataSection(sources=paths, max_seq_len=max_seq_len, val_fraction=0.0, read_chunk_mb=read_chunk_mb)
     t0 = time.perf_counter()
     m = data.prepare(cfg, data_dir=os.path.join(work, "distil"), run_root=work, tokenizer_path=tokenizer_path,
