@@ -1,4 +1,4 @@
-"""Model FLOPs per token, for the tokens/s → MFU estimate. Pure arithmetic, no framework imports.
+"""Model FLOPs per token, for the tokens/s → MFU estimate. Pure arithmetic, no framework imports at module level.
 
 For a transformer encoder with L layers, width d, FFN width f, sequence length T and vocabulary V, one
 token's forward pass costs (a multiply-add counts 2 FLOPs, as in Kaplan et al. 2020 and PaLM's MFU):
@@ -16,6 +16,8 @@ scaled by the mask rate. MFU = achieved model FLOPs/s ÷ the hardware's peak FLO
 """
 
 from __future__ import annotations
+
+import time
 
 
 def forward_flops_per_token(*, layers: int, d: int, f: int, seq_len: int, vocab: int, head_fraction: float = 1.0) -> float:
@@ -38,3 +40,20 @@ def step_flops_per_token(student_config, teacher_config, *, seq_len: int, mask_p
     student = forward_flops_per_token(**shape_of(student_config), seq_len=seq_len)
     teacher = forward_flops_per_token(**shape_of(teacher_config), seq_len=seq_len)
     return 3 * student + teacher
+
+
+def measure_peak_tflops(device, dtype=None, n: int = 8192, reps: int = 20) -> float:
+    """The achieved dense matmul TFLOP/s of this GPU (the MFU denominator): n×n×n products, timed (bf16 unless
+    ``dtype`` says otherwise). The one function here that needs torch, imported when it runs."""
+    import torch
+
+    dtype = dtype or torch.bfloat16
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ a
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ a
+    torch.cuda.synchronize(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12

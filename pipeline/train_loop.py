@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline import batches as batches_lib, checkpoint, engine as engine_lib, flops, masking, models, step as step_lib, storage, tracking
+from pipeline.flops import measure_peak_tflops
 from pipeline.config import RunConfig
 
 
@@ -291,19 +292,6 @@ def _peak_tflops(setup: WorkerSetup) -> float | None:
     if setup.device.type != "cuda":
         return None
     return measure_peak_tflops(setup.device)
-
-
-def measure_peak_tflops(device: torch.device, dtype: torch.dtype = torch.bfloat16, n: int = 8192, reps: int = 20) -> float:
-    """The achieved dense matmul TFLOP/s of this GPU (the MFU denominator): n×n×n products, timed."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ a
-    torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ a
-    torch.cuda.synchronize(device)
-    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
 
 
 class Numerics:
