@@ -48,7 +48,7 @@ def _init_single_process_group(backend: str) -> None:
 
 
 def measure(seq_len: int, batch: int, *, steps: int, warmup: int, device: torch.device, shape: TeacherSection,
-            precision: str, vocab: int, zero_stage: int = 2) -> dict:
+            precision: str, vocab: int, zero_stage: int = 2, profile: str = "") -> dict:
     use_gpu = device.type == "cuda"
     teacher = models.build_teacher_for_pretraining(shape, vocab_size=vocab, pad_token_id=0, seed=0)
     student = models.build_student(StudentSection(layer_map="alternate", init="teacher"), teacher, seed=0)
@@ -64,10 +64,15 @@ def measure(seq_len: int, batch: int, *, steps: int, warmup: int, device: torch.
     gen = torch.Generator(device=device)
     sync = torch.cuda.synchronize if use_gpu else (lambda: None)
     t0 = None
+    profiler = None
     for i in range(warmup + steps):
         if i == warmup:
             sync()
             t0 = time.perf_counter()
+            if profile:  # the timed steps under torch.profiler: its table, not the timing, is the point
+                acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if use_gpu else [])
+                profiler = torch.profiler.profile(activities=acts)
+                profiler.__enter__()
         gen.manual_seed(i)
         ids = torch.randint(min(1000, vocab // 2), vocab, (batch, seq_len), device=device, generator=gen)
         ids[:, 0], ids[:, -1] = 101, 102  # [CLS] … [SEP], packed: no padding
@@ -80,6 +85,12 @@ def measure(seq_len: int, batch: int, *, steps: int, warmup: int, device: torch.
         engine.step()
     sync()
     seconds = time.perf_counter() - t0
+    if profiler is not None:
+        profiler.__exit__(None, None, None)
+        sort = "cuda_time_total" if use_gpu else "cpu_time_total"
+        with open(profile, "a") as f:
+            f.write(f"# seq_len {seq_len}, batch {batch}, ZeRO-{zero_stage}, {steps} steps\n")
+            f.write(profiler.key_averages().table(sort_by=sort, row_limit=30) + "\n")
     tokens_per_s = batch * seq_len * steps / seconds
     per_token = flops.step_flops_per_token(engine.module.config, teacher.config, seq_len=seq_len, mask_prob=0.15)
     out = {"seq_len": seq_len, "batch": batch, "tokens_per_s": round(tokens_per_s, 1),
@@ -99,12 +110,14 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-128", type=int, default=128, help="micro-batch (sequences) at seq 128")
     parser.add_argument("--batch-512", type=int, default=32, help="micro-batch (sequences) at seq 512")
     parser.add_argument("--zero-stage", type=int, default=2, choices=(0, 1, 2, 3))
+    parser.add_argument("--profile", default="", help="append torch.profiler tables of the timed steps to this file")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: exercises the code, measures nothing")
     args = parser.parse_args(argv)
 
     if args.smoke:
         _init_single_process_group("gloo")
-        runs = [measure(32, 4, steps=2, warmup=1, device=torch.device("cpu"), shape=TINY, precision="fp32", vocab=1000)]
+        runs = [measure(32, 4, steps=2, warmup=1, device=torch.device("cpu"), shape=TINY, precision="fp32", vocab=1000,
+                        profile=args.profile)]
         print(json.dumps({"benchmark": "gpu_mfu", "smoke": True, "results": runs}))
         return 0
     if not torch.cuda.is_available():
@@ -118,7 +131,7 @@ def main(argv=None) -> int:
     runs = []
     for seq_len, batch in ((128, args.batch_128), (512, args.batch_512)):
         r = measure(seq_len, batch, steps=args.steps, warmup=args.warmup, device=device, shape=BERT_BASE,
-                    precision="bf16", vocab=30522, zero_stage=args.zero_stage)
+                    precision="bf16", vocab=30522, zero_stage=args.zero_stage, profile=args.profile)
         r["mfu"] = round(r["model_tflops_per_s"] / peak, 4)
         runs.append(r)
     print(json.dumps({
