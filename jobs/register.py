@@ -35,9 +35,15 @@ def _metrics(pairs: list[str]) -> dict:
 
 def hand_candidate(args) -> dict | None:
     if args.checkpoint:
-        saved = storage.read_json(storage.join(args.checkpoint, checkpoint.METRICS_FILE))
-        if saved is None and not storage.is_s3(args.checkpoint) and not os.path.isdir(args.checkpoint):
+        if not storage.is_s3(args.checkpoint) and not os.path.isdir(args.checkpoint):
             raise ValueError(f"--checkpoint {args.checkpoint}: no such directory")
+        import pyarrow.fs
+
+        fs = storage.pyarrow_filesystem(args.checkpoint) or pyarrow.fs.LocalFileSystem()
+        reason = checkpoint.stored_reason(fs, storage.fs_path(args.checkpoint))
+        if reason:
+            raise ValueError(f"--checkpoint {args.checkpoint} is damaged or incomplete ({reason}): register an earlier one")
+        saved = storage.read_json(storage.join(args.checkpoint, checkpoint.METRICS_FILE))
         return {"source": "hand:checkpoint", "checkpoint": args.checkpoint,
                 "metrics": {**(saved or {}), **_metrics(args.metric)}}
     if args.model_dir:

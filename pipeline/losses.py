@@ -37,6 +37,13 @@ def kd_loss(
     Computed by :class:`_ChunkedKD` in row chunks, so that no N×V intermediate is kept for backward and each
     chunk's passes stay in cache. Per position, with lse the log-sum-exp:
         KL = Σ_v p_t,v · (t_v − s_v) / T − lse(t/T) + lse(s/T),     ∂KL/∂s = (softmax(s/T) − p_t) / T.
+
+    −inf logits (a masked vocabulary entry, an fp16 overflow) follow ``F.kl_div``'s convention 0 · log 0 = 0:
+    a vocabulary entry the teacher gives probability 0 adds nothing to the loss or the gradient, whatever
+    the student's logit there (−inf included, where ``F.kl_div`` itself gives NaN). A student logit of −inf
+    where the teacher's probability is positive gives +inf, the true value. A teacher row with no finite
+    logit, and +inf or NaN logits, are not distributions: the result is NaN, which the loop's numerics guard
+    reports with the step and the term.
     """
     s_NV, t_NV = _select(student_logits_BTV, mask_BT), _select(teacher_logits_BTV.detach(), mask_BT)
     kl_sum = _ChunkedKD.apply(s_NV, t_NV, float(temperature))
@@ -62,8 +69,11 @@ class _ChunkedKD(torch.autograd.Function):
         for start in range(0, s_NV.shape[0], rows):
             s = s_NV[start : start + rows].float() / temperature
             t = t_NV[start : start + rows].float() / temperature
-            log_p_t = torch.log_softmax(t, dim=-1)
-            total += (log_p_t.exp() * (t - s)).sum() - (torch.logsumexp(t, -1) - torch.logsumexp(s, -1)).sum()
+            p_t = torch.log_softmax(t, dim=-1).exp()
+            # 0 · anything = 0, as in F.kl_div (xlogy): a −inf teacher logit (a masked vocabulary entry) has
+            # p_t = 0, and t − s is NaN there (−inf − s, or −inf − −inf when the student masks it too).
+            cross = torch.where(p_t > 0, p_t * (t - s), 0.0)
+            total += cross.sum() - (torch.logsumexp(t, -1) - torch.logsumexp(s, -1)).sum()
         ctx.save_for_backward(s_NV, t_NV)
         ctx.temperature = temperature
         return total
@@ -102,9 +112,14 @@ def cosine_loss(
     *,
     normalizer: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Σ (1 − cos) between student and teacher hidden states over positions where ``mask_BT`` is true."""
-    s_ND = student_hidden_BTD[mask_BT].float()
-    t_ND = teacher_hidden_BTD[mask_BT].float()
+    """Σ (1 − cos) between student and teacher hidden states over positions where ``mask_BT`` is true.
+
+    Each vector is first scaled by a power of two that brings its largest |entry| into [0.5, 1): the cosine
+    is unchanged bit for bit (power-of-two scaling is exact), but ‖h‖² no longer overflows float32 for
+    entries above ~1e19 (bf16 reaches 3e38), where ``F.cosine_similarity`` would return 0.
+    """
+    s_ND = _unit_scale(student_hidden_BTD[mask_BT].float())
+    t_ND = _unit_scale(teacher_hidden_BTD[mask_BT].float())
     cos_sum = (1.0 - F.cosine_similarity(s_ND, t_ND, dim=-1)).sum()
     return cos_sum / _norm(normalizer, s_ND.shape[0])
 
@@ -116,9 +131,17 @@ def mse_loss(
     *,
     normalizer: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Σ ‖s − t‖² / V over positions where ``mask_BT`` is true (HF's optional alpha_mse term, per position)."""
+    """Σ ‖s − t‖² / V over positions where ``mask_BT`` is true (HF's optional alpha_mse term, per position).
+
+    A teacher logit of −inf (a masked vocabulary entry) has no value to match: that entry is left out (it
+    adds 0; V stays the divisor), and the KD term already drives the student's probability there to 0.
+    A student logit of −inf against a finite teacher logit gives +inf, the true value; so does a squared
+    difference beyond float32's range (|s − t| > ~1.8e19). Non-finite results are reported by the loop's
+    numerics guard.
+    """
     s_NV, t_NV = _select(student_logits_BTV, mask_BT).float(), _select(teacher_logits_BTV.detach(), mask_BT).float()
-    mse_sum = F.mse_loss(s_NV, t_NV, reduction="sum") / max(s_NV.shape[-1], 1)
+    sq_NV = torch.where(torch.isneginf(t_NV), 0.0, (s_NV - t_NV).square())
+    mse_sum = sq_NV.sum() / max(s_NV.shape[-1], 1)
     return mse_sum / _norm(normalizer, s_NV.shape[0])
 
 
@@ -135,6 +158,14 @@ def _select(x_BTV: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
     if bool(mask_BT.all()):
         return x_BTV.reshape(-1, x_BTV.shape[-1])
     return x_BTV[mask_BT]
+
+
+def _unit_scale(x_ND: torch.Tensor) -> torch.Tensor:
+    """x scaled per row by 2^-e, e the exponent of its largest |entry| (rows of zeros, inf or NaN unchanged)."""
+    _, exponent_N1 = torch.frexp(x_ND.detach().abs().amax(-1, keepdim=True))
+    # Clamped so that 2^-e itself is a normal float32 (a subnormal row's e is below −126). Not torch.ldexp:
+    # its backward gives a zero gradient (torch 2.13).
+    return x_ND * torch.exp2(-exponent_N1.clamp(-126, 126).to(x_ND.dtype))
 
 
 def _norm(normalizer, local_count: int):

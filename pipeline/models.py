@@ -73,18 +73,107 @@ def build_teacher_for_pretraining(cfg: TeacherSection, *, vocab_size: int, pad_t
 
 
 def load_teacher(source: str, *, cache_root: str, dtype: str = "fp32") -> BertForMaskedLM:
-    """Load a pretrained masked-LM teacher (hub id, local directory or s3://), frozen and in eval mode."""
+    """Load a pretrained masked-LM teacher (hub id, local directory or s3://), frozen and in eval mode.
+
+    Raises ValueError for a folder without config.json, a model that is not BERT, and a checkpoint without
+    trained masked-LM head weights (an encoder-only ``BertModel``: its head would be random).
+    """
     path = resolve_local(source, cache_root)
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
         raise ValueError(f"teacher {source!r} is a directory without config.json: point at a saved HF model directory")
-    model = AutoModelForMaskedLM.from_pretrained(path)
+    model, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
     if model.config.model_type not in SUPPORTED_TEACHERS:
         raise ValueError(
             f"teacher {source!r} is a {model.config.model_type!r} model; supported teachers are BERT-family "
             f"masked LMs ({', '.join(SUPPORTED_TEACHERS)}), e.g. bert-base-uncased"
         )
+    missing_head = sorted(k for k in info["missing_keys"] if k.startswith(MLM_HEAD_PREFIX))
+    if missing_head:
+        raise ValueError(_no_head_message(source, f"{len(missing_head)} head weights missing, e.g. {missing_head[0]}"))
     model.requires_grad_(False).eval()
     return model.to(torch.bfloat16) if dtype == "bf16" else model
+
+
+MLM_HEAD_PREFIX = "cls.predictions."
+
+
+def _no_head_message(source: str, what: str) -> str:
+    return (f"teacher {source!r} has no trained masked-LM head ({what}): "
+            "it is an encoder only (BertModel), and distilling from a random head teaches noise. Use a "
+            "BertForMaskedLM checkpoint (e.g. bert-base-uncased), or teacher.source: pretrain")
+
+
+def checkpoint_keys(path: str) -> list[str] | None:
+    """The tensor names stored in a local HF model folder, read from safetensors headers (no weights loaded),
+    or from a PyTorch ``.bin`` memory-mapped; None when the folder holds neither."""
+    import json
+
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            return sorted(json.load(f)["weight_map"])
+    if os.path.exists(os.path.join(path, "model.safetensors")):
+        from safetensors import safe_open
+
+        with safe_open(os.path.join(path, "model.safetensors"), framework="pt") as f:
+            return sorted(f.keys())
+    if os.path.exists(os.path.join(path, "pytorch_model.bin")):
+        return sorted(torch.load(os.path.join(path, "pytorch_model.bin"), map_location="cpu", weights_only=True, mmap=True))
+    return None
+
+
+def check_teacher(source: str, *, cache_root: str, tokenizer: PreTrainedTokenizerBase, max_seq_len: int) -> list[str]:
+    """Problems of a pretrained teacher, found from its config, tensor names and tokenizer files, without
+    building the model: not BERT, no masked-LM head, fewer positions than ``max_seq_len``, a vocabulary that
+    does not match ``tokenizer`` (either way). Returns one message per problem."""
+    from transformers import AutoConfig
+
+    path = resolve_local(source, cache_root)
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
+        return [f"teacher {source!r} is a directory without config.json: point at a saved HF model directory"]
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        return [f"teacher {source!r} cannot be loaded ({' '.join(str(e).split())[:300]}): give a hub id this machine "
+                "can reach, a local HF folder or s3://"]
+    if config.model_type not in SUPPORTED_TEACHERS:
+        return [f"teacher {source!r} is a {config.model_type!r} model; supported teachers are BERT-family masked LMs "
+                f"({', '.join(SUPPORTED_TEACHERS)}), e.g. bert-base-uncased"]
+    problems = []
+    keys = checkpoint_keys(path) if os.path.isdir(path) else None
+    if keys is not None and not any(k.startswith(MLM_HEAD_PREFIX + "transform.") for k in keys):
+        problems.append(_no_head_message(source, f"its weights hold no {MLM_HEAD_PREFIX}* tensors"))
+    if max_seq_len > config.max_position_embeddings:
+        problems.append(f"data.max_seq_len={max_seq_len} > the teacher's max_position_embeddings="
+                        f"{config.max_position_embeddings} ({source}): lower data.max_seq_len")
+    problems.extend(vocabulary_problems(source, path, config.vocab_size, tokenizer))
+    return problems
+
+
+def vocabulary_problems(source: str, path: str, vocab_size: int, tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """The tokenizer's ids must index the teacher's embedding table and mean the same tokens. The teacher's own
+    tokenizer files, when its folder has them, must hold the same vocabulary; without them the table may exceed
+    the tokenizer only by padding (< 128 rows, as vocabularies padded to a multiple of 64 or 128)."""
+    n = len(tokenizer)
+    fix = f"set data.tokenizer to the teacher's own tokenizer (e.g. data.tokenizer: {source})"
+    if vocab_size < n:
+        return [f"data.tokenizer has {n:,} tokens but the teacher's vocabulary has {vocab_size:,}: ids past "
+                f"{vocab_size - 1} would index beyond its embedding table; {fix}"]
+    own = _own_tokenizer(path)
+    if own is not None and own.get_vocab() != tokenizer.get_vocab():
+        return [f"the teacher's own tokenizer ({len(own):,} tokens) and data.tokenizer ({n:,} tokens) differ, so "
+                f"ids would mean other tokens to the teacher; {fix}"]
+    if own is None and vocab_size - n >= 128:
+        return [f"the teacher's vocabulary has {vocab_size:,} entries and data.tokenizer {n:,}: more than padding "
+                f"apart, so it was trained with another tokenizer; {fix}"]
+    return []
+
+
+def _own_tokenizer(path: str):
+    names = ("tokenizer.json", "vocab.txt")
+    if not (os.path.isdir(path) and any(os.path.exists(os.path.join(path, n)) for n in names)):
+        return None
+    return AutoTokenizer.from_pretrained(path, use_fast=True)
 
 
 # ---- student -----------------------------------------------------------------------------------------
@@ -159,7 +248,24 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 def export_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: str) -> str:
-    """A standard HF directory (config, safetensors, tokenizer) for AutoModelForMaskedLM and pipeline()."""
+    """A standard HF directory (config, safetensors, tokenizer) for AutoModelForMaskedLM and pipeline().
+
+    The model and its tokenizer agree: the saved tokenizer's ``model_max_length`` is at most the model's
+    ``max_position_embeddings`` (BERT and DistilBERT have no position offset), so that ``truncation=True``
+    (``pipeline("fill-mask", ...)(text, tokenizer_kwargs={"truncation": True})``) cuts a long input to what
+    the model can take; the caller's tokenizer is left unchanged. Raises ValueError, before writing anything,
+    when the tokenizer has more tokens than the model's embedding table has rows.
+    """
+    import copy
+
+    num_rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > num_rows:
+        raise ValueError(f"the tokenizer has {len(tokenizer):,} tokens but the model's embedding table has {num_rows:,} "
+                         f"rows: ids past {num_rows - 1} have no embedding; export it with the tokenizer it was trained with")
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and not tokenizer.model_max_length <= positions:
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.model_max_length = positions
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 _WS = re.compile(r"\s+")
+_LINE = re.compile(r"\r\n?|\n")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -31,14 +32,20 @@ def clean_text(text: str) -> str:
     return _WS.sub(" ", text).strip()
 
 
+def cap_lines(text: str, max_line_chars: int) -> tuple[str, int]:
+    """Cut lines (ended by LF, CRLF or CR) longer than ``max_line_chars`` characters. Returns (text, lines cut)."""
+    if len(text) <= max_line_chars:  # only then can a line be too long
+        return text, 0
+    lines = _LINE.split(text)
+    capped = sum(1 for line in lines if len(line) > max_line_chars)
+    if not capped:
+        return text, 0
+    return "\n".join(line[:max_line_chars] for line in lines), capped
+
+
 def clean_document(text: str, max_line_chars: int) -> tuple[str, int]:
     """Cut lines longer than ``max_line_chars``, then normalise whitespace. Returns (text, lines cut)."""
-    capped = 0
-    if len(text) > max_line_chars:  # only then can a line be too long
-        lines = text.split("\n")
-        capped = sum(1 for line in lines if len(line) > max_line_chars)
-        if capped:
-            text = "\n".join(line[:max_line_chars] for line in lines)
+    text, capped = cap_lines(text, max_line_chars)
     return clean_text(text), capped
 
 

@@ -3,11 +3,15 @@
 - The best candidate is chosen by ``tracking.select_metric`` (``select_mode`` min or max).
 - The alias ``champion`` moves only when the new version beats the current champion on that metric;
   otherwise the new version gets ``challenger``.
+- A score that is not a finite number (NaN, ±inf: a diverged run, an overflow) never wins: not in the choice,
+  not against a champion, not as the first champion. A finite score beats a champion whose score is not.
 - Registration is idempotent: a checkpoint that is already a version is not registered again.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 
 from pipeline import storage
@@ -18,14 +22,40 @@ METRIC_TAG_PREFIX = "distil.metric."
 
 
 def choose(candidates: list[dict], cfg: TrackingSection) -> dict:
+    """The best candidate (``{"source", "metrics", ...}``) by ``cfg.select_metric``, among finite scores.
+
+    Raises ValueError when no candidate reports the metric, or when none has a finite value of it.
+    """
     scored = [c for c in candidates if cfg.select_metric in c["metrics"]]
     if not scored:
         raise ValueError(
             f"no candidate reports {cfg.select_metric!r} (candidates: {[c['source'] for c in candidates]}): "
             "set tracking.select_metric to a metric the runs report, e.g. val/mlm_loss"
         )
-    key = lambda c: c["metrics"][cfg.select_metric]  # noqa: E731
-    return min(scored, key=key) if cfg.select_mode == "min" else max(scored, key=key)
+    finite = [c for c in scored if finite_score(c["metrics"][cfg.select_metric]) is not None]
+    if not finite:
+        values = ", ".join(f"{c['source']}: {c['metrics'][cfg.select_metric]}" for c in scored)
+        raise ValueError(
+            f"no candidate has a finite {cfg.select_metric} ({values}): every run diverged or overflowed; lower "
+            "optim.lr or use deepspeed.precision=bf16, then run distill or sweep again"
+        )
+    return ranked(finite, cfg.select_metric, cfg.select_mode)[0]
+
+
+def finite_score(value) -> float | None:
+    """``value`` as a float when it is a finite number; None for NaN, ±inf, bools and anything not a number."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def ranked(candidates: list[dict], metric: str, mode: str) -> list[dict]:
+    """Best first by ``metric`` (``mode`` min or max); candidates without a finite score come last, in order."""
+    def key(c: dict):
+        score = finite_score(c["metrics"].get(metric))
+        return (score is None, 0.0 if score is None else (score if mode == "min" else -score))
+
+    return sorted(candidates, key=key)  # stable: ties keep their order
 
 
 def local_model_dir(model_uri: str, cache_root: str) -> str:
@@ -37,7 +67,14 @@ def local_model_dir(model_uri: str, cache_root: str) -> str:
     return model_uri
 
 
-def _better(new: float, old: float, mode: str) -> bool:
+def _better(new, old, mode: str) -> bool:
+    """Whether score ``new`` beats ``old`` (None when there is none). A non-finite new score beats nothing; a
+    finite one beats a missing or non-finite old score."""
+    new, old = finite_score(new), finite_score(old)
+    if new is None:
+        return False
+    if old is None:
+        return True
     return new < old if mode == "min" else new > old
 
 
@@ -113,6 +150,9 @@ def register(cfg: TrackingSection, *, model_dir: str, checkpoint: str, metrics: 
         transformers_model={"model": model, "tokenizer": tokenizer},
         name="student",
         task="fill-mask",
+        # pyfunc predict (and `mlflow models serve`) passes these to every pipeline call: a long input is cut to
+        # the model's window (the exported tokenizer's model_max_length = max_position_embeddings), not a crash.
+        model_config={"tokenizer_kwargs": {"truncation": True}},
         registered_model_name=cfg.model_name,
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}"],
     )
@@ -135,11 +175,19 @@ def _move_alias(client, cfg: TrackingSection, version: str, score: float) -> str
     except Exception:  # noqa: BLE001 -- MLflow raises a generic error when the alias does not exist
         current = None
     old = current.tags.get(METRIC_TAG_PREFIX + cfg.select_metric) if current is not None else None
-    if old is None or _better(score, float(old), cfg.select_mode):
+    if _better(score, _tag_score(old), cfg.select_mode):
         client.set_registered_model_alias(cfg.model_name, cfg.alias, version)
         return cfg.alias
     client.set_registered_model_alias(cfg.model_name, "challenger", version)
     return "challenger"
+
+
+def _tag_score(tag: str | None) -> float | None:
+    """A champion's score tag as a number: None when absent or not a number (a hand-edited tag)."""
+    try:
+        return float(tag) if tag is not None else None
+    except ValueError:
+        return None
 
 
 def _version_for_checkpoint(client, name: str, checkpoint: str):

@@ -1,4 +1,4 @@
-"""Corpus sources: resolved and checked at the edge (the driver), decoded in Ray Data tasks.
+"""Corpus sources: resolved and checked at the edge (the driver); decoded in Ray Data tasks (pipeline/decoding.py).
 
 A source in ``data.sources`` is one of:
 
@@ -8,10 +8,15 @@ A source in ``data.sources`` is one of:
 - ``hub:NAME``: a Hub dataset, loaded with ``datasets.load_dataset(NAME, data.hub_config, split=data.split)``;
 - ``package:NAME``: a corpus shipped inside an installed package (pipeline/corpora.py).
 
+A path that exists as named is read as that path, whatever characters it holds (``corpus [v2]/a.txt``); it is
+a glob only when nothing has that exact name (:func:`plan_path`).
+
 Everything that can be checked before Ray starts is checked here, with one clear error per problem: a missing
-path, a glob that matches nothing, an unreadable bucket, a file type we cannot read, a missing field or column.
-Problems inside the files (empty or binary files, undecodable bytes, bad JSON lines) are counted skips, decided
-per file in :func:`decode_file`, so that one bad file never fails a long run.
+path, a glob that matches nothing, an unreadable bucket, a file type we cannot read, a missing field or column,
+a ``.json`` file that is one JSON document but not an array of records. Problems inside the files (empty or
+binary files, undecodable bytes, bad JSON) are counted skips, decided per file in Ray Data tasks by
+pipeline/decoding.py (which also holds the encodings and line ends we read), so that one bad file never fails a
+long run; the driver names each such file in one warning (pipeline/data.py).
 """
 
 from __future__ import annotations
@@ -21,22 +26,23 @@ import glob
 import json
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from pipeline import corpora, storage
+from pipeline import corpora, decoding, storage
 from pipeline.config import DataSection
 
+# A .json file is JSON Lines unless it is one JSON array ("json", read whole by one task): see json_layout.
 EXTENSIONS = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 _GLOB_CHARS = re.compile(r"[*?\[]")
-_BLANK_LINE = re.compile(rb"\n(?:[ \t\r\f\v]*\n)+")
-BINARY_PROBE = 8192  # a NUL byte in a file's first 8 KiB marks it binary
+JSON_PROBE = 1 << 16  # bytes of a .json file the driver reads to tell JSON Lines from one JSON document
 
 
 @dataclass
 class Group:
     """Sources of one format, read with one Ray Data reader."""
 
-    format: str  # text | jsonl | parquet | arrow (save_to_disk and Hub caches)
+    format: str  # text | jsonl | json (one JSON array per file) | parquet | arrow (save_to_disk and Hub caches)
     paths: list[str] = field(default_factory=list)
     names: list[str] = field(default_factory=list)  # what the user wrote, for the manifest
 
@@ -79,20 +85,48 @@ def resolve(cfg: DataSection, corpora_dir: str) -> list[Group]:
     return out
 
 
+def plan_path(path: str, kind) -> tuple[str, str, str]:
+    """How to read a source path: as named when it exists, else as a glob. Returns (how, base, target).
+
+    ``kind(p)`` says what the path ``p`` names, taken literally: "file", "dir" or "missing". A path that exists
+    is ``("file" | "dir", path, path)`` whatever characters it holds. A missing one without glob characters
+    (``* ? [``) is ``("missing", path, path)``. Otherwise it is ``("glob", base, pattern)``: ``base`` is the
+    longest leading folder that contains no glob characters or exists as named, and ``pattern`` escapes it, so
+    ``corpus [v2]/*.txt`` matches the .txt files of the folder "corpus [v2]", never those of "corpus v".
+    """
+    found = kind(path)
+    if found != "missing":
+        return found, path, path
+    if not _GLOB_CHARS.search(path):
+        return "missing", path, path
+    parts = path.split("/")
+    for i in range(len(parts) - 1, 0, -1):
+        base = "/".join(parts[:i])
+        if not _GLOB_CHARS.search(base) or kind(base) == "dir":
+            return "glob", base, glob.escape(base) + "/" + "/".join(parts[i:])
+    return "glob", "", path
+
+
+def _local_kind(path: str) -> str:
+    return "dir" if os.path.isdir(path) else "file" if os.path.exists(path) else "missing"
+
+
 def _local_files(path: str, src: str) -> list[str]:
-    if _GLOB_CHARS.search(path):
-        matches = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
+    how, _, target = plan_path(path, _local_kind)
+    if how == "glob":
+        matches = sorted(p for p in glob.glob(target, recursive=True) if os.path.isfile(p))
         if not matches:
-            raise ValueError(f"data.sources: the glob {src!r} matches no file: check the pattern and the folder")
+            raise ValueError(f"data.sources: the glob {src!r} matches no file, and no file or folder has that exact "
+                             "name: check the pattern and the folder")
         return [os.path.abspath(p) for p in matches]
-    if os.path.isdir(path):
+    if how == "dir":
         files = sorted(
             os.path.join(d, f) for d, _, names in os.walk(path) for f in names if not f.startswith((".", "_"))
         )
         if not files:
             raise ValueError(f"data.sources: the folder {src!r} holds no files")
         return [os.path.abspath(p) for p in files]
-    if not os.path.exists(path):
+    if how == "missing":
         raise ValueError(f"data.sources: {src!r} does not exist: check the path (relative paths are from the job's working directory)")
     if not os.access(path, os.R_OK):
         raise ValueError(f"data.sources: {src!r} is not readable: check its permissions")
@@ -105,13 +139,13 @@ def _s3_files(uri: str) -> list[str]:
 
     filesystem = storage.pyarrow_filesystem(uri)
     path = storage.fs_path(uri)
-    base = path if not _GLOB_CHARS.search(path) else path[: _GLOB_CHARS.search(path).start()].rsplit("/", 1)[0]
     bucket = path.split("/", 1)[0]
+    kinds = {pafs.FileType.File: "file", pafs.FileType.Directory: "dir"}
     try:
         if filesystem.get_file_info(bucket).type == pafs.FileType.NotFound:
             raise OSError(f"the bucket {bucket!r} does not exist or is not visible to these credentials")
-        info = filesystem.get_file_info(base)
-        if info.type == pafs.FileType.File and base == path:
+        how, base, target = plan_path(path, lambda p: kinds.get(filesystem.get_file_info(p).type, "missing"))
+        if how == "file":
             return [f"s3://{path}"]
         infos = filesystem.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
     except OSError as e:
@@ -121,8 +155,8 @@ def _s3_files(uri: str) -> list[str]:
             "(AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY) and, for an S3-compatible store, AWS_ENDPOINT_URL"
         ) from None
     files = sorted(i.path for i in infos if i.type == pafs.FileType.File)
-    if base != path:
-        files = [f for f in files if fnmatch.fnmatchcase(f, path)]
+    if how == "glob":
+        files = [f for f in files if fnmatch.fnmatchcase(f, target)]
     files = [f for f in files if not os.path.basename(f).startswith((".", "_"))]
     if not files:
         raise ValueError(f"data.sources: {uri} matches no file: check the prefix or the glob")
@@ -131,21 +165,112 @@ def _s3_files(uri: str) -> list[str]:
 
 def _by_format(paths: list[str], cfg: DataSection, src: str) -> dict[str, list[str]]:
     if cfg.format not in ("auto", "hf_disk"):
-        return {cfg.format: paths}
-    out: dict[str, list[str]] = {}
-    unknown = []
-    for p in paths:
-        fmt = EXTENSIONS.get(os.path.splitext(p)[1].lower())
-        if fmt is None:
-            unknown.append(p)
-        else:
-            out.setdefault(fmt, []).append(p)
-    if unknown:
-        raise ValueError(
-            f"data.sources: {src!r} holds files of unknown type ({', '.join(os.path.basename(u) for u in unknown[:3])}"
-            f"{'…' if len(unknown) > 3 else ''}): name them .txt/.jsonl/.parquet, narrow the glob, or set data.format"
-        )
-    return out
+        out = {cfg.format: paths}
+    else:
+        out, unknown = {}, []
+        for p in paths:
+            fmt = EXTENSIONS.get(os.path.splitext(p)[1].lower())
+            if fmt is None:
+                unknown.append(p)
+            else:
+                out.setdefault(fmt, []).append(p)
+        if unknown:
+            raise ValueError(
+                f"data.sources: {src!r} holds files of unknown type ({', '.join(os.path.basename(u) for u in unknown[:3])}"
+                f"{'…' if len(unknown) > 3 else ''}): name them .txt/.jsonl/.json/.parquet, narrow the glob, or set data.format"
+            )
+    arrays = _json_arrays(out.get("jsonl", []), cfg.text_field)
+    if arrays:
+        out["jsonl"] = [p for p in out["jsonl"] if p not in arrays]
+        out["json"] = arrays
+    return {fmt: ps for fmt, ps in out.items() if ps}
+
+
+def _json_arrays(paths: list[str], text_field: str) -> list[str]:
+    """The .json files among ``paths`` that are one JSON array; raise one ValueError naming every .json file that
+    is a single JSON document of another shape. Reads the first JSON_PROBE bytes of each (in parallel, for S3)."""
+    named = [p for p in paths if p.lower().endswith(".json")]
+    if not named:
+        return []
+
+    def head(path: str) -> bytes:
+        with storage.open_input(path) as f:
+            return f.read(JSON_PROBE + 1)
+
+    with ThreadPoolExecutor(min(16, len(named))) as pool:
+        heads = list(pool.map(head, named))
+    arrays, problems = [], []
+    for path, data in zip(named, heads):
+        try:
+            if json_layout(data[:JSON_PROBE], whole=len(data) <= JSON_PROBE, text_field=text_field) == "json":
+                arrays.append(path)
+        except ValueError as e:
+            problems.append(f"data.sources: {path} {e}")
+    if problems:
+        more = f"\n… and {len(problems) - 5} more .json files like these" if len(problems) > 5 else ""
+        raise ValueError("\n".join(problems[:5]) + more)
+    return arrays
+
+
+def json_layout(head: bytes, *, whole: bool, text_field: str) -> str:
+    """How a .json file holds its records, from its first bytes (``whole``: they are the whole file).
+
+    Returns "json" for one JSON array (of records or strings: read whole by one task) and "jsonl" for JSON
+    Lines (one record per line; also what a first line too long to judge is taken for, leaving the tasks to
+    count what does not parse). Raises ValueError saying what was found for a single JSON object (on one line
+    or spread over several), and for an array whose first item is not a record with ``text_field`` or a string.
+    """
+    text = decoding.head_text(head).lstrip()
+    fix = (f"write its records as one JSON array ([{{\"{text_field}\": \"…\"}}, …]) or as JSON Lines (one object per "
+           "line, .jsonl)")
+    if text.startswith("["):
+        _check_first_item(text, text_field)
+        return "json"
+    if not text.startswith("{"):
+        return "jsonl"
+    line, newline, rest = text.partition("\n")
+    if not newline and not whole:
+        return "jsonl"
+    try:
+        first = json.loads(line)
+    except ValueError:
+        first = None
+    if isinstance(first, dict):
+        if text_field in first or rest.strip() or not whole:
+            return "jsonl"
+        raise ValueError(f"is one JSON object ({_describe_object(first)}), not a list of records: {fix}")
+    if line.strip() == "{":  # no JSON Lines record is a lone brace: one object, pretty-printed
+        try:
+            found = f" ({_describe_object(json.loads(text))})" if whole else ""
+        except ValueError:
+            found = ""
+        raise ValueError(f"is one JSON object spread over several lines{found}, not a list of records: {fix}")
+    return "jsonl"
+
+
+def _check_first_item(text: str, text_field: str) -> None:
+    start = len(text) - len(text[1:].lstrip())
+    if text[start:start + 1] in ("]", ""):
+        return
+    try:
+        item, _ = json.JSONDecoder().raw_decode(text, start)
+    except ValueError:
+        return  # cut by the probe: the tasks count what does not parse
+    if isinstance(item, dict) and text_field not in item:
+        raise ValueError(f"is a JSON array of records without the field {text_field!r} (the first has {list(item)[:8]}): "
+                         "set data.text_field")
+    if not isinstance(item, (dict, str)):
+        raise ValueError(f"is a JSON array of {_JSON_TYPES.get(type(item), type(item).__name__)}, not of records or "
+                         "strings: write one record or string per document")
+
+
+_JSON_TYPES = {list: "arrays", int: "numbers", float: "numbers", bool: "booleans", type(None): "nulls"}
+
+
+def _describe_object(value: dict) -> str:
+    keys = ", ".join(repr(k) for k in list(value)[:6]) + (", …" if len(value) > 6 else "")
+    lists = [k for k, v in value.items() if isinstance(v, list)]
+    return f"keys {keys}" + (f"; a list of {len(value[lists[0]])} items under {lists[0]!r}" if lists else "")
 
 
 def check_field(group: Group, text_field: str) -> None:
@@ -164,7 +289,7 @@ def check_field(group: Group, text_field: str) -> None:
         names = None
         for p in group.paths[:20]:
             with storage.open_input(p) as f:
-                for line in f.read(1 << 20).splitlines()[:100]:
+                for line in decoding.head_text(f.read(1 << 20)).splitlines()[:100]:
                     try:
                         record = json.loads(line)
                     except ValueError:
@@ -213,129 +338,3 @@ def hub_arrow_files(name: str, cfg: DataSection) -> list[str]:
     if not files:  # an in-memory dataset (rare): write it once next to the datasets cache
         raise ValueError(f"data.sources: hub:{name} has no cache files to read in parallel: save it with save_to_disk")
     return files
-
-
-# ---- decoding (Ray Data tasks) -----------------------------------------------------------------------
-def decode_file(data: bytes, *, fmt: str, separator: str, text_field: str, errors: str) -> tuple[list[str], dict[str, int]]:
-    """One raw text or jsonl file → (documents, counts). Never raises on bad content: it counts it.
-
-    Counts: ``files_empty``, ``files_binary`` (a NUL byte near the start), ``docs_undecodable_replaced`` or
-    ``docs_undecodable_skipped`` (per ``errors``), ``lines_bad_json``, ``records_missing_field``.
-    """
-    if not data.strip():
-        return [], {"files_empty": 1}
-    if b"\x00" in data[:BINARY_PROBE]:
-        return [], {"files_binary": 1}
-    if data.startswith(_BOM):
-        data = data[3:]
-    return decode_records(data, fmt=fmt, separator=separator, text_field=text_field, errors=errors)
-
-
-def decode_records(data: bytes, *, fmt: str, separator: str, text_field: str, errors: str) -> tuple[list[str], dict[str, int]]:
-    """The documents in whole records (lines or blocks) of a text or jsonl file, and the counts of bad ones."""
-    counts: dict[str, int] = {}
-    if fmt == "jsonl" or separator == "line":
-        chunks = data.split(b"\n")
-    else:
-        chunks = _BLANK_LINE.split(data)
-    try:
-        # The common case: the whole file decodes, so decode it once instead of chunk by chunk.
-        data.decode("utf-8")
-        texts = [c.decode("utf-8") for c in chunks]
-    except UnicodeDecodeError:
-        texts = []
-        for c in chunks:
-            try:
-                texts.append(c.decode("utf-8"))
-            except UnicodeDecodeError:
-                if errors == "skip":
-                    counts["docs_undecodable_skipped"] = counts.get("docs_undecodable_skipped", 0) + 1
-                    continue
-                counts["docs_undecodable_replaced"] = counts.get("docs_undecodable_replaced", 0) + 1
-                texts.append(c.decode("utf-8", errors="replace"))
-    texts = [t for t in texts if t.strip()]  # blank lines and blocks separate documents; they are not ones
-    if fmt != "jsonl":
-        return texts, counts
-    docs = []
-    for line in texts:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            counts["lines_bad_json"] = counts.get("lines_bad_json", 0) + 1
-            continue
-        value = record.get(text_field) if isinstance(record, dict) else None
-        if not isinstance(value, str):
-            counts["records_missing_field"] = counts.get("records_missing_field", 0) + 1
-            continue
-        docs.append(value)
-    return docs, counts
-
-
-# ---- byte ranges: a large line-separated file is read by several tasks ---------------------------------
-def splittable(fmt: str, separator: str) -> bool:
-    """Files of one record per line can be cut at any newline; blank-line blocks are read whole."""
-    return fmt == "jsonl" or separator == "line"
-
-
-def byte_ranges(size: int, chunk: int) -> list[tuple[int, int]]:
-    """[start, end) ranges that cover a file of ``size`` bytes, ``chunk`` bytes each (one for an empty file)."""
-    return [(s, min(s + chunk, size)) for s in range(0, size, chunk)] or [(0, 0)]
-
-
-def read_range(path: str, start: int, end: int, size: int, *, fs, fmt: str, separator: str, text_field: str,
-               errors: str) -> tuple[list[str], dict[str, int]]:
-    """The documents of the lines that *start* in bytes [start, end) of a file, and their counts.
-
-    A line belongs to the range in which it starts (it may run past ``end``), so the ranges of a file together
-    read every line exactly once, whatever the cut points. A range of the whole file is :func:`decode_file`.
-    A binary file is skipped by every range and counted by the first; the first range strips a UTF-8 BOM.
-    ``fs`` is the pyarrow filesystem built on the driver (None for local paths).
-    """
-    with _open(path, fs) as f:
-        if start == 0 and end >= size:
-            return decode_file(f.read(), fmt=fmt, separator=separator, text_field=text_field, errors=errors)
-        if b"\x00" in f.read(BINARY_PROBE):
-            return [], ({"files_binary": 1} if start == 0 else {})
-        begin = 0 if start == 0 else _next_newline(f, start - 1, size) + 1
-        if begin >= end:
-            return [], {}
-        stop = _next_newline(f, end - 1, size) + 1
-        f.seek(begin)
-        data = f.read(stop - begin)
-    if start == 0 and data.startswith(_BOM):
-        data = data[3:]
-    return decode_records(data, fmt=fmt, separator=separator, text_field=text_field, errors=errors)
-
-
-_BOM = b"\xef\xbb\xbf"
-_SCAN = 1 << 20
-
-
-def _open(path: str, fs):
-    return fs.open_input_file(storage.fs_path(path)) if fs is not None else open(path, "rb")
-
-
-def _next_newline(f, offset: int, size: int) -> int:
-    """The position of the first newline at or after ``offset`` (``size`` - 1 when there is none)."""
-    while offset < size:
-        f.seek(offset)
-        buf = f.read(min(_SCAN, size - offset))
-        i = buf.find(b"\n")
-        if i >= 0:
-            return offset + i
-        offset += len(buf)
-    return size - 1
-
-
-def decode_value(value, errors: str) -> tuple[str | None, str | None]:
-    """A parquet or Arrow cell → (text or None, the count it adds or None)."""
-    if value is None:
-        return None, "records_missing_field"
-    if isinstance(value, bytes):
-        try:
-            return value.decode("utf-8"), None
-        except UnicodeDecodeError:
-            if errors == "skip":
-                return None, "docs_undecodable_skipped"
-            return value.decode("utf-8", errors="replace"), "docs_undecodable_replaced"
-    return str(value), None

@@ -42,16 +42,28 @@ def _finished(cfg: RunConfig, stage: str, *, name: str, manifest: dict) -> dict 
     """The stage's record if it finished earlier under this Ray Train/Tune name (same settings), on the same
     prepared corpus, and its checkpoints are still there; the caller then skips the stage."""
     path = record_path(cfg, stage)
-    record = storage.read_json(path)
+    try:
+        record = storage.read_json(path)
+    except storage.DamagedFile as e:
+        print(f"[distil] {stage}: {e}; running the stage again", flush=True)
+        return None
     if not record or record.get("name") != name or record.get("manifest_key") != manifest["key"]:
         return None
     ckpts = [record["checkpoint"]] if "checkpoint" in record else [c["checkpoint"] for c in record.get("candidates", [])]
-    missing = [c for c in ckpts if storage.read_json(storage.join(c, checkpoint_lib.STATE_FILE)) is None]
+    missing = [c for c in ckpts if _checkpoint_gone(c)]
     if missing:
-        print(f"[distil] {stage}: the record {path} names checkpoints that are gone ({missing[0]}): running the stage again", flush=True)
+        print(f"[distil] {stage}: the record {path} names checkpoints that are gone or damaged ({missing[0]}): running "
+              "the stage again", flush=True)
         return None
     print(f"[distil] {stage}: finished earlier with these settings ({path}); skipped. Delete that file to run it again.", flush=True)
     return {**record, "skipped": True}
+
+
+def _checkpoint_gone(uri: str) -> bool:
+    try:
+        return storage.read_json(storage.join(uri, checkpoint_lib.STATE_FILE)) is None
+    except storage.DamagedFile:
+        return True
 
 
 def _run_name(cfg: RunConfig, role: str, sections: tuple[str, ...], extra: str = "") -> str:

@@ -68,6 +68,8 @@ def download_dir(uri: str, cache_root: str) -> str:
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
         for obj in page.get("Contents", []):
             rel = obj["Key"][len(prefix) + 1 :]
+            if not rel or rel.endswith("/"):  # a "folder" marker object (pyarrow and Ray Train write them)
+                continue
             target = tmp / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             client.download_file(bucket, obj["Key"], str(target))
@@ -96,8 +98,15 @@ def write_json(path: str, payload: dict) -> None:
     os.replace(tmp, path)
 
 
+class DamagedFile(ValueError):
+    """A JSON file that exists but cannot be read as a JSON object (cut off mid-write, edited, overwritten)."""
+
+
 def read_json(path: str) -> dict | None:
-    """Read JSON from a local path or s3:// URI; None if it does not exist."""
+    """Read a JSON object from a local path or s3:// URI; None if it does not exist.
+
+    Raises DamagedFile (a ValueError, so a job prints it as one line) when the file is not a JSON object.
+    """
     if is_s3(path):
         bucket, key = split_s3(path)
         client = s3_client()
@@ -105,8 +114,21 @@ def read_json(path: str) -> dict | None:
             body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
         except client.exceptions.NoSuchKey:
             return None
-        return json.loads(body)
-    return json.loads(Path(path).read_text()) if os.path.exists(path) else None
+    elif os.path.isfile(path):
+        body = Path(path).read_bytes()
+    elif os.path.exists(path):
+        raise DamagedFile(f"{path} is a folder where a JSON file belongs: remove it and run the step that writes it again")
+    else:
+        return None
+    try:
+        value = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DamagedFile(f"{path} is damaged ({e}; cut off mid-write?): delete it and run the step that wrote it "
+                          "again") from None
+    if not isinstance(value, dict):
+        raise DamagedFile(f"{path} holds a JSON {type(value).__name__}, not an object: delete it and run the step "
+                          "that wrote it again")
+    return value
 
 
 def fs_path(uri: str) -> str:

@@ -3,6 +3,8 @@
 Each trial is a function that builds and fits its own distributed TorchTrainer. TuneReportCallback forwards
 the workers' reports to Tune, so ASHA can stop a trial early on the validation loss. Every trial runs with
 the same seed, so it sees the same data order and the same masks: differences come from the hyperparameters.
+A trial whose metric is not finite (NaN, ±inf) is stopped at once and is never a rung's reference
+(:func:`scheduler`); the candidates come back best first, non-finite scores last.
 """
 
 from __future__ import annotations
@@ -52,10 +54,11 @@ def trial_fn(config: dict, datasets: dict) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipeline import tracking, trainer
+    from pipeline import config_checks, tracking, trainer
 
     overrides = overrides_from_sample(config["sample"])
     cfg = RunConfig.from_dict(config["cfg"]).with_overrides(overrides)
+    config_checks.validate(cfg, check_sweep=False)  # the driver probed the space; this is the sampled point
     trial_id = ray.tune.get_context().get_trial_id()
     tracking.setup(cfg.run.root, cfg.tracking.experiment, uri=config.get("tracking_uri"))
     import mlflow
@@ -79,14 +82,10 @@ def run(cfg: RunConfig, *, datasets: dict, replicated_data: bool, teacher_uri: s
         manifest_path: str | None = None):
     """Run the sweep; returns one candidate per trial that finished with a checkpoint."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
-    from pipeline import storage, tracking
+    from pipeline import progress, runtime, storage, tracking
 
     concurrency = max_concurrent_trials(cfg, cluster_cpus)
-    scheduler = ASHAScheduler(
-        time_attr="step", max_t=cfg.optim.max_steps, grace_period=cfg.sweep.grace_period, reduction_factor=2
-    )
     # with_parameters puts the datasets in the object store once, for every trial.
     trainable = tune.with_resources(tune.with_parameters(trial_fn, datasets=datasets), {"CPU": cfg.sweep.trial_driver_cpus})
     param_space = {
@@ -108,12 +107,54 @@ def run(cfg: RunConfig, *, datasets: dict, replicated_data: bool, teacher_uri: s
             param_space=param_space,
             tune_config=tune.TuneConfig(
                 metric=cfg.sweep.metric, mode=cfg.sweep.mode, num_samples=cfg.sweep.num_samples,
-                scheduler=scheduler, max_concurrent_trials=concurrency,
+                scheduler=scheduler(cfg), max_concurrent_trials=concurrency,
             ),
-            run_config=tune.RunConfig(name=name, storage_path=cfg.storage_path, storage_filesystem=fs),
+            # verbose=0 drops Tune's status and trial tables (a trial's error still prints) unless --verbose;
+            # one line says how each trial ended.
+            run_config=tune.RunConfig(name=name, storage_path=cfg.storage_path, storage_filesystem=fs,
+                                      verbose=runtime.tune_verbosity(),
+                                      callbacks=[progress.trial_end_lines(metric=cfg.sweep.metric, total=cfg.optim.max_steps)]),
         )
     results = tuner.fit()
     return candidates(results, cfg)
+
+
+def scheduler(cfg: RunConfig):
+    """ASHA (asynchronous successive halving) on ``cfg.sweep.metric``, which stops a non-finite trial at once.
+
+    Ray 2.60's AsyncHyperBandScheduler would keep it: a rung stops a trial when ``reward < cutoff``, which is
+    False for a NaN reward, so a NaN trial runs to the end; and a ±inf reward recorded in a rung turns that
+    rung's percentile cutoff into −inf or NaN, after which the rung stops nothing. Here a result whose metric
+    is NaN or ±inf (for either mode: a loss of −inf is not a result either) stops its trial and is kept out
+    of the rungs, so the other trials are still ranked against real scores.
+    """
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.schedulers.trial_scheduler import TrialScheduler
+
+    class FiniteASHAScheduler(ASHAScheduler):
+        def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+            if self._metric in result and not _is_finite(result[self._metric]):
+                print(f"[distil] sweep: stopping trial {trial.trial_id} at {self._time_attr} "
+                      f"{result.get(self._time_attr)}: {self._metric} is {result[self._metric]}", flush=True)
+                self._num_stopped += 1
+                return TrialScheduler.STOP
+            return super().on_trial_result(tune_controller, trial, result)
+
+        def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+            if self._metric in result and not _is_finite(result[self._metric]):
+                self._trial_info.pop(trial.trial_id, None)
+                return
+            super().on_trial_complete(tune_controller, trial, result)
+
+    return FiniteASHAScheduler(
+        time_attr="step", max_t=cfg.optim.max_steps, grace_period=cfg.sweep.grace_period, reduction_factor=2
+    )
+
+
+def _is_finite(value) -> bool:
+    from pipeline.registry import finite_score
+
+    return finite_score(value) is not None
 
 
 def is_restorable(cfg: RunConfig, name: str) -> bool:
@@ -125,8 +166,9 @@ def is_restorable(cfg: RunConfig, name: str) -> bool:
 
 
 def candidates(results, cfg: RunConfig) -> list[dict]:
-    """One registry candidate per trial that ended with a checkpoint (ASHA-stopped trials may not)."""
-    from pipeline import storage
+    """One registry candidate per trial that ended with a checkpoint (ASHA-stopped trials may not), best first
+    by ``cfg.sweep.metric``; trials whose score is not a finite number come last (the registry never picks them)."""
+    from pipeline import registry, storage
 
     out = []
     for r in results:
@@ -139,6 +181,10 @@ def candidates(results, cfg: RunConfig) -> list[dict]:
             # ASHA stopped it between checkpoints: its last checkpoint holds training state, not an exported
             # student (the loop exports at the final step). Its metrics stay in MLflow; it is not a candidate.
             continue
+        if damage := _damage(uri):
+            print(f"[distil] sweep: trial {metrics.get('trial_id', '?')} is not a candidate: its checkpoint {uri} "
+                  f"is damaged ({damage})", flush=True)
+            continue
         overrides = overrides_from_sample(r.config["sample"])
         out.append({
             "source": f"sweep trial {metrics.get('trial_id', '?')} {overrides}",
@@ -146,7 +192,16 @@ def candidates(results, cfg: RunConfig) -> list[dict]:
             "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and "/" in k},
             "overrides": overrides,
         })
-    return out
+    return registry.ranked(out, cfg.sweep.metric, cfg.sweep.mode)
+
+
+def _damage(checkpoint_uri: str) -> str | None:
+    from pyarrow import fs as pafs
+
+    from pipeline import checkpoint, storage
+
+    filesystem = storage.pyarrow_filesystem(checkpoint_uri) or pafs.LocalFileSystem()
+    return checkpoint.stored_reason(filesystem, storage.fs_path(checkpoint_uri))
 
 
 def _has_exported_model(checkpoint_uri: str) -> bool:

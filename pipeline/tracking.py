@@ -91,7 +91,14 @@ def setup(root: str, experiment: str, uri: str | None = None) -> str:
     if uri.startswith("sqlite:///"):
         os.makedirs(root, exist_ok=True)
     mlflow.set_tracking_uri(uri)
-    if mlflow.get_experiment_by_name(experiment) is None:
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is not None and found.lifecycle_stage == "deleted":
+        raise ValueError(
+            f"the MLflow experiment {experiment!r} was deleted (id {found.experiment_id}, store {uri}): restore it "
+            f"(`mlflow experiments restore --experiment-id {found.experiment_id}` or the UI's trash) or set "
+            "tracking.experiment to another name"
+        )
+    if found is None:
         mlflow.create_experiment(experiment, artifact_location=artifact_location(root, uri))
     mlflow.set_experiment(experiment)
     return uri

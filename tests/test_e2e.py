@@ -212,3 +212,11 @@ def test_a_job_resubmitted_after_its_driver_died_mid_sweep_skips_what_finished_a
     (again,) = [r for r in nested if r.data.tags["trial_id"] == first]
     logged = {m.step for m in mlflow.MlflowClient().get_metric_history(again.info.run_id, "loss/total")}
     assert min(logged) <= min(killed[first]["checkpoints"]) and max(logged) == 12, "both halves in one nested run"
+
+
+def test_the_run_prints_progress_lines_and_not_rays_internal_reports(e2e_run):
+    """What a user reads: one progress line per log step per training stage, Ray's per-report dicts gone."""
+    log = e2e_run["killed_log"] + e2e_run["stdout"]
+    for stage in ("teacher", "distill", "sweep trial"):
+        assert re.search(rf"\[distil\] {stage}[ \w]* +step +\d+/\d+ \( *\d+%\) \| loss [0-9.]+ .*tok/s \| ETA", log), stage
+    assert "Reporting training result" not in log and "TrainingReport(" not in log

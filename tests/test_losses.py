@@ -128,3 +128,124 @@ def test_distill_step_reports_each_term_and_weights_them():
     expected = 5 * m["loss/ce"] + 2 * m["loss/mlm"] + 1 * m["loss/cos"] + 0.5 * m["loss/mse"]
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert set(m) == {"loss/ce", "loss/mlm", "loss/cos", "loss/mse", "loss/total"}
+
+
+NEG_INF = -math.inf
+
+
+def _kd_reference(s_NV, t_NV, T):
+    """The textbook form through F.kl_div (probability target, so 0 · log 0 = 0), its value and its gradient."""
+    s_NV = s_NV.detach().float().requires_grad_(True)
+    ref = F.kl_div(F.log_softmax(s_NV / T, -1), F.softmax(t_NV.float() / T, -1), reduction="batchmean") * T * T
+    (grad,) = torch.autograd.grad(ref, s_NV)
+    return ref, grad
+
+
+def _teacher_with_masked_entries(dtype=torch.float32):
+    t = _logits(b=2, t=6, v=40)
+    t[0, 0, [3, 17, 39]] = NEG_INF  # a few masked vocabulary entries
+    t[0, 2, :] = NEG_INF
+    t[0, 2, 5] = 1.0  # a whole row masked but one entry: a one-hot teacher
+    t[1, :, 0] = NEG_INF  # one entry masked at every position (an unused token id)
+    t[1, 4, 10:30] = NEG_INF
+    return t.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_kd_with_minus_inf_teacher_logits_agrees_with_kl_div_in_value_and_gradient(dtype, T):
+    s = _logits(b=2, t=6, v=40).to(dtype).requires_grad_(True)
+    t = _teacher_with_masked_entries(dtype)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 5] = False
+    ref, g_ref = _kd_reference(s[mask], t[mask], T)
+    assert torch.isfinite(ref)
+    loss = losses.kd_loss(s, t, mask, temperature=T)
+    (g,) = torch.autograd.grad(loss, s)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert g.dtype == dtype
+    assert torch.allclose(g[mask].float(), g_ref, atol=1e-6 if dtype == torch.float32 else 1e-3)
+    assert not g[~mask].any()
+
+
+def test_kd_student_minus_inf_where_the_teacher_has_probability_zero_adds_nothing():
+    """F.kl_div itself gives NaN here (0 · −inf); the right value drops the entry from both distributions."""
+    s = _logits(b=1, t=3, v=10).requires_grad_(True)
+    t = _logits(b=1, t=3, v=10)
+    t[0, :, 4] = NEG_INF
+    s_masked = s.detach().clone()
+    s_masked[0, :, 4] = NEG_INF
+    s_masked.requires_grad_(True)
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    keep = [v for v in range(10) if v != 4]
+    ref, g_ref = _kd_reference(s.detach()[0][:, keep], t[0][:, keep], 2.0)
+    loss = losses.kd_loss(s_masked, t, mask, temperature=2.0)
+    (g,) = torch.autograd.grad(loss, s_masked)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert torch.allclose(g[0][:, keep], g_ref, atol=1e-6)
+    assert not g[0, :, 4].any()
+
+
+def test_kd_student_minus_inf_where_the_teacher_has_probability_is_plus_inf_with_a_finite_gradient():
+    s = _logits(b=1, t=2, v=10)
+    s[0, 1, 7] = NEG_INF
+    s.requires_grad_(True)
+    t = _logits(b=1, t=2, v=10)
+    loss = losses.kd_loss(s, t, torch.ones(1, 2, dtype=torch.bool), temperature=2.0)
+    (g,) = torch.autograd.grad(loss, s)
+    assert loss.item() == math.inf
+    expected = (F.softmax(s.detach() / 2.0, -1) - F.softmax(t / 2.0, -1)) / 2.0 * 4.0 / 2  # ∂/∂s of T²·ΣKL/N
+    assert torch.allclose(g, expected, atol=1e-6)
+
+
+def test_kd_ignores_an_all_minus_inf_teacher_row_at_a_padded_position():
+    s, t = _logits(), _logits()
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[0, 3] = False
+    expected = losses.kd_loss(s, t, mask, temperature=2.0).item()
+    t[0, 3] = NEG_INF  # no distribution at all, but padding
+    assert losses.kd_loss(s, t, mask, temperature=2.0).item() == expected
+
+
+def test_mlm_loss_with_minus_inf_logits_agrees_with_cross_entropy():
+    s = _logits()
+    s[0, 1, [0, 9, 33]] = NEG_INF  # masked entries that are not the label
+    s[1, :, 2] = NEG_INF
+    s.requires_grad_(True)
+    labels = torch.full((2, 6), IGNORE_INDEX)
+    labels[0, 1], labels[1, 3] = 5, 7
+    ref = F.cross_entropy(s.reshape(-1, 40), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+    (g_ref,) = torch.autograd.grad(ref, s)
+    loss = losses.mlm_loss(s, labels)
+    (g,) = torch.autograd.grad(loss, s)
+    assert math.isfinite(loss.item()) and loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    assert torch.allclose(g, g_ref, atol=1e-7) and torch.isfinite(g).all()
+    s2 = s.detach().clone()
+    s2[0, 1, 5] = NEG_INF  # the label itself has probability 0: the true cross-entropy is +inf
+    assert losses.mlm_loss(s2, labels).item() == math.inf
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cosine_loss_is_scale_free_even_where_the_squared_norm_overflows(dtype):
+    a, b = _logits(b=2, t=3, v=16), _logits(b=2, t=3, v=16)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    expected = losses.cosine_loss(a, b, mask).item()
+    assert 0.5 < expected < 1.5  # random directions
+    for scale in (1e20, 1e30, 1e-25):  # ‖h‖² overflows (or underflows) float32
+        big_a, big_b = (a * scale).to(dtype), (b * scale).to(dtype)
+        ref = losses.cosine_loss(big_a.double(), big_b.double(), mask).item()  # float64 has the range
+        assert losses.cosine_loss(big_a, big_b, mask).item() == pytest.approx(ref, rel=1e-5)
+    assert losses.cosine_loss(a * 1e20, a * 3e20, mask).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_mse_loss_leaves_out_entries_the_teacher_masks_and_is_inf_where_only_the_student_does():
+    s, t = _logits(), _teacher_with_masked_entries()
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    finite = torch.isfinite(t)
+    ref = ((s - t)[finite] ** 2).sum() / 40 / 12  # Σ over compared entries, / V per position, / N positions
+    assert losses.mse_loss(s, t, mask).item() == pytest.approx(ref.item(), rel=1e-5)
+    s_masked = s.clone()
+    s_masked[~finite] = NEG_INF  # the student masks the same entries: still finite, the same value
+    assert losses.mse_loss(s_masked, t, mask).item() == pytest.approx(ref.item(), rel=1e-5)
+    s_masked[0, 1, 0] = NEG_INF  # the teacher's logit there is finite
+    assert losses.mse_loss(s_masked, t, mask).item() == math.inf

@@ -41,3 +41,24 @@ def test_a_changed_setting_a_changed_corpus_or_a_lost_checkpoint_runs_the_stage_
     (ckpt / "train_state.json").unlink()
     assert stages._finished(cfg, "distill", name=name, manifest={"key": "k1"}) is None
     assert "names checkpoints that are gone" in capsys.readouterr().out
+
+
+def test_a_damaged_record_or_checkpoint_state_runs_the_stage_again_without_a_traceback(tmp_path, capsys):
+    cfg, name, ckpt = _finished_distill(tmp_path)
+    (ckpt / "train_state.json").write_text('{"step": 6')  # cut off mid-write
+    assert stages._finished(cfg, "distill", name=name, manifest={"key": "k1"}) is None
+    assert "gone or damaged" in capsys.readouterr().out
+    record = Path(stages.record_path(cfg, "distill"))
+    record.write_text(record.read_text()[:40])
+    assert stages._finished(cfg, "distill", name=name, manifest={"key": "k1"}) is None
+    out = capsys.readouterr().out
+    assert "distill.json is damaged" in out and "running the stage again" in out
+
+
+def test_a_damaged_record_that_a_later_stage_needs_is_one_clear_error(tmp_path):
+    import pytest
+
+    cfg, _, _ = _finished_distill(tmp_path)
+    Path(stages.record_path(cfg, "prepare")).write_text("[1, 2")
+    with pytest.raises(ValueError, match=r"prepare.json is damaged .*delete it"):
+        stages.read_record(cfg, "prepare", needed_by="distill")

@@ -1,0 +1,282 @@
+"""Semantic checks of a RunConfig, run at the edge before any Ray or MLflow work starts.
+
+:func:`validate` collects every problem and raises one ``ValueError`` with a fix for each (litgpt's
+``validate_args`` pattern). It covers single values (ranges, choices), combinations that can yield no data or
+no result (a row length below the minimum row, no validation split, a sweep of no trial), lengths against the
+position table of the model that will see them, the names MLflow's registry accepts, and every configuration
+a sweep can produce. What needs files or a model (the teacher's vocabulary, its MLM head, a writable run
+folder) is checked by pipeline/preflight.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from typing import Any
+
+from pipeline.config import RunConfig, _set_dotted
+
+# Sweeps may vary how the student trains; the corpus, the teacher and the run's plumbing are shared by every
+# trial, so a sampled value there would be silently ignored or would break the shared prepared data.
+SWEEPABLE_SECTIONS = ("loss", "optim", "masking", "student", "deepspeed", "eval", "checkpoint")
+MAX_SWEEP_COMBINATIONS = 512
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def validate(cfg: RunConfig, *, check_sweep: bool = True) -> None:
+    """Raise one ValueError listing every problem of ``cfg`` (and, with ``check_sweep``, of every trial config
+    its sweep space can produce)."""
+    p = problems(cfg)
+    if check_sweep and not p:
+        p = sweep_problems(cfg)
+    if p:
+        raise ValueError("invalid config:\n  - " + "\n  - ".join(p))
+
+
+def problems(cfg: RunConfig) -> list[str]:
+    return [*_choices(cfg), *_run(cfg), *_data(cfg), *_masking(cfg), *_models(cfg), *_loss(cfg), *_optim(cfg),
+            *_scaling(cfg), *_sweep(cfg), *_tracking(cfg)]
+
+
+def _choices(cfg: RunConfig) -> list[str]:
+    choose = {
+        "data.format": (cfg.data.format, {"auto", "text", "jsonl", "parquet", "hf_disk"}),
+        "data.text_separator": (cfg.data.text_separator, {"line", "blank_line"}),
+        "data.decode_errors": (cfg.data.decode_errors, {"replace", "skip"}),
+        "deepspeed.precision": (cfg.deepspeed.precision, {"auto", "fp32", "bf16", "fp16"}),
+        "teacher.dtype": (cfg.teacher.dtype, {"fp32", "bf16"}),
+        "student.init": (cfg.student.init, {"teacher", "random"}),
+        "loss.kd_positions": (cfg.loss.kd_positions, {"all", "masked"}),
+        "sweep.mode": (cfg.sweep.mode, {"min", "max"}),
+        "tracking.select_mode": (cfg.tracking.select_mode, {"min", "max"}),
+    }
+    return [f"{key}={value!r}: use one of {sorted(allowed)}" for key, (value, allowed) in choose.items() if value not in allowed]
+
+
+def _run(cfg: RunConfig) -> list[str]:
+    if not _RUN_NAME.match(cfg.run.name):
+        return [f"run.name={cfg.run.name!r}: it names a folder under run.root, so use letters, digits, '.', '_' "
+                "and '-' only, starting with a letter or digit (e.g. tiny-lr3e-4)"]
+    return []
+
+
+def _data(cfg: RunConfig) -> list[str]:
+    d, p = cfg.data, []
+    if not d.sources:
+        p.append("data.sources is empty: list at least one path, glob, s3:// URI or package:rotten_tomatoes")
+    if d.max_seq_len < 8:
+        p.append(f"data.max_seq_len={d.max_seq_len}: use at least 8")
+    if d.min_seq_tokens > d.max_seq_len:
+        p.append(f"data.min_seq_tokens={d.min_seq_tokens} > data.max_seq_len={d.max_seq_len}: a packed row holds at "
+                 "most max_seq_len tokens, so every row would be dropped; lower data.min_seq_tokens or raise "
+                 "data.max_seq_len")
+    if not 0.0 < d.max_unk_fraction:
+        p.append(f"data.max_unk_fraction={d.max_unk_fraction}: rows with at least this share of [UNK] are dropped, so "
+                 "<= 0 drops every row; use a value in (0, 1] (HF's recipe: 0.5)")
+    if not 0.0 < d.val_fraction < 0.5:
+        p.append(f"data.val_fraction={d.val_fraction}: use a value in (0, 0.5), e.g. 0.05; with no validation split "
+                 "there is no val/* metric, which the sweep, ASHA and the registry choose by")
+    if d.max_docs < 0:
+        p.append(f"data.max_docs={d.max_docs}: use 0 (every document) or a positive cap")
+    if d.read_chunk_mb <= 0 or d.rows_per_file < 1:
+        p.append(f"data.read_chunk_mb={d.read_chunk_mb}, data.rows_per_file={d.rows_per_file}: "
+                 "both must be > 0 (defaults 128 MB and 50,000 rows)")
+    if d.max_line_chars < 100:
+        p.append(f"data.max_line_chars={d.max_line_chars}: use at least 100")
+    if d.materialize_max_gib < 0 or d.shuffle_buffer_rows < 0:
+        p.append("data.materialize_max_gib and data.shuffle_buffer_rows must be >= 0")
+    return p
+
+
+def _masking(cfg: RunConfig) -> list[str]:
+    m, p = cfg.masking, []
+    if not 0.0 < m.mask_prob < 1.0:
+        p.append(f"masking.mask_prob={m.mask_prob}: use a value in (0, 1), the paper uses 0.15")
+    if m.mask_token_frac < 0 or m.random_token_frac < 0 or m.mask_token_frac + m.random_token_frac > 1.0:
+        p.append("masking.mask_token_frac + masking.random_token_frac must lie in [0, 1] (the paper: 0.8 + 0.1)")
+    if m.smoothing < 0:
+        p.append(f"masking.smoothing={m.smoothing}: use 0 (uniform) or a positive exponent (HF's recipe: 0.7)")
+    if m.smoothing and m.whole_word:
+        p.append("masking.smoothing and masking.whole_word are exclusive: choose words or frequency-weighted tokens")
+    return p
+
+
+def _models(cfg: RunConfig) -> list[str]:
+    t, p = cfg.teacher, []
+    if t.source == "pretrain":
+        if t.hidden_size % t.num_heads:
+            p.append(f"teacher.hidden_size={t.hidden_size} is not divisible by teacher.num_heads={t.num_heads}")
+        if t.num_layers < 2:
+            p.append(f"teacher.num_layers={t.num_layers}: a teacher needs at least 2 layers for a half-depth student")
+        if cfg.data.max_seq_len > t.max_position_embeddings:
+            p.append(f"data.max_seq_len={cfg.data.max_seq_len} > teacher.max_position_embeddings="
+                     f"{t.max_position_embeddings}: the teacher and its student have that many positions; lower "
+                     "data.max_seq_len or raise teacher.max_position_embeddings")
+    if not t.source.strip():
+        p.append("teacher.source is empty: use pretrain, a hub id, a local HF folder or s3://")
+    lm = cfg.student.layer_map
+    if not (lm in ("alternate", "hf") or (isinstance(lm, list) and lm and all(type(i) is int for i in lm))):
+        p.append(f"student.layer_map={lm!r}: use 'alternate', 'hf' or a non-empty list of teacher layer indices")
+    elif t.source == "pretrain" and isinstance(lm, list) and not all(0 <= i < t.num_layers for i in lm):
+        p.append(f"student.layer_map={lm}: indices must lie in [0, {t.num_layers - 1}] (teacher.num_layers={t.num_layers})")
+    elif t.source == "pretrain" and lm == "hf" and t.num_layers != 12:
+        p.append(f"student.layer_map=hf is defined for 12-layer teachers, teacher.num_layers={t.num_layers}: use "
+                 "'alternate' or a list")
+    return p
+
+
+def _loss(cfg: RunConfig) -> list[str]:
+    p = []
+    if cfg.loss.temperature <= 0:
+        p.append(f"loss.temperature={cfg.loss.temperature}: must be > 0 (the paper uses 2)")
+    alphas = (cfg.loss.alpha_ce, cfg.loss.alpha_mlm, cfg.loss.alpha_cos, cfg.loss.alpha_mse)
+    if min(alphas) < 0 or sum(alphas) <= 0:
+        p.append(f"loss alphas {alphas}: each must be >= 0 and at least one > 0 (the paper: 5/2/1)")
+    return p
+
+
+def _optim(cfg: RunConfig) -> list[str]:
+    p = []
+    for name, o in (("optim", cfg.optim), ("teacher_optim", cfg.teacher_optim)):
+        for key in ("max_steps", "micro_batch_size", "grad_accum"):
+            if getattr(o, key) < 1:
+                p.append(f"{name}.{key}={getattr(o, key)}: must be >= 1")
+        if o.lr <= 0 or o.warmup_steps < 0 or o.weight_decay < 0 or o.eps <= 0 or o.grad_clip < 0:
+            p.append(f"{name}: lr and eps must be > 0, warmup_steps, weight_decay and grad_clip >= 0 (got lr={o.lr}, "
+                     f"eps={o.eps}, warmup_steps={o.warmup_steps}, weight_decay={o.weight_decay}, grad_clip={o.grad_clip})")
+        if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+            p.append(f"{name}.betas={o.betas}: give two values in [0, 1), e.g. [0.9, 0.98]")
+        w = cfg.scaling.num_workers
+        if o.global_batch_size and o.global_batch_size != w * o.micro_batch_size * o.grad_accum:
+            p.append(
+                f"{name}.global_batch_size={o.global_batch_size} but scaling.num_workers × {name}.micro_batch_size × "
+                f"{name}.grad_accum = {w} × {o.micro_batch_size} × {o.grad_accum} = {w * o.micro_batch_size * o.grad_accum}: "
+                f"set {name}.grad_accum={max(1, o.global_batch_size // max(w * o.micro_batch_size, 1))} or adjust the others"
+            )
+    if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
+        p.append(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}: use 0, 1, 2 or 3")
+    if cfg.deepspeed.precision == "fp16" and not cfg.scaling.use_gpu:
+        p.append("deepspeed.precision=fp16 needs a GPU (DeepSpeed refuses fp16 on CPU): use fp32 or bf16")
+    if cfg.checkpoint.every_steps < 1 or cfg.eval.every_steps < 1:
+        p.append("checkpoint.every_steps and eval.every_steps must be >= 1")
+    if cfg.checkpoint.keep < 1 or cfg.eval.max_batches < 1:
+        p.append(f"checkpoint.keep={cfg.checkpoint.keep}, eval.max_batches={cfg.eval.max_batches}: both must be >= 1")
+    return p
+
+
+def _scaling(cfg: RunConfig) -> list[str]:
+    s, p = cfg.scaling, []
+    if s.num_workers < 1:
+        p.append(f"scaling.num_workers={s.num_workers}: must be >= 1")
+    if s.cpus_per_worker <= 0 or s.max_failures < -1 or s.peak_tflops_per_worker < 0:
+        p.append("scaling.cpus_per_worker must be > 0, scaling.max_failures >= -1 (-1: retry forever), "
+                 "scaling.peak_tflops_per_worker >= 0")
+    if cfg.run.ray_num_cpus < 0:
+        p.append(f"run.ray_num_cpus={cfg.run.ray_num_cpus}: use 0 (the machine's count) or a positive number")
+    return p
+
+
+def _sweep(cfg: RunConfig) -> list[str]:
+    sw, p = cfg.sweep, []
+    if sw.num_samples < 1:
+        p.append(f"sweep.num_samples={sw.num_samples}: a sweep needs at least one trial (skip the stage with "
+                 "jobs.pipeline --skip-sweep instead)")
+    if sw.grace_period < 1 or sw.max_concurrent < 0:
+        p.append(f"sweep.grace_period={sw.grace_period} must be >= 1 and sweep.max_concurrent={sw.max_concurrent} >= 0")
+    if sw.trial_driver_cpus <= 0:
+        p.append("sweep.trial_driver_cpus must be > 0: Ray refuses a trial that asks for 0 CPU (use 0.01)")
+    for key, spec in sw.space.items():
+        p.extend(_space_entry(key, spec))
+    return p
+
+
+def _space_entry(key: str, spec: Any) -> list[str]:
+    kinds = {"choice": ("values",), "grid": ("values",), "uniform": ("low", "high"), "loguniform": ("low", "high")}
+    if not isinstance(spec, dict) or spec.get("type") not in kinds:
+        return [f"sweep.space.{key}: give a mapping with type one of {sorted(kinds)}, e.g. {{type: choice, values: [1, 2]}}"]
+    extra = sorted(set(spec) - {"type", *kinds[spec["type"]]})
+    problems = [f"sweep.space.{key}: type {spec['type']} needs {k}" for k in kinds[spec["type"]] if k not in spec]
+    if extra:
+        problems.append(f"sweep.space.{key}: unknown field(s) {extra} for type {spec['type']}")
+    try:
+        _set_dotted(RunConfig().to_dict(), key, None)
+    except ValueError as e:
+        return [*problems, f"sweep.space.{key}: {e}"]
+    if key.split(".")[0] not in SWEEPABLE_SECTIONS:
+        problems.append(f"sweep.space.{key}: the {key.split('.')[0]} section is shared by every trial (the prepared "
+                        f"corpus, the teacher, the run's plumbing); sweep keys of {', '.join(SWEEPABLE_SECTIONS)}")
+    if problems:
+        return problems
+    if spec["type"] in ("choice", "grid"):
+        if not isinstance(spec["values"], list) or not spec["values"]:
+            return [f"sweep.space.{key}: values must be a non-empty list, e.g. [1.0, 2.0]"]
+        return []
+    low, high = spec["low"], spec["high"]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (low, high)):
+        return [f"sweep.space.{key}: low and high must be finite numbers, got {low!r} and {high!r}"]
+    if not low < high:
+        return [f"sweep.space.{key}: low={low} must be < high={high}"]
+    if spec["type"] == "loguniform" and low <= 0:
+        return [f"sweep.space.{key}: loguniform needs low > 0, got {low}"]
+    return []
+
+
+def _probe_values(spec: dict) -> list:
+    """Values that stand for everything a space entry can produce: every choice, or both ends and the middle of
+    a range (the middle catches a range over an integer setting, which Tune would sample as a float)."""
+    if spec["type"] in ("choice", "grid"):
+        return list(spec["values"])
+    low, high = spec["low"], spec["high"]
+    mid = math.sqrt(low * high) if spec["type"] == "loguniform" else (low + high) / 2
+    return [float(low), mid, float(high)]
+
+
+def sweep_problems(cfg: RunConfig) -> list[str]:
+    """Validate the trial configs the sweep space can produce (every combination of the probe values, up to
+    MAX_SWEEP_COMBINATIONS of them), before the first trial starts."""
+    space = cfg.sweep.space
+    if not space:
+        return []
+    keys = list(space)
+    found: dict[str, str] = {}
+    combos = itertools.islice(itertools.product(*(_probe_values(space[k]) for k in keys)), MAX_SWEEP_COMBINATIONS)
+    for combo in combos:
+        sample = dict(zip(keys, combo))
+        try:
+            trial = cfg.with_overrides(sample)
+            message = "; ".join(problems(trial))
+        except ValueError as e:
+            message = str(e)
+        if message and message not in found:
+            found[message] = ", ".join(f"{k}={v!r}" for k, v in sample.items())
+    return [f"sweep.space can produce a trial with {sample}: {message}" for message, sample in list(found.items())[:5]]
+
+
+def _tracking(cfg: RunConfig) -> list[str]:
+    """Registry names and aliases against MLflow's own rules (its validators), plus ours."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils import validation
+
+    t, p = cfg.tracking, []
+    checks = [
+        ("tracking.experiment", t.experiment, [validation._validate_experiment_name]),
+        ("tracking.model_name", t.model_name, [validation._validate_model_name]),
+        ("tracking.alias", t.alias, [validation._validate_model_alias_name, validation._validate_model_alias_name_reserved]),
+    ]
+    for key, value, validators in checks:
+        for check in validators:
+            try:
+                check(value)
+            except MlflowException as e:
+                p.append(f"{key}={value!r}: MLflow refuses it ({e.message}); pick another")
+                break
+    if "@" in t.model_name or t.model_name != t.model_name.strip():
+        p.append(f"tracking.model_name={t.model_name!r}: no '@' and no leading or trailing spaces, so that "
+                 "models:/<name>@<alias> stays unambiguous")
+    if t.alias == "challenger":
+        p.append("tracking.alias='challenger' is the alias the registry gives a version that did not beat the "
+                 "champion: pick another alias (default champion)")
+    if t.log_every_steps < 1:
+        p.append(f"tracking.log_every_steps={t.log_every_steps}: must be >= 1")
+    return p

@@ -1,0 +1,237 @@
+"""Corpus decoding: the bytes of one file (or one byte range of it) → documents and the counts of what was skipped.
+
+What runs where: everything here but :func:`head_text` runs inside Ray Data tasks (pipeline/data.py's readers call
+:func:`read_range` and :func:`decode_value`); the driver resolves and checks the sources first (pipeline/sources.py,
+which reads the first bytes of a file with :func:`head_text`). Nothing here raises on bad content: empty or binary
+files, undecodable bytes and bad JSON are counted skips, decided per file in :func:`decode_file`, so that one bad
+file never fails a long run.
+
+Encodings: UTF-8 (with or without a byte-order mark), and UTF-16/UTF-32 with a byte-order mark, which are
+transcoded to UTF-8 and read whole by one task. Line ends: ``\n``, ``\r\n`` and old-Mac ``\r``.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import re
+
+from pipeline import storage
+
+_BLANK_LINE = re.compile(rb"\n(?:[ \t\f\v]*\n)+")
+_LINE_END = re.compile(rb"\r\n?")  # CRLF and old-Mac CR, normalised to LF before splitting
+_SURROGATE = re.compile("[\ud800-\udfff]")  # undecodable bytes (surrogateescape) or a lone \\uD800 escape in JSON
+BINARY_PROBE = 8192  # a NUL byte in a file's first 8 KiB marks it binary (unless a UTF-16/32 byte-order mark leads)
+
+
+# ---- decoding (Ray Data tasks) -----------------------------------------------------------------------
+def decode_file(data: bytes, *, fmt: str, separator: str, text_field: str, errors: str) -> tuple[list[str], dict[str, int]]:
+    """One raw text, jsonl or json (one JSON array) file → (documents, counts). Never raises on bad content: it
+    counts it.
+
+    Counts: ``files_empty``, ``files_binary`` (a NUL byte in the first 8 KiB, no UTF-16/32 byte-order mark),
+    ``docs_undecodable_replaced`` or ``docs_undecodable_skipped`` (per ``errors``), ``lines_bad_json``,
+    ``files_bad_json`` (a json file that does not parse as one array), ``records_missing_field``.
+    """
+    encoding, bom = wide_encoding(data)
+    if encoding:
+        data = to_utf8(data[bom:], encoding)
+    elif b"\x00" in data[:BINARY_PROBE]:
+        return [], {"files_binary": 1}
+    if data.startswith(_BOM):
+        data = data[3:]
+    if not data.strip():
+        return [], {"files_empty": 1}
+    if fmt == "json":
+        return decode_array(data, text_field=text_field, errors=errors)
+    return decode_records(data, fmt=fmt, separator=separator, text_field=text_field, errors=errors)
+
+
+def decode_records(data: bytes, *, fmt: str, separator: str, text_field: str, errors: str) -> tuple[list[str], dict[str, int]]:
+    """The documents in whole records (lines or blocks) of a text or jsonl file, and the counts of bad ones.
+    Lines end in LF, CRLF or CR alike."""
+    counts: dict[str, int] = {}
+    if b"\r" in data:
+        data = _LINE_END.sub(b"\n", data)
+    if fmt == "jsonl" or separator == "line":
+        chunks = data.split(b"\n")
+    else:
+        chunks = _BLANK_LINE.split(data)
+    try:
+        # The common case: the whole file decodes, so decode it once instead of chunk by chunk.
+        data.decode("utf-8")
+        texts = [c.decode("utf-8") for c in chunks]
+    except UnicodeDecodeError:
+        texts = []
+        for c in chunks:
+            try:
+                texts.append(c.decode("utf-8"))
+            except UnicodeDecodeError:
+                if errors == "skip":
+                    _add(counts, "docs_undecodable_skipped")
+                    continue
+                _add(counts, "docs_undecodable_replaced")
+                texts.append(c.decode("utf-8", errors="replace"))
+    texts = [t for t in texts if t.strip()]  # blank lines and blocks separate documents; they are not ones
+    if fmt != "jsonl":
+        return texts, counts
+    records = []
+    for line in texts:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            _add(counts, "lines_bad_json")
+            continue
+        records.extend(record if isinstance(record, list) else [record])  # a one-line array holds records
+    return record_texts(records, text_field=text_field, errors=errors, counts=counts), counts
+
+
+def decode_array(data: bytes, *, text_field: str, errors: str) -> tuple[list[str], dict[str, int]]:
+    """The documents of a file that is one JSON array of records (objects with ``text_field``) or strings.
+    Bytes that are not UTF-8 are decided per document, as in text files."""
+    counts: dict[str, int] = {}
+    try:
+        value = json.loads(data.decode("utf-8", errors="surrogateescape"))
+    except ValueError:
+        return [], {"files_bad_json": 1}
+    if not isinstance(value, list):
+        return [], {"files_bad_json": 1}
+    if not value:
+        return [], {"files_empty": 1}
+    return record_texts(value, text_field=text_field, errors=errors, counts=counts), counts
+
+
+def record_texts(records: list, *, text_field: str, errors: str, counts: dict[str, int]) -> list[str]:
+    """The texts of parsed JSON records (an object's ``text_field``, or a string); adds the bad ones to ``counts``.
+
+    A lone surrogate (undecodable bytes, or a ``\\ud800`` escape in the JSON) cannot reach the tokenizer: its
+    document is kept with U+FFFD or skipped, per ``errors``.
+    """
+    docs = []
+    for record in records:
+        value = record if isinstance(record, str) else record.get(text_field) if isinstance(record, dict) else None
+        if not isinstance(value, str):
+            _add(counts, "records_missing_field")
+            continue
+        if _SURROGATE.search(value):
+            if errors == "skip":
+                _add(counts, "docs_undecodable_skipped")
+                continue
+            _add(counts, "docs_undecodable_replaced")
+            value = _SURROGATE.sub("\ufffd", value)
+        docs.append(value)
+    return docs
+
+
+def _add(counts: dict[str, int], key: str, n: int = 1) -> None:
+    counts[key] = counts.get(key, 0) + n
+
+
+# ---- encodings: UTF-8, and UTF-16/32 with a byte-order mark ---------------------------------------------
+_WIDE_BOMS = ((b"\xff\xfe\x00\x00", "utf-32-le"), (b"\x00\x00\xfe\xff", "utf-32-be"), (b"\xff\xfe", "utf-16-le"),
+              (b"\xfe\xff", "utf-16-be"))  # UTF-32 LE first: its mark starts like UTF-16 LE's
+_INVALID_UNIT = "pipeline.decoding.invalid_unit"
+
+
+def wide_encoding(head: bytes) -> tuple[str | None, int]:
+    """(the UTF-16/32 codec a byte-order mark at the start of ``head`` names, the mark's length), or (None, 0)."""
+    for bom, encoding in _WIDE_BOMS:
+        if head.startswith(bom):
+            return encoding, len(bom)
+    return None, 0
+
+
+def to_utf8(data: bytes, encoding: str) -> bytes:
+    """UTF-16/32 bytes (without their mark) → UTF-8 bytes. A code unit that does not decode becomes the byte
+    0xFF, never valid in UTF-8, so that its document is replaced or skipped like any other undecodable bytes."""
+    try:
+        codecs.lookup_error(_INVALID_UNIT)
+    except LookupError:
+        codecs.register_error(_INVALID_UNIT, lambda e: ("\udcff", e.end))
+    return data.decode(encoding, errors=_INVALID_UNIT).encode("utf-8", errors="surrogateescape")
+
+
+def head_text(head: bytes) -> str:
+    """The first bytes of a file as text (UTF-8, or UTF-16/32 by its mark), for the driver's checks."""
+    encoding, bom = wide_encoding(head)
+    if encoding:
+        return head[bom:].decode(encoding, errors="replace")
+    return head.removeprefix(_BOM).decode("utf-8", errors="replace")
+
+
+# ---- byte ranges: a large line-separated file is read by several tasks ---------------------------------
+def splittable(fmt: str, separator: str) -> bool:
+    """Files of one record per line can be cut at any newline; blank-line blocks and JSON arrays are read whole."""
+    return fmt == "jsonl" or (fmt == "text" and separator == "line")
+
+
+def byte_ranges(size: int, chunk: int) -> list[tuple[int, int]]:
+    """[start, end) ranges that cover a file of ``size`` bytes, ``chunk`` bytes each (one for an empty file)."""
+    return [(s, min(s + chunk, size)) for s in range(0, size, chunk)] or [(0, 0)]
+
+
+def read_range(path: str, start: int, end: int, size: int, *, fs, fmt: str, separator: str, text_field: str,
+               errors: str) -> tuple[list[str], dict[str, int]]:
+    """The documents of the lines that *start* in bytes [start, end) of a file, and their counts.
+
+    A line belongs to the range in which it starts (it may run past ``end``), so the ranges of a file together
+    read every line exactly once, whatever the cut points. A range of the whole file is :func:`decode_file`.
+    A binary file is skipped by every range and counted by the first; the first range strips a UTF-8 BOM, and
+    reads a UTF-16/32 file (a byte-order mark) whole while the others read nothing. Lines end in LF, CRLF or CR;
+    a range is cut after an LF, so a file of CR-only line ends is read by its first range.
+    ``fs`` is the pyarrow filesystem built on the driver (None for local paths).
+    """
+    with _open(path, fs) as f:
+        if start == 0 and end >= size:
+            return decode_file(f.read(), fmt=fmt, separator=separator, text_field=text_field, errors=errors)
+        head = f.read(BINARY_PROBE)
+        if wide_encoding(head)[0]:  # UTF-16/32 cannot be cut at a byte offset: the first range reads it whole
+            if start:
+                return [], {}
+            f.seek(0)
+            return decode_file(f.read(), fmt=fmt, separator=separator, text_field=text_field, errors=errors)
+        if b"\x00" in head:
+            return [], ({"files_binary": 1} if start == 0 else {})
+        begin = 0 if start == 0 else _next_newline(f, start - 1, size) + 1
+        if begin >= end:
+            return [], {}
+        stop = _next_newline(f, end - 1, size) + 1
+        f.seek(begin)
+        data = f.read(stop - begin)
+    if start == 0 and data.startswith(_BOM):
+        data = data[3:]
+    return decode_records(data, fmt=fmt, separator=separator, text_field=text_field, errors=errors)
+
+
+_BOM = b"\xef\xbb\xbf"
+_SCAN = 1 << 20
+
+
+def _open(path: str, fs):
+    return fs.open_input_file(storage.fs_path(path)) if fs is not None else open(path, "rb")
+
+
+def _next_newline(f, offset: int, size: int) -> int:
+    """The position of the first newline at or after ``offset`` (``size`` - 1 when there is none)."""
+    while offset < size:
+        f.seek(offset)
+        buf = f.read(min(_SCAN, size - offset))
+        i = buf.find(b"\n")
+        if i >= 0:
+            return offset + i
+        offset += len(buf)
+    return size - 1
+
+
+def decode_value(value, errors: str) -> tuple[str | None, str | None]:
+    """A parquet or Arrow cell → (text or None, the count it adds or None)."""
+    if value is None:
+        return None, "records_missing_field"
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8"), None
+        except UnicodeDecodeError:
+            if errors == "skip":
+                return None, "docs_undecodable_skipped"
+            return value.decode("utf-8", errors="replace"), "docs_undecodable_replaced"
+    return str(value), None

@@ -1,0 +1,56 @@
+"""Checks that need the file system or a model, run by every job before Ray or MLflow start.
+
+pipeline/config_checks.py judges the config on its own; here the config meets the world: the run folders
+must be creatable and writable, and a pretrained teacher must be a BERT masked LM with a trained head, enough
+positions for ``data.max_seq_len`` and the vocabulary of ``data.tokenizer``. Every problem is collected and
+raised as one ValueError, which the job prints as one ``error:`` line per problem.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+from pipeline import models, storage
+from pipeline.config import RunConfig
+
+
+def check(cfg: RunConfig, *, teacher: bool = True) -> None:
+    problems = run_folder_problems(cfg)
+    if teacher and cfg.teacher.source != "pretrain" and not problems:
+        cache = os.path.join(cfg.run.root, "cache")
+        tokenizer = models.load_tokenizer(cfg.data.tokenizer, cache)
+        problems += models.check_teacher(cfg.teacher.source, cache_root=cache, tokenizer=tokenizer,
+                                         max_seq_len=cfg.data.max_seq_len)
+    if problems:
+        raise ValueError("cannot start:\n  - " + "\n  - ".join(problems))
+
+
+def run_folder_problems(cfg: RunConfig) -> list[str]:
+    """Each local folder the run writes (run.root/run.name, run.storage, data.output) can be created and
+    written; S3 locations are checked when first used."""
+    folders = {"run.root": cfg.run_dir, "run.storage": cfg.run.storage, "data.output": cfg.data.output}
+    problems = []
+    for key, folder in folders.items():
+        if folder and not storage.is_s3(folder):
+            reason = _unwritable(os.path.abspath(os.path.expanduser(folder)))
+            if reason:
+                problems.append(f"{key}: cannot write {folder} ({reason}): pick a writable folder, e.g. --set {key}=$HOME/distil-runs")
+    return problems
+
+
+def _unwritable(folder: str) -> str | None:
+    parent = folder
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{parent} is a file, not a folder"
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write-probe-{uuid.uuid4().hex}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        return e.strerror or str(e)
+    return None

