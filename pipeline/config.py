@@ -221,9 +221,16 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     key given twice, an unknown key, a value of the wrong type, and every semantic problem of :func:`validate`.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"--config {path} is a folder: pass a YAML file in it, e.g. --config configs/tiny.yaml")
     if not path.is_file():
         raise ValueError(f"config file {path} does not exist: pass --config configs/tiny.yaml or another YAML")
-    raw = config_yaml.load(path.read_text(encoding="utf-8"), source=str(path))
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}): save it as "
+                         "UTF-8") from None
+    raw = config_yaml.load(text, source=str(path))
     if not isinstance(raw, (dict, list)):
         raw = config_yaml.resolve(raw)  # "---" alone is an empty document too
     if raw is None:
@@ -262,10 +269,9 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 def resolve_paths(cfg: RunConfig) -> RunConfig:
     """Make local paths absolute, so that Ray workers and `ray job submit` see the same folders."""
-    root = cfg.run.root
-    if not _is_remote(root):
-        root = os.path.abspath(os.path.expanduser(root))
-    return cfg.with_overrides({"run.root": root})
+    paths = {"run.root": cfg.run.root, "run.storage": cfg.run.storage, "data.output": cfg.data.output}
+    local = {k: os.path.abspath(os.path.expanduser(v)) for k, v in paths.items() if v and not _is_remote(v)}
+    return cfg.with_overrides(local)
 
 
 def validate(cfg: RunConfig) -> None:
@@ -315,8 +321,8 @@ def _coerce(tp, value: Any, path: str):
         return config_yaml.resolve(dict(value))
     if isinstance(value, config_yaml.Plain):
         return _from_text(tp, str(value), path)
-    if tp in (int, float) and isinstance(value, str):
-        return _from_text(tp, value, path)
+    if tp in (int, float, bool) and isinstance(value, str):
+        return _from_text(tp, value, path)  # a quoted "3e-4" or "true"
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if tp in (int, float) and isinstance(value, bool):
@@ -344,17 +350,21 @@ def _from_text(tp, text: str, path: str):
         elif tp is float and isinstance(value, int):
             value = float(value)
     if not isinstance(value, tp):
-        example = {int: "e.g. 1000 or 1e3", float: "e.g. 0.001 or 1e-3", bool: "true or false"}[tp]
-        raise ValueError(f"{path}: expected {_KIND[tp]} ({example}), got {text!r}")
+        example = {int: " (e.g. 1000 or 1e3)", float: " (e.g. 0.001 or 1e-3)", bool: ""}[tp]
+        raise ValueError(f"{path}: expected {_KIND[tp]}{example}, got {text!r}")
     if tp is float and not math.isfinite(value):
         raise ValueError(f"{path}: expected a finite number, got {text!r}")
     return value
 
 
 def _shown(value: Any) -> str:
-    kind = {bool: "a boolean", int: "an integer", float: "a number", str: "text", list: "a list", dict: "a mapping",
-            type(None): "nothing (an empty value)"}.get(type(value), type(value).__name__)
-    return f"{kind} {value!r}" if value is not None else kind
+    if value is None or (isinstance(value, config_yaml.Plain) and not value.strip()):
+        return "nothing (an empty value)"
+    if isinstance(value, str):
+        return f"the text {str(value)!r}"
+    kinds = ((bool, "a boolean"), (int, "an integer"), (float, "a number"), (list, "a list"), (dict, "a mapping"))
+    kind = next((k for t, k in kinds if isinstance(value, t)), type(value).__name__)
+    return f"{kind} {value!r}"
 
 
 def _set_dotted(raw: dict, dotted: str, value: Any) -> None:

@@ -21,6 +21,9 @@ from pipeline.config import RunConfig, _set_dotted
 # trial, so a sampled value there would be silently ignored or would break the shared prepared data.
 SWEEPABLE_SECTIONS = ("loss", "optim", "masking", "student", "deepspeed", "eval", "checkpoint")
 MAX_SWEEP_COMBINATIONS = 512
+# What the loop reports, and which way is better: selection and ASHA may use these (pipeline/train_loop.py).
+VAL_METRICS = {"val/mlm_loss": "min", "val/perplexity": "min", "val/mlm_acc": "max", "val/teacher_agreement": "max"}
+LOSS_METRICS = {"loss/total": "min", "loss/ce": "min", "loss/mlm": "min", "loss/cos": "min", "loss/mse": "min"}
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -55,10 +58,18 @@ def _choices(cfg: RunConfig) -> list[str]:
 
 
 def _run(cfg: RunConfig) -> list[str]:
+    p = []
     if not _RUN_NAME.match(cfg.run.name):
-        return [f"run.name={cfg.run.name!r}: it names a folder under run.root, so use letters, digits, '.', '_' "
-                "and '-' only, starting with a letter or digit (e.g. tiny-lr3e-4)"]
-    return []
+        p.append(f"run.name={cfg.run.name!r}: it names a folder under run.root, so use letters, digits, '.', '_' "
+                 "and '-' only, starting with a letter or digit (e.g. tiny-lr3e-4)")
+    if not 0 <= cfg.run.seed < 2**63:
+        p.append(f"run.seed={cfg.run.seed}: use an integer in [0, 2**63) (numpy and torch seeds)")
+    for key, value in (("run.root", cfg.run.root), ("run.storage", cfg.run.storage), ("data.output", cfg.data.output)):
+        if key == "run.root" and not value.strip():
+            p.append("run.root is empty: give the folder (or s3:// prefix) that holds the run, e.g. runs")
+        elif "://" in value and not value.startswith("s3://"):
+            p.append(f"{key}={value!r}: only local paths and s3:// are supported (for file:// write the path itself)")
+    return p
 
 
 def _data(cfg: RunConfig) -> list[str]:
@@ -71,9 +82,9 @@ def _data(cfg: RunConfig) -> list[str]:
         p.append(f"data.min_seq_tokens={d.min_seq_tokens} > data.max_seq_len={d.max_seq_len}: a packed row holds at "
                  "most max_seq_len tokens, so every row would be dropped; lower data.min_seq_tokens or raise "
                  "data.max_seq_len")
-    if not 0.0 < d.max_unk_fraction:
+    if not 0.0 < d.max_unk_fraction <= 1.0:
         p.append(f"data.max_unk_fraction={d.max_unk_fraction}: rows with at least this share of [UNK] are dropped, so "
-                 "<= 0 drops every row; use a value in (0, 1] (HF's recipe: 0.5)")
+                 "<= 0 drops every row; use a value in (0, 1] (HF's recipe: 0.5; 1 drops only all-[UNK] rows)")
     if not 0.0 < d.val_fraction < 0.5:
         p.append(f"data.val_fraction={d.val_fraction}: use a value in (0, 0.5), e.g. 0.05; with no validation split "
                  "there is no val/* metric, which the sweep, ASHA and the registry choose by")
@@ -115,6 +126,9 @@ def _models(cfg: RunConfig) -> list[str]:
                      "data.max_seq_len or raise teacher.max_position_embeddings")
     if not t.source.strip():
         p.append("teacher.source is empty: use pretrain, a hub id, a local HF folder or s3://")
+    elif t.source != "pretrain" and t.source.strip().lower() == "pretrain":
+        p.append(f"teacher.source={t.source!r}: write pretrain (lower case) to pre-train the offline teacher; any "
+                 "other value is read as a model to download")
     lm = cfg.student.layer_map
     if not (lm in ("alternate", "hf") or (isinstance(lm, list) and lm and all(type(i) is int for i in lm))):
         p.append(f"student.layer_map={lm!r}: use 'alternate', 'hf' or a non-empty list of teacher layer indices")
@@ -191,7 +205,9 @@ def _sweep(cfg: RunConfig) -> list[str]:
     return p
 
 
-def _space_entry(key: str, spec: Any) -> list[str]:
+def _space_entry(key: Any, spec: Any) -> list[str]:
+    if not isinstance(key, str):
+        return [f"sweep.space key {key!r}: name a config setting, e.g. loss.temperature"]
     kinds = {"choice": ("values",), "grid": ("values",), "uniform": ("low", "high"), "loguniform": ("low", "high")}
     if not isinstance(spec, dict) or spec.get("type") not in kinds:
         return [f"sweep.space.{key}: give a mapping with type one of {sorted(kinds)}, e.g. {{type: choice, values: [1, 2]}}"]
@@ -232,17 +248,25 @@ def _probe_values(spec: dict) -> list:
     return [float(low), mid, float(high)]
 
 
+def probe_samples(cfg: RunConfig):
+    """Sampled overrides that stand for the space: each key's probe values alone (the others at the config's
+    values), then every combination of them up to MAX_SWEEP_COMBINATIONS."""
+    space = cfg.sweep.space
+    keys = list(space)
+    for key in keys:
+        for value in _probe_values(space[key]):
+            yield {key: value}
+    if len(keys) > 1:
+        combos = itertools.product(*(_probe_values(space[k]) for k in keys))
+        for combo in itertools.islice(combos, MAX_SWEEP_COMBINATIONS):
+            yield dict(zip(keys, combo))
+
+
 def sweep_problems(cfg: RunConfig) -> list[str]:
     """Validate the trial configs the sweep space can produce (every combination of the probe values, up to
     MAX_SWEEP_COMBINATIONS of them), before the first trial starts."""
-    space = cfg.sweep.space
-    if not space:
-        return []
-    keys = list(space)
     found: dict[str, str] = {}
-    combos = itertools.islice(itertools.product(*(_probe_values(space[k]) for k in keys)), MAX_SWEEP_COMBINATIONS)
-    for combo in combos:
-        sample = dict(zip(keys, combo))
+    for sample in probe_samples(cfg):
         try:
             trial = cfg.with_overrides(sample)
             message = "; ".join(problems(trial))
@@ -277,6 +301,19 @@ def _tracking(cfg: RunConfig) -> list[str]:
     if t.alias == "challenger":
         p.append("tracking.alias='challenger' is the alias the registry gives a version that did not beat the "
                  "champion: pick another alias (default champion)")
+    for key, metric, mode in (("tracking.select_metric", t.select_metric, t.select_mode),
+                              ("sweep.metric", cfg.sweep.metric, cfg.sweep.mode)):
+        allowed = VAL_METRICS if key == "sweep.metric" else {**VAL_METRICS, **LOSS_METRICS}
+        if metric not in allowed:
+            p.append(f"{key}={metric!r}: not a metric the training loop reports; use one of {sorted(allowed)}")
+        elif mode in ("min", "max") and allowed[metric] != mode:
+            p.append(f"{key}={metric!r} is better when {'lower' if allowed[metric] == 'min' else 'higher'}: set its "
+                     f"mode to {allowed[metric]}")
+    if len(t.model_name) > 256 or any(c in t.model_name for c in "?#%"):
+        p.append(f"tracking.model_name={t.model_name[:40]!r}…: at most 256 characters and no '?', '#' or '%' (they "
+                 "break models:/ URIs and database columns)")
+    if t.experiment != t.experiment.strip():
+        p.append(f"tracking.experiment={t.experiment!r}: no leading or trailing spaces")
     if t.log_every_steps < 1:
         p.append(f"tracking.log_every_steps={t.log_every_steps}: must be >= 1")
     return p

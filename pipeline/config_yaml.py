@@ -54,6 +54,9 @@ class _Loader(yaml.SafeLoader):
             if key_node.tag == "tag:yaml.org,2002:merge":  # `<<:` merges; a key of its own may override it
                 continue
             key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool, type(None))):
+                raise yaml.constructor.ConstructorError(
+                    None, None, "a key must be a plain name, not a list or a mapping", key_node.start_mark)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"the key {str(key)!r} appears twice in one mapping (first at line "
@@ -82,7 +85,7 @@ def load(text: str, *, source: str) -> Any:
 
 def _fix(problem: str) -> str:
     if "'\\t'" in problem or "\\t" in problem:
-        return ": indent with spaces, not tabs"
+        return ": YAML allows no tab there: indent (and separate comments) with spaces, or quote a value holding a tab"
     if problem.startswith("the key"):
         return ""
     if "mapping values are not allowed" in problem:
@@ -116,7 +119,11 @@ def parse_number(text: str) -> int | float | None:
     if _INT.match(t):
         return int(t.replace("_", ""), 0) if t.lstrip("+-")[:2] in ("0o", "0x") else int(t.replace("_", ""))
     if _FLOAT.match(t) and any(c.isdigit() for c in t):
-        return float(t.replace("_", ""))
+        value = float(t.replace("_", ""))
+        mantissa = re.split(r"[eE]", t)[0]
+        if value == 0.0 and any(c in "123456789" for c in mantissa):
+            return None  # 1e-400 underflows to 0.0: not the number typed
+        return value
     return _SPECIAL_FLOAT.get(t.lower())
 
 

@@ -48,12 +48,34 @@ def resolve_local(source: str, cache_root: str) -> str:
 
 
 def load_tokenizer(source: str, cache_root: str) -> PreTrainedTokenizerBase:
-    tok = AutoTokenizer.from_pretrained(resolve_local(source, cache_root), use_fast=True)
+    """A fast BERT tokenizer from package:NAME, a local folder, a hub id or s3://; ValueError if it cannot be
+    loaded or lacks [CLS]/[SEP]/[MASK]."""
+    path = _local_or_error(source, cache_root, what="tokenizer")
+    try:
+        tok = AutoTokenizer.from_pretrained(path, use_fast=True)
+    except (OSError, ValueError, TypeError) as e:
+        raise ValueError(f"tokenizer {source!r} cannot be loaded ({' '.join(str(e).split())[:240]}): give a folder "
+                         "with vocab.txt or tokenizer.json, a hub id this machine can reach, or s3://") from None
     if not tok.is_fast:
         raise ValueError(f"tokenizer {source!r} has no fast version: the prepare stage needs a fast tokenizer")
     if tok.mask_token_id is None or tok.cls_token_id is None or tok.sep_token_id is None:
         raise ValueError(f"tokenizer {source!r} lacks [CLS]/[SEP]/[MASK]: use a BERT WordPiece tokenizer")
     return tok
+
+
+def _local_or_error(source: str, cache_root: str, *, what: str) -> str:
+    """resolve_local, with a missing local path and an unreachable S3 copy as one ValueError each."""
+    remote = source.startswith("package:") or storage.is_s3(source)
+    looks_local = not remote and (source.startswith(("/", "./", "../", "~")) or source.count("/") > 1)  # not org/name
+    if looks_local and not os.path.exists(os.path.expanduser(source)):
+        raise ValueError(f"{what} {source!r} does not exist: check the path")
+    try:
+        return resolve_local(os.path.expanduser(source) if looks_local else source, cache_root)
+    except ValueError:
+        raise
+    except Exception as e:  # boto3's credential and endpoint errors, at the edge
+        raise ValueError(f"{what} {source!r} cannot be downloaded ({type(e).__name__}: {e}): check the bucket, your AWS "
+                         "credentials and AWS_ENDPOINT_URL") from None
 
 
 # ---- teacher -----------------------------------------------------------------------------------------
@@ -128,20 +150,28 @@ def check_teacher(source: str, *, cache_root: str, tokenizer: PreTrainedTokenize
     does not match ``tokenizer`` (either way). Returns one message per problem."""
     from transformers import AutoConfig
 
-    path = resolve_local(source, cache_root)
+    try:
+        path = _local_or_error(source, cache_root, what="teacher")
+    except ValueError as e:
+        return [str(e)]
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
         return [f"teacher {source!r} is a directory without config.json: point at a saved HF model directory"]
     try:
         config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # OSError, JSON errors, transformers' strict config validation
         return [f"teacher {source!r} cannot be loaded ({' '.join(str(e).split())[:300]}): give a hub id this machine "
                 "can reach, a local HF folder or s3://"]
     if config.model_type not in SUPPORTED_TEACHERS:
         return [f"teacher {source!r} is a {config.model_type!r} model; supported teachers are BERT-family masked LMs "
                 f"({', '.join(SUPPORTED_TEACHERS)}), e.g. bert-base-uncased"]
     problems = []
-    keys = checkpoint_keys(path) if os.path.isdir(path) else None
-    if keys is not None and not any(k.startswith(MLM_HEAD_PREFIX + "transform.") for k in keys):
+    try:
+        keys = checkpoint_keys(path) if os.path.isdir(path) else None
+    except Exception as e:  # a cut-off or foreign weights file: safetensors, torch and OS errors
+        return [f"teacher {source!r}: its weights cannot be read ({type(e).__name__}: {' '.join(str(e).split())[:200]})"]
+    if os.path.isdir(path) and keys is None:
+        problems.append(f"teacher {source!r} holds no weights (model.safetensors or pytorch_model.bin)")
+    elif keys is not None and not any(k.startswith(MLM_HEAD_PREFIX + "transform.") for k in keys):
         problems.append(_no_head_message(source, f"its weights hold no {MLM_HEAD_PREFIX}* tensors"))
     if max_seq_len > config.max_position_embeddings:
         problems.append(f"data.max_seq_len={max_seq_len} > the teacher's max_position_embeddings="

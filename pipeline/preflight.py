@@ -15,13 +15,23 @@ from pipeline import models, storage
 from pipeline.config import RunConfig
 
 
+MIN_VOCAB = 1000  # a WordPiece vocabulary smaller than this is a folder without its vocabulary file
+
+
 def check(cfg: RunConfig, *, teacher: bool = True) -> None:
     problems = run_folder_problems(cfg)
-    if teacher and cfg.teacher.source != "pretrain" and not problems:
+    if teacher and not problems:
         cache = os.path.join(cfg.run.root, "cache")
-        tokenizer = models.load_tokenizer(cfg.data.tokenizer, cache)
-        problems += models.check_teacher(cfg.teacher.source, cache_root=cache, tokenizer=tokenizer,
-                                         max_seq_len=cfg.data.max_seq_len)
+        try:
+            tokenizer = models.load_tokenizer(cfg.data.tokenizer, cache)
+        except ValueError as e:
+            raise ValueError(f"cannot start:\n  - data.tokenizer: {e}") from None
+        if len(tokenizer) < MIN_VOCAB:
+            problems.append(f"data.tokenizer={cfg.data.tokenizer!r} has only {len(tokenizer)} tokens: its folder holds no "
+                            "vocabulary (vocab.txt or tokenizer.json); point at a BERT WordPiece tokenizer")
+        elif cfg.teacher.source != "pretrain":
+            problems += models.check_teacher(cfg.teacher.source, cache_root=cache, tokenizer=tokenizer,
+                                             max_seq_len=cfg.data.max_seq_len)
     if problems:
         raise ValueError("cannot start:\n  - " + "\n  - ".join(problems))
 

@@ -85,6 +85,10 @@ def prepare_data(cfg: RunConfig) -> dict:
 def prepare(cfg: RunConfig) -> dict:
     t0 = time.perf_counter()
     manifest = prepare_data(cfg)
+    if manifest["splits"]["val"]["num_sequences"] < 1:  # the corpus stays cached: a rerun with more val is cheap
+        raise ValueError(f"the prepared corpus has {manifest['splits']['train']['num_sequences']} training rows and no "
+                         f"validation rows (data.val_fraction={cfg.data.val_fraction} put no document there), so no "
+                         "val/* metric could be measured: raise data.val_fraction or add documents")
     earlier = storage.read_json(record_path(cfg, "prepare"))
     if manifest.get("cached") and earlier and earlier["manifest"]["key"] == manifest["key"]:
         print(f"[distil] prepare: the corpus is prepared already (cache key {manifest['key']}); skipped", flush=True)
@@ -159,6 +163,13 @@ def sweep(cfg: RunConfig, *, cluster_cpus: float) -> dict:
     if not cfg.sweep.space:
         raise ValueError("sweep.space is empty: declare at least one parameter, e.g. loss.temperature: {type: choice, values: [1, 2, 4]}")
     trainer.check_batches(cfg, manifest, role="student")
+    from pipeline import config_checks
+
+    for sample in config_checks.probe_samples(cfg):  # a sampled micro-batch size must fit the data too
+        try:
+            trainer.check_batches(cfg.with_overrides(sample), manifest, role="student")
+        except ValueError as e:
+            raise ValueError(f"sweep.space can produce a trial with {sample}: {e}") from None
     params = {**flatten(cfg.to_dict()), "sweep.space": json.dumps(cfg.sweep.space)}
     name = _run_name(cfg, "sweep", TRAIN_SECTIONS + ("sweep",), extra=teacher_uri)
     if earlier := _finished(cfg, "sweep", name=name, manifest=manifest):

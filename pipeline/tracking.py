@@ -90,8 +90,15 @@ def setup(root: str, experiment: str, uri: str | None = None) -> str:
     uri = uri or tracking_uri(root)
     if uri.startswith("sqlite:///"):
         os.makedirs(root, exist_ok=True)
+    if uri.startswith(("http://", "https://")):
+        _check_reachable(uri)
     mlflow.set_tracking_uri(uri)
-    found = mlflow.get_experiment_by_name(experiment)
+    try:
+        found = mlflow.get_experiment_by_name(experiment)
+    except (mlflow.exceptions.MlflowException, ImportError) as e:  # a store MLflow cannot use (driver, scheme)
+        first = " ".join(str(e).split())[:300]
+        raise ValueError(f"the MLflow tracking store {uri} cannot be used ({type(e).__name__}: {first}): use an "
+                         "http(s) server or sqlite, or unset MLFLOW_TRACKING_URI for the embedded store") from None
     if found is not None and found.lifecycle_stage == "deleted":
         raise ValueError(
             f"the MLflow experiment {experiment!r} was deleted (id {found.experiment_id}, store {uri}): restore it "
@@ -102,6 +109,21 @@ def setup(root: str, experiment: str, uri: str | None = None) -> str:
         mlflow.create_experiment(experiment, artifact_location=artifact_location(root, uri))
     mlflow.set_experiment(experiment)
     return uri
+
+
+def _check_reachable(uri: str, timeout_s: float = 10.0) -> None:
+    """One quick request to the server, so an unreachable one is one line now, not MLflow's minutes of retries."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return  # it answered (an auth proxy may refuse /health): reachable
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise ValueError(f"cannot reach the MLflow tracking server {uri} ({reason}): start it, fix "
+                         "MLFLOW_TRACKING_URI, or unset it to use the embedded sqlite store") from None
 
 
 @contextlib.contextmanager

@@ -87,7 +87,7 @@ def test_a_tab_indented_file_is_one_line_naming_file_line_and_fix(tmp_path):
     with pytest.raises(ValueError) as e:
         load_config(p)
     msg = str(e.value)
-    assert "\n" not in msg and str(p) in msg and "line 4" in msg and "spaces, not tabs" in msg
+    assert "\n" not in msg and str(p) in msg and "line 4" in msg and "with spaces" in msg
 
 
 def test_a_yaml_error_through_a_job_is_one_error_line(tmp_path, capsys):
@@ -228,3 +228,65 @@ def test_probe_values_cover_both_ends_and_the_middle():
 def test_yaml_anchors_and_merge_keys_still_work(tmp_path):
     cfg = _load(tmp_path, "run: {name: t}\noptim: &o {lr: 1e-4, max_steps: 7}\nteacher_optim:\n  <<: *o\n  max_steps: 9\n")
     assert (cfg.teacher_optim.lr, cfg.teacher_optim.max_steps, cfg.optim.max_steps) == (1e-4, 9, 7)
+
+
+# ---- a second round of inputs of the same kinds (a new user's) --------------------------------------------
+@pytest.mark.parametrize("text,match", [
+    ("optim: {lr: 1e-400}", r"optim.lr: expected a number .*'1e-400'"),
+    ("run: {seed: -1}", r"run.seed=-1"),
+    ("run: {seed: 1e21}", r"run.seed=1000000000000000000000"),
+    ("tracking: {select_metric: val/mlm_los}", r"tracking.select_metric='val/mlm_los': not a metric"),
+    ("sweep: {metric: val/mlm_loss, mode: max}", r"better when lower: set its mode to min"),
+    ("teacher: {source: Pretrain}", r"write pretrain \(lower case\)"),
+    ("data: {max_unk_fraction: 5}", r"data.max_unk_fraction=5"),
+    ("tracking: {model_name: 'a?b'}", r"no '\?'"),
+    ("optim: {betas: 0.9}", r"optim.betas: expected a list, got the text '0.9'"),
+    ("? [a]\n: 1", r"a key must be a plain name"),
+    ("sweep: {space: {1: {type: choice, values: [1.0]}}}", r"sweep.space key 1: name a config setting"),
+    ("scaling: {use_gpu: 'false'}", None),
+])
+def test_second_round_inputs_are_one_clear_error(tmp_path, text, match):
+    full = text if text.startswith("run:") else f"run: {{name: t}}\n{text}\n"
+    if text.startswith("run:"):
+        full = text.replace("run: {", "run: {name: t, ") + "\n"
+    if match is None:
+        assert _load(tmp_path, full).scaling.use_gpu is False
+        return
+    with pytest.raises(ValueError, match=match) as e:
+        _load(tmp_path, full)
+    assert "Plain" not in str(e.value) and "Traceback" not in str(e.value)
+
+
+def test_a_config_path_that_is_a_folder_or_not_utf8_is_one_line(tmp_path):
+    with pytest.raises(ValueError, match="is a folder: pass a YAML file"):
+        load_config(tmp_path)
+    p = tmp_path / "u16.yaml"
+    p.write_bytes("run: {name: t}\n".encode("utf-16"))
+    with pytest.raises(ValueError, match=r"u16.yaml is not UTF-8 text .*save it as UTF-8"):
+        load_config(p)
+    p.write_bytes("\ufeffrun: {name: t}\n".encode("utf-8"))  # a UTF-8 byte-order mark is fine
+    assert load_config(p).run.name == "t"
+
+
+def test_relative_storage_and_output_are_made_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = _load(tmp_path, "run: {name: t, storage: rel/ray}\ndata: {output: rel/data}\n")
+    assert cfg.run.storage == str(tmp_path / "rel" / "ray") and cfg.data.output == str(tmp_path / "rel" / "data")
+
+
+def test_a_bad_value_early_in_a_large_sweep_space_is_still_found(tmp_path):
+    ranges = "\n".join(f"    optim.{k}: {{type: uniform, low: 0.01, high: 0.02}}" for k in ("weight_decay", "eps", "grad_clip"))
+    text = ("run: {name: t}\nsweep:\n  space:\n    loss.temperature: {type: choice, values: [1.0, 0.0]}\n"
+            "    loss.alpha_ce: {type: uniform, low: 1.0, high: 5.0}\n    loss.alpha_mlm: {type: uniform, low: 1.0, high: 5.0}\n"
+            "    loss.alpha_cos: {type: uniform, low: 1.0, high: 5.0}\n" + ranges + "\n")  # 2 × 3^6 = 1,458 combinations
+    with pytest.raises(ValueError, match=r"loss.temperature=0.0"):
+        _load(tmp_path, text)
+
+
+@pytest.mark.parametrize("root,match", [("''", "run.root is empty"), ("'file:///tmp/x'", "only local paths and s3://"),
+                                        ("'gs://bucket/runs'", "only local paths and s3://")])
+def test_a_run_root_that_is_empty_or_of_another_scheme_is_refused(tmp_path, root, match):
+    p = tmp_path / "c.yaml"
+    p.write_text(f"run: {{name: t, root: {root}}}\n")
+    with pytest.raises(ValueError, match=match):
+        load_config(p)

@@ -123,3 +123,39 @@ def test_a_deleted_mlflow_experiment_says_restore_or_rename(tmp_path):
     mlflow.delete_experiment(mlflow.get_experiment_by_name("gone").experiment_id)
     with pytest.raises(ValueError, match=r"experiment 'gone' was deleted.*mlflow experiments restore.*tracking.experiment"):
         tracking.setup(str(tmp_path), "gone", uri=uri)
+
+
+def test_a_missing_or_vocabulary_less_tokenizer_is_one_line_before_ray(tmp_path, tokenizer):
+    with pytest.raises(ValueError, match=r"data.tokenizer: tokenizer '.*nope' does not exist"):
+        preflight.check(load_config(TINY, [f"run.root={tmp_path / 'runs'}", f"data.tokenizer={tmp_path / 'nope'}"]))
+    bare = _teacher(tmp_path / "bare", tokenizer, with_tokenizer=False)  # a model folder, no vocabulary files
+    with pytest.raises(ValueError, match=r"data.tokenizer"):
+        preflight.check(load_config(TINY, [f"run.root={tmp_path / 'runs'}", f"data.tokenizer={bare}"]))
+
+
+def test_a_teacher_without_readable_weights_is_one_line(tmp_path, tokenizer):
+    teacher = _teacher(tmp_path / "t", tokenizer)
+    weights = Path(teacher, "model.safetensors")
+    weights.write_bytes(weights.read_bytes()[:100])  # cut off
+    with pytest.raises(ValueError, match=r"its weights cannot be read"):
+        preflight.check(_cfg(tmp_path, teacher))
+    weights.unlink()
+    with pytest.raises(ValueError, match=r"holds no weights"):
+        preflight.check(_cfg(tmp_path, teacher))
+
+
+def test_an_unreachable_tracking_server_is_one_line_within_seconds(tmp_path):
+    import socket
+    import time
+
+    from pipeline import tracking
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match=rf"cannot reach the MLflow tracking server http://127.0.0.1:{port}"):
+        tracking.setup(str(tmp_path), "x", uri=f"http://127.0.0.1:{port}")
+    assert time.monotonic() - t0 < 30
+    with pytest.raises(ValueError, match=r"tracking store file://.* cannot be used"):
+        tracking.setup(str(tmp_path), "x", uri=f"file://{tmp_path}/mlruns")

@@ -126,7 +126,8 @@ def test_a_trial_whose_final_checkpoint_is_damaged_is_not_a_candidate(tmp_path, 
 def _asha(mode):
     from pipeline import sweep
 
-    cfg = load_config(CONFIG, ["optim.max_steps=8", "sweep.grace_period=1", f"sweep.mode={mode}"])
+    metric = "val/mlm_loss" if mode == "min" else "val/mlm_acc"  # a loss is minimised, an accuracy maximised
+    cfg = load_config(CONFIG, ["optim.max_steps=8", "sweep.grace_period=1", f"sweep.mode={mode}", f"sweep.metric={metric}"])
     scheduler = sweep.scheduler(cfg)
     scheduler.set_search_properties(cfg.sweep.metric, mode)
     return scheduler
@@ -136,7 +137,7 @@ def _report(scheduler, trial_id, step, score):
     trial = SimpleNamespace(trial_id=trial_id)
     if trial_id not in scheduler._trial_info:
         scheduler.on_trial_add(None, trial)
-    return scheduler.on_trial_result(None, trial, {"step": step, "val/mlm_loss": score})
+    return scheduler.on_trial_result(None, trial, {"step": step, scheduler._metric: score})
 
 
 @pytest.mark.parametrize("mode", ["min", "max"])
@@ -150,7 +151,7 @@ def test_asha_stops_a_non_finite_trial_and_ranks_the_others_by_real_scores(mode,
     assert _report(asha, "bad", 1, bad) == TrialScheduler.STOP
     assert _report(asha, "worse", 1, worse) == TrialScheduler.STOP  # ranked against the good trial only
     assert _report(asha, "best", 1, best) == TrialScheduler.CONTINUE
-    asha.on_trial_complete(None, SimpleNamespace(trial_id="bad"), {"step": 1, "val/mlm_loss": bad})
+    asha.on_trial_complete(None, SimpleNamespace(trial_id="bad"), {"step": 1, asha._metric: bad})
     assert "bad" not in asha._trial_info
     assert all(bad not in rung.values() for b in asha._brackets for _, rung in b._rungs)
 
