@@ -368,6 +368,9 @@ def _shown(value: Any) -> str:
 
 
 def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    if dotted.startswith("sweep.space.") and isinstance(raw.get("sweep"), dict) and "space" in raw["sweep"]:
+        raise ValueError(f"override {dotted!r}: the space's keys hold dots, so set the whole space, e.g. "
+                         "--set 'sweep.space={loss.temperature: {type: choice, values: [1, 2]}}'")
     parts = dotted.split(".")
     node = raw
     for i, part in enumerate(parts[:-1]):

@@ -269,8 +269,8 @@ def sum_stats(payloads, vocab_size: int) -> tuple[dict[str, int], np.ndarray, di
 _LOSSES = {
     "files_binary": "skipped as binary (a NUL byte in its first 8 KiB and no UTF-16/32 byte-order mark)",
     "files_empty": "empty: nothing read",
-    "files_bad_json": "not one valid JSON array: skipped",
-    "lines_bad_json": "{n} line{s} that {are} not JSON skipped",
+    "files_bad_json": "parses neither as one JSON array nor as JSON Lines: skipped",
+    "lines_bad_json": "{n} JSON line{s} or array item{s} that did not parse (bad JSON, or nested too deep) skipped",
     "records_missing_field": "{n} record{s} without a string {field!r} (or null values) skipped",
     "docs_undecodable_skipped": "{n} document{s} with bytes that are not UTF-8 skipped (data.decode_errors: skip)",
     "docs_undecodable_replaced": "{n} document{s} with bytes that are not UTF-8 kept with U+FFFD in their place",
@@ -321,7 +321,7 @@ def prepare(cfg: DataSection, *, data_dir: str, run_root: str, tokenizer_path: s
         shutil.rmtree(out)
 
     ray.data.DataContext.get_current().enable_progress_bars = False
-    parts = [_read(g, cfg) for g in groups]
+    parts = [_read(g, cfg) for g in groups if g.paths]  # resolve() leaves at least one group with files
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     if cfg.max_docs:
         ds = ds.limit(cfg.max_docs)
@@ -335,6 +335,10 @@ def prepare(cfg: DataSection, *, data_dir: str, run_root: str, tokenizer_path: s
     packed.write_datasink(sink)
 
     totals, train_counts, by_file = sum_stats(sink.result["stats"], len(tokenizer))
+    for g in groups:  # 0-byte files the driver left out (a reader cannot open an empty parquet file)
+        for p in g.empty:
+            by_file.setdefault(p, {})["files_empty"] = 1
+            totals["files_empty"] = totals.get("files_empty", 0) + 1
     counts = {k: totals.get(k, 0) for k in STAT_KEYS}
     for line in file_warnings(by_file, cfg):  # data that was lost or changed, named by file, not only counted
         print(f"[distil] prepare: {line}", flush=True)

@@ -31,7 +31,9 @@ def decode_file(data: bytes, *, fmt: str, separator: str, text_field: str, error
 
     Counts: ``files_empty``, ``files_binary`` (a NUL byte in the first 8 KiB, no UTF-16/32 byte-order mark),
     ``docs_undecodable_replaced`` or ``docs_undecodable_skipped`` (per ``errors``), ``lines_bad_json``,
-    ``files_bad_json`` (a json file that does not parse as one array), ``records_missing_field``.
+    ``files_bad_json`` (a json file that does not parse as one array nor as JSON Lines), ``records_missing_field``.
+    A record that parses but nests deeper than Python's recursion limit allows is a bad JSON line (in a JSON
+    array too); integers of more than 4300 digits are read as floats (:func:`loads`), so their record is kept.
     """
     encoding, bom = wide_encoding(data)
     if encoding:
@@ -72,13 +74,15 @@ def decode_records(data: bytes, *, fmt: str, separator: str, text_field: str, er
                     continue
                 _add(counts, "docs_undecodable_replaced")
                 texts.append(c.decode("utf-8", errors="replace"))
+    if fmt != "jsonl" and (b"\xe2\x80\xa8" in data or b"\xe2\x80\xa9" in data):  # U+2028, U+2029
+        texts = _split_unicode_breaks(texts, separator)
     texts = [t for t in texts if t.strip()]  # blank lines and blocks separate documents; they are not ones
     if fmt != "jsonl":
         return texts, counts
     records = []
     for line in texts:
         try:
-            record = json.loads(line)
+            record = loads(line)
         except ValueError:
             _add(counts, "lines_bad_json")
             continue
@@ -90,8 +94,17 @@ def decode_array(data: bytes, *, text_field: str, errors: str) -> tuple[list[str
     """The documents of a file that is one JSON array of records (objects with ``text_field``) or strings.
     Bytes that are not UTF-8 are decided per document, as in text files."""
     counts: dict[str, int] = {}
+    text = data.decode("utf-8", errors="surrogateescape")
     try:
-        value = json.loads(data.decode("utf-8", errors="surrogateescape"))
+        value = loads(text)
+    except TooDeep:
+        value = _array_items(text, counts)  # one record nests too deep: parse the others one by one
+        if value is None:
+            return [], {"files_bad_json": 1}
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # several JSON values one after another: JSON Lines the driver could not tell
+            return decode_records(data, fmt="jsonl", separator="line", text_field=text_field, errors=errors)
+        return [], {"files_bad_json": 1}
     except ValueError:
         return [], {"files_bad_json": 1}
     if not isinstance(value, list):
@@ -99,6 +112,106 @@ def decode_array(data: bytes, *, text_field: str, errors: str) -> tuple[list[str
     if not value:
         return [], {"files_empty": 1}
     return record_texts(value, text_field=text_field, errors=errors, counts=counts), counts
+
+
+class TooDeep(ValueError):
+    """A JSON value nested deeper than Python's recursion limit lets ``json`` parse."""
+
+
+def _lenient_int(digits: str):
+    # int() refuses more than sys.get_int_max_str_digits() (4300) digits; such a number is never the text.
+    return int(digits) if len(digits) <= 4000 else float(digits)
+
+
+_DECODER = json.JSONDecoder(parse_int=_lenient_int)
+
+
+def loads(text: str):
+    """``json.loads`` that raises only ValueError: :class:`TooDeep` for a value nested too deep (Python raises
+    RecursionError), and that reads an integer of more than 4000 digits as a float instead of raising."""
+    try:
+        return json.loads(text, parse_int=_lenient_int)
+    except RecursionError:
+        raise TooDeep("nested too deeply for Python's JSON parser") from None
+
+
+def raw_decode(text: str, start: int = 0):
+    """``json.JSONDecoder.raw_decode`` with the guarantees of :func:`loads`: (value, index after it)."""
+    try:
+        return _DECODER.raw_decode(text, start)
+    except RecursionError:
+        raise TooDeep("nested too deeply for Python's JSON parser") from None
+
+
+def _array_items(text: str, counts: dict[str, int]) -> list | None:
+    """The items of a JSON array parsed one by one, an item nested too deep skipped (counted in
+    ``lines_bad_json``); None when the text is not one array."""
+    ws = " \t\r\n"
+    i = len(text) - len(text.lstrip(ws))
+    if text[i:i + 1] != "[":
+        return None
+    items, i = [], i + 1
+    while True:
+        while i < len(text) and text[i] in ws:
+            i += 1
+        if text[i:i + 1] == "]" and not items and not counts.get("lines_bad_json"):
+            break
+        try:
+            item, i = raw_decode(text, i)
+            items.append(item)
+        except TooDeep:
+            _add(counts, "lines_bad_json")
+            i = _skip_value(text, i)
+        except ValueError:
+            return None
+        while i < len(text) and text[i] in ws:
+            i += 1
+        if text[i:i + 1] == ",":
+            i += 1
+        elif text[i:i + 1] == "]":
+            break
+        else:
+            return None
+    return items if not text[i + 1:].strip(ws) else None
+
+
+def _skip_value(text: str, i: int) -> int:
+    """The index just after the JSON array or object that starts at ``text[i]`` (brackets counted outside
+    strings); len(text) when it does not end."""
+    depth, in_string, escaped = 0, False, False
+    for j in range(i, len(text)):
+        c = text[j]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == "\\":
+                escaped = True
+            elif c == '"':
+                in_string = False
+        elif c == '"':
+            in_string = True
+        elif c in "[{":
+            depth += 1
+        elif c in "]}":
+            depth -= 1
+            if depth == 0:
+                return j + 1
+    return len(text)
+
+
+_UNICODE_BREAK = re.compile("[\u2028\u2029]")
+
+
+def _split_unicode_breaks(texts: list[str], separator: str) -> list[str]:
+    """U+2028 (line separator) and U+2029 (paragraph separator) in text files: with ``line``, each ends a line
+    (as in ``str.splitlines``); with ``blank_line``, U+2029 ends a block and U+2028 becomes a newline."""
+    out = []
+    for t in texts:
+        if separator == "line":
+            out.extend(_UNICODE_BREAK.split(t))
+        else:
+            out.extend(p.replace("\u2028", "\n") for p in t.split("\u2029"))
+    return out
 
 
 def record_texts(records: list, *, text_field: str, errors: str, counts: dict[str, int]) -> list[str]:
@@ -224,8 +337,9 @@ def _next_newline(f, offset: int, size: int) -> int:
 
 
 def decode_value(value, errors: str) -> tuple[str | None, str | None]:
-    """A parquet or Arrow cell → (text or None, the count it adds or None)."""
-    if value is None:
+    """A parquet or Arrow cell → (text or None, the count it adds or None). A value that is neither text nor
+    bytes (a number, a list) is a record without the text field, never its ``str()``."""
+    if value is None or not isinstance(value, (str, bytes)):
         return None, "records_missing_field"
     if isinstance(value, bytes):
         try:
@@ -234,4 +348,4 @@ def decode_value(value, errors: str) -> tuple[str | None, str | None]:
             if errors == "skip":
                 return None, "docs_undecodable_skipped"
             return value.decode("utf-8", errors="replace"), "docs_undecodable_replaced"
-    return str(value), None
+    return value, None

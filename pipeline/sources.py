@@ -12,8 +12,10 @@ A path that exists as named is read as that path, whatever characters it holds (
 a glob only when nothing has that exact name (:func:`plan_path`).
 
 Everything that can be checked before Ray starts is checked here, with one clear error per problem: a missing
-path, a glob that matches nothing, an unreadable bucket, a file type we cannot read, a missing field or column,
-a ``.json`` file that is one JSON document but not an array of records. Problems inside the files (empty or
+path, a glob that matches nothing, an unreadable bucket, a file type we cannot read, a missing field or column
+(or a parquet/Arrow text column that is not a string), a ``.json`` file that is one JSON document but not an
+array of records, a FIFO, socket or device (:func:`_regular`), a ``save_to_disk`` folder with a broken marker
+file. Folders: see :func:`walk_folder` (symlinks followed once, ``.``/``_`` names skipped). Problems inside the files (empty or
 binary files, undecodable bytes, bad JSON) are counted skips, decided per file in Ray Data tasks by
 pipeline/decoding.py (which also holds the encodings and line ends we read), so that one bad file never fails a
 long run; the driver names each such file in one warning (pipeline/data.py).
@@ -26,6 +28,7 @@ import glob
 import json
 import os
 import re
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -45,6 +48,7 @@ class Group:
     format: str  # text | jsonl | json (one JSON array per file) | parquet | arrow (save_to_disk and Hub caches)
     paths: list[str] = field(default_factory=list)
     names: list[str] = field(default_factory=list)  # what the user wrote, for the manifest
+    empty: list[str] = field(default_factory=list)  # 0-byte files left out (parquet): counted as files_empty
 
 
 # ---- resolution (driver) ----------------------------------------------------------------------------
@@ -53,9 +57,15 @@ def resolve(cfg: DataSection, corpora_dir: str) -> list[Group]:
     groups: dict[str, Group] = {}
     problems: list[str] = []
 
+    seen: set[str] = set()  # every file once, however many sources or symlinks reach it
+
     def add(fmt: str, paths: list[str], name: str) -> None:
         g = groups.setdefault(fmt, Group(fmt))
-        g.paths.extend(p for p in paths if p not in g.paths)
+        for p in paths:
+            key = p if storage.is_s3(p) else os.path.realpath(p)
+            if key not in seen:
+                seen.add(key)
+                g.paths.append(p)
         g.names.append(name)
 
     for src in cfg.sources:
@@ -78,9 +88,14 @@ def resolve(cfg: DataSection, corpora_dir: str) -> list[Group]:
             problems.append(str(e))
     if problems:
         raise ValueError("\n".join(problems))
-    out = [g for g in groups.values() if g.paths]
+    if "parquet" in groups:
+        _drop_empty_parquet(groups["parquet"])
+    out = [g for g in groups.values() if g.paths or g.empty]
+    if not any(g.paths for g in out):
+        raise ValueError(f"data.sources: every file is empty ({', '.join(sum((g.empty for g in out), [])[:3])}): "
+                         "add text to the corpus")
     for g in out:
-        if g.format in ("jsonl", "parquet", "arrow"):
+        if g.format in ("jsonl", "parquet", "arrow") and g.paths:
             check_field(g, cfg.text_field)
     return out
 
@@ -111,26 +126,73 @@ def _local_kind(path: str) -> str:
     return "dir" if os.path.isdir(path) else "file" if os.path.exists(path) else "missing"
 
 
+HIDDEN = (".", "_")  # names a folder source skips (files and folders), as Hadoop and Spark do: .git, _SUCCESS
+
+
 def _local_files(path: str, src: str) -> list[str]:
     how, _, target = plan_path(path, _local_kind)
     if how == "glob":
-        matches = sorted(p for p in glob.glob(target, recursive=True) if os.path.isfile(p))
+        matches = sorted(p for p in glob.glob(target, recursive=True) if not os.path.isdir(p))
         if not matches:
             raise ValueError(f"data.sources: the glob {src!r} matches no file, and no file or folder has that exact "
                              "name: check the pattern and the folder")
-        return [os.path.abspath(p) for p in matches]
+        return _regular(matches, src)
     if how == "dir":
-        files = sorted(
-            os.path.join(d, f) for d, _, names in os.walk(path) for f in names if not f.startswith((".", "_"))
-        )
+        files, hidden = walk_folder(path)
+        if hidden:
+            shown = ", ".join(os.path.relpath(h, path) for h in hidden[:3]) + (", …" if len(hidden) > 3 else "")
+            print(f"[distil] prepare: note: {src}: skipped {len(hidden)} hidden file{'s' if len(hidden) > 1 else ''} "
+                  f"or folder{'s' if len(hidden) > 1 else ''} (names starting with . or _: {shown})", flush=True)
         if not files:
-            raise ValueError(f"data.sources: the folder {src!r} holds no files")
-        return [os.path.abspath(p) for p in files]
+            raise ValueError(f"data.sources: the folder {src!r} holds no files"
+                             + (" (only names starting with . or _, which are skipped)" if hidden else ""))
+        return _regular(files, src)
     if how == "missing":
         raise ValueError(f"data.sources: {src!r} does not exist: check the path (relative paths are from the job's working directory)")
     if not os.access(path, os.R_OK):
         raise ValueError(f"data.sources: {src!r} is not readable: check its permissions")
-    return [os.path.abspath(path)]
+    return _regular([path], src)
+
+
+def walk_folder(path: str) -> tuple[list[str], list[str]]:
+    """(the files under a folder, sorted; the hidden names skipped). Symlinked folders are followed, each real
+    folder walked once (no cycles); a file reached by two paths (a symlink) is listed once; files and folders
+    whose names start with ``.`` or ``_`` are skipped, with everything under them."""
+    files, hidden, real_files, real_dirs = [], [], set(), set()
+    for d, dirs, names in os.walk(path, followlinks=True):
+        real = os.path.realpath(d)
+        if real in real_dirs:
+            dirs[:] = []
+            continue
+        real_dirs.add(real)
+        hidden += [os.path.join(d, n) for n in dirs + names if n.startswith(HIDDEN)]
+        dirs[:] = sorted(n for n in dirs if not n.startswith(HIDDEN))
+        for n in sorted(names):
+            p = os.path.join(d, n)
+            if not n.startswith(HIDDEN) and os.path.realpath(p) not in real_files:
+                real_files.add(os.path.realpath(p))
+                files.append(p)
+    return sorted(files), sorted(hidden)
+
+
+def _regular(paths: list[str], src: str) -> list[str]:
+    """Absolute paths of regular files (a symlink to one is one); one ValueError naming the FIFOs, sockets,
+    devices and broken links among them, which would block or fail a reader."""
+    bad = []
+    for p in paths:
+        try:
+            mode = os.stat(p).st_mode
+        except OSError as e:
+            bad.append(f"{p} ({e.strerror.lower() if e.strerror else 'cannot stat'})")
+            continue
+        if not stat.S_ISREG(mode):
+            kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                    else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+            bad.append(f"{p} ({kind})")
+    if bad:
+        raise ValueError(f"data.sources: {src!r} holds what is not a regular file: {', '.join(bad[:3])}"
+                         f"{'…' if len(bad) > 3 else ''}: list only files (a pipe or device cannot be read in parallel)")
+    return [os.path.abspath(p) for p in paths]
 
 
 def _s3_files(uri: str) -> list[str]:
@@ -224,6 +286,8 @@ def json_layout(head: bytes, *, whole: bool, text_field: str) -> str:
     fix = (f"write its records as one JSON array ([{{\"{text_field}\": \"…\"}}, …]) or as JSON Lines (one object per "
            "line, .jsonl)")
     if text.startswith("["):
+        if _several_values(text):
+            return "jsonl"  # JSON Lines of arrays (["doc a"]\n["doc b"]): each line's items are records
         _check_first_item(text, text_field)
         return "json"
     if not text.startswith("{"):
@@ -232,7 +296,7 @@ def json_layout(head: bytes, *, whole: bool, text_field: str) -> str:
     if not newline and not whole:
         return "jsonl"
     try:
-        first = json.loads(line)
+        first = decoding.loads(line)
     except ValueError:
         first = None
     if isinstance(first, dict):
@@ -241,11 +305,27 @@ def json_layout(head: bytes, *, whole: bool, text_field: str) -> str:
         raise ValueError(f"is one JSON object ({_describe_object(first)}), not a list of records: {fix}")
     if line.strip() == "{":  # no JSON Lines record is a lone brace: one object, pretty-printed
         try:
-            found = f" ({_describe_object(json.loads(text))})" if whole else ""
+            found = f" ({_describe_object(decoding.loads(text))})" if whole else ""
         except ValueError:
             found = ""
         raise ValueError(f"is one JSON object spread over several lines{found}, not a list of records: {fix}")
     return "jsonl"
+
+
+def _several_values(text: str) -> bool:
+    """Whether ``text`` (stripped, starting with ``[``) holds a first JSON value that ends on its first line and
+    more after it: JSON Lines, not one array. A first value cut by the probe is taken for one array."""
+    try:
+        _, end = decoding.raw_decode(text)
+    except ValueError:
+        return False
+    rest = text[end:].lstrip(" \t\r")
+    if not rest.strip():
+        return False
+    if "\n" not in text[:end] and rest.startswith("\n"):
+        return True
+    raise ValueError("holds several JSON values one after another, not one array nor one per line: write one JSON "
+                     "array, or JSON Lines (one value per line, .jsonl)")
 
 
 def _check_first_item(text: str, text_field: str) -> None:
@@ -253,7 +333,7 @@ def _check_first_item(text: str, text_field: str) -> None:
     if text[start:start + 1] in ("]", ""):
         return
     try:
-        item, _ = json.JSONDecoder().raw_decode(text, start)
+        item, _ = decoding.raw_decode(text, start)
     except ValueError:
         return  # cut by the probe: the tasks count what does not parse
     if isinstance(item, dict) and text_field not in item:
@@ -279,19 +359,32 @@ def check_field(group: Group, text_field: str) -> None:
     import pyarrow.parquet as pq
 
     path = group.paths[0]
-    if group.format == "parquet":
-        with storage.open_input(path) as f:
-            names = pq.ParquetFile(f).schema_arrow.names
-    elif group.format == "arrow":
-        with pa.memory_map(path) as f:
-            names = pa.ipc.open_stream(f).schema.names
+    if group.format in ("parquet", "arrow"):
+        try:
+            if group.format == "parquet":
+                with storage.open_input(path) as f:
+                    schema = pq.ParquetFile(f).schema_arrow
+            else:
+                with pa.memory_map(path) as f:
+                    schema = pa.ipc.open_stream(f).schema
+        except (pa.ArrowException, OSError) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{path}: not a readable {group.format} file ({reason}): check the file, or data.format "
+                             "if it is not parquet") from None
+        names = schema.names
+        if text_field in names:
+            kind = schema.field(text_field).type
+            if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind)
+                    or pa.types.is_large_binary(kind) or str(kind) == "string_view"):
+                raise ValueError(f"{path}: the column {text_field!r} is of type {kind}, not text (string): set "
+                                 "data.text_field to a string column")
     else:  # jsonl: the first record that parses
         names = None
         for p in group.paths[:20]:
             with storage.open_input(p) as f:
                 for line in decoding.head_text(f.read(1 << 20)).splitlines()[:100]:
                     try:
-                        record = json.loads(line)
+                        record = decoding.loads(line)
                     except ValueError:
                         continue
                     if isinstance(record, dict):
@@ -305,21 +398,83 @@ def check_field(group: Group, text_field: str) -> None:
         raise ValueError(f"{path}: no field {text_field!r}; its fields are {names}: set data.text_field")
 
 
+def _drop_empty_parquet(group: Group) -> None:
+    """Move the 0-byte files of a parquet group to ``group.empty`` (a reader would fail on them); one ValueError
+    naming every other local file without parquet's magic bytes (PAR1 at both ends)."""
+    bad = []
+    for p in list(group.paths):
+        if storage.is_s3(p):
+            continue
+        size = os.path.getsize(p)
+        if size == 0:
+            group.paths.remove(p)
+            group.empty.append(p)
+            continue
+        with open(p, "rb") as f:
+            head = f.read(4)
+            f.seek(max(0, size - 4))
+            tail = f.read(4)
+        if head != b"PAR1" or tail != b"PAR1":
+            bad.append(p)
+    if bad:
+        raise ValueError(f"data.sources: not parquet files (no PAR1 magic bytes): {', '.join(bad[:3])}"
+                         f"{'…' if len(bad) > 3 else ''}: check the files, or data.format if they are not parquet")
+
+
 # ---- datasets: save_to_disk folders and Hub datasets -------------------------------------------------
+def _read_marker(path: str):
+    """A save_to_disk marker file's JSON (None if absent); one ValueError naming it if it does not parse."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return decoding.loads(f.read())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"data.sources: {path} cannot be read as a datasets.save_to_disk file ({e}): fix or remove it") from None
+
+
 def is_saved_dataset(path: str) -> bool:
-    return os.path.exists(os.path.join(path, "dataset_dict.json")) or os.path.exists(os.path.join(path, "state.json"))
+    """Whether a folder was written by ``datasets`` ``save_to_disk``: a ``dataset_dict.json`` (a DatasetDict; it
+    must hold a list of ``splits``, or it is one ValueError naming it), or a ``state.json`` with ``_data_files``
+    (a Dataset; any other state.json is an ordinary file of the corpus)."""
+    dict_file = os.path.join(path, "dataset_dict.json")
+    info = _read_marker(dict_file)
+    if info is not None:
+        if not isinstance(info, dict) or not isinstance(info.get("splits"), list):
+            raise ValueError(f"data.sources: {dict_file} is not a datasets.save_to_disk dataset_dict.json (it needs "
+                             '"splits": a list of split names): fix or remove it')
+        return True
+    state_file = os.path.join(path, "state.json")
+    if not os.path.isfile(state_file):
+        return False
+    try:
+        state = _read_marker(state_file)
+    except ValueError:
+        return False  # not JSON: not datasets' state.json, so an ordinary file
+    return isinstance(state, dict) and "_data_files" in state
 
 
 def saved_dataset_arrow_files(path: str, cfg: DataSection) -> list[str]:
-    """The Arrow files of a save_to_disk folder (a Dataset, or a DatasetDict's ``data.split``)."""
+    """The Arrow files of a save_to_disk folder (a Dataset, or a DatasetDict's ``data.split``). Raises one
+    ValueError naming the file for a split or Arrow file that is missing or malformed."""
     dict_file = os.path.join(path, "dataset_dict.json")
     if os.path.exists(dict_file):
-        splits = json.loads(open(dict_file).read())["splits"]
+        splits = _read_marker(dict_file)["splits"]
         if cfg.split not in splits:
             raise ValueError(f"data.sources: {path} holds the splits {splits}, not {cfg.split!r}: set data.split")
         path = os.path.join(path, cfg.split)
-    state = json.loads(open(os.path.join(path, "state.json")).read())
-    return [os.path.join(path, f["filename"]) for f in state["_data_files"]]
+    state_file = os.path.join(path, "state.json")
+    state = _read_marker(state_file)
+    files = state.get("_data_files") if isinstance(state, dict) else None
+    if not isinstance(files, list) or not all(isinstance(f, dict) and isinstance(f.get("filename"), str) for f in files):
+        raise ValueError(f"data.sources: {state_file} is {'missing' if state is None else 'not a datasets state.json'} "
+                         '(it needs "_data_files": [{"filename": ...}]): save the dataset again with save_to_disk')
+    out = [os.path.join(path, f["filename"]) for f in files]
+    missing = [p for p in out if not os.path.isfile(p)]
+    if missing:
+        raise ValueError(f"data.sources: {state_file} lists Arrow files that do not exist ({', '.join(missing[:3])}): "
+                         "save the dataset again with save_to_disk")
+    return out
 
 
 def hub_arrow_files(name: str, cfg: DataSection) -> list[str]:

@@ -290,3 +290,8 @@ def test_a_run_root_that_is_empty_or_of_another_scheme_is_refused(tmp_path, root
     p.write_text(f"run: {{name: t, root: {root}}}\n")
     with pytest.raises(ValueError, match=match):
         load_config(p)
+
+
+def test_an_override_into_the_sweep_space_says_to_set_the_whole_space():
+    with pytest.raises(ValueError, match=r"set the whole space, e.g. --set 'sweep.space=\{loss.temperature"):
+        RunConfig().with_overrides(parse_overrides(["sweep.space.loss.temperature={type: choice, values: [1]}"]))

@@ -234,7 +234,7 @@ def test_each_file_that_loses_data_is_named_in_one_warning(tmp_path, hf_tokenize
     warnings = data.file_warnings(by_file, cfg)
     assert len(warnings) == 4 and all(w.startswith(f"warning: {tmp_path}") for w in warnings), "one line per file"
     assert f"warning: {paths[2]}: 2 lines cut to data.max_line_chars (200 characters)" in warnings
-    assert f"warning: {paths[3]}: 1 line that is not JSON skipped; 2 records without a string 'text' (or null values) skipped" in warnings
+    assert f"warning: {paths[3]}: 1 JSON line or array item that did not parse (bad JSON, or nested too deep) skipped; 2 records without a string 'text' (or null values) skipped" in warnings
     assert any(w.startswith(f"warning: {paths[0]}: skipped as binary") for w in warnings)
     many = data.file_warnings({f"/c/{i:03d}.txt": {"files_binary": 1} for i in range(50)}, cfg)
     assert len(many) == data.MAX_FILE_WARNINGS + 1 and many[-1].startswith("warning: and 30 more files")
@@ -329,3 +329,119 @@ def test_an_s3_folder_download_skips_the_folder_marker_objects(s3_endpoint, monk
 
     local = Path(storage.download_dir("s3://corpus/ckpt/hf_model", str(tmp_path)))
     assert (local / "config.json").read_text() == "{}" and (local / "sub" / "vocab.txt").read_text() == "[PAD]\n"
+
+
+# ---- new-user breaker: deep JSON, JSON Lines of arrays, save_to_disk look-alikes, pipes, folders, types ----
+DEEP = "[" * 3000 + "]" * 3000  # deeper than Python's recursion limit lets json parse
+
+
+def _decode(body: bytes, fmt: str = "jsonl", separator: str = "line"):
+    return decoding.decode_file(body, fmt=fmt, separator=separator, text_field="text", errors="replace")
+
+
+def test_a_record_nested_too_deep_costs_only_itself_and_huge_integers_keep_their_record():
+    lines = f'{{"text": "a"}}\n{{"text": "b", "x": {DEEP}}}\n{DEEP}\n{{"text": "c", "n": {"9" * 5000}}}\n'
+    assert _decode(lines.encode()) == (["a", "c"], {"lines_bad_json": 2})
+    array = f'[{{"text": "a"}}, {{"text": "b", "x": {DEEP}}}, "c", {{"text": "d \\"]]}}", "n": {"7" * 5000}}}, {DEEP}]'
+    assert _decode(array.encode(), "json") == (["a", "c", 'd "]]}'], {"lines_bad_json": 2})
+    assert _decode(f'[{{"text": "a"}}, {DEEP}'.encode(), "json") == ([], {"files_bad_json": 1}), "cut off: not an array"
+    # The driver's checks survive it too: json_layout and check_field read the same lines.
+    assert sources.json_layout(f'{{"x": {DEEP}}}\n{{"text": "a"}}\n'.encode(), whole=True, text_field="text") == "jsonl"
+    assert sources.json_layout(f"[{DEEP}]".encode(), whole=True, text_field="text") == "json"
+
+
+def test_a_json_file_of_json_lines_of_arrays_is_read_as_json_lines(tmp_path):
+    body = b'["doc a"]\n["doc b", {"text": "doc c"}]\n\n["doc d"]\n'
+    assert sources.json_layout(body, whole=True, text_field="text") == "jsonl"
+    assert sources.json_layout(body[:12], whole=False, text_field="text") == "jsonl"
+    (tmp_path / "lines.json").write_bytes(body)
+    groups = sources.resolve(DataSection(sources=[str(tmp_path / "lines.json")]), "")
+    assert [(g.format, g.paths) for g in groups] == [("jsonl", [str(tmp_path / "lines.json")])]
+    assert _decode(body) == (["doc a", "doc b", "doc c", "doc d"], {})
+    # A first line too long for the probe is taken for one array; the task still reads it as JSON Lines.
+    assert _decode(body, "json") == (["doc a", "doc b", "doc c", "doc d"], {})
+    with pytest.raises(ValueError, match="several JSON values one after another"):
+        sources.json_layout(b'[\n  "a"\n]\n[\n  "b"\n]\n', whole=True, text_field="text")
+    assert "not one valid" not in data._LOSSES["files_bad_json"]
+
+
+@pytest.mark.parametrize("name, body, expected", [
+    ("state.json", '{"foo": 1}', "is one JSON object"),  # an ordinary .json file of the corpus, not a marker
+    ("dataset_dict.json", '{"splits": "train"}', r"dataset_dict.json is not a datasets.save_to_disk dataset_dict.json"),
+    ("dataset_dict.json", '{"splits": ["tr', r"dataset_dict.json cannot be read as a datasets.save_to_disk file"),
+])
+def test_save_to_disk_look_alikes_are_one_error_naming_the_file(tmp_path, name, body, expected):
+    (tmp_path / "doc.txt").write_text("some text\n")
+    (tmp_path / name).write_text(body)
+    with pytest.raises(ValueError, match=expected) as e:
+        sources.resolve(DataSection(sources=[str(tmp_path)]), "")
+    assert str(tmp_path / name) in str(e.value) and len(str(e.value).splitlines()) == 1
+
+
+def test_a_real_save_to_disk_folder_with_a_broken_state_is_one_error(tmp_path):
+    (tmp_path / "state.json").write_text('{"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}')
+    assert sources.is_saved_dataset(str(tmp_path))
+    with pytest.raises(ValueError, match=r"state.json lists Arrow files that do not exist"):
+        sources.resolve(DataSection(sources=[str(tmp_path)]), "")
+    (tmp_path / "state.json").write_text('{"_data_files": "x"}')
+    with pytest.raises(ValueError, match=r"state.json is not a datasets state.json"):
+        sources.resolve(DataSection(sources=[str(tmp_path)]), "")
+
+
+def test_fifos_and_devices_are_refused_at_resolution_naming_them(tmp_path):
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("text\n")
+    os.mkfifo(tmp_path / "corpus" / "pipe.txt")
+    for src in (str(tmp_path / "corpus"), str(tmp_path / "corpus" / "pipe.txt"), str(tmp_path / "corpus" / "*.txt"), "/dev/zero"):
+        with pytest.raises(ValueError, match=r"not a regular file: .*\((a FIFO \(named pipe\)|a device)\)") as e:
+            sources.resolve(DataSection(sources=[src], format="text"), "")  # never opens the pipe: would block
+        assert ("pipe.txt" in str(e.value)) != (src == "/dev/zero")
+
+
+def test_folders_follow_symlinks_once_and_skip_hidden_names_saying_so(tmp_path, capsys):
+    corpus, other = tmp_path / "corpus", tmp_path / "other"
+    (corpus / ".git").mkdir(parents=True)
+    (corpus / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (corpus / "_SUCCESS").write_text("")
+    (corpus / ".notes.txt").write_text("hidden\n")
+    (corpus / "a.txt").write_text("a\n")
+    other.mkdir()
+    (other / "b.txt").write_text("b\n")
+    (corpus / "linked").symlink_to(other)  # a symlinked folder is read
+    (corpus / "again").symlink_to(other)  # the same real folder twice: its files once
+    (corpus / "a_link.txt").symlink_to(corpus / "a.txt")  # the same file by two paths: once
+    (other / "loop").symlink_to(corpus)  # a cycle: walked once
+    groups = sources.resolve(DataSection(sources=[str(corpus), str(other / "b.txt")]), "")
+    names = [os.path.relpath(p, corpus) for g in groups for p in g.paths]
+    assert sorted(names) == ["a.txt", "again/b.txt"], names
+    out = capsys.readouterr().out
+    assert f"note: {corpus}: skipped 3 hidden files or folders (names starting with . or _: .git, .notes.txt, _SUCCESS)" in out
+
+
+def test_parquet_text_columns_must_be_strings_and_bad_or_empty_parquet_files_are_named(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "ints.parquet")
+    with pytest.raises(ValueError, match=r"ints.parquet: the column 'text' is of type int64, not text"):
+        sources.resolve(DataSection(sources=[str(tmp_path / "ints.parquet")]), "")
+    assert decoding.decode_value(7, "replace") == (None, "records_missing_field")
+    assert decoding.decode_value(["a"], "replace") == (None, "records_missing_field")
+    rows = data.decode_column({"text": np.array(["ok", 5, None], dtype=object), "path": np.array(["f"] * 3, dtype=object)},
+                              cfg=DataSection(sources=["unused"]))
+    assert list(rows["text"]) == ["ok", ""] and list(rows["event"]) == ["", "records_missing_field"] and rows["n"][1] == 2
+    (tmp_path / "notes.txt").write_text("plain text\n")
+    with pytest.raises(ValueError, match=r"not parquet files \(no PAR1 magic bytes\): .*notes.txt"):
+        sources.resolve(DataSection(sources=[str(tmp_path / "notes.txt")], format="parquet"), "")
+    (tmp_path / "p").mkdir()
+    pq.write_table(pa.table({"text": ["a"]}), tmp_path / "p" / "good.parquet")
+    (tmp_path / "p" / "empty.parquet").write_bytes(b"")
+    [group] = sources.resolve(DataSection(sources=[str(tmp_path / "p")]), "")
+    assert group.paths == [str(tmp_path / "p" / "good.parquet")] and group.empty == [str(tmp_path / "p" / "empty.parquet")]
+
+
+def test_unicode_line_and_paragraph_separators_split_text_documents():
+    text = "one\u2028two\u2029three\nfour\n\nfive".encode()
+    assert _decode(text, "text", "line")[0] == ["one", "two", "three", "four", "five"]
+    assert _decode(text, "text", "blank_line")[0] == ["one\ntwo", "three\nfour", "five"]
+    assert _decode('{"text": "x\u2028y"}\n'.encode())[0] == ["x\u2028y"], "inside a JSON string it is text"
