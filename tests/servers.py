@@ -12,7 +12,9 @@ import urllib.request
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
-S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+# Dummy credentials for the local S3-compatible server; distinctive, so that a scan for them finds only leaks.
+S3_ENV = {"AWS_ACCESS_KEY_ID": "distil-test-key-id-5c1e", "AWS_SECRET_ACCESS_KEY": "distil-test-secret-9b7d4f",
+          "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 def free_port() -> int:

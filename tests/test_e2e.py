@@ -101,11 +101,8 @@ def test_registration_is_idempotent(e2e_run):
 
 
 def test_everything_went_through_the_server_and_the_model_files_are_on_s3(e2e_run, tracking_server):
-    import boto3
-
     assert not (Path(e2e_run["root"]) / "mlflow.db").exists(), "MLFLOW_TRACKING_URI wins over the embedded store"
-    s3 = boto3.client("s3", endpoint_url=tracking_server["s3_endpoint"], region_name="us-east-1",
-                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    s3 = _s3(tracking_server)
     keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=tracking_server["bucket"])
             for o in page.get("Contents", [])]
     assert any(k.endswith("model.safetensors") for k in keys), keys[:20]
@@ -220,3 +217,43 @@ def test_the_run_prints_progress_lines_and_not_rays_internal_reports(e2e_run):
     for stage in ("teacher", "distill", "sweep trial"):
         assert re.search(rf"\[distil\] {stage}[ \w]* +step +\d+/\d+ \( *\d+%\) \| loss [0-9.]+ .*tok/s \| ETA", log), stage
     assert "Reporting training result" not in log and "TrainingReport(" not in log
+
+
+
+def _s3(tracking_server):
+    import boto3
+    from servers import S3_ENV
+
+    return boto3.client("s3", endpoint_url=tracking_server["s3_endpoint"], region_name="us-east-1",
+                        aws_access_key_id=S3_ENV["AWS_ACCESS_KEY_ID"], aws_secret_access_key=S3_ENV["AWS_SECRET_ACCESS_KEY"])
+
+
+def test_no_credential_reaches_mlflow_the_run_folder_or_the_logs(e2e_run, tracking_server):
+    """The job ran with AWS keys and MLflow basic-auth credentials in its environment: none of their values may
+    appear in any MLflow param, tag, metric name, model version, artifact, file of the run folder, or log."""
+    from conftest import TRACKING_CREDENTIALS
+    from servers import S3_ENV
+
+    secrets = [S3_ENV["AWS_ACCESS_KEY_ID"], S3_ENV["AWS_SECRET_ACCESS_KEY"], TRACKING_CREDENTIALS["MLFLOW_TRACKING_PASSWORD"]]
+    assert all(s in e2e_run["env"].values() for s in secrets), "the job must have had the secrets to leak them"
+    mlflow = _mlflow(e2e_run)
+    client = mlflow.MlflowClient()
+    texts = {}
+    for exp in client.search_experiments():
+        for run in client.search_runs([exp.experiment_id]):
+            texts[f"run {run.info.run_id}"] = json.dumps([run.data.params, run.data.tags, list(run.data.metrics)])
+    for model in client.search_registered_models():
+        for v in client.search_model_versions(f"name='{model.name}'"):
+            texts[f"model {model.name} v{v.version}"] = json.dumps([v.description, v.tags, v.source])
+    s3 = _s3(tracking_server)
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=tracking_server["bucket"]):
+        for obj in page.get("Contents", []):
+            texts[f"s3 {obj['Key']}"] = s3.get_object(Bucket=tracking_server["bucket"], Key=obj["Key"])["Body"].read()
+    for path in Path(e2e_run["root"]).rglob("*"):
+        if path.is_file() and path.stat().st_size < 20 * 2**20:
+            texts[str(path)] = path.read_bytes()
+    texts["job output"] = e2e_run["killed_log"] + e2e_run["stdout"]
+    assert len(texts) > 50, sorted(texts)[:10]
+    leaks = [(where, s) for where, text in texts.items() for s in secrets
+             if (s.encode() if isinstance(text, bytes) else s) in text]
+    assert not leaks, leaks[:5]
