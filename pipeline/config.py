@@ -261,9 +261,12 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if not sep or not key.strip():
             raise ValueError(f"override {item!r} must look like section.key=value, e.g. loss.temperature=4")
         try:
-            out[key.strip()] = config_yaml.load(value, source=f"--set {item}")
+            parsed = config_yaml.load(value, source=f"--set {item}")
         except ValueError:
-            out[key.strip()] = config_yaml.Plain(value)
+            parsed = config_yaml.Plain(value)
+        if isinstance(parsed, (dict, list)) and not value.lstrip().startswith(("{", "[")):
+            parsed = config_yaml.Plain(value)  # `run.name=exp: v2` is text; a mapping or list is written {…} or […]
+        out[key.strip()] = parsed
     return out
 
 
@@ -328,12 +331,13 @@ def _coerce(tp, value: Any, path: str):
     if tp in (int, float) and isinstance(value, bool):
         raise ValueError(f"{path}: expected {_KIND[tp]}, got a boolean {value!r}")
     if not isinstance(value, tp):
-        raise ValueError(f"{path}: expected {_KIND.get(tp, tp.__name__)}, got {_shown(value)}")
+        raise ValueError(f"{path}: expected {_KIND.get(tp, tp.__name__)}{_EXAMPLE.get(tp, '')}, got {_shown(value)}")
     if tp is float and not math.isfinite(value):
         raise ValueError(f"{path}: expected a finite number, got {value!r}")
     return value
 
 
+_EXAMPLE = {int: " (e.g. 1000 or 1e3)", float: " (e.g. 0.001 or 1e-3)"}
 _KIND = {int: "an integer", float: "a number", bool: "true or false", str: "text"}
 
 
@@ -350,8 +354,9 @@ def _from_text(tp, text: str, path: str):
         elif tp is float and isinstance(value, int):
             value = float(value)
     if not isinstance(value, tp):
-        example = {int: " (e.g. 1000 or 1e3)", float: " (e.g. 0.001 or 1e-3)", bool: ""}[tp]
-        raise ValueError(f"{path}: expected {_KIND[tp]}{example}, got {text!r}")
+        if tp is not bool and config_yaml.underflows(text):
+            raise ValueError(f"{path}: {text!r} underflows to 0.0 in double precision: write the value you mean")
+        raise ValueError(f"{path}: expected {_KIND[tp]}{_EXAMPLE.get(tp, '')}, got {text!r}")
     if tp is float and not math.isfinite(value):
         raise ValueError(f"{path}: expected a finite number, got {text!r}")
     return value

@@ -310,8 +310,9 @@ def _tracking(cfg: RunConfig) -> list[str]:
             p.append(f"{key}={metric!r} is better when {'lower' if allowed[metric] == 'min' else 'higher'}: set its "
                      f"mode to {allowed[metric]}")
     if len(t.model_name) > 256 or any(c in t.model_name for c in "?#%"):
-        p.append(f"tracking.model_name={t.model_name[:40]!r}…: at most 256 characters and no '?', '#' or '%' (they "
-                 "break models:/ URIs and database columns)")
+        shown = repr(t.model_name) if len(t.model_name) <= 40 else repr(t.model_name[:40]) + "…"
+        p.append(f"tracking.model_name={shown}: at most 256 characters and no '?', '#' or '%' (they break models:/ "
+                 "URIs and database columns)")
     if t.experiment != t.experiment.strip():
         p.append(f"tracking.experiment={t.experiment!r}: no leading or trailing spaces")
     if t.log_every_steps < 1:

@@ -127,6 +127,12 @@ def parse_number(text: str) -> int | float | None:
     return _SPECIAL_FLOAT.get(t.lower())
 
 
+def underflows(text: str) -> bool:
+    """A float literal with a non-zero mantissa that rounds to 0.0 (``1e-400``)."""
+    t = text.strip()
+    return bool(_FLOAT.match(t)) and float(t.replace("_", "")) == 0.0 and any(c in "123456789" for c in re.split(r"[eE]", t)[0])
+
+
 def parse_bool(text: str) -> bool | None:
     """true/false, and yes/no/on/off, for a field declared bool; None if ``text`` is none of them."""
     return _BOOL_WORDS.get(text.strip().lower())

@@ -122,6 +122,16 @@ def plan_path(path: str, kind) -> tuple[str, str, str]:
     return "glob", "", path
 
 
+def _note_glob(src: str, pattern: str, matches: list[str]) -> None:
+    """A missing path read as a pattern because of ``[…]`` (a character class, easily a literal name) is said,
+    with what it matched, so that another file is never read silently in place of the one named."""
+    if "[" not in pattern.replace("[[]", ""):
+        return
+    shown = ", ".join(matches[:3]) + (f", and {len(matches) - 3} more" if len(matches) > 3 else "")
+    print(f"[distil] prepare: note: {src!r} does not exist as named, so it is read as a glob ('[…]' is a character "
+          f"class) matching {len(matches)} file(s): {shown}", flush=True)
+
+
 def _local_kind(path: str) -> str:
     return "dir" if os.path.isdir(path) else "file" if os.path.exists(path) else "missing"
 
@@ -136,6 +146,7 @@ def _local_files(path: str, src: str) -> list[str]:
         if not matches:
             raise ValueError(f"data.sources: the glob {src!r} matches no file, and no file or folder has that exact "
                              "name: check the pattern and the folder")
+        _note_glob(src, target, matches)
         return _regular(matches, src)
     if how == "dir":
         files, hidden = walk_folder(path)
@@ -222,6 +233,8 @@ def _s3_files(uri: str) -> list[str]:
     files = [f for f in files if not os.path.basename(f).startswith((".", "_"))]
     if not files:
         raise ValueError(f"data.sources: {uri} matches no file: check the prefix or the glob")
+    if how == "glob":
+        _note_glob(uri, target, [f"s3://{f}" for f in files])
     return [f"s3://{f}" for f in files]
 
 

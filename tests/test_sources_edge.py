@@ -445,3 +445,18 @@ def test_unicode_line_and_paragraph_separators_split_text_documents():
     assert _decode(text, "text", "line")[0] == ["one", "two", "three", "four", "five"]
     assert _decode(text, "text", "blank_line")[0] == ["one\ntwo", "three\nfour", "five"]
     assert _decode('{"text": "x\u2028y"}\n'.encode())[0] == ["x\u2028y"], "inside a JSON string it is text"
+
+
+def test_a_missing_bracketed_path_read_as_a_glob_is_said_with_what_it_matched(tmp_path, capsys):
+    from pipeline.config import DataSection
+
+    (tmp_path / "corpus v").mkdir()
+    (tmp_path / "corpus v" / "reviews.txt").write_text("some text\n")
+    (groups,) = sources.resolve(DataSection(sources=[str(tmp_path / "corpus [v3]" / "reviews.txt")]), "")
+    assert groups.paths == [str(tmp_path / "corpus v" / "reviews.txt")]  # the documented rule: a pattern
+    out = capsys.readouterr().out
+    assert "does not exist as named, so it is read as a glob" in out and "corpus v/reviews.txt" in out
+    (tmp_path / "corpus [v3]").mkdir()
+    (tmp_path / "corpus [v3]" / "reviews.txt").write_text("other text\n")
+    (groups,) = sources.resolve(DataSection(sources=[str(tmp_path / "corpus [v3]" / "reviews.txt")]), "")
+    assert groups.paths == [str(tmp_path / "corpus [v3]" / "reviews.txt")] and "glob" not in capsys.readouterr().out
