@@ -121,7 +121,9 @@ def trial_end_lines(*, metric: str, total: int):
     class TrialEndLines(tune.Callback):
         def on_trial_complete(self, iteration, trials, trial, **info):
             result = trial.last_result or {}
-            print(format_trial_end(trial_id=trial.trial_id, step=result.get("step"), total=total, metric=metric,
+            sample = (getattr(trial, "config", None) or {}).get("sample") or {}
+            steps = sample.get("optim__max_steps", total)  # a sweep may vary the budget
+            print(format_trial_end(trial_id=trial.trial_id, step=result.get("step"), total=steps, metric=metric,
                                    value=result.get(metric)), flush=True)
 
     return TrialEndLines()

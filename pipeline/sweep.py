@@ -119,6 +119,14 @@ def run(cfg: RunConfig, *, datasets: dict, replicated_data: bool, teacher_uri: s
     return candidates(results, cfg)
 
 
+def max_steps(cfg: RunConfig) -> int:
+    """The longest trial's steps: the config's, or the largest ``optim.max_steps`` the space can sample."""
+    from pipeline import config_checks
+
+    spec = cfg.sweep.space.get("optim.max_steps")
+    return max([cfg.optim.max_steps, *(int(v) for v in config_checks._probe_values(spec))] if spec else [cfg.optim.max_steps])
+
+
 def scheduler(cfg: RunConfig):
     """ASHA (asynchronous successive halving) on ``cfg.sweep.metric``, which stops a non-finite trial at once.
 
@@ -147,7 +155,7 @@ def scheduler(cfg: RunConfig):
             super().on_trial_complete(tune_controller, trial, result)
 
     return FiniteASHAScheduler(
-        time_attr="step", max_t=cfg.optim.max_steps, grace_period=cfg.sweep.grace_period, reduction_factor=2
+        time_attr="step", max_t=max_steps(cfg), grace_period=cfg.sweep.grace_period, reduction_factor=2
     )
 
 
@@ -189,10 +197,19 @@ def candidates(results, cfg: RunConfig) -> list[dict]:
         out.append({
             "source": f"sweep trial {metrics.get('trial_id', '?')} {overrides}",
             "checkpoint": uri,
-            "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and "/" in k},
+            "metrics": _numeric_metrics(metrics),
             "overrides": overrides,
         })
     return registry.ranked(out, cfg.sweep.metric, cfg.sweep.mode)
+
+
+def _numeric_metrics(metrics: dict) -> dict[str, float]:
+    """The namespaced numeric metrics (``val/…``, ``loss/…``) as plain floats: numpy scalars (np.float32 from a
+    worker) count too, booleans do not."""
+    import numbers
+
+    return {k: float(v) for k, v in metrics.items()
+            if "/" in k and isinstance(v, numbers.Real) and not isinstance(v, bool)}
 
 
 def _damage(checkpoint_uri: str) -> str | None:

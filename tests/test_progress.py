@@ -226,6 +226,10 @@ def test_the_tune_callback_prints_the_trial_end_line(capsys):
     trial = SimpleNamespace(trial_id="ab_00001", last_result={"step": 20, "val/mlm_loss": 7.5, "loss/total": 14.0})
     callback.on_trial_complete(iteration=3, trials=[trial], trial=trial)
     assert capsys.readouterr().out == "[distil] sweep trial ab_00001 stopped early by the scheduler at step 20/60 | val/mlm_loss 7.5\n"
+    swept = SimpleNamespace(trial_id="ab_00002", last_result={"step": 20, "val/mlm_loss": 7.5},
+                            config={"sample": {"optim__max_steps": 20}})  # this trial's own budget
+    callback.on_trial_complete(iteration=4, trials=[swept], trial=swept)
+    assert capsys.readouterr().out == "[distil] sweep trial ab_00002 finished at step 20/20 | val/mlm_loss 7.5\n"
 
 
 def test_the_driver_never_merges_two_trials_progress_lines():

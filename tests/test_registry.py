@@ -171,3 +171,24 @@ def test_why_plain_asha_is_not_enough():
         assert _report(ours, trial_id, 1, score) == TrialScheduler.STOP
     assert _report(plain, "worse", 1, 7.0) == TrialScheduler.CONTINUE  # the rung's cutoff is now NaN
     assert _report(ours, "worse", 1, 7.0) == TrialScheduler.STOP
+
+
+def test_sweep_candidates_keep_numpy_metrics_as_floats(tmp_path):
+    import numpy as np
+
+    from pipeline import sweep
+
+    cfg = load_config(CONFIG, [f"run.root={tmp_path}"])
+    result = _trial_result(tmp_path, 0, 6.0)
+    result.metrics.update({"val/mlm_loss": np.float32(6.5), "val/mlm_acc": np.float64(0.25), "flag/ok": True})
+    (found,) = sweep.candidates([result], cfg)
+    assert found["metrics"] == {"val/mlm_loss": 6.5, "val/mlm_acc": 0.25}
+    assert all(type(v) is float for v in found["metrics"].values())
+
+
+def test_asha_runs_to_the_longest_budget_a_sweep_samples(tmp_path):
+    from pipeline import sweep
+
+    cfg = load_config(CONFIG, [f"run.root={tmp_path}", "sweep.space={optim.max_steps: {type: choice, values: [60, 120]}}"])
+    assert sweep.max_steps(cfg) == 120 and sweep.scheduler(cfg)._max_t == 120
+    assert sweep.max_steps(load_config(CONFIG, [f"run.root={tmp_path}"])) == 60
