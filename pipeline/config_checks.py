@@ -238,7 +238,7 @@ def _space_entry(key: Any, spec: Any) -> list[str]:
     return []
 
 
-def _probe_values(spec: dict) -> list:
+def probe_values(spec: dict) -> list:
     """Values that stand for everything a space entry can produce: every choice, or both ends and the middle of
     a range (the middle catches a range over an integer setting, which Tune would sample as a float)."""
     if spec["type"] in ("choice", "grid"):
@@ -254,10 +254,10 @@ def probe_samples(cfg: RunConfig):
     space = cfg.sweep.space
     keys = list(space)
     for key in keys:
-        for value in _probe_values(space[key]):
+        for value in probe_values(space[key]):
             yield {key: value}
     if len(keys) > 1:
-        combos = itertools.product(*(_probe_values(space[k]) for k in keys))
+        combos = itertools.product(*(probe_values(space[k]) for k in keys))
         for combo in itertools.islice(combos, MAX_SWEEP_COMBINATIONS):
             yield dict(zip(keys, combo))
 

@@ -124,7 +124,7 @@ def max_steps(cfg: RunConfig) -> int:
     from pipeline import config_checks
 
     spec = cfg.sweep.space.get("optim.max_steps")
-    return max([cfg.optim.max_steps, *(int(v) for v in config_checks._probe_values(spec))] if spec else [cfg.optim.max_steps])
+    return max([cfg.optim.max_steps, *(int(v) for v in config_checks.probe_values(spec))] if spec else [cfg.optim.max_steps])
 
 
 def scheduler(cfg: RunConfig):

@@ -220,8 +220,8 @@ def test_the_shipped_sweeps_probe_clean():
 
 
 def test_probe_values_cover_both_ends_and_the_middle():
-    assert config_checks._probe_values({"type": "uniform", "low": 1, "high": 3}) == [1.0, 2.0, 3.0]
-    lo, mid, hi = config_checks._probe_values({"type": "loguniform", "low": 1e-4, "high": 1e-2})
+    assert config_checks.probe_values({"type": "uniform", "low": 1, "high": 3}) == [1.0, 2.0, 3.0]
+    lo, mid, hi = config_checks.probe_values({"type": "loguniform", "low": 1e-4, "high": 1e-2})
     assert (lo, hi) == (1e-4, 1e-2) and math.isclose(mid, 1e-3)
 
 
