@@ -131,18 +131,18 @@ def mse_loss(
     *,
     normalizer: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Σ ‖s − t‖² / V over positions where ``mask_BT`` is true (HF's optional alpha_mse term, per position).
+    """HF's optional L_mse: Σ_i ‖s_i − t_i‖² / N over positions where ``mask_BT`` is true.
 
-    A teacher logit of −inf (a masked vocabulary entry) has no value to match: that entry is left out (it
-    adds 0; V stays the divisor), and the KD term already drives the student's probability there to 0.
-    A student logit of −inf against a finite teacher logit gives +inf, the true value; so does a squared
-    difference beyond float32's range (|s − t| > ~1.8e19). Non-finite results are reported by the loop's
-    numerics guard.
+    The squared error is summed over the vocabulary and averaged over positions, exactly as HF's
+    ``distiller.py`` (``nn.MSELoss(reduction="sum")(s, t) / N``), so ``alpha_mse`` means what it means there.
+    A teacher logit of −inf (a masked vocabulary entry) has no value to match: that entry adds 0, and the KD
+    term already drives the student's probability there to 0. A student logit of −inf against a finite teacher
+    logit gives +inf, the true value; so does a squared difference beyond float32's range (|s − t| > ~1.8e19).
+    Non-finite results are reported by the loop's numerics guard.
     """
     s_NV, t_NV = _select(student_logits_BTV, mask_BT).float(), _select(teacher_logits_BTV.detach(), mask_BT).float()
     sq_NV = torch.where(torch.isneginf(t_NV), 0.0, (s_NV - t_NV).square())
-    mse_sum = sq_NV.sum() / max(s_NV.shape[-1], 1)
-    return mse_sum / _norm(normalizer, s_NV.shape[0])
+    return sq_NV.sum() / _norm(normalizer, s_NV.shape[0])
 
 
 def combine(terms: dict[str, torch.Tensor], weights: dict[str, float]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

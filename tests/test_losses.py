@@ -101,11 +101,12 @@ def test_combine_weights_terms_and_reports_each():
     assert metrics["loss/cos"].item() == 3.0
 
 
-def test_mse_loss_is_per_position_mean_squared_error_over_the_vocabulary():
+def test_mse_loss_is_hf_scale_squared_error_summed_over_the_vocabulary_and_averaged_over_positions():
     s, t = _logits(), _logits()
     mask = torch.ones(2, 6, dtype=torch.bool)
     mask[0, 0] = False
-    ref = ((s[mask] - t[mask]) ** 2).mean()
+    # HF's distiller.py: nn.MSELoss(reduction="sum")(s_slct, t_slct) / s_slct.size(0)
+    ref = torch.nn.MSELoss(reduction="sum")(s[mask], t[mask]) / mask.sum()
     assert losses.mse_loss(s, t, mask).item() == pytest.approx(ref.item(), rel=1e-5)
     assert losses.mse_loss(s, s.clone(), mask).item() == 0.0
 
@@ -242,7 +243,7 @@ def test_mse_loss_leaves_out_entries_the_teacher_masks_and_is_inf_where_only_the
     s, t = _logits(), _teacher_with_masked_entries()
     mask = torch.ones(2, 6, dtype=torch.bool)
     finite = torch.isfinite(t)
-    ref = ((s - t)[finite] ** 2).sum() / 40 / 12  # Σ over compared entries, / V per position, / N positions
+    ref = ((s - t)[finite] ** 2).sum() / 12  # Σ over compared entries, / N positions (HF's scale)
     assert losses.mse_loss(s, t, mask).item() == pytest.approx(ref.item(), rel=1e-5)
     s_masked = s.clone()
     s_masked[~finite] = NEG_INF  # the student masks the same entries: still finite, the same value
