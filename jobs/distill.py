@@ -11,8 +11,8 @@ def main(argv=None) -> int:
 
     def run():
         record = stages.distill(cfg, cluster_cpus=cli.start(cfg))
-        (c,) = record["candidates"]
-        print(json.dumps({"stage": "distill", "checkpoint": c["checkpoint"], "metrics": c["metrics"]}))
+        (c,) = record.candidates
+        print(json.dumps({"stage": "distill", "checkpoint": c.checkpoint, "metrics": c.metrics}))
 
     return cli.main_guard(run)
 

@@ -12,9 +12,9 @@ def main(argv=None) -> int:
     def run():
         cli.start(cfg)
         record = stages.prepare(cfg)
-        m = record["manifest"]
-        print(json.dumps({"stage": "prepare", "cached": m["cached"], "path": m["path"], "counts": m["counts"],
-                          "splits": {k: v["num_sequences"] for k, v in m["splits"].items()}}))
+        m = record.manifest
+        print(json.dumps({"stage": "prepare", "cached": m.cached, "path": m.path, "counts": m.counts,
+                          "splits": {k: v.num_sequences for k, v in m.splits.items()}}))
 
     return cli.main_guard(run)
 

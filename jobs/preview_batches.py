@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-from pipeline import batches, cli, models, stages
+from pipeline import cli
 
 
 def _flags(parser):
@@ -32,19 +32,16 @@ def main(argv=None) -> int:
 
     def run():
         cli.start(cfg, with_tracking=False)  # a read-only look: no MLflow run
-        manifest = stages.prepare_data(cfg)
-        tokenizer = models.load_tokenizer(cfg.data.tokenizer, os.path.join(cfg.run.root, "cache"))
-        train = stages.datasets(cfg, manifest)["train"]
-        shown = list(batches.preview(cfg, manifest, train, tokenizer, args.num_batches))
-        for i, b in enumerate(shown):
-            print(f"--- micro-batch {i} (rank 0, step {i // cfg.optim.grad_accum}), digest {batches.digest(b['input_ids'], b['labels'])} ---")
-            print(batches.render(b, tokenizer, args.rows))
+        shown = cli.preview_batches(cfg, args.num_batches, args.rows)
+        for b in shown:
+            print(b["title"])
+            print(b["text"])
         if args.out:
             import numpy as np
             import pyarrow as pa
             import pyarrow.parquet as pq
 
-            cols = {k: np.concatenate([b[k] for b in shown]) for k in ("input_ids", "attention_mask", "labels")}
+            cols = {k: np.concatenate([b["arrays"][k] for b in shown]) for k in ("input_ids", "attention_mask", "labels")}
             table = pa.table({k: pa.array(list(v)) for k, v in cols.items()})
             os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
             pq.write_table(table, args.out)

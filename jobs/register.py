@@ -7,10 +7,9 @@ Without flags: the best candidate of the distill and sweep stages. By hand:
 """
 
 import json
-import os
 import sys
 
-from pipeline import checkpoint, cli, stages, storage
+from pipeline import cli, stages
 
 
 def _flags(parser):
@@ -20,51 +19,15 @@ def _flags(parser):
     parser.add_argument("--metric", action="append", default=[], metavar="K=V", help="e.g. --metric val/mlm_loss=6.2")
 
 
-def _metrics(pairs: list[str]) -> dict:
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        try:
-            out[key] = float(value)
-        except ValueError:
-            sep = ""
-        if not sep:
-            raise ValueError(f"--metric {pair!r}: write it as name=number, e.g. --metric val/mlm_loss=6.2")
-    return out
-
-
-def hand_candidate(args) -> dict | None:
-    if args.checkpoint:
-        if not storage.is_s3(args.checkpoint) and not os.path.isdir(args.checkpoint):
-            raise ValueError(f"--checkpoint {args.checkpoint}: no such directory")
-        import pyarrow.fs
-
-        fs = storage.pyarrow_filesystem(args.checkpoint) or pyarrow.fs.LocalFileSystem()
-        reason = checkpoint.stored_reason(fs, storage.fs_path(args.checkpoint))
-        if reason:
-            raise ValueError(f"--checkpoint {args.checkpoint} is damaged or incomplete ({reason}): register an earlier one")
-        saved = storage.read_json(storage.join(args.checkpoint, checkpoint.METRICS_FILE))
-        return {"source": "hand:checkpoint", "checkpoint": args.checkpoint,
-                "metrics": {**(saved or {}), **_metrics(args.metric)}}
-    if args.model_dir:
-        if not os.path.exists(os.path.join(args.model_dir, "config.json")):
-            raise ValueError(f"--model-dir {args.model_dir}: not an exported HF model directory (no config.json)")
-        path = os.path.abspath(args.model_dir)
-        return {"source": "hand:model_dir", "checkpoint": path, "model_dir": path, "metrics": _metrics(args.metric)}
-    if args.metric:
-        raise ValueError("--metric goes with --checkpoint or --model-dir")
-    return None
-
-
 def main(argv=None) -> int:
     cfg, args = cli.parse(__doc__, argv, extra=_flags)
 
     def run():
-        candidate = hand_candidate(args)
+        candidate = cli.hand_candidate(checkpoint=args.checkpoint, model_dir=args.model_dir, metric_pairs=args.metric)
         cli.start(cfg, with_ray=False)
         record = stages.register(cfg, candidate=candidate)
-        print(json.dumps({"stage": "register", "uri": record["uri"], "version": record["version"], "new": record["new"],
-                          "aliases": record["aliases"]}))
+        print(json.dumps({"stage": "register", "uri": record.uri, "version": record.version, "new": record.new,
+                          "aliases": record.aliases}))
 
     return cli.main_guard(run)
 

@@ -11,8 +11,8 @@ def main(argv=None) -> int:
 
     def run():
         record = stages.sweep(cfg, cluster_cpus=cli.start(cfg))
-        print(json.dumps({"stage": "sweep", "trials": [{"overrides": c["overrides"], "metrics": c["metrics"]}
-                                                        for c in record["candidates"]]}))
+        print(json.dumps({"stage": "sweep", "trials": [{"overrides": c.overrides, "metrics": c.metrics}
+                                                        for c in record.candidates]}))
 
     return cli.main_guard(run)
 

@@ -11,7 +11,7 @@ def main(argv=None) -> int:
 
     def run():
         record = stages.teacher(cfg, cluster_cpus=cli.start(cfg))
-        print(json.dumps({"stage": "teacher", "teacher_uri": record["teacher_uri"], "metrics": record["metrics"]}))
+        print(json.dumps({"stage": "teacher", "teacher_uri": record.teacher_uri, "metrics": record.metrics}))
 
     return cli.main_guard(run)
 

@@ -1,4 +1,8 @@
-"""What every job entrypoint shares: the arguments, the config, Ray, MLflow, and a readable failure."""
+"""What the job entrypoints (jobs/) share: the arguments, the config, Ray, MLflow, a readable failure, and what
+jobs print (the pipeline's summary, a hand-given candidate, previewed batches).
+
+Jobs import only this module and pipeline/stages.py (tests/test_layering.py holds them to it).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import sys
 
 from pipeline import runtime
 from pipeline.config import RunConfig, load_config
+from pipeline.records import Candidate
 
 
 def parse(description: str, argv: list[str] | None = None, extra=None) -> tuple[RunConfig, argparse.Namespace]:
@@ -58,3 +63,88 @@ def main_guard(fn) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+# ---- what jobs print ------------------------------------------------------------------------------------
+def summary(cfg: RunConfig, times: dict[str, tuple[float, bool]], total_s: float) -> str:
+    """The pipeline job's closing summary: stage times (``times``: stage → (seconds, skipped)), the teacher, the
+    chosen student's metrics, the registered model and where to look (MLflow UI, Ray dashboard)."""
+    from pipeline import stages, tracking
+
+    reg = stages.read_record(cfg, "register", needed_by="summary")
+    teacher = stages.read_record(cfg, "teacher", needed_by="summary")
+    lines = ["", "distil: pipeline finished", "  stage times:"]
+    lines += [f"    {k:<9} {s:7.1f} s" + ("  (finished earlier: skipped)" if skipped else "") for k, (s, skipped) in times.items()]
+    lines.append(f"    {'total':<9} {total_s:7.1f} s")
+    lines.append(f"  teacher:  {teacher.teacher_uri}")
+    lines += [f"    teacher {k} = {teacher.metrics[k]:.4f}" for k in ("val/mlm_loss", "val/mlm_acc", "val/perplexity")
+              if k in teacher.metrics]
+    lines.append(f"  chosen student: {reg.chosen.source}")
+    lines += [f"    student {k} = {reg.chosen.metrics[k]:.4f}"
+              for k in ("val/mlm_loss", "val/mlm_acc", "val/teacher_agreement", "val/perplexity", "loss/total")
+              if k in reg.chosen.metrics]
+    uri = tracking.tracking_uri(cfg.run.root)
+    lines += [
+        f"  registered model: {reg.uri}  (version {reg.version})",
+        f"    load it: mlflow.transformers.load_model('{reg.uri}')  with MLFLOW_TRACKING_URI={uri}",
+        f"  MLflow UI:      .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000   → http://127.0.0.1:5000",
+        f"  Ray dashboard:  {runtime.dashboard_url()} (while this Ray runs; `ray start --head` keeps one up)",
+    ]
+    return "\n".join(lines)
+
+
+def hand_candidate(*, checkpoint: str | None, model_dir: str | None, metric_pairs: list[str]) -> Candidate | None:
+    """The candidate ``jobs.register`` was given by hand (``--checkpoint``, ``--model-dir``, ``--metric K=V``), or
+    None. Raises ValueError for a missing, damaged or incomplete checkpoint, a folder without an exported model,
+    or a malformed metric."""
+    from pipeline import checkpoint as checkpoint_lib, storage
+
+    metrics = _metrics(metric_pairs)
+    if checkpoint:
+        if not storage.is_s3(checkpoint) and not os.path.isdir(checkpoint):
+            raise ValueError(f"--checkpoint {checkpoint}: no such directory")
+        import pyarrow.fs
+
+        fs = storage.pyarrow_filesystem(checkpoint) or pyarrow.fs.LocalFileSystem()
+        if reason := checkpoint_lib.stored_reason(fs, storage.fs_path(checkpoint)):
+            raise ValueError(f"--checkpoint {checkpoint} is damaged or incomplete ({reason}): register an earlier one")
+        saved = storage.read_json(storage.join(checkpoint, checkpoint_lib.METRICS_FILE))
+        return Candidate(source="hand:checkpoint", checkpoint=checkpoint, metrics={**(saved or {}), **metrics})
+    if model_dir:
+        if not os.path.exists(os.path.join(model_dir, "config.json")):
+            raise ValueError(f"--model-dir {model_dir}: not an exported HF model directory (no config.json)")
+        path = os.path.abspath(model_dir)
+        return Candidate(source="hand:model_dir", checkpoint=path, model_dir=path, metrics=metrics)
+    if metric_pairs:
+        raise ValueError("--metric goes with --checkpoint or --model-dir")
+    return None
+
+
+def _metrics(pairs: list[str]) -> dict[str, float]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ValueError(f"--metric {pair!r}: write it as name=number, e.g. --metric val/mlm_loss=6.2")
+    return out
+
+
+def preview_batches(cfg: RunConfig, num_batches: int, rows: int) -> list[dict]:
+    """Rank 0's first ``num_batches`` masked micro-batches of distillation (pipeline/batches.py preview), each as
+    {"arrays": input_ids/attention_mask/labels numpy arrays, "title": its header line, "text": ``rows`` rows
+    decoded with the chosen positions marked}. Prepares the corpus first if needed (a no-op when cached)."""
+    from pipeline import batches, models, stages
+
+    manifest = stages.prepare_data(cfg)
+    tokenizer = models.load_tokenizer(cfg.data.tokenizer, cfg.cache_dir)
+    train = stages.datasets(cfg, manifest)["train"]
+    out = []
+    for i, b in enumerate(batches.preview(cfg, manifest, train, tokenizer, num_batches)):
+        title = (f"--- micro-batch {i} (rank 0, step {i // cfg.optim.grad_accum}), "
+                 f"digest {batches.digest(b['input_ids'], b['labels'])} ---")
+        out.append({"arrays": b, "title": title, "text": batches.render(b, tokenizer, rows)})
+    return out

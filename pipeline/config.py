@@ -213,6 +213,10 @@ class RunConfig:
     def data_dir(self) -> str:
         return self.data.output or os.path.join(self.run_dir, "data")
 
+    @property
+    def cache_dir(self) -> str:
+        return os.path.join(self.run.root, "cache")
+
 
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> RunConfig:
     """Load a YAML run config, apply ``a.b=value`` overrides, resolve paths, and validate.

@@ -21,7 +21,7 @@ from pipeline.config import RunConfig, _set_dotted
 # trial, so a sampled value there would be silently ignored or would break the shared prepared data.
 SWEEPABLE_SECTIONS = ("loss", "optim", "masking", "student", "deepspeed", "eval", "checkpoint")
 MAX_SWEEP_COMBINATIONS = 512
-# What the loop reports, and which way is better: selection and ASHA may use these (pipeline/train_loop.py).
+# What the loop reports, and which way is better: selection and ASHA may use these (pipeline/train/worker.py, pipeline/train/tasks.py).
 VAL_METRICS = {"val/mlm_loss": "min", "val/perplexity": "min", "val/mlm_acc": "max", "val/teacher_agreement": "max"}
 LOSS_METRICS = {"loss/total": "min", "loss/ce": "min", "loss/mlm": "min", "loss/cos": "min", "loss/mse": "min"}
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

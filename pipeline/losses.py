@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from pipeline.masking import IGNORE_INDEX
 
 
-def kd_loss(
+def ce_loss(
     student_logits_BTV: torch.Tensor,
     teacher_logits_BTV: torch.Tensor,
     mask_BT: torch.Tensor,
@@ -32,9 +32,11 @@ def kd_loss(
     temperature: float,
     normalizer: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """KL(softmax(t/T) ‖ softmax(s/T)) · T², summed over positions where ``mask_BT`` is true.
+    """The distillation (KD) term L_ce: KL(softmax(t/T) ‖ softmax(s/T)) · T², summed over positions where
+    ``mask_BT`` is true. One name everywhere: ``ce`` (the paper's L_ce, HF's ``alpha_ce``/``loss_ce``), so the
+    config weight is ``loss.alpha_ce``, the metric ``loss/ce`` and its normaliser N_ce.
 
-    Computed by :class:`_ChunkedKD` in row chunks, so that no N×V intermediate is kept for backward and each
+    Computed by :class:`_ChunkedKL` in row chunks, so that no N×V intermediate is kept for backward and each
     chunk's passes stay in cache. Per position, with lse the log-sum-exp:
         KL = Σ_v p_t,v · (t_v − s_v) / T − lse(t/T) + lse(s/T),     ∂KL/∂s = (softmax(s/T) − p_t) / T.
 
@@ -46,20 +48,20 @@ def kd_loss(
     reports with the step and the term.
     """
     s_NV, t_NV = _select(student_logits_BTV, mask_BT), _select(teacher_logits_BTV.detach(), mask_BT)
-    kl_sum = _ChunkedKD.apply(s_NV, t_NV, float(temperature))
+    kl_sum = _ChunkedKL.apply(s_NV, t_NV, float(temperature))
     return kl_sum * temperature**2 / _norm(normalizer, s_NV.shape[0])
 
 
 # Elements per chunk: small on CPU so a chunk's passes stay in cache (16 rows of a 30k vocabulary measured
 # fastest here), large on GPU so kernel launches stay few.
-KD_CHUNK_ELEMS = {"cpu": 2**19, "cuda": 2**26}
+CE_CHUNK_ELEMS = {"cpu": 2**19, "cuda": 2**26}
 
 
 def _chunk_rows(x_NV: torch.Tensor) -> int:
-    return max(1, KD_CHUNK_ELEMS.get(x_NV.device.type, 2**26) // max(x_NV.shape[-1], 1))
+    return max(1, CE_CHUNK_ELEMS.get(x_NV.device.type, 2**26) // max(x_NV.shape[-1], 1))
 
 
-class _ChunkedKD(torch.autograd.Function):
+class _ChunkedKL(torch.autograd.Function):
     """Σ_i KL(softmax(t_i/T) ‖ softmax(s_i/T)) with a recomputing backward (saves only s and t)."""
 
     @staticmethod

@@ -274,6 +274,7 @@ def init_from_teacher(student: DistilBertForMaskedLM, teacher: BertForMaskedLM, 
 
 
 def count_parameters(model: torch.nn.Module) -> int:
+    """Every parameter of ``model`` (tied weights once: ``parameters()`` yields a shared tensor once)."""
     return sum(p.numel() for p in model.parameters())
 
 

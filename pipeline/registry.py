@@ -14,27 +14,28 @@ import math
 import numbers
 import os
 
-from pipeline import storage
+from pipeline import models, storage
 from pipeline.config import TrackingSection
+from pipeline.records import Candidate
 
 CHECKPOINT_TAG = "distil.checkpoint"
 METRIC_TAG_PREFIX = "distil.metric."
 
 
-def choose(candidates: list[dict], cfg: TrackingSection) -> dict:
-    """The best candidate (``{"source", "metrics", ...}``) by ``cfg.select_metric``, among finite scores.
+def choose(candidates: list[Candidate], cfg: TrackingSection) -> Candidate:
+    """The best candidate by ``cfg.select_metric``, among finite scores.
 
     Raises ValueError when no candidate reports the metric, or when none has a finite value of it.
     """
-    scored = [c for c in candidates if cfg.select_metric in c["metrics"]]
+    scored = [c for c in candidates if cfg.select_metric in c.metrics]
     if not scored:
         raise ValueError(
-            f"no candidate reports {cfg.select_metric!r} (candidates: {[c['source'] for c in candidates]}): "
+            f"no candidate reports {cfg.select_metric!r} (candidates: {[c.source for c in candidates]}): "
             "set tracking.select_metric to a metric the runs report, e.g. val/mlm_loss"
         )
-    finite = [c for c in scored if finite_score(c["metrics"][cfg.select_metric]) is not None]
+    finite = [c for c in scored if finite_score(c.metrics[cfg.select_metric]) is not None]
     if not finite:
-        values = ", ".join(f"{c['source']}: {c['metrics'][cfg.select_metric]}" for c in scored)
+        values = ", ".join(f"{c.source}: {c.metrics[cfg.select_metric]}" for c in scored)
         raise ValueError(
             f"no candidate has a finite {cfg.select_metric} ({values}): every run diverged or overflowed; lower "
             "optim.lr or use deepspeed.precision=bf16, then run distill or sweep again"
@@ -49,10 +50,10 @@ def finite_score(value) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def ranked(candidates: list[dict], metric: str, mode: str) -> list[dict]:
+def ranked(candidates: list[Candidate], metric: str, mode: str) -> list[Candidate]:
     """Best first by ``metric`` (``mode`` min or max); candidates without a finite score come last, in order."""
-    def key(c: dict):
-        score = finite_score(c["metrics"].get(metric))
+    def key(c: Candidate):
+        score = finite_score(c.metrics.get(metric))
         return (score is None, 0.0 if score is None else (score if mode == "min" else -score))
 
     return sorted(candidates, key=key)  # stable: ties keep their order
@@ -98,22 +99,18 @@ def cpu_latency_ms(model, *, seq_len: int = 128, runs: int = 20) -> float:
     return statistics.median(times)
 
 
-def num_params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def model_card(*, name: str, model, teacher=None, metrics: dict, lineage: dict, config: dict | None) -> str:
     """A markdown model card: size and CPU latency (against the teacher's), metrics, lineage and config."""
     import json
 
-    s_params, s_ms = num_params(model), cpu_latency_ms(model)
+    s_params, s_ms = models.count_parameters(model), cpu_latency_ms(model)
     lines = [f"# {name}", "",
              f"A {model.config.model_type} student ({getattr(model.config, 'n_layers', '?')} layers, width "
              f"{getattr(model.config, 'dim', '?')}) distilled by distil. Load it with "
              f"`mlflow.transformers.load_model(\"models:/{name}@champion\")`.", "",
              "| | student | teacher | student / teacher |", "|---|---|---|---|"]
     if teacher is not None:
-        t_params, t_ms = num_params(teacher), cpu_latency_ms(teacher)
+        t_params, t_ms = models.count_parameters(teacher), cpu_latency_ms(teacher)
         lines += [f"| parameters | {s_params:,} | {t_params:,} | {s_params / t_params:.2f} |",
                   f"| CPU latency, batch 1 × 128 tokens (median of 20) | {s_ms:.1f} ms | {t_ms:.1f} ms | {s_ms / t_ms:.2f} |"]
     else:

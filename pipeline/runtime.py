@@ -6,7 +6,7 @@ chatter is off unless ``DISTIL_VERBOSE=1`` (or ``--verbose`` on any job, which s
 from, and the switch that quiets it:
 
 - Ray Train's INFO lines ("Checkpoint successfully created", worker-group start-up):
-  ``ray.train.RunConfig(logging_config=LoggingConfig("WARNING"))`` (pipeline/trainer.py, :func:`train_log_level`);
+  ``ray.train.RunConfig(logging_config=LoggingConfig("WARNING"))`` (pipeline/train/driver.py, :func:`train_log_level`);
   its ``Reporting training result N: TrainingReport(...)`` lines, whose logger that setting misses, by their
   logger's level in each worker (:func:`quiet_worker_logs`).
 - Ray Tune's status tables and per-trial config tables: ``tune.RunConfig(verbose=0)`` (pipeline/sweep.py,
@@ -30,6 +30,7 @@ it sent each ``print`` of a worker both to stdout and to its logger, so every li
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -137,8 +138,45 @@ def quiet_worker_logs(environ=None) -> None:
     from ray.train.v2._internal.execution import context
 
     # "Reporting training result N: TrainingReport(...)": Ray 2.60 names this logger by its file path, not
-    # "ray.train.*", so LoggingConfig(log_level) (pipeline/trainer.py) misses it.
+    # "ray.train.*", so LoggingConfig(log_level) (pipeline/train/driver.py) misses it.
     context.logger.setLevel(logging.WARNING)
+
+
+# MLflow's HTTP retries and timeout for the metric logger of a training worker: fail fast on each try, because
+# the logger's thread retries with its own backoff and never blocks training (pipeline/tracking.py MetricLogger);
+# MLflow's default backs off for minutes. Read by MLflow from the environment at each request, so they are set
+# for the worker process, once, here, where a reader looks for what a worker sets; a user's own values win.
+WORKER_TRACKING_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+def worker_tracking_settings(environ=None) -> None:
+    """Set :data:`WORKER_TRACKING_ENV` in a training worker's environment (keeping values already set)."""
+    environ = os.environ if environ is None else environ
+    for key, value in WORKER_TRACKING_ENV.items():
+        environ.setdefault(key, value)
+
+
+@contextlib.contextmanager
+def ray_data_options(*, preserve_order: bool | None = None, progress_bars: bool | None = None):
+    """Ray Data's ``DataContext`` options for the length of a block, the previous values restored after.
+
+    The one place the pipeline changes Ray Data's process-wide context. Ray Train copies the driver's context
+    when ``fit()`` starts and hands it to the workers, so a trainer's ``fit`` runs inside this block.
+    ``preserve_order``: the same data order in every run with the same seed. ``progress_bars``: Ray Data's
+    per-operator bars (they flood job logs).
+    """
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars)
+    if preserve_order is not None:
+        ctx.execution_options.preserve_order = preserve_order
+    if progress_bars is not None:
+        ctx.enable_progress_bars = progress_bars
+    try:
+        yield ctx
+    finally:
+        ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
 
 
 OUR_LINES = r"^\[distil\] "  # what our own lines start with (progress, notices)

@@ -52,7 +52,7 @@ def distill_step(
     s_out = student(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT, output_hidden_states=True)
     mask_BT = kd_mask(batch, loss_cfg.kd_positions)
     terms = {
-        "ce": losses.kd_loss(
+        "ce": losses.ce_loss(
             s_out.logits, t_out.logits, mask_BT, temperature=loss_cfg.temperature, normalizer=norm_ce
         ),
         "mlm": losses.mlm_loss(s_out.logits, batch.labels_BT, normalizer=norm_mlm),
@@ -90,16 +90,20 @@ def mlm_step(
 
 @torch.no_grad()
 def eval_sums(model: torch.nn.Module, teacher: torch.nn.Module | None, batch: Batch) -> torch.Tensor:
-    """Sums for held-out metrics: [masked CE sum, masked correct, masked count, teacher-agreement count]."""
-    logits_BTV = model(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT).logits
+    """Sums for held-out metrics, float [4] on the batch's device: [masked CE sum (nats), masked correct, masked
+    count, teacher-agreement count (0 without a teacher)].
+
+    Dense over positions (no boolean indexing, no host sync), so every term lives on the logits' device and the
+    shapes are static: a position whose label is −100 adds exactly 0 to every sum.
+    """
+    logits_BTV = model(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT).logits.float()
     selected_BT = batch.labels_BT != IGNORE_INDEX
-    logits_NV = logits_BTV[selected_BT].float()
-    labels_N = batch.labels_BT[selected_BT]
-    ce_sum = torch.nn.functional.cross_entropy(logits_NV, labels_N, reduction="sum")
-    pred_N = logits_NV.argmax(-1)
-    correct = (pred_N == labels_N).sum()
-    agree = torch.zeros(())
+    ce_sum = torch.nn.functional.cross_entropy(logits_BTV.flatten(0, 1), batch.labels_BT.flatten(), reduction="sum",
+                                               ignore_index=IGNORE_INDEX)
+    pred_BT = logits_BTV.argmax(-1)
+    correct = ((pred_BT == batch.labels_BT) & selected_BT).sum()
+    agree = torch.zeros((), dtype=torch.long, device=logits_BTV.device)
     if teacher is not None:
         t_logits_BTV = teacher(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT).logits
-        agree = (t_logits_BTV[selected_BT].argmax(-1) == pred_N).sum()
+        agree = ((t_logits_BTV.argmax(-1) == pred_BT) & selected_BT).sum()
     return torch.stack([ce_sum, correct.float(), selected_BT.sum().float(), agree.float()])

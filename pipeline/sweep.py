@@ -54,7 +54,8 @@ def trial_fn(config: dict, datasets: dict) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipeline import config_checks, tracking, trainer
+    from pipeline import config_checks, tracking
+    from pipeline.train import driver
 
     overrides = overrides_from_sample(config["sample"])
     cfg = RunConfig.from_dict(config["cfg"]).with_overrides(overrides)
@@ -67,14 +68,11 @@ def trial_fn(config: dict, datasets: dict) -> None:
         earlier = tracking.find_nested_run(config["parent_run_id"], tags={"trial_id": trial_id})
         with tracking.stage_run(f"trial-{trial_id}", params={**overrides, "trial_id": trial_id}, nested=True,
                                 tags={"trial_id": trial_id}, run_id=earlier) as run:
-            loop_cfg = trainer.loop_config(cfg, role="student", teacher_uri=config["teacher_uri"], run_id=run.info.run_id,
-                                           replicated_data=config["replicated_data"], manifest_path=config.get("manifest_path"))
-            fit = trainer.build_trainer(
-                cfg, name=f"{config['sweep_name']}-{trial_id}", datasets=datasets, config=loop_cfg,
-                callbacks=[TuneReportCallback()],
-            )
-            result = fit.fit()
-            ckpt = trainer.checkpoint_uri(result.checkpoint, cfg.storage_path)
+            work = driver.worker_config(cfg, task="distill", teacher_uri=config["teacher_uri"], run_id=run.info.run_id,
+                                        replicated_data=config["replicated_data"], manifest_path=config.get("manifest_path"))
+            result = driver.fit(cfg, name=f"{config['sweep_name']}-{trial_id}", datasets=datasets, work=work,
+                                callbacks=[TuneReportCallback()])
+            ckpt = driver.checkpoint_uri(result.checkpoint.path, cfg.storage_path)
             mlflow.set_tag("checkpoint", ckpt)
 
 
@@ -173,18 +171,19 @@ def is_restorable(cfg: RunConfig, name: str) -> bool:
     return tune.Tuner.can_restore(storage.join(cfg.storage_path, name), storage_filesystem=storage.pyarrow_filesystem(cfg.storage_path))
 
 
-def candidates(results, cfg: RunConfig) -> list[dict]:
+def candidates(results, cfg: RunConfig) -> list:
     """One registry candidate per trial that ended with a checkpoint (ASHA-stopped trials may not), best first
     by ``cfg.sweep.metric``; trials whose score is not a finite number come last (the registry never picks them)."""
-    from pipeline import registry, storage
+    from pipeline import registry
+    from pipeline.records import Candidate
+    from pipeline.train import driver
 
     out = []
     for r in results:
         metrics = r.metrics or {}
         if r.error or "checkpoint_path" not in metrics:
             continue
-        path = metrics["checkpoint_path"]
-        uri = f"s3://{path}" if storage.is_s3(cfg.storage_path) and not path.startswith("s3://") else path
+        uri = driver.checkpoint_uri(metrics["checkpoint_path"], cfg.storage_path)
         if not _has_exported_model(uri):
             # ASHA stopped it between checkpoints: its last checkpoint holds training state, not an exported
             # student (the loop exports at the final step). Its metrics stay in MLflow; it is not a candidate.
@@ -194,12 +193,8 @@ def candidates(results, cfg: RunConfig) -> list[dict]:
                   f"is damaged ({damage})", flush=True)
             continue
         overrides = overrides_from_sample(r.config["sample"])
-        out.append({
-            "source": f"sweep trial {metrics.get('trial_id', '?')} {overrides}",
-            "checkpoint": uri,
-            "metrics": _numeric_metrics(metrics),
-            "overrides": overrides,
-        })
+        out.append(Candidate(source=f"sweep trial {metrics.get('trial_id', '?')} {overrides}", checkpoint=uri,
+                             metrics=_numeric_metrics(metrics), overrides=overrides))
     return registry.ranked(out, cfg.sweep.metric, cfg.sweep.mode)
 
 

@@ -187,9 +187,8 @@ class MetricLogger:
 
         from mlflow.tracking import MlflowClient
 
-        # Fail fast on each try: this thread does its own retrying, MLflow's default backs off for minutes.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        # Each try should fail fast (this thread retries): workers set that up in
+        # pipeline/runtime.py worker_tracking_settings, not here, as a side effect on the whole process.
         self._client = MlflowClient(tracking_uri=uri)
         self._run_id = run_id
         self._max_pending, self._retry_max_s = max_pending, retry_max_s

@@ -63,7 +63,7 @@ def test_a_streamed_corpus_needs_a_cpu_for_its_read_tasks():
     import pytest
 
     from pipeline.config import RunConfig
-    from pipeline.trainer import check_fits
+    from pipeline.train.driver import check_fits
 
     cfg = RunConfig.from_dict({"scaling": {"num_workers": 2, "cpus_per_worker": 1.0}})
     check_fits(cfg, 2.0)  # in-memory corpus: no read tasks during training

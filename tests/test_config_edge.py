@@ -154,22 +154,22 @@ def test_settings_that_can_yield_no_data_are_refused_naming_the_keys(tmp_path, t
 
 
 def test_an_empty_validation_split_reports_no_value_not_a_perfect_score():
-    import types
+    from pipeline.train.tasks import masked_lm_metrics
 
-    import torch
-
-    from pipeline.train_loop import evaluate
-
-    setup = types.SimpleNamespace(device=torch.device("cpu"), world_size=1)
-    assert evaluate(setup, torch.nn.Linear(2, 2), None, []) == {}
+    assert masked_lm_metrics([0.0, 0.0, 0.0, 0.0], with_teacher=True) == {}
+    assert masked_lm_metrics([6.0, 1.0, 2.0, 1.0], with_teacher=False) == {
+        "val/mlm_loss": 3.0, "val/mlm_acc": 0.5, "val/perplexity": pytest.approx(20.0855, rel=1e-4)}
 
 
 def test_a_prepared_corpus_without_validation_rows_stops_before_training():
-    from pipeline import trainer
+    from pipeline.records import Manifest, SplitInfo
+    from pipeline.train import driver
 
-    manifest = {"splits": {"train": {"num_sequences": 1000}, "val": {"num_sequences": 0}}}
+    splits = {"train": SplitInfo(path="t", num_sequences=1000, num_tokens=9), "val": SplitInfo(path="v", num_sequences=0, num_tokens=0)}
+    manifest = Manifest(key="k", path="p", sources=[], tokenizer="t", vocab_hash="h", vocab_size=9, max_seq_len=8,
+                        counts={}, file_counts={}, token_counts=[], splits=splits)
     with pytest.raises(ValueError, match="validation split is empty"):
-        trainer.check_batches(RunConfig(), manifest, role="student")
+        driver.check_batches(RunConfig(), manifest, RunConfig().optim)
 
 
 # ---- registry names ---------------------------------------------------------------------------------------

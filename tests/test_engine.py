@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline import checkpoint, data, models, trainer
+from pipeline import checkpoint, data, models
+from pipeline.train import driver
 from pipeline.config import TeacherSection, load_config
 
 pytestmark = pytest.mark.slow
@@ -49,13 +50,12 @@ def _fit(setup, name, *overrides, expect_failure=False, teacher="teacher"):
         "optim.micro_batch_size=4", "optim.warmup_steps=2", "checkpoint.every_steps=2", "eval.every_steps=2",
         "eval.max_batches=1", "data.shuffle_buffer_rows=64", f"teacher.source={setup[teacher]}", *overrides,
     ])
-    loop = trainer.loop_config(cfg, role="student", teacher_uri=setup[teacher], run_id=None, replicated_data=True)
-    fit = trainer.build_trainer(cfg, name=name, datasets=setup["datasets"], config=loop)
+    work = driver.worker_config(cfg, task="distill", teacher_uri=setup[teacher], run_id=None, replicated_data=True)
     if expect_failure:
         with pytest.raises(Exception):
-            fit.fit()
+            driver.fit(cfg, name=name, datasets=setup["datasets"], work=work)
         return None
-    result = fit.fit()
+    result = driver.fit(cfg, name=name, datasets=setup["datasets"], work=work)
     assert result.metrics["step"] == STEPS
     return result
 

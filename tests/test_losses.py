@@ -20,7 +20,7 @@ def test_kd_agrees_with_torch_kl_div_and_has_the_t_squared_factor():
     mask[1, 4:] = False  # padding
     for T in (1.0, 2.0, 4.0):
         ref = F.kl_div(F.log_softmax(s[mask] / T, -1), F.log_softmax(t[mask] / T, -1), log_target=True, reduction="batchmean")
-        assert losses.kd_loss(s, t, mask, temperature=T).item() == pytest.approx(ref.item() * T * T, rel=1e-5)
+        assert losses.ce_loss(s, t, mask, temperature=T).item() == pytest.approx(ref.item() * T * T, rel=1e-5)
 
 
 def test_kd_gradient_matches_autograd_of_the_textbook_formula():
@@ -30,25 +30,25 @@ def test_kd_gradient_matches_autograd_of_the_textbook_formula():
     T = 2.0
     ref = (F.softmax(t[mask] / T, -1) * (F.log_softmax(t[mask] / T, -1) - F.log_softmax(s[mask] / T, -1))).sum(-1).mean() * T * T
     (g_ref,) = torch.autograd.grad(ref, s)
-    (g,) = torch.autograd.grad(losses.kd_loss(s, t, mask, temperature=T), s)
+    (g,) = torch.autograd.grad(losses.ce_loss(s, t, mask, temperature=T), s)
     assert torch.allclose(g, g_ref, atol=1e-6)
 
 
 def test_kd_is_zero_for_identical_logits_and_ignores_padding():
     s = _logits()
     mask = torch.ones(2, 6, dtype=torch.bool)
-    assert losses.kd_loss(s, s.clone(), mask, temperature=2.0).item() == pytest.approx(0.0, abs=1e-6)
+    assert losses.ce_loss(s, s.clone(), mask, temperature=2.0).item() == pytest.approx(0.0, abs=1e-6)
     t = s.clone()
     mask[0, 5] = False
     t[0, 5] += 100.0  # a wild difference at a padded position changes nothing
-    assert losses.kd_loss(s, t, mask, temperature=2.0).item() == pytest.approx(0.0, abs=1e-6)
+    assert losses.ce_loss(s, t, mask, temperature=2.0).item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_kd_by_hand_on_two_classes():
     s = torch.tensor([[[0.0, 0.0]]])
     t = torch.tensor([[[math.log(3.0), 0.0]]])  # p_t = (3/4, 1/4) at T=1
     expected = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
-    assert losses.kd_loss(s, t, torch.ones(1, 1, dtype=torch.bool), temperature=1.0).item() == pytest.approx(expected, rel=1e-6)
+    assert losses.ce_loss(s, t, torch.ones(1, 1, dtype=torch.bool), temperature=1.0).item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_mlm_loss_is_cross_entropy_over_labelled_positions_only():
@@ -69,7 +69,7 @@ def test_cosine_loss_by_hand():
 def test_empty_selection_gives_zero_not_nan():
     s = _logits()
     none = torch.zeros(2, 6, dtype=torch.bool)
-    assert losses.kd_loss(s, s, none, temperature=2.0).item() == 0.0
+    assert losses.ce_loss(s, s, none, temperature=2.0).item() == 0.0
     assert losses.mlm_loss(s, torch.full((2, 6), IGNORE_INDEX)).item() == 0.0
 
 
@@ -78,7 +78,7 @@ def _global_normalised(chunks, W, A):
     n_global = sum(int(m.sum()) for _, _, m in chunks)
     total = 0.0
     for s, t, m in chunks:
-        total += losses.kd_loss(s, t, m, temperature=2.0, normalizer=n_global / (W * A)).item()
+        total += losses.ce_loss(s, t, m, temperature=2.0, normalizer=n_global / (W * A)).item()
     return total / (W * A)
 
 
@@ -87,7 +87,7 @@ def test_global_token_normalisation_equals_one_big_batch(W, A):
     """1 micro-batch vs A, 1 rank vs W: every token weighs the same whatever its micro-batch or rank."""
     s, t = _logits(b=4, t=6), _logits(b=4, t=6)
     mask = torch.rand(4, 6) > 0.4  # uneven token counts per chunk
-    whole = losses.kd_loss(s, t, mask, temperature=2.0).item()
+    whole = losses.ce_loss(s, t, mask, temperature=2.0).item()
     rows = torch.arange(4).chunk(W * A)
     chunks = [(s[r], t[r], mask[r]) for r in rows]
     assert _global_normalised(chunks, W, A) == pytest.approx(whole, rel=1e-5)
@@ -161,7 +161,7 @@ def test_kd_with_minus_inf_teacher_logits_agrees_with_kl_div_in_value_and_gradie
     mask[1, 5] = False
     ref, g_ref = _kd_reference(s[mask], t[mask], T)
     assert torch.isfinite(ref)
-    loss = losses.kd_loss(s, t, mask, temperature=T)
+    loss = losses.ce_loss(s, t, mask, temperature=T)
     (g,) = torch.autograd.grad(loss, s)
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
     assert g.dtype == dtype
@@ -180,7 +180,7 @@ def test_kd_student_minus_inf_where_the_teacher_has_probability_zero_adds_nothin
     mask = torch.ones(1, 3, dtype=torch.bool)
     keep = [v for v in range(10) if v != 4]
     ref, g_ref = _kd_reference(s.detach()[0][:, keep], t[0][:, keep], 2.0)
-    loss = losses.kd_loss(s_masked, t, mask, temperature=2.0)
+    loss = losses.ce_loss(s_masked, t, mask, temperature=2.0)
     (g,) = torch.autograd.grad(loss, s_masked)
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
     assert torch.allclose(g[0][:, keep], g_ref, atol=1e-6)
@@ -192,7 +192,7 @@ def test_kd_student_minus_inf_where_the_teacher_has_probability_is_plus_inf_with
     s[0, 1, 7] = NEG_INF
     s.requires_grad_(True)
     t = _logits(b=1, t=2, v=10)
-    loss = losses.kd_loss(s, t, torch.ones(1, 2, dtype=torch.bool), temperature=2.0)
+    loss = losses.ce_loss(s, t, torch.ones(1, 2, dtype=torch.bool), temperature=2.0)
     (g,) = torch.autograd.grad(loss, s)
     assert loss.item() == math.inf
     expected = (F.softmax(s.detach() / 2.0, -1) - F.softmax(t / 2.0, -1)) / 2.0 * 4.0 / 2  # ∂/∂s of T²·ΣKL/N
@@ -203,9 +203,9 @@ def test_kd_ignores_an_all_minus_inf_teacher_row_at_a_padded_position():
     s, t = _logits(), _logits()
     mask = torch.ones(2, 6, dtype=torch.bool)
     mask[0, 3] = False
-    expected = losses.kd_loss(s, t, mask, temperature=2.0).item()
+    expected = losses.ce_loss(s, t, mask, temperature=2.0).item()
     t[0, 3] = NEG_INF  # no distribution at all, but padding
-    assert losses.kd_loss(s, t, mask, temperature=2.0).item() == expected
+    assert losses.ce_loss(s, t, mask, temperature=2.0).item() == expected
 
 
 def test_mlm_loss_with_minus_inf_logits_agrees_with_cross_entropy():
@@ -250,3 +250,23 @@ def test_mse_loss_leaves_out_entries_the_teacher_masks_and_is_inf_where_only_the
     assert losses.mse_loss(s_masked, t, mask).item() == pytest.approx(ref.item(), rel=1e-5)
     s_masked[0, 1, 0] = NEG_INF  # the teacher's logit there is finite
     assert losses.mse_loss(s_masked, t, mask).item() == math.inf
+
+
+@pytest.mark.parametrize("rows_per_chunk", [1, 3, 7])
+def test_ce_loss_over_several_row_chunks_equals_the_one_chunk_value_and_gradient(monkeypatch, rows_per_chunk):
+    """Every other test fits in one chunk; here 12 rows run in chunks of 1, 3 and 7 rows (the last one short)."""
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(2, 6, 40, generator=g, requires_grad=True)
+    t = torch.randn(2, 6, 40, generator=g)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 4:] = False  # 10 selected rows: the chunks do not divide them evenly
+    (g_ref,) = torch.autograd.grad(F.kl_div(F.log_softmax(s[mask] / 2, -1), F.log_softmax(t[mask] / 2, -1),
+                                            reduction="sum", log_target=True) * 4 / 10, s)
+    ref = F.kl_div(F.log_softmax(s[mask] / 2, -1), F.log_softmax(t[mask] / 2, -1), reduction="sum", log_target=True) * 4 / 10
+    monkeypatch.setitem(losses.CE_CHUNK_ELEMS, "cpu", rows_per_chunk * 40)
+    assert losses._chunk_rows(s.reshape(-1, 40)) == rows_per_chunk
+    loss = losses.ce_loss(s, t, mask, temperature=2.0)
+    (grad,) = torch.autograd.grad(loss, s)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert torch.allclose(grad, g_ref, atol=1e-6)
+    assert grad[1, 4:].abs().sum() == 0  # unselected rows get no gradient

@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from pipeline.train_loop import Numerics
+from pipeline.train.numerics import Numerics
 
 
 def _terms(kd=1.0, mlm=2.0):
-    return {"loss/kd": torch.tensor(kd), "loss/mlm": torch.tensor(mlm)}
+    return {"loss/ce": torch.tensor(kd), "loss/mlm": torch.tensor(mlm)}
 
 
 def test_first_non_finite_step_and_term_are_named_even_when_checked_later():
@@ -20,7 +20,7 @@ def test_first_non_finite_step_and_term_are_named_even_when_checked_later():
     n.after_step(4, _terms(kd=math.nan), skipped_steps=0, loss_scale=None)
     n.after_step(5, _terms(kd=math.inf, mlm=math.inf), skipped_steps=0, loss_scale=None)
     n.after_step(6, _terms(), skipped_steps=0, loss_scale=None)
-    with pytest.raises(FloatingPointError, match=r"loss/kd was nan at step 4"):
+    with pytest.raises(FloatingPointError, match=r"loss/ce was nan at step 4"):
         n.check()
 
 

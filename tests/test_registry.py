@@ -10,13 +10,15 @@ import pytest
 
 from pipeline import registry
 from pipeline.config import TrackingSection, load_config
+from pipeline.records import Candidate
 
 NAN, INF = math.nan, math.inf
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
 
 def _candidates(*scores, metric="val/mlm_loss"):
-    return [{"source": f"run {i}", "metrics": {metric: s, "val/mlm_acc": 0.1}} for i, s in enumerate(scores)]
+    return [Candidate(source=f"run {i}", checkpoint=f"ckpt{i}", metrics={metric: s, "val/mlm_acc": 0.1})
+            for i, s in enumerate(scores)]
 
 
 @pytest.mark.parametrize("mode,scores,winner", [
@@ -31,14 +33,14 @@ def _candidates(*scores, metric="val/mlm_loss"):
 ])
 def test_choose_skips_scores_that_are_not_finite(mode, scores, winner):
     cfg = TrackingSection(select_mode=mode)
-    assert registry.choose(_candidates(*scores), cfg)["source"] == f"run {winner}"
+    assert registry.choose(_candidates(*scores), cfg).source == f"run {winner}"
 
 
 def test_choose_counts_numpy_scores_and_skips_a_non_number():
     import numpy as np
 
     cands = _candidates(np.float32(NAN), np.float32(6.5), "7.0", True)
-    assert registry.choose(cands, TrackingSection())["source"] == "run 1"
+    assert registry.choose(cands, TrackingSection()).source == "run 1"
 
 
 @pytest.mark.parametrize("scores", [[NAN, NAN, NAN], [NAN, INF, -INF]])
@@ -49,7 +51,7 @@ def test_choose_with_no_finite_score_is_one_clear_error(scores):
 
 def test_choose_without_the_metric_is_still_its_own_error():
     with pytest.raises(ValueError, match="no candidate reports 'val/mlm_loss'"):
-        registry.choose([{"source": "a", "metrics": {"val/mlm_acc": 0.2}}], TrackingSection())
+        registry.choose([Candidate(source="a", checkpoint="c", metrics={"val/mlm_acc": 0.2})], TrackingSection())
 
 
 @pytest.mark.parametrize("mode", ["min", "max"])
@@ -107,9 +109,9 @@ def test_sweep_candidates_come_best_first_with_non_finite_scores_last(tmp_path):
     cfg = load_config(CONFIG, [f"run.root={tmp_path}"])
     scores = [NAN, 7.0, -INF, 6.0, INF]
     found = sweep.candidates([_trial_result(tmp_path, i, s) for i, s in enumerate(scores)], cfg)
-    assert [c["metrics"]["val/mlm_loss"] for c in found][:2] == [6.0, 7.0]
-    assert [c["source"].split()[2] for c in found] == ["t3", "t1", "t0", "t2", "t4"]
-    assert registry.choose(found, cfg.tracking)["source"].startswith("sweep trial t3 ")
+    assert [c.metrics["val/mlm_loss"] for c in found][:2] == [6.0, 7.0]
+    assert [c.source.split()[2] for c in found] == ["t3", "t1", "t0", "t2", "t4"]
+    assert registry.choose(found, cfg.tracking).source.startswith("sweep trial t3 ")
 
 
 def test_a_trial_whose_final_checkpoint_is_damaged_is_not_a_candidate(tmp_path, capsys):
@@ -119,7 +121,7 @@ def test_a_trial_whose_final_checkpoint_is_damaged_is_not_a_candidate(tmp_path, 
     results = [_trial_result(tmp_path, 0, 6.0), _trial_result(tmp_path, 1, 7.0)]
     (tmp_path / "checkpoint_0" / "hf_model" / "config.json").write_text("[]" + " " * 30)
     found = sweep.candidates(results, cfg)
-    assert [c["source"].split()[2] for c in found] == ["t1"]
+    assert [c.source.split()[2] for c in found] == ["t1"]
     assert "trial t0 is not a candidate" in capsys.readouterr().out
 
 
@@ -182,8 +184,8 @@ def test_sweep_candidates_keep_numpy_metrics_as_floats(tmp_path):
     result = _trial_result(tmp_path, 0, 6.0)
     result.metrics.update({"val/mlm_loss": np.float32(6.5), "val/mlm_acc": np.float64(0.25), "flag/ok": True})
     (found,) = sweep.candidates([result], cfg)
-    assert found["metrics"] == {"val/mlm_loss": 6.5, "val/mlm_acc": 0.25}
-    assert all(type(v) is float for v in found["metrics"].values())
+    assert found.metrics == {"val/mlm_loss": 6.5, "val/mlm_acc": 0.25}
+    assert all(type(v) is float for v in found.metrics.values())
 
 
 def test_asha_runs_to_the_longest_budget_a_sweep_samples(tmp_path):

@@ -17,7 +17,7 @@ def _finished_distill(tmp_path, *overrides):
     ckpt.mkdir(exist_ok=True)
     (ckpt / "train_state.json").write_text(json.dumps({"step": 60}))
     record = {"candidates": [{"source": "distill", "checkpoint": str(ckpt), "metrics": {}}], "name": name,
-              "manifest_key": "k1"}
+              "manifest_key": "k1", "seconds": 1.0}
     path = Path(stages.record_path(cfg, "distill"))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record))
@@ -26,8 +26,8 @@ def _finished_distill(tmp_path, *overrides):
 
 def test_a_stage_that_finished_with_the_same_settings_is_skipped(tmp_path, capsys):
     cfg, name, _ = _finished_distill(tmp_path)
-    earlier = stages._finished(cfg, "distill", name=name, manifest={"key": "k1"})
-    assert earlier["skipped"] and earlier["name"] == name
+    earlier = stages._finished(cfg, "distill", name=name, manifest_key="k1")
+    assert earlier.skipped and earlier.name == name
     assert "distill: finished earlier with these settings" in capsys.readouterr().out
 
 
@@ -36,21 +36,21 @@ def test_a_changed_setting_a_changed_corpus_or_a_lost_checkpoint_runs_the_stage_
     changed = load_config(CONFIG, [f"run.root={tmp_path}", "loss.temperature=4.0"])
     new_name = stages._run_name(changed, "distill", stages.TRAIN_SECTIONS, extra="teacher-uri")
     assert new_name != name
-    assert stages._finished(changed, "distill", name=new_name, manifest={"key": "k1"}) is None
-    assert stages._finished(cfg, "distill", name=name, manifest={"key": "k2"}) is None, "re-prepared corpus"
+    assert stages._finished(changed, "distill", name=new_name, manifest_key="k1") is None
+    assert stages._finished(cfg, "distill", name=name, manifest_key="k2") is None, "re-prepared corpus"
     (ckpt / "train_state.json").unlink()
-    assert stages._finished(cfg, "distill", name=name, manifest={"key": "k1"}) is None
+    assert stages._finished(cfg, "distill", name=name, manifest_key="k1") is None
     assert "names checkpoints that are gone" in capsys.readouterr().out
 
 
 def test_a_damaged_record_or_checkpoint_state_runs_the_stage_again_without_a_traceback(tmp_path, capsys):
     cfg, name, ckpt = _finished_distill(tmp_path)
     (ckpt / "train_state.json").write_text('{"step": 6')  # cut off mid-write
-    assert stages._finished(cfg, "distill", name=name, manifest={"key": "k1"}) is None
+    assert stages._finished(cfg, "distill", name=name, manifest_key="k1") is None
     assert "gone or damaged" in capsys.readouterr().out
     record = Path(stages.record_path(cfg, "distill"))
     record.write_text(record.read_text()[:40])
-    assert stages._finished(cfg, "distill", name=name, manifest={"key": "k1"}) is None
+    assert stages._finished(cfg, "distill", name=name, manifest_key="k1") is None
     out = capsys.readouterr().out
     assert "distill.json is damaged" in out and "running the stage again" in out
 

@@ -33,3 +33,45 @@ def test_mlm_step_equals_cross_entropy_on_full_logits(kind):
     expected = F.cross_entropy(logits.view(-1, vocab), batch.labels_BT.view(-1), ignore_index=-100)
     assert torch.allclose(loss, expected, atol=1e-5)
     assert torch.allclose(metrics["loss/mlm"], expected, atol=1e-5)
+
+
+class _TinyLM(torch.nn.Module):
+    """Embedding → vocabulary logits: enough of a masked LM for eval_sums, and it runs on the meta device."""
+
+    def __init__(self, vocab: int, device):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, 8, device=device)
+        self.out = torch.nn.Linear(8, vocab, device=device)
+
+    def forward(self, input_ids, attention_mask):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=self.out(self.emb(input_ids)))
+
+
+@pytest.mark.parametrize("with_teacher", [False, True])
+def test_eval_sums_keeps_every_term_on_the_models_device(with_teacher):
+    """A CPU constant stacked with device tensors crashes on a GPU; on the meta device the same bug shows on CPU."""
+    from pipeline.step import eval_sums
+
+    meta = torch.device("meta")
+    b = _batch(50)
+    batch = Batch(input_ids_BT=b.input_ids_BT.to(meta), attention_mask_BT=b.attention_mask_BT.to(meta),
+                  labels_BT=b.labels_BT.to(meta))
+    sums = eval_sums(_TinyLM(50, meta), _TinyLM(50, meta) if with_teacher else None, batch)
+    assert sums.device == meta and sums.shape == (4,)
+
+
+def test_eval_sums_counts_only_the_labelled_positions():
+    from pipeline.step import eval_sums
+
+    torch.manual_seed(0)
+    model, teacher, batch = _TinyLM(50, "cpu"), _TinyLM(50, "cpu"), _batch(50)
+    ce, correct, count, agree = eval_sums(model, teacher, batch).tolist()
+    sel = batch.labels_BT != -100
+    logits = model(batch.input_ids_BT, batch.attention_mask_BT).logits[sel]
+    assert count == 4
+    assert ce == pytest.approx(F.cross_entropy(logits, batch.labels_BT[sel], reduction="sum").item(), rel=1e-6)
+    assert correct == (logits.argmax(-1) == batch.labels_BT[sel]).sum().item()
+    t_pred = teacher(batch.input_ids_BT, batch.attention_mask_BT).logits[sel].argmax(-1)
+    assert agree == (t_pred == logits.argmax(-1)).sum().item()

@@ -5,9 +5,16 @@ import time
 import pytest
 
 import servers
-from pipeline import tracking
+from pipeline import runtime, tracking
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def _as_in_a_worker(monkeypatch):
+    """MLflow's fail-fast HTTP settings, which a training worker sets (runtime.worker_tracking_settings)."""
+    for key, value in runtime.WORKER_TRACKING_ENV.items():
+        monkeypatch.setenv(key, value)
 
 
 def test_metrics_logged_during_a_server_outage_arrive_after_it_returns(tmp_path):

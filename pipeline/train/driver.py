@@ -1,4 +1,5 @@
-"""Build and fit a Ray Train TorchTrainer for one training run (the teacher's, the student's or a trial's).
+"""The driver side of training: check, build and fit a Ray Train TorchTrainer for one run (the teacher's, the
+student's or a sweep trial's), whose workers run pipeline/train/worker.py.
 
 Resources are checked before anything starts: a run that can never be scheduled is a clear error here, not
 a silent hang waiting for workers.
@@ -9,10 +10,12 @@ from __future__ import annotations
 import os
 
 from pipeline import storage, tracking
-from pipeline.config import RunConfig
+from pipeline.config import OptimSection, RunConfig
+from pipeline.records import Manifest, WorkerConfig
 
 
 def check_fits(cfg: RunConfig, cluster_cpus: float, *, extra_cpus: float = 0.0, streamed: bool = False) -> None:
+    """Raise ValueError when the run's workers (``extra_cpus`` beside them) cannot all be placed on the cluster."""
     need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + extra_cpus
     if streamed and need + 1 > cluster_cpus + 1e-9 and need <= cluster_cpus + 1e-9:
         raise ValueError(
@@ -28,55 +31,53 @@ def check_fits(cfg: RunConfig, cluster_cpus: float, *, extra_cpus: float = 0.0, 
         )
 
 
-def check_batches(cfg: RunConfig, manifest: dict, *, role: str) -> None:
-    optim = cfg.teacher_optim if role == "teacher" else cfg.optim
-    rows = manifest["splits"]["train"]["num_sequences"]
+def check_batches(cfg: RunConfig, manifest: Manifest, optim: OptimSection) -> None:
+    """Raise ValueError when the prepared corpus cannot fill one micro-batch per worker, or has no validation rows."""
+    rows = manifest.rows("train")
     per_step = cfg.scaling.num_workers * optim.micro_batch_size
     if rows < per_step:
         raise ValueError(
             f"{rows} training sequences cannot fill one micro-batch of {optim.micro_batch_size} on each of "
             f"{cfg.scaling.num_workers} workers: lower the micro-batch size or the number of workers, or add data"
         )
-    if manifest["splits"].get("val", {}).get("num_sequences", 0) < 1:
+    if manifest.rows("val") < 1:
         raise ValueError(
             f"the prepared validation split is empty (data.val_fraction={cfg.data.val_fraction} put no document in "
             "it), so no val/* metric could be measured: raise data.val_fraction or add documents"
         )
 
 
-def loop_config(cfg: RunConfig, *, role: str, teacher_uri: str | None, run_id: str | None, replicated_data: bool,
-                manifest_path: str | None = None) -> dict:
-    """Everything a worker needs, as plain data: it rebuilds its RunConfig from this dict."""
+def worker_config(cfg: RunConfig, *, task: str, teacher_uri: str | None, run_id: str | None, replicated_data: bool,
+                  manifest_path: str | None = None) -> WorkerConfig:
+    """Everything a worker needs, as plain data: it rebuilds its RunConfig from it. ``task``: "mlm" | "distill"."""
     if cfg.masking.smoothing and not manifest_path:
         raise ValueError("masking.smoothing needs the prepared corpus's token counts: pass the manifest (run prepare first)")
-    return {
-        "manifest_path": manifest_path,
-        "cfg": cfg.to_dict(),
-        "role": role,
-        "teacher_uri": teacher_uri,
-        "tracking_uri": tracking.tracking_uri(cfg.run.root) if run_id else None,
-        "run_id": run_id,
-        "git_sha": tracking.git_sha(),
-        "replicated_data": replicated_data,
-    }
+    return WorkerConfig(cfg=cfg.to_dict(), task=task, teacher_uri=teacher_uri, run_id=run_id,
+                        tracking_uri=tracking.tracking_uri(cfg.run.root) if run_id else None, git_sha=tracking.git_sha(),
+                        replicated_data=replicated_data, manifest_path=manifest_path)
 
 
-def build_trainer(cfg: RunConfig, *, name: str, datasets: dict, config: dict, callbacks=None):
-    import ray.data
+def fit(cfg: RunConfig, *, name: str, datasets: dict, work: WorkerConfig, callbacks=None):
+    """Build the TorchTrainer and fit it; returns Ray Train's Result. Ray Data keeps the order of the rows (the
+    same data order in every run with the same seed: a resumed run and every sweep trial see it too)."""
+    from pipeline import runtime
+
+    with runtime.ray_data_options(preserve_order=True, progress_bars=False):
+        return build_trainer(cfg, name=name, datasets=datasets, work=work, callbacks=callbacks).fit()
+
+
+def build_trainer(cfg: RunConfig, *, name: str, datasets: dict, work: WorkerConfig, callbacks=None):
+    """The TorchTrainer of one run (use :func:`fit`, which also sets Ray Data's options for it)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from pipeline import runtime
-
-    # The same data order in every run with the same seed: a resumed run and every sweep trial see it too.
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
-    ray.data.DataContext.get_current().enable_progress_bars = False  # workers' bars flood job logs
-    from pipeline.train_loop import train_loop_per_worker
+    from pipeline.train.worker import train_loop_per_worker
 
     storage_path = cfg.storage_path
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=config,
+        train_loop_config=work.to_dict(),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
@@ -85,7 +86,7 @@ def build_trainer(cfg: RunConfig, *, name: str, datasets: dict, config: dict, ca
         datasets=datasets,
         # An in-memory corpus is replicated and sliced per rank in the loop (deterministic order, exact resume);
         # a streamed one is split across ranks with equal shards.
-        dataset_config=ray.train.DataConfig(datasets_to_split=[] if config["replicated_data"] else ["train"]),
+        dataset_config=ray.train.DataConfig(datasets_to_split=[] if work.replicated_data else ["train"]),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage_path,
@@ -99,13 +100,14 @@ def build_trainer(cfg: RunConfig, *, name: str, datasets: dict, config: dict, ca
     )
 
 
-def checkpoint_uri(result_checkpoint, storage_path: str) -> str:
-    """A URI for a Ray checkpoint that other processes (and `ray job submit` drivers) can open."""
-    path = result_checkpoint.path
+def checkpoint_uri(path: str, storage_path: str) -> str:
+    """A URI for a Ray checkpoint path that other processes (and `ray job submit` drivers) can open: Ray reports
+    paths on S3 without their scheme."""
     return f"s3://{path}" if storage.is_s3(storage_path) and not path.startswith("s3://") else path
 
 
 def model_uri(ckpt_uri: str) -> str:
+    """The exported Hugging Face model inside a final checkpoint."""
     from pipeline.checkpoint import HF_DIR
 
     return storage.join(ckpt_uri, HF_DIR) if storage.is_s3(ckpt_uri) else os.path.join(ckpt_uri, HF_DIR)

@@ -1,0 +1,63 @@
+"""Where a training step's time goes (``time/*_s``) and what it achieves (``throughput/*``, ``perf/*``)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+class Phases:
+    """Wall time per phase of a step (data wait, forward, backward, optimizer, eval, checkpoint)."""
+
+    def __init__(self, device: torch.device):
+        self._sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.seconds: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def mark(self, phase: str) -> None:
+        """Charge the time since the last mark to ``phase``."""
+        self._sync()
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._t
+        self._t = now
+
+    def pop(self, num_steps: int) -> dict[str, float]:
+        out = {f"time/{k}_s": v / max(num_steps, 1) for k, v in self.seconds.items()}
+        self.seconds = {}
+        return out
+
+
+class Throughput:
+    """Global tokens seen, and tokens/s, model TFLOP/s per worker and MFU between log steps.
+
+    Tokens are real (non-pad) tokens summed on the device each step and read only at log steps (no host sync
+    per step); every rank holds the same number of rows, so the global count is the local one × world size.
+    ``flops_per_token`` comes from the task (pipeline/flops.py); ``peak_tflops`` None reports no MFU.
+    """
+
+    def __init__(self, *, tokens_seen: int, world_size: int, flops_per_token: float, peak_tflops: float | None):
+        self.base, self.world_size = tokens_seen, world_size
+        self.flops_per_token, self.peak_tflops = flops_per_token, peak_tflops
+        self.local: torch.Tensor | int = 0
+        self.restart(tokens_seen)
+
+    def add(self, attention_masks: list[torch.Tensor]) -> None:
+        """Count one step's micro-batches (their B×T attention masks)."""
+        self.local = self.local + sum(m.sum() for m in attention_masks)
+
+    def tokens_seen(self) -> int:
+        """Global tokens since the run began (a resumed run continues its checkpoint's count)."""
+        return self.base + int(self.local) * self.world_size
+
+    def metrics(self, tokens_seen: int) -> dict[str, float]:
+        """Rates since :meth:`restart` (eval and checkpoint time excluded by restarting after them)."""
+        tokens_per_s = (tokens_seen - self.last_tokens) / (time.perf_counter() - self.t_last)
+        tflops = tokens_per_s * self.flops_per_token / self.world_size / 1e12
+        out = {"throughput/tokens_per_s": tokens_per_s, "perf/model_tflops_per_s_per_worker": tflops}
+        if self.peak_tflops:
+            out["perf/mfu"] = tflops / self.peak_tflops
+        return out
+
+    def restart(self, tokens_seen: int) -> None:
+        self.t_last, self.last_tokens = time.perf_counter(), tokens_seen
