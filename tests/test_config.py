@@ -77,3 +77,15 @@ def test_fp16_on_cpu_is_refused_before_anything_starts(tmp_path):
     p.write_text("run: {name: t}\ndeepspeed: {precision: fp16}\n")
     with pytest.raises(ValueError, match="fp16 needs a GPU"):
         load_config(p)
+
+
+def test_derived_paths_sit_under_the_resolved_run_root(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    p = tmp_path / "c.yaml"
+    p.write_text("run: {name: t, root: runs/x}\n")
+    cfg = load_config(p)
+    root = str(tmp_path / "runs" / "x")  # a relative root is made absolute, so workers see the same folders
+    assert cfg.cache_dir == f"{root}/cache"
+    assert (cfg.run_dir, cfg.storage_path, cfg.data_dir) == (f"{root}/t", f"{root}/t/ray", f"{root}/t/data")
+    s3 = cfg.with_overrides({"run.root": "s3://bucket/runs", "data.output": "s3://bucket/data"})
+    assert (s3.cache_dir, s3.data_dir) == ("s3://bucket/runs/cache", "s3://bucket/data")
