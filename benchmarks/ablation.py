@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    cache = os.path.join(cfg.run.root, "cache")
+    cache = cfg.cache_dir
     tok = models.load_tokenizer(cfg.data.tokenizer, cache)
     teacher = models.load_teacher(teacher_uri, cache_root=cache)
     train = load_rows(manifest["splits"]["train"]["path"])

@@ -99,35 +99,32 @@ def digest(input_ids, labels) -> str:
 
 
 # ---- a human view: what rank 0 sees ------------------------------------------------------------------
-def preview(cfg, manifest: dict, dataset, tokenizer, num_batches: int):
+def preview(cfg, manifest, dataset, tokenizer, num_batches: int):
     """Rank 0's first ``num_batches`` micro-batches of distillation, masked as the worker masks them.
 
     An in-memory corpus (the replicated path) gives exactly rank 0's batches: the same seeded order, the same
     global batch, the same mask draw, then rank 0's slice. A streamed corpus is split by Ray Train at run time;
     here it is read unsplit, with rank 0's masks.
-    Yields dicts of numpy arrays: input_ids (masked), attention_mask, labels.
+    ``manifest`` is the prepared corpus's :class:`~pipeline.records.Manifest`. Yields dicts of numpy arrays:
+    input_ids (masked), attention_mask, labels (B×T int64).
     """
     from pipeline import data as data_lib
 
-    replicated = data_lib.fits_in_memory(manifest, "train", cfg.data.materialize_max_gib)
+    replicated = data_lib.fits_in_memory(manifest.to_dict(), "train", cfg.data.materialize_max_gib)
     micro, world = cfg.optim.micro_batch_size, cfg.scaling.num_workers
     per_iter = micro * world if replicated else micro
-    import ray.data
+    from pipeline import runtime
 
-    ray.data.DataContext.get_current().execution_options.preserve_order = True  # as build_trainer sets it
-    masker = Masker.build(cfg.masking, tokenizer, token_counts=manifest.get("token_counts"))
-    produced = 0
-    for i, raw in enumerate(epoch_batches(dataset, per_iter, shuffle_rows=cfg.data.shuffle_buffer_rows,
-                                          shuffle_seed=cfg.run.seed * 10_007)):
-        if produced >= num_batches:
-            return
-        t = to_torch(raw, "cpu")
-        # The loop draws step_generator(seed, rank, step × grad_accum + micro index): micro-batch i is that index.
-        ids_BT, labels_BT = masker(t["input_ids"], t["attention_mask"], masking.step_generator(cfg.run.seed, 0, i))
-        mine = slice(0, micro)
-        yield {"input_ids": ids_BT[mine].numpy(), "attention_mask": t["attention_mask"][mine].numpy(),
-               "labels": labels_BT[mine].numpy()}
-        produced += 1
+    masker = Masker.build(cfg.masking, tokenizer, token_counts=manifest.token_counts)
+    with runtime.ray_data_options(preserve_order=True):  # as driver.fit runs training
+        raws = epoch_batches(dataset, per_iter, shuffle_rows=cfg.data.shuffle_buffer_rows, shuffle_seed=cfg.run.seed * 10_007)
+        for i, raw in zip(range(num_batches), raws):
+            t = to_torch(raw, "cpu")
+            # The loop draws step_generator(seed, rank, step × grad_accum + micro index): micro-batch i is that index.
+            ids_BT, labels_BT = masker(t["input_ids"], t["attention_mask"], masking.step_generator(cfg.run.seed, 0, i))
+            mine = slice(0, micro)
+            yield {"input_ids": ids_BT[mine].numpy(), "attention_mask": t["attention_mask"][mine].numpy(),
+                   "labels": labels_BT[mine].numpy()}
 
 
 def render(batch: dict[str, np.ndarray], tokenizer, max_rows: int) -> str:

@@ -21,7 +21,7 @@ MIN_VOCAB = 1000  # a WordPiece vocabulary smaller than this is a folder without
 def check(cfg: RunConfig, *, teacher: bool = True) -> None:
     problems = run_folder_problems(cfg)
     if teacher and not problems:
-        cache = os.path.join(cfg.run.root, "cache")
+        cache = cfg.cache_dir
         try:
             tokenizer = models.load_tokenizer(cfg.data.tokenizer, cache)
         except ValueError as e:
