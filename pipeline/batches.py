@@ -53,11 +53,22 @@ def epoch_batches(iterator, size: int, *, shuffle_rows: int, shuffle_seed: int) 
 
 
 def to_torch(batch: dict[str, np.ndarray], device) -> dict[str, torch.Tensor]:
+    """The ``input_ids`` and ``attention_mask`` columns (B×T) as int64 tensors on ``device``; other columns are
+    dropped. Raises KeyError when a column is missing."""
     return {k: torch.as_tensor(batch[k], dtype=torch.long).to(device) for k in COLUMNS}
 
 
 @dataclass
 class Masker:
+    """A worker's MLM masking: called as ``masker(input_ids_BT, attention_mask_BT, generator)`` it returns
+    (masked input ids, labels), both B×T int64, labels -100 where nothing was chosen
+    (:func:`pipeline.masking.mask_tokens`; BERT's [MASK]/random/kept split, 80/10/10 by default, Devlin et al.
+    2019 §3.1).
+
+    ``token_weights_V`` (V float, HF's frequency smoothing) and ``continuation_V`` (V bool, whole-word masking)
+    are None unless the config turns them on.
+    """
+
     cfg: MaskingSection
     special_ids: torch.Tensor
     mask_id: int
@@ -67,6 +78,11 @@ class Masker:
 
     @classmethod
     def build(cls, cfg: MaskingSection, tokenizer, *, token_counts=None, device="cpu") -> "Masker":
+        """The masker for ``tokenizer``, its tables on ``device``. Never chooses the tokenizer's special ids.
+
+        ``token_counts`` (V counts over the training split, the manifest's ``token_counts``) is needed only
+        when ``cfg.smoothing`` is on; without it that raises ValueError (re-run prepare).
+        """
         special = sorted(set(tokenizer.all_special_ids))
         weights = continuation = None
         if cfg.smoothing:

@@ -40,6 +40,11 @@ HF_DIR = "hf_model"
 
 @dataclass
 class TrainState:
+    """The loop's position, saved as ``train_state.json``: optimizer steps done, global real (non-pad) tokens
+    seen, the epoch and the number of batches already read in it (where the data resumes), the run's seed and
+    the world size (the number of rank lists a complete checkpoint holds). Every field is a count ≥ 0;
+    world_size ≥ 1."""
+
     step: int = 0
     tokens_seen: int = 0
     epoch: int = 0

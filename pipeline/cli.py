@@ -16,6 +16,10 @@ from pipeline.records import Candidate
 
 
 def parse(description: str, argv: list[str] | None = None, extra=None) -> tuple[RunConfig, argparse.Namespace]:
+    """A job's arguments (``--config``, repeatable ``--set KEY=VALUE``, ``--verbose``, and what ``extra(parser)``
+    adds) and its loaded config. ``--verbose`` sets DISTIL_VERBOSE=1 for this process. Bad arguments or a config
+    that does not load (a ValueError from :func:`pipeline.config.load_config`) exit with status 2 and one
+    ``error: ...`` line (SystemExit, argparse's convention)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", required=True, help="a YAML run config, e.g. configs/tiny.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -39,6 +39,8 @@ def validate(cfg: RunConfig, *, check_sweep: bool = True) -> None:
 
 
 def problems(cfg: RunConfig) -> list[str]:
+    """Every problem of ``cfg`` itself (not of its sweep's trial configs), one fix-it line each; [] when valid.
+    :func:`validate` raises them as one ValueError."""
     return [*_choices(cfg), *_run(cfg), *_data(cfg), *_masking(cfg), *_models(cfg), *_loss(cfg), *_optim(cfg),
             *_scaling(cfg), *_sweep(cfg), *_tracking(cfg)]
 

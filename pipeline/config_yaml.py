@@ -28,6 +28,9 @@ class Plain(str):
 
 
 class ConfigYAMLError(ValueError):
+    """Config YAML that cannot be read (a syntax error, a repeated key), as one line naming the file, line and
+    column, with the usual fix; a ValueError, so a job prints it as ``error: ...``."""
+
     pass
 
 

@@ -21,6 +21,9 @@ import time
 
 
 def forward_flops_per_token(*, layers: int, d: int, f: int, seq_len: int, vocab: int, head_fraction: float = 1.0) -> float:
+    """Forward FLOPs per token of an encoder with ``layers`` layers, width ``d``, FFN width ``f``, ``seq_len``
+    tokens per row and a ``vocab``-row MLM head (the module docstring's formula; Kaplan et al. 2020 counting).
+    ``head_fraction`` is the share of positions the head projects (the mask rate for MLM pre-training)."""
     per_layer = 2 * 4 * d * d + 2 * 2 * d * f + 2 * 2 * seq_len * d
     head = (2 * d * d + 2 * d * vocab) * head_fraction
     return layers * per_layer + head

@@ -208,6 +208,10 @@ def _own_tokenizer(path: str):
 
 # ---- student -----------------------------------------------------------------------------------------
 def resolve_layer_map(layer_map, num_teacher_layers: int) -> list[int]:
+    """The teacher layer indices the student's layers are copied from, in order: "alternate" is every other
+    layer from 0 (Sanh et al. 2019 §3), "hf" is HF's ``extract_distilbert.py`` choice [0, 2, 4, 7, 9, 11] (12-layer
+    teachers only), a list is taken as given. Raises ValueError for "hf" on another depth, an empty list or an
+    index outside [0, ``num_teacher_layers``)."""
     if layer_map == "alternate":
         return list(range(0, num_teacher_layers, 2))
     if layer_map == "hf":
@@ -221,6 +225,8 @@ def resolve_layer_map(layer_map, num_teacher_layers: int) -> list[int]:
 
 
 def student_config(teacher_config: BertConfig, num_layers: int) -> DistilBertConfig:
+    """A DistilBERT config of ``num_layers`` layers with the teacher's vocabulary, positions, width (D), heads,
+    FFN width, activation, dropouts, pad id and initializer range, so the teacher's weights fit it."""
     return DistilBertConfig(
         vocab_size=teacher_config.vocab_size,
         max_position_embeddings=teacher_config.max_position_embeddings,
@@ -248,6 +254,11 @@ def build_student(cfg: StudentSection, teacher: BertForMaskedLM, *, seed: int) -
 
 @torch.no_grad()
 def init_from_teacher(student: DistilBertForMaskedLM, teacher: BertForMaskedLM, layers: list[int]) -> None:
+    """Copy the teacher's weights into ``student`` in place (Sanh et al. 2019 §3; HF ``extract_distilbert.py``):
+    word embeddings, position embeddings with ``token_type_embeddings[0]`` folded in, the embedding LayerNorm,
+    student layer i from teacher layer ``layers[i]``, and the MLM head (transform, LayerNorm, output bias; the
+    output weight is tied to the word embeddings). Shapes must match (:func:`student_config`); a mismatch raises
+    RuntimeError from torch."""
     t, s = teacher.bert, student.distilbert
     s.embeddings.word_embeddings.weight.copy_(t.embeddings.word_embeddings.weight)
     pos = t.embeddings.position_embeddings.weight + t.embeddings.token_type_embeddings.weight[0]

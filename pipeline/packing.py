@@ -20,6 +20,9 @@ _LINE = re.compile(r"\r\n?|\n")
 
 @dataclass(frozen=True, kw_only=True)
 class SpecialIds:
+    """The tokenizer's ids of [CLS], [SEP], [PAD], [UNK] and [MASK] (packing frames rows with [CLS]/[SEP], pads
+    with [PAD] and counts [UNK])."""
+
     cls: int
     sep: int
     pad: int

@@ -19,6 +19,10 @@ MIN_VOCAB = 1000  # a WordPiece vocabulary smaller than this is a folder without
 
 
 def check(cfg: RunConfig, *, teacher: bool = True) -> None:
+    """Check, before Ray or MLflow start, what needs files: the run's local folders are writable
+    (:func:`run_folder_problems`) and, with ``teacher``, that the tokenizer loads and has a real vocabulary
+    (≥ MIN_VOCAB tokens) and a pretrained teacher fits it (:func:`pipeline.models.check_teacher`). Raises one
+    ValueError ("cannot start:" and a line per problem)."""
     problems = run_folder_problems(cfg)
     if teacher and not problems:
         cache = cfg.cache_dir

@@ -145,6 +145,8 @@ class Progress:
             bar.refresh()  # show it now: the driver times the bar (pace, ETA) from when it first hears of it
 
     def update(self, step: int, metrics: dict[str, float]) -> None:
+        """Report optimizer step ``step`` (absolute, not since start) with a log step's ``metrics``: print
+        :func:`format_line`, or advance the bar to ``step`` and describe it with :func:`bar_description`."""
         if self.bar is None:
             eta = eta_s(step=step, total=self.total, start_step=self.start_step, elapsed_s=self.clock() - self.t0)
             self.out(format_line(stage=self.stage, step=step, total=self.total, metrics=metrics, eta=eta))
@@ -154,6 +156,7 @@ class Progress:
         self._bar_step = step
 
     def close(self) -> None:
+        """Close the bar, if there is one."""
         if self.bar is not None:
             self.bar.close()
 
@@ -162,9 +165,11 @@ class NoProgress:
     """What ranks other than 0 report: nothing."""
 
     def update(self, step: int, metrics: dict[str, float]) -> None:
+        """Nothing: :meth:`Progress.update` on rank 0 reports."""
         pass
 
     def close(self) -> None:
+        """Nothing to close."""
         pass
 
 

@@ -2,11 +2,11 @@
 
 One module owns them (pipeline/DESIGN: typed records): the prepared corpus's :class:`Manifest`, one record per
 stage (:class:`PrepareRecord`, :class:`TeacherRecord`, :class:`TrainRecord` for distill and sweep,
-:class:`RegisterRecord`), a :class:`Candidate` student, the sweep's :class:`SweepParent` and the
-:class:`WorkerConfig` the driver passes to the Ray Train workers. Stage code reads attributes, never string keys.
+:class:`RegisterRecord`), a :class:`Candidate` student, the sweep's :class:`SweepParent` and
+:class:`TrialConfig`, and the :class:`WorkerConfig` the driver passes to the Ray Train workers. Stage code reads attributes, never string keys.
 
-On disk each record is plain JSON with a ``"version"`` field. ``from_dict`` reads this version and the records
-written before versioning (same fields, no ``"version"``); a record with another version, a missing field or an
+On disk each record is plain JSON with a ``"record_version"`` field. ``from_dict`` reads this version and the
+records written before versioning (same fields, no ``"record_version"``); a record with another version, a missing field or an
 unknown one raises :class:`RecordError`, which names the file and says how to go on (run the stage again).
 """
 
@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 VERSION = 1
+VERSION_KEY = "record_version"  # not "version": a registered model's version is a field of RegisterRecord
 
 
 class RecordError(ValueError):
@@ -29,7 +30,7 @@ class Record:
 
     def to_dict(self) -> dict:
         """Plain JSON-ready data, with the record version; nested records become dicts."""
-        return {**_plain(self), "version": VERSION}
+        return {**_plain(self), VERSION_KEY: VERSION}
 
     @classmethod
     def from_dict(cls, raw: Any, *, where: str = "") -> typing.Self:
@@ -37,10 +38,10 @@ class Record:
         what = f"{cls.__name__}{f' in {where}' if where else ''}"
         if not isinstance(raw, dict):
             raise RecordError(f"{what} is not a JSON object but {type(raw).__name__}")
-        version = raw.get("version", VERSION)  # written before records were versioned: the same fields
+        version = raw.get(VERSION_KEY, VERSION)  # written before records were versioned: the same fields
         if version != VERSION:
             raise RecordError(f"{what} was written by record version {version!r}; this distil reads version {VERSION}")
-        return _build(cls, {k: v for k, v in raw.items() if k != "version"}, what)
+        return _build(cls, {k: v for k, v in raw.items() if k != VERSION_KEY}, what)
 
 
 def _plain(value):
@@ -81,6 +82,8 @@ def _typed(tp, value, what: str):
 # ---- the prepared corpus ---------------------------------------------------------------------------------
 @dataclass(frozen=True, kw_only=True)
 class SplitInfo(Record):
+    """One prepared split ("train" or "val"): its parquet folder and size in packed rows and real tokens."""
+
     path: str  # the split's parquet folder, local or s3://
     num_sequences: int  # packed rows
     num_tokens: int  # real (non-pad) tokens
@@ -124,6 +127,9 @@ class Candidate(Record):
 
 @dataclass(frozen=True, kw_only=True)
 class PrepareRecord(Record):
+    """The prepare stage's record: the prepared corpus's manifest, the stage's wall time in seconds, and whether
+    this call found the corpus prepared already (``skipped``)."""
+
     manifest: Manifest
     seconds: float
     skipped: bool = False
@@ -131,6 +137,10 @@ class PrepareRecord(Record):
 
 @dataclass(frozen=True, kw_only=True)
 class TeacherRecord(Record):
+    """The teacher stage's record: the teacher distillation loads, and, for a teacher this pipeline pre-trained,
+    its held-out metrics, checkpoint, MLflow run and run name (a pretrained teacher has ``metrics`` {} and 0 s).
+    ``seconds`` is the stage's wall time; ``skipped`` says it finished earlier with the same settings."""
+
     teacher_uri: str  # what distillation loads: a hub id, a folder, s3://, or the pre-trained teacher's hf_model/
     metrics: dict[str, float]
     seconds: float
@@ -154,6 +164,9 @@ class TrainRecord(Record):
 
 @dataclass(frozen=True, kw_only=True)
 class RegisterRecord(Record):
+    """The register stage's record: the MLflow registered model and version of the chosen candidate, its
+    aliases and load URI, and the stage's wall time in seconds (:func:`pipeline.registry.register`)."""
+
     name: str  # registered model name
     version: str
     aliases: list[str]
@@ -187,3 +200,16 @@ class WorkerConfig(Record):
     replicated_data: bool = False  # in-memory corpus, replicated and sliced per rank (pipeline/train/worker.py)
     manifest_path: str | None = None  # for the token counts of frequency-smoothed masking
     extra: dict[str, Any] = field(default_factory=dict)  # a task's own settings
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrialConfig(Record):
+    """What every sweep trial gets beside its sampled point (Tune's ``param_space["trial"]``)."""
+
+    cfg: dict[str, Any]  # the sweep's RunConfig.to_dict(); the trial applies its sample on top
+    teacher_uri: str
+    parent_run_id: str  # the sweep stage's MLflow run; each trial opens one nested run under it
+    sweep_name: str  # the Tune experiment name; a trial's TorchTrainer is "<sweep_name>-<trial id>"
+    replicated_data: bool
+    manifest_path: str | None = None
+    tracking_uri: str | None = None

@@ -60,6 +60,9 @@ def ranked(candidates: list[Candidate], metric: str, mode: str) -> list[Candidat
 
 
 def local_model_dir(model_uri: str, cache_root: str) -> str:
+    """A local folder holding the exported HF model at ``model_uri``: an s3:// prefix is downloaded once into
+    ``cache_root`` (:func:`pipeline.storage.download_dir`), a local folder is returned as given. Raises
+    ValueError for a local folder without ``config.json`` or an s3:// prefix that holds no files."""
     if storage.is_s3(model_uri):
         os.makedirs(cache_root, exist_ok=True)
         return storage.download_dir(model_uri, cache_root)

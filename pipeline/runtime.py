@@ -246,6 +246,9 @@ def init_ray(cfg: RunSection, *, object_store_gib: float = 1.0, env: dict[str, s
 
 
 def dashboard_url() -> str | None:
+    """The connected Ray's dashboard URL (``http://host:port``; ``RAY_OVERRIDE_DASHBOARD_URL`` wins), or what
+    Ray's ``get_dashboard_url`` gives when there is no dashboard (None or ""). Raises Ray's RaySystemError
+    when this process is not connected to Ray (call it after ``ray.init``)."""
     import ray._private.worker
 
     url = ray._private.worker.get_dashboard_url()  # the public `ray.worker` alias warns that it is private

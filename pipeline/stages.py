@@ -20,7 +20,7 @@ import time
 from pipeline import checkpoint as checkpoint_lib, data, models, registry, storage, tracking
 from pipeline.config import RunConfig, flatten
 from pipeline.records import (Candidate, Manifest, PrepareRecord, Record, RecordError, RegisterRecord, SweepParent,
-                              TeacherRecord, TrainRecord)
+                              TeacherRecord, TrainRecord, TrialConfig)
 from pipeline.train import driver
 
 RECORDS: dict[str, type[Record]] = {"prepare": PrepareRecord, "teacher": TeacherRecord, "distill": TrainRecord,
@@ -209,8 +209,10 @@ def sweep(cfg: RunConfig, *, cluster_cpus: float) -> TrainRecord:
     resume_id = parent.run_id if parent and sweep_lib.is_restorable(cfg, name) else None
     with tracking.stage_run("sweep", params=params, tags=_lineage(cfg, manifest, teacher_uri), run_id=resume_id) as run:
         storage.write_json(parent_path, SweepParent(name=name, run_id=run.info.run_id).to_dict())
-        found = sweep_lib.run(cfg, datasets=datasets(cfg, manifest), replicated_data=_replicated(cfg, manifest), teacher_uri=teacher_uri, parent_run_id=run.info.run_id,
-                              cluster_cpus=cluster_cpus, name=name, manifest_path=manifest_path(manifest))
+        trial = TrialConfig(cfg=cfg.to_dict(), teacher_uri=teacher_uri, parent_run_id=run.info.run_id, sweep_name=name,
+                            replicated_data=_replicated(cfg, manifest), manifest_path=manifest_path(manifest),
+                            tracking_uri=tracking.tracking_uri(cfg.run.root))
+        found = sweep_lib.run(cfg, trial, datasets=datasets(cfg, manifest), cluster_cpus=cluster_cpus)
         import mlflow
 
         mlflow.log_metrics({"sweep/num_trials_with_checkpoint": len(found), "time/stage_s": time.perf_counter() - t0})

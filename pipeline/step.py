@@ -17,12 +17,17 @@ from pipeline.masking import IGNORE_INDEX
 
 @dataclass(frozen=True)
 class Batch:
+    """One masked micro-batch: three B×T tensors on one device (int64 in the loop)."""
+
     input_ids_BT: torch.Tensor  # after masking
     attention_mask_BT: torch.Tensor
     labels_BT: torch.Tensor  # original ids at chosen positions, -100 elsewhere
 
 
 def kd_mask(batch: Batch, kd_positions: str) -> torch.Tensor:
+    """B×T bool: the positions L_ce and L_cos (and L_mse) are taken over. "masked": the MLM-chosen positions
+    (labels ≠ -100; HF distiller's ``restrict_ce_to_mask``); any other value ("all"): every real token,
+    [CLS]/[SEP] included (the attention mask, HF's default)."""
     if kd_positions == "masked":
         return batch.labels_BT != IGNORE_INDEX
     return batch.attention_mask_BT.bool()

@@ -16,19 +16,24 @@ from pathlib import Path
 
 
 def is_s3(path: str) -> bool:
+    """Whether ``path`` is an ``s3://`` URI."""
     return path.startswith("s3://")
 
 
 def split_s3(uri: str) -> tuple[str, str]:
+    """(bucket, key) of an ``s3://bucket/key`` URI, the key without leading or trailing slashes ("" for the
+    bucket itself). Does not check the scheme: call it on URIs :func:`is_s3` accepts."""
     bucket, _, key = uri[len("s3://") :].partition("/")
     return bucket, key.strip("/")
 
 
 def endpoint_url() -> str | None:
+    """The S3-compatible endpoint: ``AWS_ENDPOINT_URL``, else ``MLFLOW_S3_ENDPOINT_URL``, else None (AWS)."""
     return os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None
 
 
 def s3_client():
+    """A boto3 S3 client on :func:`endpoint_url`, with the standard AWS credential chain."""
     import boto3
 
     return boto3.client("s3", endpoint_url=endpoint_url())
@@ -137,6 +142,7 @@ def fs_path(uri: str) -> str:
 
 
 def join(base: str, *parts: str) -> str:
+    """``parts`` appended to ``base``: with "/" for an s3:// URI, with :func:`os.path.join` for a local path."""
     if is_s3(base):
         return "/".join([base.rstrip("/"), *parts])
     return os.path.join(base, *parts)

@@ -12,11 +12,14 @@ from __future__ import annotations
 import math
 
 from pipeline.config import RunConfig
+from pipeline.records import TrialConfig
 
 KEY_SEP = "__"  # Tune flattens config keys on "/", and we keep dots out of its way too
 
 
 def search_space(space: dict) -> dict:
+    """``sweep.space`` ({dotted name: {type, values|low|high}}) as Tune's param space: choice, grid_search,
+    uniform, loguniform; dotted names become ``__``-joined keys."""
     from ray import tune
 
     samplers = {
@@ -29,6 +32,7 @@ def search_space(space: dict) -> dict:
 
 
 def overrides_from_sample(sample: dict) -> dict:
+    """A trial's sampled point back as dotted config overrides (``loss__temperature`` → ``loss.temperature``)."""
     return {key.replace(KEY_SEP, "."): value for key, value in sample.items()}
 
 
@@ -57,41 +61,37 @@ def trial_fn(config: dict, datasets: dict) -> None:
     from pipeline import config_checks, tracking
     from pipeline.train import driver
 
+    trial = TrialConfig.from_dict(config["trial"], where="the sweep's param_space")
     overrides = overrides_from_sample(config["sample"])
-    cfg = RunConfig.from_dict(config["cfg"]).with_overrides(overrides)
+    cfg = RunConfig.from_dict(trial.cfg).with_overrides(overrides)
     config_checks.validate(cfg, check_sweep=False)  # the driver probed the space; this is the sampled point
     trial_id = ray.tune.get_context().get_trial_id()
-    tracking.setup(cfg.run.root, cfg.tracking.experiment, uri=config.get("tracking_uri"))
+    tracking.setup(cfg.run.root, cfg.tracking.experiment, uri=trial.tracking_uri)
     import mlflow
 
-    with mlflow.start_run(run_id=config["parent_run_id"]):
-        earlier = tracking.find_nested_run(config["parent_run_id"], tags={"trial_id": trial_id})
+    with mlflow.start_run(run_id=trial.parent_run_id):
+        earlier = tracking.find_nested_run(trial.parent_run_id, tags={"trial_id": trial_id})
         with tracking.stage_run(f"trial-{trial_id}", params={**overrides, "trial_id": trial_id}, nested=True,
                                 tags={"trial_id": trial_id}, run_id=earlier) as run:
-            work = driver.worker_config(cfg, task="distill", teacher_uri=config["teacher_uri"], run_id=run.info.run_id,
-                                        replicated_data=config["replicated_data"], manifest_path=config.get("manifest_path"))
-            result = driver.fit(cfg, name=f"{config['sweep_name']}-{trial_id}", datasets=datasets, work=work,
+            work = driver.worker_config(cfg, task="distill", teacher_uri=trial.teacher_uri, run_id=run.info.run_id,
+                                        replicated_data=trial.replicated_data, manifest_path=trial.manifest_path)
+            result = driver.fit(cfg, name=f"{trial.sweep_name}-{trial_id}", datasets=datasets, work=work,
                                 callbacks=[TuneReportCallback()])
-            ckpt = driver.checkpoint_uri(result.checkpoint.path, cfg.storage_path)
-            mlflow.set_tag("checkpoint", ckpt)
+            mlflow.set_tag("checkpoint", driver.checkpoint_uri(result.checkpoint.path, cfg.storage_path))
 
 
-def run(cfg: RunConfig, *, datasets: dict, replicated_data: bool, teacher_uri: str, parent_run_id: str, cluster_cpus: float, name: str,
-        manifest_path: str | None = None):
-    """Run the sweep; returns one candidate per trial that finished with a checkpoint."""
+def run(cfg: RunConfig, trial: TrialConfig, *, datasets: dict, cluster_cpus: float) -> list:
+    """Run the sweep ``trial.sweep_name`` (or restore it); returns one :class:`~pipeline.records.Candidate` per
+    trial that finished with a checkpoint, best first."""
     from ray import tune
 
-    from pipeline import progress, runtime, storage, tracking
+    from pipeline import progress, runtime, storage
 
     concurrency = max_concurrent_trials(cfg, cluster_cpus)
     # with_parameters puts the datasets in the object store once, for every trial.
     trainable = tune.with_resources(tune.with_parameters(trial_fn, datasets=datasets), {"CPU": cfg.sweep.trial_driver_cpus})
-    param_space = {
-        "sample": search_space(cfg.sweep.space),
-        "cfg": cfg.to_dict(), "teacher_uri": teacher_uri,
-        "parent_run_id": parent_run_id, "sweep_name": name, "replicated_data": replicated_data,
-        "manifest_path": manifest_path, "tracking_uri": tracking.tracking_uri(cfg.run.root),
-    }
+    name = trial.sweep_name
+    param_space = {"sample": search_space(cfg.sweep.space), "trial": trial.to_dict()}
     fs = storage.pyarrow_filesystem(cfg.storage_path)
     if is_restorable(cfg, name):
         # The same sweep was started before (the driver crashed, or the job is resubmitted): finished trials keep
@@ -164,6 +164,7 @@ def _is_finite(value) -> bool:
 
 
 def is_restorable(cfg: RunConfig, name: str) -> bool:
+    """Whether Tune left an experiment named ``name`` in the run's storage (local or s3://) to restore."""
     from ray import tune
 
     from pipeline import storage

@@ -21,10 +21,12 @@ log = logging.getLogger(__name__)
 
 
 def embedded_uri(root: str) -> str:
+    """The embedded store's URI: sqlite at ``<root>/mlflow.db``."""
     return f"sqlite:///{os.path.join(root, 'mlflow.db')}"
 
 
 def tracking_uri(root: str) -> str:
+    """``MLFLOW_TRACKING_URI`` when set, else :func:`embedded_uri` of ``root``."""
     return os.environ.get("MLFLOW_TRACKING_URI") or embedded_uri(root)
 
 
@@ -37,6 +39,8 @@ def artifact_location(root: str, uri: str) -> str | None:
 
 
 def git_sha() -> str:
+    """The commit of the code checkout this module lives in (``git rev-parse HEAD``); "unknown" without git or
+    outside a repository. Never raises."""
     try:
         here = os.path.dirname(os.path.abspath(__file__))
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
@@ -150,6 +154,9 @@ def find_nested_run(parent_run_id: str, *, tags: dict) -> str | None:
 
 
 def log_params(params: dict) -> None:
+    """Log ``params`` to the active MLflow run, each value as text cut to 6000 characters (MLflow's limit), in
+    batches of 100 (``mlflow.log_params``' limit). MLflow raises MlflowException for a key this run logged
+    before with another value."""
     import mlflow
 
     items = [(k, str(v)[:6000]) for k, v in params.items()]
@@ -158,10 +165,15 @@ def log_params(params: dict) -> None:
 
 
 class NullLogger:
+    """The logger of every rank but 0, and of a run without MLflow: :class:`MetricLogger`'s interface, doing
+    nothing."""
+
     def log(self, metrics: dict[str, float], step: int) -> None:
+        """Nothing: the metrics are dropped."""
         pass
 
     def close(self, timeout_s: float = 0.0) -> None:
+        """Nothing to flush."""
         pass
 
 
@@ -201,6 +213,8 @@ class MetricLogger:
         self._thread.start()
 
     def log(self, metrics: dict[str, float], step: int) -> None:
+        """Queue ``metrics`` (name → number) at optimizer step ``step``, stamped now (ms since the epoch); never
+        blocks. Raises TypeError or ValueError for a value ``float()`` does not take."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -208,6 +222,7 @@ class MetricLogger:
 
     @property
     def pending(self) -> int:
+        """Metric points not yet sent: queued and held."""
         return len(self._pending) + sum(len(item) for item in list(self._queue.queue) if item is not _STOP)
 
     def close(self, timeout_s: float = 30.0) -> None:
@@ -267,6 +282,8 @@ class MetricLogger:
 
 
 def make_logger(uri: str | None, run_id: str | None, *, is_rank0: bool):
+    """A :class:`MetricLogger` into run ``run_id`` at ``uri`` on rank 0; a :class:`NullLogger` on other ranks or
+    when either is None."""
     if not (is_rank0 and uri and run_id):
         return NullLogger()
     return MetricLogger(uri, run_id)

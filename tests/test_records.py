@@ -30,7 +30,7 @@ def _manifest() -> Manifest:
 def test_a_record_survives_json_and_reads_as_the_same_typed_value(record):
     text = json.dumps(record.to_dict())
     back = type(record).from_dict(json.loads(text))
-    assert back == record and json.loads(text)["version"] == records.VERSION
+    assert back == record and json.loads(text)["record_version"] == records.VERSION
 
 
 def test_nested_records_come_back_typed():
@@ -40,7 +40,7 @@ def test_nested_records_come_back_typed():
 
 
 def test_a_record_an_earlier_run_wrote_without_a_version_still_reads():
-    """What a resubmitted job finds from a run before records were typed: the same fields, no "version"."""
+    """What a resubmitted job finds from a run before records were typed: the same fields, no "record_version"."""
     old = {"candidates": [{"source": "distill", "checkpoint": "/c", "metrics": {"val/mlm_loss": 6.0}, "run_id": "r"}],
            "seconds": 12.0, "name": "tiny-distill-0123abcd", "manifest_key": "k"}
     rec = TrainRecord.from_dict(old)
@@ -48,7 +48,7 @@ def test_a_record_an_earlier_run_wrote_without_a_version_still_reads():
 
 
 @pytest.mark.parametrize("raw,match", [
-    ({"teacher_uri": "/t", "metrics": {}, "seconds": 0.0, "version": 2}, r"record version 2; this distil reads version 1"),
+    ({"teacher_uri": "/t", "metrics": {}, "seconds": 0.0, "record_version": 2}, r"record version 2; this distil reads version 1"),
     ({"teacher_uri": "/t", "metrics": {}}, r"missing \['seconds'\]"),
     ({"teacher_uri": "/t", "metrics": {}, "seconds": 0.0, "teacher_kind": "x"}, r"unknown field\(s\) \['teacher_kind'\]"),
     ([1, 2], "not a JSON object"),
@@ -62,7 +62,7 @@ def test_a_later_stage_names_the_file_of_another_versions_record_and_says_how_to
     cfg = load_config(CONFIG, [f"run.root={tmp_path}"])
     path = Path(stages.record_path(cfg, "teacher"))
     path.parent.mkdir(parents=True)
-    path.write_text(json.dumps({"teacher_uri": "/t", "metrics": {}, "seconds": 0.0, "version": 7}))
+    path.write_text(json.dumps({"teacher_uri": "/t", "metrics": {}, "seconds": 0.0, "record_version": 7}))
     with pytest.raises(ValueError) as e:
         stages.read_record(cfg, "teacher", needed_by="distill")
     assert str(path) in str(e.value) and "record version 7" in str(e.value)
@@ -73,6 +73,16 @@ def test_a_finished_stage_of_another_version_runs_again(tmp_path, capsys):
     cfg = load_config(CONFIG, [f"run.root={tmp_path}"])
     path = Path(stages.record_path(cfg, "distill"))
     path.parent.mkdir(parents=True)
-    path.write_text(json.dumps({"candidates": [], "seconds": 1.0, "name": "n", "manifest_key": "k", "version": 0}))
+    path.write_text(json.dumps({"candidates": [], "seconds": 1.0, "name": "n", "manifest_key": "k", "record_version": 0}))
     assert stages._finished(cfg, "distill", name="n", manifest_key="k") is None
     assert "record version 0" in capsys.readouterr().out
+
+
+def test_a_registered_models_version_is_a_field_of_its_own_not_the_record_version():
+    reg = records.RegisterRecord(name="m", version="3", aliases=["champion"], new=True, uri="models:/m@champion",
+                                 chosen=Candidate(source="distill", checkpoint="/c", metrics={}), seconds=1.0)
+    raw = json.loads(json.dumps(reg.to_dict()))
+    assert raw["version"] == "3" and raw["record_version"] == records.VERSION
+    assert records.RegisterRecord.from_dict(raw) == reg
+    old = {k: v for k, v in raw.items() if k != "record_version"}  # a register.json from before: version "3" only
+    assert records.RegisterRecord.from_dict(old).version == "3"

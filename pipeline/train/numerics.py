@@ -52,6 +52,8 @@ class Numerics:
         return True
 
     def check(self) -> None:
+        """Raise FloatingPointError naming the first step at which a loss term was NaN or Inf, and its value;
+        reads the device (one host sync), so the loop calls it at log steps only."""
         for k, (first_step, value) in self._first.items():
             step = int(first_step)
             if step >= 0:
@@ -61,6 +63,8 @@ class Numerics:
                 )
 
     def pop_metrics(self) -> dict[str, float]:
+        """Under fp16, ``optim/skipped_steps`` (since the run began), ``optim/skipped_steps_since_log`` and
+        ``optim/loss_scale`` (DeepSpeed's dynamic loss scale); {} otherwise. Resets the since-log count."""
         out = {}
         if self.fp16:
             out = {"optim/skipped_steps": float(self.skipped_total), "optim/skipped_steps_since_log": float(self.skipped_since_log)}

@@ -41,6 +41,7 @@ class WorkerContext:
 
     @property
     def is_rank0(self) -> bool:
+        """Whether this worker is global rank 0."""
         return self.rank == 0
 
 

@@ -23,6 +23,8 @@ class Phases:
         self._t = now
 
     def pop(self, num_steps: int) -> dict[str, float]:
+        """``time/<phase>_s``: each phase's seconds since the last pop divided by ``num_steps`` (the steps in
+        that window; at least 1), so seconds per step; then starts over."""
         out = {f"time/{k}_s": v / max(num_steps, 1) for k, v in self.seconds.items()}
         self.seconds = {}
         return out
@@ -60,4 +62,5 @@ class Throughput:
         return out
 
     def restart(self, tokens_seen: int) -> None:
+        """Start the next rate window now, at ``tokens_seen`` global tokens."""
         self.t_last, self.last_tokens = time.perf_counter(), tokens_seen

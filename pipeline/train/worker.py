@@ -41,6 +41,8 @@ class Resume:
     ignored_checkpoints: int = 0
 
     def metrics(self) -> dict[str, float]:
+        """``resume/from_step`` (0 for a fresh start) and ``resume/ignored_checkpoints`` (checkpoints skipped as
+        damaged or never registered)."""
         return {"resume/from_step": self.from_step, "resume/ignored_checkpoints": self.ignored_checkpoints}
 
 
