@@ -107,7 +107,7 @@ def preview(cfg, manifest: dict, dataset, tokenizer, num_batches: int):
     here it is read unsplit, with rank 0's masks.
     Yields dicts of numpy arrays: input_ids (masked), attention_mask, labels.
     """
-    from pipeline import data as data_lib
+    from pipeline.corpus import loading as data_lib
 
     replicated = data_lib.fits_in_memory(manifest, "train", cfg.data.materialize_max_gib)
     micro, world = cfg.optim.micro_batch_size, cfg.scaling.num_workers

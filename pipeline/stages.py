@@ -15,8 +15,9 @@ import json
 import os
 import time
 
-from pipeline import checkpoint as checkpoint_lib, data, models, registry, storage, tracking, trainer
+from pipeline import checkpoint as checkpoint_lib, models, registry, storage, tracking, trainer
 from pipeline.config import RunConfig, flatten
+from pipeline.corpus import loading, prepare as prepare_lib
 
 
 def record_path(cfg: RunConfig, stage: str) -> str:
@@ -78,8 +79,8 @@ TRAIN_SECTIONS = ("data", "masking", "optim", "deepspeed", "scaling", "checkpoin
 def prepare_data(cfg: RunConfig) -> dict:
     """The prepared corpus's manifest: prepared now, or the cached one (no MLflow run)."""
     tokenizer_path = models.resolve_local(cfg.data.tokenizer, os.path.join(cfg.run.root, "cache"))
-    return data.prepare(cfg.data, data_dir=cfg.data_dir, run_root=cfg.run.root,
-                        tokenizer_path=tokenizer_path, tokenizer_name=cfg.data.tokenizer)
+    return prepare_lib.prepare(cfg.data, data_dir=cfg.data_dir, run_root=cfg.run.root,
+                               tokenizer_path=tokenizer_path, tokenizer_name=cfg.data.tokenizer)
 
 
 def prepare(cfg: RunConfig) -> dict:
@@ -229,7 +230,7 @@ def register(cfg: RunConfig, *, stages: tuple[str, ...] = ("distill", "sweep"), 
 
 
 def manifest_path(manifest: dict) -> str:
-    return storage.join(manifest["path"], data.MANIFEST)
+    return storage.join(manifest["path"], prepare_lib.MANIFEST)
 
 
 def _manifest_tags(manifest: dict) -> dict:
@@ -261,13 +262,13 @@ def datasets(cfg: RunConfig, manifest: dict) -> dict:
     """
     if manifest["key"] not in _LOADED:
         micro = max(cfg.optim.micro_batch_size, cfg.teacher_optim.micro_batch_size)
-        _LOADED[manifest["key"]] = data.load_splits(manifest, materialize_max_gib=cfg.data.materialize_max_gib,
-                                                    val_rows=cfg.eval.max_batches * micro * cfg.scaling.num_workers)
+        _LOADED[manifest["key"]] = loading.load_splits(manifest, materialize_max_gib=cfg.data.materialize_max_gib,
+                                                       val_rows=cfg.eval.max_batches * micro * cfg.scaling.num_workers)
     return _LOADED[manifest["key"]]
 
 
 def _replicated(cfg: RunConfig, manifest: dict) -> bool:
-    return data.fits_in_memory(manifest, "train", cfg.data.materialize_max_gib)
+    return loading.fits_in_memory(manifest, "train", cfg.data.materialize_max_gib)
 
 
 def _numeric(metrics: dict | None) -> dict:

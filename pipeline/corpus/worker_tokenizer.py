@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-from pipeline import packing
+from pipeline.corpus import packing
 
 
 # Text is text: a document that spells "[MASK]" or "[SEP]" is tokenised as "[", "mask", "]", never as the

@@ -1,7 +1,7 @@
 """The prepare stage's writer: a Ray Data datasink for the packed rows.
 
 Runs in Ray Data write tasks: each one writes its train and validation rows as parquet shards under
-``<out>/<split>/`` (local or S3) and returns its blocks' stats rows; the driver (pipeline/data.py) adds those up
+``<out>/<split>/`` (local or S3) and returns its blocks' stats rows; the driver (prepare.py) adds those up
 into the manifest, which it writes last.
 """
 
@@ -14,7 +14,7 @@ from ray.data import Datasink
 
 from pipeline import storage
 
-SPLITS = ("train", "val")  # the packed corpus's splits, one folder each (pipeline/data.py packs rows into them)
+SPLITS = ("train", "val")  # the packed corpus's splits, one folder each (readers.tokenize_and_pack packs rows into them)
 ROWS_PER_GROUP = 16_384  # parquet row group, in packed rows
 
 
