@@ -112,16 +112,16 @@ def main(argv=None) -> int:
 
     cfg = load_config(args.config)
     try:
-        manifest = stages.read_record(cfg, "prepare", needed_by="ablation")["manifest"]
-        teacher_uri = stages.read_record(cfg, "teacher", needed_by="ablation")["teacher_uri"]
+        manifest = stages.read_record(cfg, "prepare", needed_by="ablation").manifest
+        teacher_uri = stages.read_record(cfg, "teacher", needed_by="ablation").teacher_uri
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     cache = cfg.cache_dir
     tok = models.load_tokenizer(cfg.data.tokenizer, cache)
     teacher = models.load_teacher(teacher_uri, cache_root=cache)
-    train = load_rows(manifest["splits"]["train"]["path"])
-    val_ids, val_am = load_rows(manifest["splits"]["val"]["path"])
+    train = load_rows(manifest.splits["train"].path)
+    val_ids, val_am = load_rows(manifest.splits["val"].path)
     special = torch.tensor(sorted(set(tok.all_special_ids)))
     val_batches = []
     for i in range(0, len(val_ids), 64):

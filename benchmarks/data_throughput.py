@@ -2,7 +2,7 @@
 
 Both sides read the same jsonl shards with the same fast tokenizer and produce packed rows of max_seq_len:
 
-- **distil**: ``pipeline.data.prepare``: read → decode and clean → tokenise → split → pack → parquet → token
+- **distil**: ``pipeline.corpus.prepare.prepare``: read → decode and clean → tokenise → split → pack → parquet → token
   counts → manifest, in Ray Data tasks on a local Ray of ``--cpus`` CPUs (Ray's start is not timed: a cluster
   is up before a job runs).
 - **datasets**: ``load_dataset("json")`` → ``map(tokenize, batched=True, num_proc)`` → ``map(group_texts,
@@ -28,8 +28,9 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from pipeline import corpora, models  # noqa: E402
+from pipeline import models  # noqa: E402
 from pipeline.config import DataSection  # noqa: E402
+from pipeline.corpus import corpora  # noqa: E402
 
 
 def make_corpus(out_dir: str, mb: float, shards: int) -> list[str]:
@@ -52,17 +53,17 @@ def make_corpus(out_dir: str, mb: float, shards: int) -> list[str]:
 def run_distil(paths: list[str], work: str, tokenizer_path: str, cpus: int, max_seq_len: int, read_chunk_mb: float) -> dict:
     import ray
 
-    from pipeline import data
+    from pipeline.corpus import prepare
 
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)  # its own, never a running one
     cfg = DataSection(sources=paths, max_seq_len=max_seq_len, val_fraction=0.0, read_chunk_mb=read_chunk_mb)
     t0 = time.perf_counter()
-    m = data.prepare(cfg, data_dir=os.path.join(work, "distil"), run_root=work, tokenizer_path=tokenizer_path,
-                     tokenizer_name="bench")
+    m = prepare.prepare(cfg, data_dir=os.path.join(work, "distil"), run_root=work, tokenizer_path=tokenizer_path,
+                        tokenizer_name="bench")
     seconds = time.perf_counter() - t0
     ray.shutdown()
-    tokens = sum(s["num_tokens"] for s in m["splits"].values())
-    return {"seconds": seconds, "tokens": tokens, "sequences": sum(s["num_sequences"] for s in m["splits"].values())}
+    tokens = sum(s.num_tokens for s in m.splits.values())
+    return {"seconds": seconds, "tokens": tokens, "sequences": sum(s.num_sequences for s in m.splits.values())}
 
 
 def run_datasets(paths: list[str], work: str, tokenizer_path: str, cpus: int, max_seq_len: int) -> dict:

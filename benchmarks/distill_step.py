@@ -8,7 +8,7 @@ sequence; teacher and student forwards with full-vocabulary logits; ``KLDivLoss(
 on the logits of every non-pad token, gathered with ``masked_select``; MLM cross-entropy; the cosine loss
 on last hidden states through ``CosineEmbeddingLoss``; plain fp32 AdamW.
 
-Ours: the same tokens packed into full rows (pipeline/packing.py), the teacher under no_grad, the chunked
+Ours: the same tokens packed into full rows (pipeline/corpus/packing.py), the teacher under no_grad, the chunked
 KL of pipeline/losses.py, the same AdamW. Throughput counts real (non-pad) tokens only.
 
     python benchmarks/distill_step.py [--steps 12] [--seq-len 128] [--batch 16]
@@ -28,8 +28,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from pipeline import corpora, masking, models, packing  # noqa: E402
+from pipeline import masking, models  # noqa: E402
 from pipeline.config import LossSection, StudentSection, TeacherSection  # noqa: E402
+from pipeline.corpus import corpora, packing  # noqa: E402
 from pipeline.step import Batch, distill_step  # noqa: E402
 
 

@@ -41,7 +41,7 @@ class RunSection:
 
 @dataclass(frozen=True, kw_only=True)
 class DataSection:
-    """The corpus: read, tokenised and packed into rows by the prepare stage (pipeline/data.py, sources.py), and
+    """The corpus: read, tokenised and packed into rows by the prepare stage (pipeline/corpus/), and
     loaded by the training stages (in memory or streamed, shuffled per epoch)."""
 
     # Paths, globs, folders, s3:// URIs, hub:NAME (a Hub dataset) or package:NAME (a corpus shipped in a package)
@@ -158,7 +158,7 @@ class DeepSpeedSection:
 
 @dataclass(frozen=True, kw_only=True)
 class CheckpointSection:
-    """When the training loop checkpoints (pipeline/train_loop.py) and how many Ray Train keeps."""
+    """When the training loop checkpoints (pipeline/train/worker.py) and how many Ray Train keeps."""
 
     every_steps: int = 50  # optimizer steps between checkpoints (and one at the last step); each also evaluates
     keep: int = 2  # checkpoints kept in storage, the newest
@@ -166,7 +166,7 @@ class CheckpointSection:
 
 @dataclass(frozen=True, kw_only=True)
 class EvalSection:
-    """Held-out evaluation in the training loop (pipeline/train_loop.py): every evaluation is a report to Ray
+    """Held-out evaluation in the training loop (pipeline/train/worker.py): every evaluation is a report to Ray
     Train and Tune, so it is where ASHA can stop a trial and what the registry ranks by."""
 
     every_steps: int = 50  # optimizer steps between held-out evaluations (every checkpoint evaluates too)
@@ -175,7 +175,7 @@ class EvalSection:
 
 @dataclass(frozen=True, kw_only=True)
 class ScalingSection:
-    """The Ray Train worker group of every training run (pipeline/trainer.py); a sweep trial gets one each."""
+    """The Ray Train worker group of every training run (pipeline/train/driver.py); a sweep trial gets one each."""
 
     num_workers: int = 2  # training workers (data-parallel ranks)
     use_gpu: bool = False  # one GPU per worker (nccl, bf16 by default); else CPU workers (gloo, fp32)
@@ -187,7 +187,7 @@ class ScalingSection:
 
 @dataclass(frozen=True, kw_only=True)
 class FaultsSection:
-    """Rehearse a failure in the training loop (pipeline/train_loop.py), to test recovery."""
+    """Rehearse a failure in the training loop (pipeline/train/worker.py), to test recovery."""
 
     fail_at_step: int = 0  # rank 0 raises after this optimizer step, once (not after a resume); 0 means never
 

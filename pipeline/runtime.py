@@ -30,7 +30,6 @@ it sent each ``print`` of a worker both to stdout and to its logger, so every li
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -154,29 +153,6 @@ def worker_tracking_settings(environ=None) -> None:
     environ = os.environ if environ is None else environ
     for key, value in WORKER_TRACKING_ENV.items():
         environ.setdefault(key, value)
-
-
-@contextlib.contextmanager
-def ray_data_options(*, preserve_order: bool | None = None, progress_bars: bool | None = None):
-    """Ray Data's ``DataContext`` options for the length of a block, the previous values restored after.
-
-    The one place the pipeline changes Ray Data's process-wide context. Ray Train copies the driver's context
-    when ``fit()`` starts and hands it to the workers, so a trainer's ``fit`` runs inside this block.
-    ``preserve_order``: the same data order in every run with the same seed. ``progress_bars``: Ray Data's
-    per-operator bars (they flood job logs).
-    """
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars)
-    if preserve_order is not None:
-        ctx.execution_options.preserve_order = preserve_order
-    if progress_bars is not None:
-        ctx.enable_progress_bars = progress_bars
-    try:
-        yield ctx
-    finally:
-        ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
 
 
 OUR_LINES = r"^\[distil\] "  # what our own lines start with (progress, notices)

@@ -17,8 +17,9 @@ import json
 import os
 import time
 
-from pipeline import checkpoint as checkpoint_lib, data, models, registry, storage, tracking
+from pipeline import checkpoint as checkpoint_lib, models, registry, storage, tracking
 from pipeline.config import RunConfig, flatten
+from pipeline.corpus import loading, prepare as prepare_lib
 from pipeline.records import (Candidate, Manifest, PrepareRecord, Record, RecordError, RegisterRecord, SweepParent,
                               TeacherRecord, TrainRecord, TrialConfig)
 from pipeline.train import driver
@@ -101,13 +102,12 @@ TRAIN_SECTIONS = ("data", "masking", "optim", "deepspeed", "scaling", "checkpoin
 def prepare_data(cfg: RunConfig) -> Manifest:
     """The prepared corpus's manifest: prepared now, or the cached one (no MLflow run)."""
     tokenizer_path = models.resolve_local(cfg.data.tokenizer, cfg.cache_dir)
-    raw = data.prepare(cfg.data, data_dir=cfg.data_dir, run_root=cfg.run.root,
-                       tokenizer_path=tokenizer_path, tokenizer_name=cfg.data.tokenizer)
-    return Manifest.from_dict(raw, where=storage.join(raw["path"], data.MANIFEST))
+    return prepare_lib.prepare(cfg.data, data_dir=cfg.data_dir, run_root=cfg.run.root,
+                               tokenizer_path=tokenizer_path, tokenizer_name=cfg.data.tokenizer)
 
 
 def prepare(cfg: RunConfig) -> PrepareRecord:
-    """Stage 1: prepare the corpus (pipeline/data.py), or find it prepared; log its counts to MLflow."""
+    """Stage 1: prepare the corpus (pipeline/corpus/prepare.py), or find it prepared; log its counts to MLflow."""
     t0 = time.perf_counter()
     manifest = prepare_data(cfg)
     if manifest.rows("val") < 1:  # the corpus stays cached: a rerun with more val is cheap
@@ -275,7 +275,7 @@ def _optional(cfg: RunConfig, stage: str) -> Record | None:
 
 def manifest_path(manifest: Manifest) -> str:
     """The manifest.json beside the prepared shards (workers read the token counts from it)."""
-    return storage.join(manifest.path, data.MANIFEST)
+    return storage.join(manifest.path, prepare_lib.MANIFEST)
 
 
 def _manifest_tags(manifest: Manifest) -> dict:
@@ -309,12 +309,12 @@ def datasets(cfg: RunConfig, manifest: Manifest) -> dict:
     val_rows = cfg.eval.max_batches * micro * cfg.scaling.num_workers
     key = (manifest.key, manifest.path, cfg.data.materialize_max_gib, val_rows)
     if key not in _LOADED:
-        _LOADED[key] = data.load_splits(manifest.to_dict(), materialize_max_gib=cfg.data.materialize_max_gib, val_rows=val_rows)
+        _LOADED[key] = loading.load_splits(manifest, materialize_max_gib=cfg.data.materialize_max_gib, val_rows=val_rows)
     return _LOADED[key]
 
 
 def _replicated(cfg: RunConfig, manifest: Manifest) -> bool:
-    return data.fits_in_memory(manifest.to_dict(), "train", cfg.data.materialize_max_gib)
+    return loading.fits_in_memory(manifest, "train", cfg.data.materialize_max_gib)
 
 
 def _numeric(metrics: dict | None) -> dict:

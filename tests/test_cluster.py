@@ -407,8 +407,9 @@ def test_every_s3_request_of_the_pipelines_storage_code_is_allowed(recorded_s3, 
     from ray.train import Checkpoint
     from ray.train.v2._internal.execution.storage import StorageContext, delete_fs_path
 
-    from pipeline import sources, storage
+    from pipeline import storage
     from pipeline.config import load_config
+    from pipeline.corpus import sources
 
     s3, recorder = recorded_s3
     cfg = load_config(CONFIG)
@@ -424,7 +425,7 @@ def test_every_s3_request_of_the_pipelines_storage_code_is_allowed(recorded_s3, 
     # write shards and the manifest; read the shards back.
     groups = sources.resolve(cfg.data, str(tmp_path / "corpora"))
     assert [len(g.paths) for g in groups] == [2], groups
-    for path in groups[0].paths:  # the cache key's fingerprint (size, mtime), then the reads
+    for path in groups[0].paths:  # the cache key's fingerprint (size, mtime: prepare.file_stats), then the reads
         assert storage.pyarrow_filesystem(path).get_file_info(storage.fs_path(path)).size > 0
         with storage.open_input(path) as stream:
             assert stream.read(4) == b"PAR1"
@@ -434,11 +435,11 @@ def test_every_s3_request_of_the_pipelines_storage_code_is_allowed(recorded_s3, 
     fs.delete_dir_contents(storage.fs_path(out), missing_dir_ok=True)
     rows = pa.table({"input_ids": [[101, 102]] * 3, "attention_mask": [[1, 1]] * 3})
     with fs.open_output_stream(storage.fs_path(storage.join(out, "train", "a_000000_000.parquet"))) as sink:
-        pq.write_table(rows, sink)  # as the prepare tasks write each shard (pipeline/shard_writer.py)
+        pq.write_table(rows, sink)  # as the prepare tasks write each shard (pipeline/corpus/sink.py)
     storage.write_json(storage.join(out, "manifest.json"), {"key": "0123abcd4567ef89"})
     assert pads.dataset(storage.fs_path(storage.join(out, "train")), format="parquet", filesystem=fs).count_rows() == 3
 
-    # distill: Ray Train's storage (as pipeline/trainer.py configures it); two checkpoints persisted, the newest
+    # distill: Ray Train's storage (as pipeline/train/driver.py configures it); two checkpoints persisted, the newest
     # read back for a resume, the oldest deleted (checkpoint.keep).
     fs = storage.pyarrow_filesystem(cfg.storage_path)
     context = StorageContext(storage_path=storage.fs_path(cfg.storage_path), experiment_dir_name="distil-1a2b3c4d",

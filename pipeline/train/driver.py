@@ -60,9 +60,9 @@ def worker_config(cfg: RunConfig, *, task: str, teacher_uri: str | None, run_id:
 def fit(cfg: RunConfig, *, name: str, datasets: dict, work: WorkerConfig, callbacks=None):
     """Build the TorchTrainer and fit it; returns Ray Train's Result. Ray Data keeps the order of the rows (the
     same data order in every run with the same seed: a resumed run and every sweep trial see it too)."""
-    from pipeline import runtime
+    from pipeline.corpus import data_context
 
-    with runtime.ray_data_options(preserve_order=True, progress_bars=False):
+    with data_context.scoped(preserve_order=True, enable_progress_bars=False):
         return build_trainer(cfg, name=name, datasets=datasets, work=work, callbacks=callbacks).fit()
 
 

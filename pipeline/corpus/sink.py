@@ -1,7 +1,7 @@
 """The prepare stage's writer: a Ray Data datasink for the packed rows.
 
 Runs in Ray Data write tasks: each one writes its train and validation rows as parquet shards under
-``<out>/<split>/`` (local or S3) and returns its blocks' stats rows; the driver (pipeline/data.py) adds those up
+``<out>/<split>/`` (local or S3) and returns its blocks' stats rows; the driver (prepare.py) adds those up
 into the manifest, which it writes last.
 """
 
@@ -14,7 +14,7 @@ from ray.data import Datasink
 
 from pipeline import storage
 
-SPLITS = ("train", "val")  # the packed corpus's splits, one folder each (pipeline/data.py packs rows into them)
+SPLITS = ("train", "val")  # the packed corpus's splits, one folder each (readers.tokenize_and_pack packs rows into them)
 ROWS_PER_GROUP = 16_384  # parquet row group, in packed rows
 
 
@@ -34,9 +34,12 @@ class PackedSink(Datasink):
         self.result: dict | None = None
 
     def get_name(self) -> str:
+        """The operator's name in Ray Data's stats and logs."""
         return "WritePackedParquet"
 
     def write(self, blocks, ctx) -> dict:
+        """In a Ray Data task: write this task's train/val rows as parquet shards (``rows_per_file`` rows each) and
+        return {"stats": the blocks' stats payloads, "rows": rows written per split, "schema"}."""
         import pyarrow.compute as pc
         from ray.data.block import BlockAccessor
 
@@ -54,6 +57,7 @@ class PackedSink(Datasink):
         return {"stats": payloads, "rows": {split: shard.close() for split, shard in shards.items()}, "schema": schema}
 
     def on_write_complete(self, write_result) -> None:
+        """On the driver, once every task wrote: sum the tasks' stats and row counts into ``self.result``."""
         returns = write_result.write_returns
         self.result = {"stats": [p for r in returns for p in r["stats"]],
                        "rows": {split: sum(r["rows"][split] for r in returns) for split in SPLITS}}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-from pipeline import packing
+from pipeline.corpus import packing
 
 
 # Text is text: a document that spells "[MASK]" or "[SEP]" is tokenised as "[", "mask", "]", never as the
@@ -19,6 +19,8 @@ from pipeline import packing
 # the model trains on (and, for [PAD], one the attention mask says is real).
 @functools.lru_cache(maxsize=4)
 def load_tokenizer(path: str):
+    """The fast (Rust) transformers tokenizer of a local folder, cached per path; special-token text in a document
+    is split as text. Raises OSError for a folder without tokenizer files."""
     from transformers import AutoTokenizer
 
     # Documents are longer than the model's window before packing cuts them: silence that length warning.
@@ -44,6 +46,7 @@ class WorkerTokenizer:
 
     @classmethod
     def of(cls, tok) -> "WorkerTokenizer":
+        """From a transformers fast tokenizer; ValueError for a slow one (the prepare stage needs tokenizer.json)."""
         if not getattr(tok, "is_fast", False):
             raise ValueError(f"{type(tok).__name__} is not a fast tokenizer: the prepare stage needs one (tokenizer.json)")
         special = packing.SpecialIds(cls=tok.cls_token_id, sep=tok.sep_token_id, pad=tok.pad_token_id,

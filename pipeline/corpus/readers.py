@@ -1,59 +1,23 @@
-"""The prepare stage on Ray Data: read → clean → tokenise → split → pack → parquet shards + manifest.
+"""The prepare stage's Ray Data tasks: readers that turn files into documents, and the tokenize-and-pack batch
+function with the stats rows it emits.
 
-Ray Data only wires the pure batch functions of pipeline/packing.py. The output folder is named by a cache key
-over the sources, the tokenizer's vocabulary and the packing settings, and the manifest is written last: a
-folder with a manifest is complete, and re-running with the same inputs is a no-op.
-
-The driver resolves the sources (pipeline/sources.py) and adds up the tasks' stats into the manifest. In Ray Data
-tasks: the readers decode files with pipeline/decoding.py, the batch function encodes with
-pipeline/worker_tokenizer.py, and pipeline/shard_writer.py's datasink writes the parquet shards.
+The readers (:func:`read_group` wires them on the driver) decode bytes with decoding.py; :func:`tokenize_and_pack`
+cleans, splits, encodes (worker_tokenizer.py) and packs (packing.py) one block at a time. Both count what they skip
+or change, by reason and by file; the driver adds the counts up (:func:`sum_stats`) into the manifest and names each
+file that lost data (:func:`file_warnings`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
 
 import numpy as np
 
-from pipeline import decoding, packing, sources, storage
+from pipeline import storage
 from pipeline.config import DataSection
-from pipeline.shard_writer import SPLITS, PackedSink
-from pipeline.worker_tokenizer import WorkerTokenizer, load_tokenizer
-
-MANIFEST = "manifest.json"
-
-
-# ---- sources ----------------------------------------------------------------------------------------
-def _fingerprint(groups: list[sources.Group]) -> list:
-    """What identifies the input: every file's path, size and modification time (local or S3)."""
-    out = []
-    for g in groups:
-        for p in g.paths:
-            if storage.is_s3(p):
-                info = storage.pyarrow_filesystem(p).get_file_info(storage.fs_path(p))
-                out.append([g.format, p, info.size, info.mtime_ns])
-            else:
-                st = os.stat(p)
-                out.append([g.format, os.path.abspath(p), st.st_size, int(st.st_mtime)])
-    return out
-
-
-KEY_FIELDS = ("text_field", "text_separator", "split", "hub_config", "decode_errors", "max_line_chars", "max_seq_len",
-              "min_seq_tokens", "max_unk_fraction", "val_fraction", "max_docs", "read_chunk_mb")
-
-
-def cache_key(cfg: DataSection, groups: list[sources.Group], vocab_hash: str) -> str:
-    payload = {"sources": _fingerprint(groups), "vocab": vocab_hash, "version": 4,
-               **{k: getattr(cfg, k) for k in KEY_FIELDS}}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def vocab_hash(tokenizer) -> str:
-    items = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-    return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
+from pipeline.corpus import decoding, packing, sources
+from pipeline.corpus.sink import SPLITS
+from pipeline.corpus.worker_tokenizer import WorkerTokenizer
 
 
 # ---- readers: every source becomes rows {"text", "event", "n", "file"} ---------------------------------
@@ -129,13 +93,9 @@ def read_arrow_files(batch: dict[str, np.ndarray], *, cfg: DataSection):
                 yield decode_column({cfg.text_field: column}, cfg=cfg, file=str(path))
 
 
-def _sizes(paths: list[str], fs) -> list[int]:
-    if fs is None:
-        return [os.path.getsize(p) for p in paths]
-    return [info.size for info in fs.get_file_info([storage.fs_path(p) for p in paths])]
-
-
-def _read(group: sources.Group, cfg: DataSection):
+def read_group(group: sources.Group, cfg: DataSection, sizes: list[int]):
+    """A Ray Data dataset of document rows (see above) over one group's files; ``sizes``: each file's size in bytes
+    (prepare.file_stats), for the byte ranges."""
     import ray.data
 
     fs = storage.pyarrow_filesystem(group.paths[0])
@@ -147,7 +107,7 @@ def _read(group: sources.Group, cfg: DataSection):
         chunk = max(1, int(cfg.read_chunk_mb * 2**20))
         split = decoding.splittable(group.format, cfg.text_separator)
         items = [{"path": p, "start": a, "end": b, "size": size}
-                 for p, size in zip(group.paths, _sizes(group.paths, fs))
+                 for p, size in zip(group.paths, sizes)
                  for a, b in (decoding.byte_ranges(size, chunk) if split else [(0, size)])]
         ranges = ray.data.from_items(items, override_num_blocks=len(items))  # one range per block, so per task
         return ranges.map_batches(read_ranges, batch_size=1, fn_kwargs={"fmt": group.format, "cfg": cfg, "fs": fs})
@@ -293,99 +253,3 @@ def file_warnings(by_file: dict[str, dict[str, int]], cfg: DataSection) -> list[
         rest = len(lines) - MAX_FILE_WARNINGS
         lines = lines[:MAX_FILE_WARNINGS] + [f"warning: and {rest} more files like these (each one is in the manifest's file_counts)"]
     return lines
-
-
-# ---- the stage -------------------------------------------------------------------------------------
-def prepare(cfg: DataSection, *, data_dir: str, run_root: str, tokenizer_path: str, tokenizer_name: str) -> dict:
-    """Run the prepare stage (or return the cached manifest). Returns the manifest."""
-    import ray.data
-
-    groups = sources.resolve(cfg, os.path.join(run_root, "corpora"))
-    tokenizer = load_tokenizer(tokenizer_path)
-    vhash = vocab_hash(tokenizer)
-    key = cache_key(cfg, groups, vhash)
-    out = storage.join(data_dir, key)
-    try:
-        cached = storage.read_json(storage.join(out, MANIFEST))
-    except storage.DamagedFile as e:  # written last, so the shards beside it are from an interrupted attempt too
-        print(f"[distil] prepare: {e}; preparing again", flush=True)
-        cached = None
-    if cached:
-        for line in file_warnings(cached.get("file_counts", {}), cfg):  # the data is still missing: say so again
-            print(f"[distil] prepare: {line}", flush=True)
-        return {**cached, "cached": True}
-    # A folder without a manifest is an interrupted attempt: clear it, or its shards would join this attempt's.
-    if storage.is_s3(out):
-        storage.pyarrow_filesystem(out).delete_dir_contents(storage.fs_path(out), missing_dir_ok=True)
-    elif os.path.exists(out):
-        shutil.rmtree(out)
-
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    parts = [_read(g, cfg) for g in groups if g.paths]  # resolve() leaves at least one group with files
-    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    if cfg.max_docs:
-        ds = ds.limit(cfg.max_docs)
-    # One block per call (the function tokenises DOCS_PER_CALL documents at a time): a batch size here would
-    # make Ray Data bundle the one-row-per-file blocks of the readers into a single task.
-    packed = ds.map_batches(
-        tokenize_and_pack, batch_format="numpy", batch_size=None,
-        fn_kwargs={"tokenizer": WorkerTokenizer.of(tokenizer), "cfg": cfg},
-    )
-    sink = PackedSink(out, cfg.rows_per_file)
-    packed.write_datasink(sink)
-
-    totals, train_counts, by_file = sum_stats(sink.result["stats"], len(tokenizer))
-    for g in groups:  # 0-byte files the driver left out (a reader cannot open an empty parquet file)
-        for p in g.empty:
-            by_file.setdefault(p, {})["files_empty"] = 1
-            totals["files_empty"] = totals.get("files_empty", 0) + 1
-    counts = {k: totals.get(k, 0) for k in STAT_KEYS}
-    for line in file_warnings(by_file, cfg):  # data that was lost or changed, named by file, not only counted
-        print(f"[distil] prepare: {line}", flush=True)
-    for split in SPLITS:
-        if sink.result["rows"][split] != totals.get(f"rows_{split}", 0):  # a broken invariant, not bad input
-            raise RuntimeError(f"prepare wrote {sink.result['rows'][split]} {split} rows but packed {totals.get(f'rows_{split}', 0)}")
-    if totals.get("rows_train", 0) == 0:
-        raise ValueError(f"the corpus yielded no training sequences (counts: {counts}): add text or lower data.min_seq_tokens")
-    manifest = {"key": key, "path": out, "sources": [{"format": g.format, "names": g.names, "files": g.paths} for g in groups],
-                "tokenizer": tokenizer_name, "vocab_hash": vhash, "vocab_size": len(tokenizer),
-                "max_seq_len": cfg.max_seq_len, "counts": counts, "file_counts": by_file, "token_counts": train_counts.tolist(),
-                "splits": {split: {"path": storage.join(out, split), "num_sequences": totals.get(f"rows_{split}", 0),
-                                   "num_tokens": totals.get(f"tokens_{split}", 0)} for split in SPLITS}}
-    storage.write_json(storage.join(out, MANIFEST), manifest)
-    return {**manifest, "cached": False}
-
-
-def fits_in_memory(manifest: dict, split: str, max_gib: float) -> bool:
-    num_bytes = manifest["splits"][split]["num_sequences"] * manifest["max_seq_len"] * 5  # int32 ids + int8 mask
-    return num_bytes <= max_gib * 2**30
-
-
-def load_splits(manifest: dict, *, materialize_max_gib: float, val_rows: int | None = None):
-    """The train and validation datasets for Ray Train.
-
-    A corpus whose packed rows fit in ``materialize_max_gib`` is read once by the driver into the object
-    store (no read tasks, whose worker processes cost seconds each to start), so every trainer and sweep
-    trial of this driver iterates it at once; a larger one streams from the parquet shards. A validation split
-    too large to hold is cut to its first ``val_rows`` rows (what the evaluation reads), read by the driver:
-    otherwise every rank would start its own read of the whole split for a few batches.
-    """
-    import pyarrow.dataset as pads
-    import ray.data
-
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    out = {}
-    for split in SPLITS:
-        path = manifest["splits"][split]["path"]
-        fs = storage.pyarrow_filesystem(path)
-        local = path[len("s3://") :] if fs else path
-        if fits_in_memory(manifest, split, materialize_max_gib):
-            table = pads.dataset(local, format="parquet", filesystem=fs).to_table()
-        elif split == "val" and val_rows:
-            table = pads.dataset(local, format="parquet", filesystem=fs).head(val_rows)
-        else:
-            out[split] = ray.data.read_parquet(path, filesystem=fs)
-            continue
-        rows_per_block = max(1024, -(-table.num_rows // 16))
-        out[split] = ray.data.from_arrow([table.slice(i, rows_per_block) for i in range(0, max(table.num_rows, 1), rows_per_block)])
-    return out

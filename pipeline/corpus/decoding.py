@@ -1,8 +1,8 @@
 """Corpus decoding: the bytes of one file (or one byte range of it) → documents and the counts of what was skipped.
 
-What runs where: everything here but :func:`head_text` runs inside Ray Data tasks (pipeline/data.py's readers call
-:func:`read_range` and :func:`decode_value`); the driver resolves and checks the sources first (pipeline/sources.py,
-which reads the first bytes of a file with :func:`head_text`). Nothing here raises on bad content: empty or binary
+What runs where: everything here but :func:`head_text` runs inside Ray Data tasks (readers.py calls
+:func:`read_range` and :func:`decode_value`); the driver resolves and checks the sources first (sources.py and
+formats.py, which read the first bytes of a file with :func:`head_text`). Nothing here raises on bad content: empty or binary
 files, undecodable bytes and bad JSON are counted skips, decided per file in :func:`decode_file`, so that one bad
 file never fails a long run.
 
@@ -243,7 +243,7 @@ def _add(counts: dict[str, int], key: str, n: int = 1) -> None:
 # ---- encodings: UTF-8, and UTF-16/32 with a byte-order mark ---------------------------------------------
 _WIDE_BOMS = ((b"\xff\xfe\x00\x00", "utf-32-le"), (b"\x00\x00\xfe\xff", "utf-32-be"), (b"\xff\xfe", "utf-16-le"),
               (b"\xfe\xff", "utf-16-be"))  # UTF-32 LE first: its mark starts like UTF-16 LE's
-_INVALID_UNIT = "pipeline.decoding.invalid_unit"
+_INVALID_UNIT = "pipeline.corpus.decoding.invalid_unit"
 
 
 def wide_encoding(head: bytes) -> tuple[str | None, int]:
