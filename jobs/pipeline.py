@@ -1,4 +1,4 @@
-"""The whole pipeline in one job: prepare → teacher → distill → sweep → register, then a summary.
+"""The whole pipeline in one job: prepare → teacher → distill → sweep → evaluate → register, then a summary.
 
 Resubmitting the same command after a crash skips the stages that finished (same settings, checkpoints in
 place), resumes the one that was running (a Ray Train run from its latest checkpoint, a sweep through
@@ -25,6 +25,8 @@ def main(argv=None) -> int:
                          ("teacher", lambda: stages.teacher(cfg, cluster_cpus=cpus)),
                          ("distill", lambda: stages.distill(cfg, cluster_cpus=cpus)),
                          ("sweep", None if args.skip_sweep else lambda: stages.sweep(cfg, cluster_cpus=cpus)),
+                         # without evaluate.tasks the registry selects by a held-out MLM metric
+                         ("evaluate", (lambda: stages.evaluate(cfg, cluster_cpus=cpus)) if cfg.evaluate.tasks else None),
                          ("register", lambda: stages.register(cfg))]:
             if fn is None:
                 continue

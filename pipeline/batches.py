@@ -52,10 +52,11 @@ def epoch_batches(iterator, size: int, *, shuffle_rows: int, shuffle_seed: int) 
     return exact_batches(raw, size)
 
 
-def to_torch(batch: dict[str, np.ndarray], device) -> dict[str, torch.Tensor]:
-    """The ``input_ids`` and ``attention_mask`` columns (B×T) as int64 tensors on ``device``; other columns are
-    dropped. Raises KeyError when a column is missing."""
-    return {k: torch.as_tensor(batch[k], dtype=torch.long).to(device) for k in COLUMNS}
+def to_torch(batch: dict[str, np.ndarray], device, columns: dict | None = None) -> dict[str, torch.Tensor]:
+    """The ``columns`` of a numpy batch ({name: torch dtype}; default ``input_ids`` and ``attention_mask``, B×T
+    int64) as tensors on ``device``; other columns are dropped. Raises KeyError when a column is missing."""
+    columns = columns or {k: torch.long for k in COLUMNS}
+    return {k: torch.as_tensor(batch[k]).to(device=device, dtype=dtype) for k, dtype in columns.items()}
 
 
 @dataclass

@@ -85,8 +85,11 @@ def summary(cfg: RunConfig, times: dict[str, tuple[float, bool]], total_s: float
               if k in teacher.metrics]
     lines.append(f"  chosen student: {reg.chosen.source}")
     lines += [f"    student {k} = {reg.chosen.metrics[k]:.4f}"
-              for k in ("val/mlm_loss", "val/mlm_acc", "val/teacher_agreement", "val/perplexity", "loss/total")
+              for k in ("eval/macro", "val/mlm_loss", "val/mlm_acc", "val/teacher_agreement", "val/perplexity", "loss/total")
               if k in reg.chosen.metrics]
+    evaluated = stages.load_record(cfg, "evaluate") if cfg.evaluate.tasks else None
+    if evaluated is not None:
+        lines += ["", *("  " + line for line in evaluated.markdown.splitlines()), ""]
     uri = tracking.tracking_uri(cfg.run.root)
     lines += [
         f"  registered model: {reg.uri}  (version {reg.version})",
@@ -135,6 +138,44 @@ def _metrics(pairs: list[str]) -> dict[str, float]:
         if not sep:
             raise ValueError(f"--metric {pair!r}: write it as name=number, e.g. --metric val/mlm_loss=6.2")
     return out
+
+
+def given_model(cfg: RunConfig, *, model: str | None, checkpoint: str | None, model_dir: str | None):
+    """The one model ``jobs.evaluate`` was given (``--model models:/name@alias``, ``--checkpoint URI``,
+    ``--model-dir DIR``) as a pipeline.evaluate.units.Model, or None. ValueError when it cannot be found."""
+    from pipeline.evaluate.units import Model
+    from pipeline.train import driver
+
+    if checkpoint:
+        candidate = hand_candidate(checkpoint=checkpoint, model_dir=None, metric_pairs=[])
+        return Model(key="given", source=f"checkpoint {checkpoint}", uri=driver.model_uri(checkpoint), checkpoint=checkpoint) if candidate else None
+    if model_dir:
+        if not os.path.exists(os.path.join(model_dir, "config.json")):
+            raise ValueError(f"--model-dir {model_dir}: not an exported HF model directory (no config.json)")
+        path = os.path.abspath(model_dir)
+        return Model(key="given", source=f"folder {path}", uri=path, checkpoint=path)
+    if model:
+        return Model(key="given", source=model, uri=registered_model_dir(cfg, model), checkpoint=model)
+    return None
+
+
+def registered_model_dir(cfg: RunConfig, uri: str) -> str:
+    """A registered model (``models:/name@alias`` or ``models:/name/version``) downloaded to the run's cache; the
+    folder of its Hugging Face files. ValueError when MLflow does not know it."""
+    import mlflow
+
+    if not uri.startswith("models:/"):
+        raise ValueError(f"--model {uri}: give a registry URI, models:/<name>@<alias> or models:/<name>/<version>")
+    dst = os.path.join(cfg.cache_dir, "registry", uri.removeprefix("models:/").replace("/", "_").replace("@", "_"))
+    try:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst)
+    except Exception as e:  # noqa: BLE001 -- MLflow's errors for an unknown name, alias or version
+        raise ValueError(f"--model {uri}: MLflow cannot find it ({str(e).splitlines()[0][:200]}): check the name and "
+                         "alias (mlflow ui lists the registered models)") from None
+    for folder, _, files in sorted(os.walk(local)):
+        if "config.json" in files and any(f.endswith((".safetensors", ".bin")) for f in files):
+            return folder
+    raise ValueError(f"--model {uri}: no Hugging Face model files (config.json and weights) in what MLflow stored")
 
 
 def preview_batches(cfg: RunConfig, num_batches: int, rows: int) -> list[dict]:

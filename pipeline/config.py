@@ -210,6 +210,29 @@ class SweepSection:
 
 
 @dataclass(frozen=True, kw_only=True)
+class EvaluateSection:
+    """The evaluate stage (pipeline/evaluate/): the teacher and the students fine-tuned on downstream tasks (or
+    probed), GLUE's metrics, the paper's Tables 1 and 3. Defaults follow HF's run_glue recipe."""
+
+    # glue:<task> | package:rotten_tomatoes | package:bbc_news | {name, source or train_file + dev_file, text_field,
+    # text_pair_field, label_field, train_split, dev_split, kind, metrics, epochs}; empty: no evaluate stage
+    tasks: list[Any] = field(default_factory=list)
+    mode: str = "finetune"  # finetune (the paper's protocol) | probe (logistic regression on frozen mean-pooled features)
+    candidates: Any = "all"  # all, or an integer k: the k best students by val/mlm_loss (the teacher is always in)
+    seeds: int = 5  # fine-tuning runs per (model, task), each its own seed; tables report the median (the paper's 5)
+    glue_dir: str = ""  # a local folder in GLUE's layout (MRPC/train.tsv, …) instead of the Hub's nyu-mll/glue
+    max_seq_len: int = 128  # tokens per example after truncation (pairs truncated longest first)
+    batch_size: int = 32  # examples per micro-batch and worker while fine-tuning
+    lr: float = 2e-5  # AdamW peak learning rate, linear decay to 0 and no warmup (run_glue)
+    epochs: float = 3.0  # passes over the training examples; a task's own epochs win (MRPC, WNLI: 5)
+    max_train_examples: int = 0  # training examples per task, a fixed sample; 0 means all
+    max_dev_examples: int = 0  # dev examples per task, a fixed sample; 0 means all
+    dev_fraction: float = 0.2  # packaged sets not distilled on: the share held out as dev, by document hash
+    workers_per_unit: int = 1  # Ray Train workers of each (model, task, seed) fine-tuning run
+    speed_examples: int = 0  # dev examples timed at batch size 1 on CPU for Table 3; 0 means the whole dev set
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrackingSection:
     """MLflow: the experiment every stage logs to (pipeline/tracking.py), the training loop's logging interval,
     and the registry's choice of student (pipeline/registry.py)."""
@@ -217,8 +240,8 @@ class TrackingSection:
     experiment: str = "distil"  # the MLflow experiment of every stage's run
     model_name: str = "distil-student"  # the registered model the chosen student becomes a version of
     alias: str = "champion"  # moves to a new version only if it beats the holder on select_metric (else challenger)
-    select_metric: str = "val/mlm_loss"  # the registry picks the best student by this (val/* or loss/*)
-    select_mode: str = "min"  # min | max: the better direction of select_metric
+    select_metric: str = "val/mlm_loss"  # the registry picks the best student by this (val/*, loss/*, eval/*)
+    select_mode: str = "auto"  # min | max: the better direction of select_metric; auto: by its family (loss: min)
     log_every_steps: int = 10  # optimizer steps between logged training metrics (means over the interval)
 
 
@@ -239,6 +262,7 @@ class RunConfig:
     eval: EvalSection = field(default_factory=EvalSection)  # held-out evaluation of every training stage
     scaling: ScalingSection = field(default_factory=ScalingSection)  # workers of every training run and sweep trial
     sweep: SweepSection = field(default_factory=SweepSection)  # the sweep stage's search space and ASHA
+    evaluate: EvaluateSection = field(default_factory=EvaluateSection)  # the evaluate stage's downstream tasks
     faults: FaultsSection = field(default_factory=FaultsSection)  # failure rehearsal in every training stage
     tracking: TrackingSection = field(default_factory=TrackingSection)  # MLflow for every stage; the register stage
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import re
 from typing import Any
 
@@ -25,6 +26,17 @@ MAX_SWEEP_COMBINATIONS = 512
 # What the loop reports, and which way is better: selection and ASHA may use these (pipeline/train/worker.py, pipeline/train/tasks.py).
 VAL_METRICS = {"val/mlm_loss": "min", "val/perplexity": "min", "val/mlm_acc": "max", "val/teacher_agreement": "max"}
 LOSS_METRICS = {"loss/total": "min", "loss/ce": "min", "loss/mlm": "min", "loss/cos": "min", "loss/mse": "min"}
+# The evaluate stage's downstream metrics (pipeline/evaluate/): every one is better when higher.
+EVAL_METRICS = {"eval/macro": "max"}
+
+
+def metric_mode(metric: str, mode: str = "auto") -> str:
+    """The better direction of ``metric``: ``mode`` when it is min or max, else by its family (val/ and loss/ as
+    listed above; eval/*, accuracies and correlations: max; anything else: min)."""
+    if mode in ("min", "max"):
+        return mode
+    known = {**VAL_METRICS, **LOSS_METRICS, **EVAL_METRICS}
+    return known.get(metric, "max" if metric.startswith("eval/") else "min")
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -42,7 +54,7 @@ def problems(cfg: RunConfig) -> list[str]:
     """Every problem of ``cfg`` itself (not of its sweep's trial configs), one fix-it line each; [] when valid.
     :func:`validate` raises them as one ValueError."""
     return [*_choices(cfg), *_run(cfg), *_data(cfg), *_masking(cfg), *_models(cfg), *_loss(cfg), *_optim(cfg),
-            *_scaling(cfg), *_sweep(cfg), *_tracking(cfg)]
+            *_scaling(cfg), *_sweep(cfg), *_tracking(cfg), *_evaluate(cfg)]
 
 
 def _choices(cfg: RunConfig) -> list[str]:
@@ -55,7 +67,8 @@ def _choices(cfg: RunConfig) -> list[str]:
         "student.init": (cfg.student.init, {"teacher", "random"}),
         "loss.kd_positions": (cfg.loss.kd_positions, {"all", "masked"}),
         "sweep.mode": (cfg.sweep.mode, {"min", "max"}),
-        "tracking.select_mode": (cfg.tracking.select_mode, {"min", "max"}),
+        "tracking.select_mode": (cfg.tracking.select_mode, {"auto", "min", "max"}),
+        "evaluate.mode": (cfg.evaluate.mode, {"finetune", "probe"}),
     }
     return [f"{key}={value!r}: use one of {sorted(allowed)}" for key, (value, allowed) in choose.items() if value not in allowed]
 
@@ -306,8 +319,11 @@ def _tracking(cfg: RunConfig) -> list[str]:
                  "champion: pick another alias (default champion)")
     for key, metric, mode in (("tracking.select_metric", t.select_metric, t.select_mode),
                               ("sweep.metric", cfg.sweep.metric, cfg.sweep.mode)):
-        allowed = VAL_METRICS if key == "sweep.metric" else {**VAL_METRICS, **LOSS_METRICS}
-        if metric not in allowed:
+        allowed = VAL_METRICS if key == "sweep.metric" else {**VAL_METRICS, **LOSS_METRICS, **_eval_metrics(cfg)}
+        if key == "tracking.select_metric" and metric.startswith("eval/") and not cfg.evaluate.tasks:
+            p.append(f"{key}={metric!r}: no evaluate stage reports it: list the downstream tasks in evaluate.tasks "
+                     "(e.g. [package:rotten_tomatoes]) or select by val/mlm_loss")
+        elif metric not in allowed:
             p.append(f"{key}={metric!r}: not a metric the training loop reports; use one of {sorted(allowed)}")
         elif mode in ("min", "max") and allowed[metric] != mode:
             p.append(f"{key}={metric!r} is better when {'lower' if allowed[metric] == 'min' else 'higher'}: set its "
@@ -320,4 +336,44 @@ def _tracking(cfg: RunConfig) -> list[str]:
         p.append(f"tracking.experiment={t.experiment!r}: no leading or trailing spaces")
     if t.log_every_steps < 1:
         p.append(f"tracking.log_every_steps={t.log_every_steps}: must be >= 1")
+    return p
+
+
+def _eval_metrics(cfg: RunConfig) -> dict[str, str]:
+    """eval/macro and each configured task's eval/<task>/score and metrics (every one better when higher)."""
+    from pipeline.evaluate import specs
+
+    try:
+        tasks = specs.parse_all(cfg.evaluate.tasks)
+    except ValueError:
+        return dict(EVAL_METRICS)  # reported by _evaluate
+    names = {f"eval/{t.name}/{m}" for t in tasks for m in (*t.metrics, "score")}
+    return {**EVAL_METRICS, **{n: "max" for n in names}}
+
+
+def _evaluate(cfg: RunConfig) -> list[str]:
+    from pipeline.evaluate import specs
+
+    e, p = cfg.evaluate, []
+    try:
+        tasks = specs.parse_all(e.tasks)
+    except ValueError as err:
+        return [str(err)]
+    if not (e.candidates == "all" or (isinstance(e.candidates, int) and not isinstance(e.candidates, bool) and e.candidates >= 1)):
+        p.append(f"evaluate.candidates={e.candidates!r}: use all, or an integer k >= 1 (the k best students by val/mlm_loss)")
+    for key, value, low in (("seeds", e.seeds, 1), ("batch_size", e.batch_size, 1), ("workers_per_unit", e.workers_per_unit, 1),
+                            ("max_train_examples", e.max_train_examples, 0), ("max_dev_examples", e.max_dev_examples, 0),
+                            ("speed_examples", e.speed_examples, 0)):
+        if value < low:
+            p.append(f"evaluate.{key}={value}: must be >= {low}")
+    if not e.lr > 0 or not e.epochs > 0:
+        p.append(f"evaluate.lr={e.lr:g}, evaluate.epochs={e.epochs:g}: both must be > 0")
+    if not 0 < e.dev_fraction <= 0.5:
+        p.append(f"evaluate.dev_fraction={e.dev_fraction:g}: must be in (0, 0.5]")
+    if not 8 <= e.max_seq_len <= cfg.teacher.max_position_embeddings:
+        p.append(f"evaluate.max_seq_len={e.max_seq_len}: must be in [8, teacher.max_position_embeddings="
+                 f"{cfg.teacher.max_position_embeddings}]")
+    if e.glue_dir and any(t.source == "glue" for t in tasks) and not os.path.isdir(e.glue_dir):
+        p.append(f"evaluate.glue_dir={e.glue_dir!r} is not a folder: give the folder that holds GLUE's task folders "
+                 "(MRPC/, SST-2/, …), or leave it empty to read nyu-mll/glue from the Hub")
     return p

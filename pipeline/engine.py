@@ -41,7 +41,8 @@ def build_ds_config(ds: DeepSpeedSection, optim: OptimSection, *, world_size: in
                 "total_num_steps": optim.max_steps,
                 "warmup_min_lr": 0.0,
                 "warmup_max_lr": optim.lr,
-                "warmup_num_steps": min(optim.warmup_steps, max(optim.max_steps - 1, 0)),
+                # DeepSpeed refuses 0 ("must be a positive integer"): no warmup is its minimum, one step
+                "warmup_num_steps": max(1, min(optim.warmup_steps, optim.max_steps - 1)),
                 "warmup_type": "linear",
             },
         },

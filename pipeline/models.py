@@ -119,6 +119,34 @@ def load_teacher(source: str, *, cache_root: str, dtype: str = "fp32") -> BertFo
 MLM_HEAD_PREFIX = "cls.predictions."
 
 
+def load_for_downstream(path: str, *, num_labels: int | None = None, regression: bool = False):
+    """An exported BERT or DistilBERT with a new head for downstream use, and one line saying what changed.
+
+    ``num_labels`` given: ``AutoModelForSequenceClassification`` (HF's own head, new; ``num_labels=1`` and MSE for
+    regression); None: the bare encoder (``AutoModel``, mean-pooled features, timing). Transformers' multi-line load
+    report is replaced by the returned line: the tensors newly initialised and those left out (the MLM head).
+    """
+    import contextlib
+
+    from transformers import AutoModel, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    with contextlib.ExitStack() as stack:
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        stack.callback(hf_logging.set_verbosity, level)
+        if num_labels is None:
+            model, info = AutoModel.from_pretrained(path, output_loading_info=True)
+        else:
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=num_labels, output_loading_info=True,
+                problem_type="regression" if regression else "single_label_classification")
+    new, dropped = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
+    line = (f"{type(model).__name__} from {path}: {len(new)} new tensors ({', '.join(new[:4])}{', …' if len(new) > 4 else ''}), "
+            f"{len(dropped)} left out ({', '.join(sorted({k.split('.')[0] for k in dropped})) or 'none'})")
+    return model, line
+
+
 def _no_head_message(source: str, what: str) -> str:
     return (f"teacher {source!r} has no trained masked-LM head ({what}): "
             "it is an encoder only (BertModel), and distilling from a random head teaches noise. Use a "

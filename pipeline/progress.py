@@ -25,17 +25,21 @@ MODES = ("lines", "bar")
 
 # stages._run_name: "<run.name>-<stage>-<8 hex>", and a sweep trial's TorchTrainer adds "-<Tune trial id>".
 _RUN_NAME = re.compile(r"-(teacher|distill|sweep)-[0-9a-f]{8}(?:-(?P<trial>.+))?$")
+# pipeline/evaluate/stage.py stage_name + "-<model>-<task>-s<seed>": one fine-tuning unit of the evaluate stage.
+_UNIT_NAME = re.compile(r"-eval-[0-9a-f]{8}-[0-9a-f]{6}-(?P<unit>.+)$")
 
 
 def stage_label(role: str, run_name: str) -> str:
-    """What a person calls the run: "teacher", "distill" or "sweep trial <id>".
+    """What a person calls the run: "teacher", "distill", "sweep trial <id>" or "finetune <model>-<task>-s<seed>".
 
-    ``role`` is the worker's role ("teacher" | "student"); ``run_name`` the Ray Train run (experiment) name.
-    A name the stages did not make (a test, a hand-built trainer) falls back to the role.
+    ``role`` is the task's role ("teacher" | "student" | "finetune"); ``run_name`` the Ray Train run (experiment)
+    name. A name the stages did not make (a test, a hand-built trainer) falls back to the role.
     """
+    if unit := _UNIT_NAME.search(run_name):
+        return f"finetune {unit.group('unit')}"
     m = _RUN_NAME.search(run_name)
     if m is None:
-        return "teacher" if role == "teacher" else "distill"
+        return {"teacher": "teacher", "finetune": "finetune"}.get(role, "distill")
     if m.group(1) == "sweep":
         return f"sweep trial {m.group('trial')}" if m.group("trial") else "sweep"
     return m.group(1)

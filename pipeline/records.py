@@ -3,7 +3,7 @@
 One module owns them (pipeline/DESIGN: typed records): the prepared corpus's :class:`Manifest`, one record per
 stage (:class:`PrepareRecord`, :class:`TeacherRecord`, :class:`TrainRecord` for distill and sweep,
 :class:`RegisterRecord`), a :class:`Candidate` student, the sweep's :class:`SweepParent` and
-:class:`TrialConfig`, and the :class:`WorkerConfig` the driver passes to the Ray Train workers. Stage code reads attributes, never string keys.
+:class:`TrialConfig`, the :class:`EvaluateRecord`, and the :class:`WorkerConfig` the driver passes to the Ray Train workers. Stage code reads attributes, never string keys.
 
 On disk each record is plain JSON with a ``"record_version"`` field. ``from_dict`` reads this version and the
 records written before versioning (same fields, no ``"record_version"``); a record with another version, a missing field or an
@@ -192,7 +192,7 @@ class WorkerConfig(Record):
     """Everything a Ray Train worker needs, as plain data (``train_loop_config``): it rebuilds the RunConfig."""
 
     cfg: dict[str, Any]  # RunConfig.to_dict()
-    task: str  # a name in pipeline/train/tasks.py TASKS: "mlm" (teacher pre-training) | "distill"
+    task: str  # a name of pipeline/train/tasks.py tasks(): "mlm" (teacher pre-training), "distill", "finetune"
     teacher_uri: str | None = None
     tracking_uri: str | None = None
     run_id: str | None = None  # the stage's (or trial's) MLflow run; None logs nothing
@@ -213,3 +213,18 @@ class TrialConfig(Record):
     replicated_data: bool
     manifest_path: str | None = None
     tracking_uri: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateRecord(Record):
+    """The evaluate stage's record: what was evaluated, every unit's scores, and the paper's Tables 1 and 3."""
+
+    name: str  # "<run>-eval-<settings hash>-<models hash>": the same name means the same evaluation
+    models: list[dict[str, Any]]  # [{key, source, uri, checkpoint, is_teacher}]
+    results: list[dict[str, Any]]  # one per (model, task, seed): {model, task, seed, scores, seconds, steps}
+    table1: dict[str, Any]  # pipeline/evaluate/report.py table1
+    table3: dict[str, Any]
+    markdown: str  # both tables, as printed in the summary and the model card
+    metrics: dict[str, dict[str, float]]  # a student's checkpoint → its eval/macro, eval/<task>/score, …
+    seconds: float
+    skipped: bool = False

@@ -1,6 +1,7 @@
 """The MLflow Model Registry: the chosen student becomes a version of ``<model_name>`` in the transformers flavor.
 
-- The best candidate is chosen by ``tracking.select_metric`` (``select_mode`` min or max).
+- The best candidate is chosen by ``tracking.select_metric`` (``select_mode`` min or max; auto: by the metric's
+  family, pipeline/config_checks.py metric_mode).
 - The alias ``champion`` moves only when the new version beats the current champion on that metric;
   otherwise the new version gets ``challenger``.
 - A score that is not a finite number (NaN, ±inf: a diverged run, an overflow) never wins: not in the choice,
@@ -16,6 +17,7 @@ import os
 
 from pipeline import models, storage
 from pipeline.config import TrackingSection
+from pipeline.config_checks import metric_mode
 from pipeline.records import Candidate
 
 CHECKPOINT_TAG = "distil.checkpoint"
@@ -40,7 +42,7 @@ def choose(candidates: list[Candidate], cfg: TrackingSection) -> Candidate:
             f"no candidate has a finite {cfg.select_metric} ({values}): every run diverged or overflowed; lower "
             "optim.lr or use deepspeed.precision=bf16, then run distill or sweep again"
         )
-    return ranked(finite, cfg.select_metric, cfg.select_mode)[0]
+    return ranked(finite, cfg.select_metric, metric_mode(cfg.select_metric, cfg.select_mode))[0]
 
 
 def finite_score(value) -> float | None:
@@ -102,8 +104,10 @@ def cpu_latency_ms(model, *, seq_len: int = 128, runs: int = 20) -> float:
     return statistics.median(times)
 
 
-def model_card(*, name: str, model, teacher=None, metrics: dict, lineage: dict, config: dict | None) -> str:
-    """A markdown model card: size and CPU latency (against the teacher's), metrics, lineage and config."""
+def model_card(*, name: str, model, teacher=None, metrics: dict, lineage: dict, config: dict | None,
+               evaluation: str | None = None) -> str:
+    """A markdown model card: size and CPU latency (against the teacher's), metrics, the downstream evaluation's
+    tables (``evaluation``, markdown), lineage and config."""
     import json
 
     s_params, s_ms = models.count_parameters(model), cpu_latency_ms(model)
@@ -120,6 +124,8 @@ def model_card(*, name: str, model, teacher=None, metrics: dict, lineage: dict, 
         lines += [f"| parameters | {s_params:,} | | |", f"| CPU latency, batch 1 × 128 tokens (median of 20) | {s_ms:.1f} ms | | |"]
     lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v:.4g} |" for k, v in sorted(metrics.items()) if isinstance(v, (int, float))]
+    if evaluation:
+        lines += ["", "## Downstream evaluation", "", evaluation]
     lines += ["", "## Lineage", ""] + [f"- {k}: `{v}`" for k, v in sorted(lineage.items())]
     if config:
         lines += ["", "## Config", "", "```json", json.dumps(config, indent=2, sort_keys=True, default=str), "```"]
@@ -175,7 +181,7 @@ def _move_alias(client, cfg: TrackingSection, version: str, score: float) -> str
     except Exception:  # noqa: BLE001 -- MLflow raises a generic error when the alias does not exist
         current = None
     old = current.tags.get(METRIC_TAG_PREFIX + cfg.select_metric) if current is not None else None
-    if _better(score, _tag_score(old), cfg.select_mode):
+    if _better(score, _tag_score(old), metric_mode(cfg.select_metric, cfg.select_mode)):
         client.set_registered_model_alias(cfg.model_name, cfg.alias, version)
         return cfg.alias
     client.set_registered_model_alias(cfg.model_name, "challenger", version)

@@ -1,4 +1,4 @@
-"""The five stages, as the jobs run them: prepare → teacher → distill → sweep → register.
+"""The six stages, as the jobs run them: prepare → teacher → distill → sweep → evaluate → register.
 
 Each stage opens its own MLflow run, does its work on Ray, and writes a small JSON record under
 ``<run.root>/<run.name>/stages/``; the next stage reads the records it depends on. A Ray Train run's name
@@ -20,12 +20,12 @@ import time
 from pipeline import checkpoint as checkpoint_lib, models, registry, storage, tracking
 from pipeline.config import RunConfig, flatten
 from pipeline.corpus import loading, prepare as prepare_lib
-from pipeline.records import (Candidate, Manifest, PrepareRecord, Record, RecordError, RegisterRecord, SweepParent,
-                              TeacherRecord, TrainRecord, TrialConfig)
+from pipeline.records import (Candidate, EvaluateRecord, Manifest, PrepareRecord, Record, RecordError, RegisterRecord,
+                              SweepParent, TeacherRecord, TrainRecord, TrialConfig)
 from pipeline.train import driver
 
 RECORDS: dict[str, type[Record]] = {"prepare": PrepareRecord, "teacher": TeacherRecord, "distill": TrainRecord,
-                                    "sweep": TrainRecord, "register": RegisterRecord}
+                                    "sweep": TrainRecord, "evaluate": EvaluateRecord, "register": RegisterRecord}
 
 
 def record_path(cfg: RunConfig, stage: str) -> str:
@@ -229,6 +229,32 @@ def _sweep_parent(path: str) -> SweepParent | None:
         return None
 
 
+def evaluate(cfg: RunConfig, *, cluster_cpus: float, model=None) -> EvaluateRecord:
+    """Stage 5: fine-tune (or probe) the teacher and the students on ``evaluate.tasks`` (pipeline/evaluate/), or
+    the teacher and one ``model`` (a pipeline.evaluate.units.Model) given by hand; Tables 1 and 3."""
+    from pipeline.evaluate import stage as evaluate_lib
+
+    t0 = time.perf_counter()
+    if not cfg.evaluate.tasks:
+        raise ValueError("evaluate.tasks is empty: list the downstream tasks, e.g. evaluate: {tasks: "
+                         "[package:rotten_tomatoes]} (or glue:mrpc, … with Hub access or evaluate.glue_dir)")
+    chosen = evaluate_lib.models_to_evaluate(cfg, given=model)
+    name = evaluate_lib.stage_name(cfg, chosen)
+    try:
+        earlier = load_record(cfg, "evaluate")
+    except ValueError:
+        earlier = None
+    if earlier and earlier.name == name:
+        print(f"[distil] evaluate: finished earlier with these settings ({record_path(cfg, 'evaluate')}); skipped. "
+              "Delete that file to run it again.", flush=True)
+        return dataclasses.replace(earlier, skipped=True)
+    params = {**flatten({"evaluate": cfg.to_dict()["evaluate"]}), "evaluate.models": ", ".join(m.key for m in chosen)}
+    with tracking.stage_run("evaluate", params=params):
+        out = evaluate_lib.run(cfg, chosen, cluster_cpus=cluster_cpus, name=name)
+    return _write_record(cfg, "evaluate", EvaluateRecord(
+        name=name, models=[dataclasses.asdict(m) for m in chosen], seconds=time.perf_counter() - t0, **out))
+
+
 def register(cfg: RunConfig, *, stages: tuple[str, ...] = ("distill", "sweep"), candidate: Candidate | None = None) -> RegisterRecord:
     """Stage 5: register the best candidate of the given stages, or one ``candidate`` given by hand.
 
@@ -236,7 +262,9 @@ def register(cfg: RunConfig, *, stages: tuple[str, ...] = ("distill", "sweep"), 
     lineage and the config it was trained with.
     """
     t0 = time.perf_counter()
-    best = candidate or registry.choose(_candidates(cfg, stages), cfg.tracking)
+    evaluated = _optional(cfg, "evaluate")
+    scored = _with_eval_metrics([candidate] if candidate else _candidates(cfg, stages), evaluated)
+    best = scored[0] if candidate else registry.choose(scored, cfg.tracking)
     model_dir = best.model_dir or registry.local_model_dir(driver.model_uri(best.checkpoint), cfg.cache_dir)
     lineage = {"source": best.source, "checkpoint": best.checkpoint, "git_sha": tracking.git_sha()}
     teacher_model = None
@@ -251,7 +279,8 @@ def register(cfg: RunConfig, *, stages: tuple[str, ...] = ("distill", "sweep"), 
     student = transformers.AutoModelForMaskedLM.from_pretrained(model_dir)
     ckpt_config = storage.read_json(storage.join(best.checkpoint, checkpoint_lib.CONFIG_FILE)) if best.model_dir is None else None
     card = registry.model_card(name=cfg.tracking.model_name, model=student, teacher=teacher_model, metrics=best.metrics,
-                               lineage=lineage, config=(ckpt_config or {}).get("config"))
+                               lineage=lineage, config=(ckpt_config or {}).get("config"),
+                               evaluation=evaluated.markdown if evaluated else None)
     with tracking.stage_run("register", params={"chosen": best.source, "checkpoint": best.checkpoint}, tags=lineage):
         reg = registry.register(cfg.tracking, model_dir=model_dir, checkpoint=best.checkpoint, metrics=best.metrics,
                                 tags=lineage, description=card)
@@ -263,6 +292,13 @@ def _candidates(cfg: RunConfig, stages: tuple[str, ...]) -> list[Candidate]:
     if not candidates:
         raise ValueError(f"no student to register: run the distill or sweep stage first (looked in {', '.join(stages)})")
     return candidates
+
+
+def _with_eval_metrics(candidates: list[Candidate], evaluated: EvaluateRecord | None) -> list[Candidate]:
+    """The candidates with the evaluate stage's eval/* metrics of their checkpoint added (eval/macro, …)."""
+    if evaluated is None:
+        return candidates
+    return [dataclasses.replace(c, metrics={**c.metrics, **evaluated.metrics.get(c.checkpoint, {})}) for c in candidates]
 
 
 def _optional(cfg: RunConfig, stage: str) -> Record | None:

@@ -302,3 +302,20 @@ def test_an_override_that_yaml_reads_as_a_mapping_is_the_text_typed_unless_writt
     assert cfg.tracking.experiment == "exp: v2" and cfg.student.layer_map == [0, 2]
     with pytest.raises(ValueError, match=r"optim.lr: expected a number \(e.g. 0.001 or 1e-3\), got nothing"):
         RunConfig().with_overrides(parse_overrides(["optim.lr="]))
+
+
+@pytest.mark.parametrize("warmup,max_steps", [(0, 100), (10, 1), (0, 1)])
+def test_no_warmup_and_a_one_step_run_give_a_schedule_deepspeed_accepts(warmup, max_steps):
+    """optim.warmup_steps=0 is valid config, and DeepSpeed's WarmupDecayLR refuses warmup_num_steps=0."""
+    import torch
+    from deepspeed.runtime.lr_schedules import WarmupDecayLR
+
+    from pipeline import engine
+
+    optim = RunConfig().optim.__class__(warmup_steps=warmup, max_steps=max_steps)
+    ds = engine.build_ds_config(RunConfig().deepspeed, optim, world_size=1, use_gpu=False)
+    params = ds["scheduler"]["params"]
+    assert params["warmup_num_steps"] == 1
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=optim.lr)
+    WarmupDecayLR(opt, total_num_steps=params["total_num_steps"], warmup_num_steps=params["warmup_num_steps"],
+                  warmup_max_lr=params["warmup_max_lr"])

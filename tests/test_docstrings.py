@@ -34,7 +34,8 @@ def _base_names(cls: ast.ClassDef) -> list[str]:
 
 
 def _documented_in_base(cls: ast.ClassDef, method: str, classes: dict[str, ast.ClassDef], seen=None) -> bool:
-    """Whether a base of ``cls`` defined in the same module (or one of its bases) documents ``method``."""
+    """Whether a base of ``cls`` defined in the same module or imported from a pipeline module (or one of its
+    bases) documents ``method``."""
     seen = set() if seen is None else seen
     for name in _base_names(cls):
         base = classes.get(name)
@@ -57,7 +58,7 @@ def gaps(source: str, rel: str) -> list[str]:
     """``rel:line name`` for each module, public function, class or method of ``source`` without a docstring."""
     tree = ast.parse(source)
     out = [] if ast.get_docstring(tree) else [f"{rel}: the module"]
-    classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
+    classes = {**_imported_classes(tree), **{n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}}
     for node in tree.body:
         if not (isinstance(node, (*_FUNCS, ast.ClassDef)) and _public(node.name)):
             continue
@@ -68,6 +69,19 @@ def gaps(source: str, rel: str) -> list[str]:
                 if (isinstance(m, _FUNCS) and _public(m.name) and not ast.get_docstring(m) and not _is_accessor(m)
                         and not _documented_in_base(node, m.name, classes)):
                     out.append(f"{rel}:{m.lineno} {node.name}.{m.name}")
+    return out
+
+
+def _imported_classes(tree: ast.Module) -> dict[str, ast.ClassDef]:
+    """Classes a module imports from another pipeline module (``from pipeline.train.tasks import Task``), with
+    that module's own classes (their bases), so an override of an imported base's method is found documented."""
+    out = {}
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pipeline."):
+            path = ROOT / (node.module.replace(".", "/") + ".py")
+            if path.exists():
+                defined = {n.name: n for n in ast.parse(path.read_text()).body if isinstance(n, ast.ClassDef)}
+                out.update(defined)
     return out
 
 

@@ -20,10 +20,11 @@ def _mlflow(e2e_run):
 
 
 def test_every_stage_wrote_its_record_and_the_summary_is_printed(e2e_run):
-    assert set(e2e_run["records"]) == {"prepare", "teacher", "distill", "sweep", "register"}
+    assert set(e2e_run["records"]) == {"prepare", "teacher", "distill", "sweep", "evaluate", "register"}
     out = e2e_run["stdout"]
-    for stage in ("prepare", "teacher", "distill", "sweep", "register", "total"):
+    for stage in ("prepare", "teacher", "distill", "sweep", "evaluate", "register", "total"):
         assert f"    {stage}" in out
+    assert "Table 1: dev scores" in out and "Table 3: size and CPU inference time" in out
     assert "models:/e2e-student@champion" in out and "mlflow ui" in out and "Ray dashboard" in out
 
 
@@ -147,7 +148,8 @@ def test_register_by_hand_from_a_directory_and_from_a_checkpoint(e2e_run, tmp_pa
     model_dir = tmp_path / "student"
     shutil.copytree(Path(chosen) / "hf_model", model_dir)
 
-    out = _register(e2e_run, monkeypatch, capsys, "--model-dir", str(model_dir), "--metric", "val/mlm_loss=99")
+    # tiny.yaml selects by eval/macro (higher is better): 0.0 is worse than any champion
+    out = _register(e2e_run, monkeypatch, capsys, "--model-dir", str(model_dir), "--metric", "eval/macro=0.0")
     assert out["new"] is True and out["aliases"] == ["challenger"], "a worse model does not take the champion alias"
 
     # A checkpoint carries its own metrics (metrics.json): the chosen one is already registered, so no new version.
@@ -200,7 +202,7 @@ def test_a_job_resubmitted_after_its_driver_died_mid_sweep_skips_what_finished_a
     runs = mlflow.search_runs(experiment_names=["distil-tiny"], output_format="list")
     runs = [r for r in runs if r.info.start_time <= e2e_run["finished_at_ms"]]  # other tests register by hand later
     top = sorted(r.info.run_name for r in runs if "mlflow.parentRunId" not in r.data.tags)
-    assert top == ["distill", "prepare", "register", "sweep", "teacher"], top
+    assert top == ["distill", "evaluate", "prepare", "register", "sweep", "teacher"], top
     (parent,) = [r for r in runs if r.info.run_name == "sweep"]
     assert parent.info.status == "FINISHED"
     nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
@@ -257,3 +259,79 @@ def test_no_credential_reaches_mlflow_the_run_folder_or_the_logs(e2e_run, tracki
     leaks = [(where, s) for where, text in texts.items() for s in secrets
              if (s.encode() if isinstance(text, bytes) else s) in text]
     assert not leaks, leaks[:5]
+
+
+# ---- the evaluate stage -------------------------------------------------------------------------------------
+def test_evaluate_scored_the_teacher_and_every_student_and_logged_both_tables(e2e_run):
+    rec = e2e_run["records"]["evaluate"]
+    keys = [m["key"] for m in rec["models"]]
+    assert keys[0] == "teacher" and "distill" in keys and len(keys) == 1 + 1 + len(e2e_run["records"]["sweep"]["candidates"])
+    rows = {r["model"]: r for r in rec["table1"]["rows"]}
+    for key in keys:
+        score = rows[key]["tasks"]["rotten_tomatoes"]["median"]
+        assert 0.5 <= score <= 1.0, (key, score)  # 2 classes: at least the majority class's share
+        assert rows[key]["macro"] == pytest.approx(score)
+    assert rows["teacher"]["retention"] == pytest.approx(100.0)
+    assert rows["distill"]["retention"] == pytest.approx(100 * rows["distill"]["macro"] / rows["teacher"]["macro"])
+    t3 = {r["model"]: r for r in rec["table3"]["rows"]}
+    assert t3["teacher"]["is_teacher"] and len(t3) == 2
+    student = next(r for r in t3.values() if not r["is_teacher"])
+    assert student["params"] < t3["teacher"]["params"] and student["params_ratio"] < 1 and student["seconds"] > 0
+    mlflow = _mlflow(e2e_run)
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name("distil-tiny")
+    (run,) = client.search_runs([exp.experiment_id], "tags.stage = 'evaluate'", max_results=5)
+    names = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+    assert {"evaluation/tables.md", "evaluation/tables.json", "evaluation/scores.png", "evaluation/distill_losses.png"} <= names
+    assert "eval/distill/macro" in run.data.metrics
+
+
+def test_the_champion_is_the_student_with_the_best_downstream_macro_score(e2e_run):
+    rec, reg = e2e_run["records"]["evaluate"], e2e_run["records"]["register"]
+    best = max(rec["metrics"].values(), key=lambda m: m["eval/macro"])["eval/macro"]
+    assert reg["chosen"]["metrics"]["eval/macro"] == best
+    assert rec["metrics"][reg["chosen"]["checkpoint"]]["eval/macro"] == best
+    v = _mlflow(e2e_run).MlflowClient().get_model_version_by_alias("e2e-student", "champion")
+    assert "## Downstream evaluation" in v.description and "Table 1: dev scores" in v.description
+    assert v.tags["distil.metric.eval/macro"] == str(best)
+
+
+def test_a_registered_model_and_a_checkpoint_name_the_model_to_evaluate(e2e_run, tmp_path, monkeypatch):
+    from conftest import ROOT
+
+    from pipeline import cli
+    from pipeline.config import load_config
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", e2e_run["tracking_uri"])
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"run.root={tmp_path}"])
+    folder = cli.registered_model_dir(cfg, "models:/e2e-student@champion")
+    assert (Path(folder) / "config.json").exists() and any(Path(folder).glob("*.safetensors"))
+    with pytest.raises(ValueError, match="MLflow cannot find it"):
+        cli.registered_model_dir(cfg, "models:/e2e-student@no-such-alias")
+    chosen = e2e_run["records"]["register"]["chosen"]["checkpoint"]
+    model = cli.given_model(cfg, model=None, checkpoint=chosen, model_dir=None)
+    assert model.uri == str(Path(chosen) / "hf_model") and model.checkpoint == chosen
+
+
+def test_evaluate_fine_tunes_a_model_given_by_folder_with_ray_train(e2e_run, tmp_path):
+    """The paper's protocol (evaluate.mode=finetune): one (model, task, seed) unit as a Ray Train run of the
+    loop's finetune task, on a slice; a fresh run root, so only the given model is evaluated."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    chosen = e2e_run["records"]["register"]["chosen"]["checkpoint"]
+    cmd = [sys.executable, "-m", "jobs.evaluate", "--config", "configs/tiny.yaml", "--set", f"run.root={tmp_path}",
+           "--set", "run.name=ft", "--set", "evaluate.mode=finetune", "--set", "evaluate.max_train_examples=256",
+           "--set", "evaluate.max_dev_examples=64", "--set", "evaluate.epochs=1", "--set", "scaling.num_workers=1",
+           "--set", "run.ray_num_cpus=2", "--model-dir", str(Path(chosen) / "hf_model")]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    rec = json.loads((tmp_path / "ft" / "stages" / "evaluate.json").read_text())
+    (unit,) = rec["results"]
+    assert unit["model"] == "given" and unit["steps"] == 256 // 32 and unit["scores"]["num_dev"] == 64
+    assert 0.0 <= unit["scores"]["accuracy"] <= 1.0
+    assert "finetune rotten_tomatoes: DistilBertForSequenceClassification" in proc.stdout + proc.stderr
+    assert not list((tmp_path / "ft" / "ray").glob(f"{rec['name']}-*/checkpoint_*")), "a unit's checkpoints are deleted"

@@ -258,3 +258,14 @@ def test_the_driver_never_merges_two_trials_progress_lines():
         ray_logging.stdout_deduplicator, ray_logging.stderr_deduplicator = saved
     printed = [(batch["pid"], line) for out in after for batch in out for line in batch["lines"]]
     assert printed == [(1, a), (1, other), (2, b)]  # the other line is still deduplicated
+
+
+def test_a_fine_tuning_unit_of_the_evaluate_stage_is_labelled_as_such(tmp_path):
+    from pipeline.config import load_config
+    from pipeline.evaluate import stage, units
+
+    cfg = load_config("configs/tiny.yaml", [f"run.root={tmp_path}"])
+    model = units.Model(key="distill", source="distill", uri="/m")
+    name = stage.stage_name(cfg, [model]) + "-distill-rotten_tomatoes-s0"
+    assert progress.stage_label("finetune", name) == "finetune distill-rotten_tomatoes-s0"
+    assert progress.stage_label("finetune", "hand-built") == "finetune"

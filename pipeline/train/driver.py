@@ -48,13 +48,14 @@ def check_batches(cfg: RunConfig, manifest: Manifest, optim: OptimSection) -> No
 
 
 def worker_config(cfg: RunConfig, *, task: str, teacher_uri: str | None, run_id: str | None, replicated_data: bool,
-                  manifest_path: str | None = None) -> WorkerConfig:
-    """Everything a worker needs, as plain data: it rebuilds its RunConfig from it. ``task``: "mlm" | "distill"."""
-    if cfg.masking.smoothing and not manifest_path:
+                  manifest_path: str | None = None, extra: dict | None = None) -> WorkerConfig:
+    """Everything a worker needs, as plain data: it rebuilds its RunConfig from it. ``task``: "mlm" | "distill" |
+    "finetune"; ``extra``: the task's own settings. ValueError when frequency-smoothed distillation has no manifest."""
+    if task == "distill" and cfg.masking.smoothing and not manifest_path:
         raise ValueError("masking.smoothing needs the prepared corpus's token counts: pass the manifest (run prepare first)")
     return WorkerConfig(cfg=cfg.to_dict(), task=task, teacher_uri=teacher_uri, run_id=run_id,
                         tracking_uri=tracking.tracking_uri(cfg.run.root) if run_id else None, git_sha=tracking.git_sha(),
-                        replicated_data=replicated_data, manifest_path=manifest_path)
+                        replicated_data=replicated_data, manifest_path=manifest_path, extra=extra or {})
 
 
 def fit(cfg: RunConfig, *, name: str, datasets: dict, work: WorkerConfig, callbacks=None):

@@ -6,8 +6,8 @@ the trained model. Pure math and model code: no Ray, no logging, no collectives 
 pipeline/train/worker.py all-reduces the counts and the evaluation sums and owns the engine, the data position,
 checkpoints, numerics, timing and reporting).
 
-Adding a task (e.g. fine-tuning a classifier) is a new subclass of :class:`Task` registered in :data:`TASKS`,
-plus its config section; the loop does not change.
+Adding a task is a new subclass of :class:`Task` registered in :func:`tasks`, plus its config section; the loop
+does not change (pipeline/train/finetune.py, the downstream fine-tuning, is one).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline import flops, models, step as step_lib, storage
-from pipeline.batches import Masker
+from pipeline.batches import Masker, digest
 from pipeline.config import OptimSection, RunConfig
 from pipeline.masking import step_generator
 from pipeline.records import WorkerConfig
@@ -50,6 +50,7 @@ class Task(abc.ABC):
 
     role: str = ""
     num_eval_sums: int = 0  # the length S of :meth:`eval_sums`
+    columns: dict[str, torch.dtype] = {"input_ids": torch.long, "attention_mask": torch.long}  # read from the datasets
 
     def __init__(self, ctx: WorkerContext):
         self.ctx = ctx
@@ -90,6 +91,10 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def flops_per_token(self, model) -> float:
         """Model FLOPs of one training step per token (pipeline/flops.py), for the MFU metric."""
+
+    def digest(self, batch) -> str:
+        """A short fingerprint of a prepared micro-batch: equal digests mean the same tokens and the same labels."""
+        return digest(batch.input_ids_BT, batch.labels_BT)
 
     def export(self, model, out_dir: str) -> str:
         """The trained model as a standard Hugging Face folder, with the tokenizer it was trained with."""
@@ -207,14 +212,19 @@ class DistillTask(_MaskedLM):
                                           mask_prob=cfg.masking.mask_prob)
 
 
-TASKS: dict[str, type[Task]] = {"mlm": MLMTask, "distill": DistillTask}
+def tasks() -> dict[str, type[Task]]:
+    """Every task of the loop by name: ``WorkerConfig.task`` picks one. A new task is one more entry here."""
+    from pipeline.train.finetune import FinetuneTask  # in its own module, which imports this one
+
+    return {"mlm": MLMTask, "distill": DistillTask, "finetune": FinetuneTask}
 
 
 def build(name: str, ctx: WorkerContext) -> Task:
     """The task registered under ``name``; raises ValueError naming the known ones."""
-    if name not in TASKS:
-        raise ValueError(f"unknown training task {name!r}; known: {sorted(TASKS)}")
-    return TASKS[name](ctx)
+    known = tasks()
+    if name not in known:
+        raise ValueError(f"unknown training task {name!r}; known: {sorted(known)}")
+    return known[name](ctx)
 
 
 def masked_lm_metrics(sums: list[float], *, with_teacher: bool) -> dict[str, float]:

@@ -11,6 +11,7 @@ guard, timing, the progress line and reporting; the task owns the models and the
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import tempfile
 import time
@@ -164,7 +165,7 @@ class Loop:
             micro.append(_rank_slice(batch, self.ctx.rank, self.optim.micro_batch_size) if self.replicated else batch)
         if state.step == 0 and self.ctx.is_rank0:
             # The data fingerprint: equal digests mean the same tokens and masks (compare runs, trials, previews).
-            print(f"[distil] rank 0 first micro-batch digest {batches_lib.digest(micro[0].input_ids_BT, micro[0].labels_BT)}", flush=True)
+            print(f"[distil] rank 0 first micro-batch digest {self.task.digest(micro[0])}", flush=True)
         self.phases.mark("data")
         return micro
 
@@ -257,7 +258,7 @@ class Loop:
                                                    shuffle_seed=self.cfg.run.seed * 10_007 + state.epoch):
                 if n >= state.batch_in_epoch:
                     state.batch_in_epoch = n + 1
-                    yield batches_lib.to_torch(batch, self.ctx.device)
+                    yield batches_lib.to_torch(batch, self.ctx.device, self.task.columns)
                 n += 1
             if n == 0:
                 raise RuntimeError("the training data holds no full global batch: lower optim.micro_batch_size or add data")
@@ -268,7 +269,7 @@ class Loop:
         """This rank's validation batches, read once and prepared once with a fixed seed (the same in every run)."""
         t0, out, world = time.perf_counter(), [], self.ctx.world_size
         val = ray.train.get_dataset_shard("val")
-        raws = val.iter_torch_batches(batch_size=self.cfg.optim.micro_batch_size, dtypes=torch.long, device=self.ctx.device)
+        raws = val.iter_torch_batches(batch_size=self.cfg.optim.micro_batch_size, dtypes=self.task.columns, device=self.ctx.device)
         for i, raw in enumerate(raws):
             if i >= self.cfg.eval.max_batches * world:
                 break
@@ -289,10 +290,10 @@ class Loop:
         return measure_peak_tflops(self.ctx.device) if self.ctx.device.type == "cuda" else None
 
 
-def _rank_slice(batch: Batch, rank: int, size: int) -> Batch:
+def _rank_slice(batch, rank: int, size: int):
+    """This rank's rows of a global batch (any task's batch dataclass: every field has the batch dimension first)."""
     mine = slice(rank * size, (rank + 1) * size)
-    return Batch(input_ids_BT=batch.input_ids_BT[mine], attention_mask_BT=batch.attention_mask_BT[mine],
-                 labels_BT=batch.labels_BT[mine])
+    return dataclasses.replace(batch, **{f.name: getattr(batch, f.name)[mine] for f in dataclasses.fields(batch)})
 
 
 def _inject_fault(cfg: RunConfig, step: int) -> None:

@@ -1,0 +1,137 @@
+"""The paper's tables from the units' results (Sanh et al. 2019): Table 1 (downstream scores and retention) and
+Table 3 (size and CPU inference time), as data, markdown and matplotlib plots.
+
+Table 1: per task, each model's dev score as the median over seeds (min–max beside it), the macro-score (mean of
+the task medians), and retention = student macro / teacher macro in %. Table 3: parameters in millions and the
+time of a full pass over one task's dev set on CPU at batch size 1 (the paper's protocol, STS-B: 668 s for
+BERT-base, 410 s for DistilBERT), teacher and student, with the ratios.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+from pipeline.evaluate import metrics
+
+
+def table1(results: list[dict], models: list, tasks: list[str]) -> dict:
+    """{"tasks": [...], "rows": [{model, source, is_teacher, tasks: {task: {median, min, max, seeds}}, macro,
+    retention}]}; retention (in %) against the teacher's macro, None without a teacher row."""
+    rows = []
+    for m in models:
+        per_task = {}
+        for t in tasks:
+            values = [r["scores"]["score"] for r in results if r["model"] == m.key and r["task"] == t and "score" in r["scores"]]
+            if values:
+                med, lo, hi = metrics.median_and_range(values)
+                per_task[t] = {"median": med, "min": lo, "max": hi, "seeds": len(values)}
+        macro = metrics.macro({t: v["median"] for t, v in per_task.items()}) if len(per_task) == len(tasks) else None
+        rows.append({"model": m.key, "source": m.source, "is_teacher": m.is_teacher, "tasks": per_task, "macro": macro})
+    teacher = next((r for r in rows if r["is_teacher"] and r["macro"]), None)
+    for r in rows:
+        r["retention"] = 100 * r["macro"] / teacher["macro"] if teacher and r["macro"] is not None else None
+    return {"tasks": tasks, "rows": rows}
+
+
+def table1_markdown(t1: dict) -> str:
+    """Table 1 as a markdown table (scores ×100, as the paper prints them)."""
+    head = "| model | " + " | ".join(t1["tasks"]) + " | macro | retention |"
+    lines = ["Table 1: dev scores ×100, median over seeds (min–max)", "", head,
+             "|---" * (len(t1["tasks"]) + 3) + "|"]
+    for r in t1["rows"]:
+        cells = []
+        for t in t1["tasks"]:
+            v = r["tasks"].get(t)
+            cells.append("—" if v is None else f"{100 * v['median']:.1f} ({100 * v['min']:.1f}–{100 * v['max']:.1f})"
+                         if v["seeds"] > 1 else f"{100 * v['median']:.1f}")
+        macro = "—" if r["macro"] is None else f"{100 * r['macro']:.1f}"
+        ret = "—" if r["retention"] is None else f"{r['retention']:.1f} %"
+        name = f"{r['model']} (teacher)" if r["is_teacher"] else r["model"]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {macro} | {ret} |")
+    return "\n".join(lines)
+
+
+def dev_pass_seconds(model, rows: list[list[int]]) -> float:
+    """Wall seconds of one forward pass per example at batch size 1 (each example at its own length), on CPU."""
+    import torch
+
+    with torch.no_grad():
+        model(input_ids=torch.tensor([rows[0]]))  # warm-up
+        t0 = time.perf_counter()
+        for ids in rows:
+            model(input_ids=torch.tensor([ids]))
+    return time.perf_counter() - t0
+
+
+def table3(measured: list[dict], task: str, examples: int) -> dict:
+    """``measured``: [{model, is_teacher, params, seconds}] → the table with student/teacher ratios."""
+    import torch
+
+    teacher = next((m for m in measured if m["is_teacher"]), None)
+    rows = []
+    for m in measured:
+        row = {**m, "params_m": m["params"] / 1e6}
+        if teacher and not m["is_teacher"]:
+            row["params_ratio"] = m["params"] / teacher["params"]
+            row["time_ratio"] = m["seconds"] / teacher["seconds"]
+        rows.append(row)
+    return {"task": task, "examples": examples, "threads": torch.get_num_threads(), "rows": rows}
+
+
+def table3_markdown(t3: dict) -> str:
+    """Table 3 as markdown: parameters (millions) and the CPU batch-1 dev pass, with ratios to the teacher."""
+    lines = [f"Table 3: size and CPU inference time (batch 1, {t3['examples']} dev examples of {t3['task']}, "
+             f"{t3['threads']} threads)", "", "| model | parameters (M) | dev pass (s) | params / teacher | time / teacher |",
+             "|---|---|---|---|---|"]
+    for r in t3["rows"]:
+        ratios = (f"{r['params_ratio']:.2f} | {r['time_ratio']:.2f}" if "params_ratio" in r else "1.00 | 1.00")
+        name = f"{r['model']} (teacher)" if r["is_teacher"] else r["model"]
+        lines.append(f"| {name} | {r['params_m']:.2f} | {r['seconds']:.2f} | {ratios} |")
+    return "\n".join(lines)
+
+
+def scores_figure(t1: dict):
+    """Grouped bars: per task (and macro), each model's median dev score."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [*t1["tasks"], "macro"]
+    fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(groups) + 2), 3.2))
+    width = 0.8 / max(len(t1["rows"]), 1)
+    for i, r in enumerate(t1["rows"]):
+        values = [r["tasks"].get(t, {}).get("median", 0.0) for t in t1["tasks"]] + [r["macro"] or 0.0]
+        ax.bar([g + i * width for g in range(len(groups))], values, width, label=r["model"])
+    ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], groups)
+    ax.set_ylabel("dev score (median over seeds)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def loss_figure(history: dict[str, list[tuple[int, float]]]):
+    """The distill run's loss curves: {metric: [(step, value), …]} as lines against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for name, points in sorted(history.items()):
+        if points:
+            steps, values = zip(*sorted(points))
+            ax.plot(steps, values, label=name)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    if any(history.values()):
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def seconds_per_unit(results: list[dict]) -> float | None:
+    """The median wall time of a fine-tuning unit, for RESULTS.md's budget line."""
+    values = [r["seconds"] for r in results if r.get("steps")]
+    return statistics.median(values) if values else None

@@ -1,0 +1,149 @@
+"""The evaluate stage's work on the driver: load the tasks, run the units, build and log the tables.
+
+Called by pipeline/stages.py ``evaluate`` inside the stage's MLflow run; returns the parts of the stage's record.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+from pipeline import models as models_lib
+from pipeline.config import RunConfig
+from pipeline.evaluate import loaders, report, specs, units
+
+
+def models_to_evaluate(cfg: RunConfig, *, given: units.Model | None = None) -> list[units.Model]:
+    """The teacher (when the teacher stage ran) and the students: ``given``, or the distill and sweep stages'
+    candidates (all, or the ``evaluate.candidates`` best by val/mlm_loss). ValueError when there is no student."""
+    from pipeline import registry, stages
+    from pipeline.train import driver
+
+    out = []
+    teacher = stages.load_record(cfg, "teacher")
+    if teacher is not None:
+        out.append(units.Model(key="teacher", source="teacher", uri=teacher.teacher_uri,
+                               checkpoint=teacher.checkpoint or "", is_teacher=True))
+    if given is not None:
+        return out + [given]
+    candidates = [c for stage in ("distill", "sweep") if (r := stages.load_record(cfg, stage)) for c in r.candidates]
+    if not candidates:
+        raise ValueError("no student to evaluate: run the distill or sweep stage first, or pass --model, --checkpoint "
+                         "or --model-dir")
+    if cfg.evaluate.candidates != "all":
+        candidates = registry.ranked(candidates, "val/mlm_loss", "min")[: int(cfg.evaluate.candidates)]
+    for c in candidates:
+        key = "distill" if c.source == "distill" else "trial-" + c.source.split()[2] if c.source.startswith("sweep trial") else c.source
+        out.append(units.Model(key=key, source=c.source, uri=c.model_dir or driver.model_uri(c.checkpoint), checkpoint=c.checkpoint))
+    return out
+
+
+def stage_name(cfg: RunConfig, chosen: list[units.Model]) -> str:
+    """``<run>-eval-<settings hash>-<models hash>``: an evaluation with the same name is the same work."""
+    import hashlib
+    import json
+
+    models_hash = hashlib.sha256(json.dumps([m.uri for m in chosen]).encode()).hexdigest()[:6]
+    return f"{cfg.run.name}-eval-{units.settings_hash(cfg)}-{models_hash}"
+
+
+def load_tasks(cfg: RunConfig) -> dict[str, loaders.TaskData]:
+    """Every configured task's examples, before any fine-tuning: one ValueError for the first that cannot load."""
+    e = cfg.evaluate
+    src = loaders.Sources(glue_dir=e.glue_dir, cache_dir=os.path.join(cfg.cache_dir, "datasets"),
+                          distill_sources=tuple(cfg.data.sources), val_fraction=cfg.data.val_fraction,
+                          max_line_chars=cfg.data.max_line_chars,
+                          dev_fraction=e.dev_fraction, max_train_examples=e.max_train_examples,
+                          max_dev_examples=e.max_dev_examples)
+    out = {}
+    for spec in specs.parse_all(e.tasks):
+        out[spec.name] = loaders.load(spec, src)
+        d = out[spec.name]
+        print(f"[distil] evaluate: task {spec.name}: {len(d.train)} train, {len(d.dev)} dev examples, "
+              f"{'regression' if spec.regression else f'{d.num_labels} classes'}", flush=True)
+    return out
+
+
+def run(cfg: RunConfig, chosen: list[units.Model], *, cluster_cpus: float, name: str) -> dict:
+    """Evaluate ``chosen`` on every task; returns {"results", "table1", "table3", "markdown", "metrics"} where
+    metrics maps each model's checkpoint to its eval/* metrics (eval/macro, eval/<task>/score)."""
+    import mlflow
+
+    data = load_tasks(cfg)
+    tokenizer = models_lib.load_tokenizer(cfg.data.tokenizer, cfg.cache_dir)
+    tables = {t: units.tokenize(d, tokenizer, cfg.evaluate.max_seq_len) for t, d in data.items()}
+    out_dir = units.results_dir(cfg, name)
+    seeds = range(cfg.run.seed, cfg.run.seed + cfg.evaluate.seeds)
+    if cfg.evaluate.mode == "probe":
+        results = units.run_probe(cfg, chosen, data, tables, out_dir=out_dir)
+    else:
+        todo = [units.Unit(model=m, task=t, seed=s, name=f"{name}-{m.key}-{t}-s{s}") for m in chosen for t in data for s in seeds]
+        results = units.run_finetune(cfg, todo, tables, data, cluster_cpus=cluster_cpus, out_dir=out_dir)
+    t1 = report.table1(results, chosen, list(data))
+    t3 = _table3(cfg, chosen, t1, data)
+    markdown = report.table1_markdown(t1) + "\n\n" + report.table3_markdown(t3)
+    mlflow.log_text(markdown, "evaluation/tables.md")
+    mlflow.log_dict({"table1": t1, "table3": t3, "results": results}, "evaluation/tables.json")
+    mlflow.log_figure(report.scores_figure(t1), "evaluation/scores.png")
+    _log_loss_curves(cfg)
+    per_model = _metrics(t1)
+    mlflow.log_metrics({f"eval/{m}/{k.removeprefix('eval/')}": v for m, ms in per_model.items() for k, v in ms.items()})
+    by_checkpoint = {m.checkpoint: per_model[m.key] for m in chosen if m.checkpoint and m.key in per_model}
+    return {"results": results, "table1": t1, "table3": t3, "markdown": markdown, "metrics": by_checkpoint}
+
+
+def _metrics(t1: dict) -> dict[str, dict[str, float]]:
+    """Each model's eval/macro and eval/<task>/score (medians), and its retention in % where a teacher was scored."""
+    out = {}
+    for r in t1["rows"]:
+        ms = {f"eval/{t}/score": v["median"] for t, v in r["tasks"].items()}
+        if r["macro"] is not None:
+            ms["eval/macro"] = r["macro"]
+        if r["retention"] is not None:
+            ms["eval/retention_pct"] = r["retention"]
+        out[r["model"]] = ms
+    return out
+
+
+def _table3(cfg: RunConfig, chosen: list[units.Model], t1: dict, data: dict) -> dict:
+    """Parameters and the CPU batch-1 dev pass of the teacher and the best student (by eval/macro)."""
+    students = [r for r in t1["rows"] if not r["is_teacher"] and r["macro"] is not None]
+    best = max(students, key=lambda r: r["macro"])["model"] if students else None
+    task = "stsb" if "stsb" in data else next(iter(data))
+    dev = data[task].dev
+    n = min(len(dev), cfg.evaluate.speed_examples or len(dev))
+    tokenizer = models_lib.load_tokenizer(cfg.data.tokenizer, cfg.cache_dir)
+    rows = [tokenizer(dev.texts[i], dev.pairs[i] if dev.pairs else None, truncation="longest_first",
+                      max_length=cfg.evaluate.max_seq_len)["input_ids"] for i in range(n)]
+    measured = []
+    for m in chosen:
+        if m.is_teacher or m.key == best:
+            encoder, _ = models_lib.load_for_downstream(models_lib.resolve_local(m.uri, cfg.cache_dir))
+            encoder.eval()
+            measured.append({"model": m.key, "is_teacher": m.is_teacher, "params": models_lib.count_parameters(encoder),
+                             "seconds": report.dev_pass_seconds(encoder, rows)})
+    return report.table3(measured, task, n)
+
+
+def _log_loss_curves(cfg: RunConfig) -> None:
+    """The distill run's loss curves (from its MLflow run) as a PNG artifact of the evaluate stage's run."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import stages
+
+    try:
+        record = stages.load_record(cfg, "distill")
+    except ValueError:
+        return
+    run_id = record.candidates[0].run_id if record and record.candidates else None
+    if not run_id:
+        return
+    client = MlflowClient()
+    try:
+        history = {k: [(m.step, m.value) for m in client.get_metric_history(run_id, k) if math.isfinite(m.value)]
+                   for k in ("loss/total", "loss/ce", "loss/mlm", "loss/cos")}
+    except Exception as e:  # noqa: BLE001 -- the distill run lives in another tracking store: no plot, say so
+        print(f"[distil] evaluate: no loss curves (the distill run {run_id} is not in this tracking store: {e})", flush=True)
+        return
+    mlflow.log_figure(report.loss_figure(history), "evaluation/distill_losses.png")
