@@ -24,9 +24,10 @@ def main(argv=None) -> int:
     cfg, args = cli.parse(__doc__, argv, extra=_flags)
 
     def run():
-        cpus = cli.start(cfg)
+        cli.start(cfg, with_ray=False)  # the models and the tasks' data are checked before Ray starts
         given = cli.given_model(cfg, model=args.model, checkpoint=args.checkpoint, model_dir=args.model_dir)
-        record = stages.evaluate(cfg, cluster_cpus=cpus, model=given)
+        plan = stages.plan_evaluation(cfg, model=given)
+        record = stages.evaluate(cfg, cluster_cpus=cli.start_ray(cfg), plan=plan)
         print(record.markdown)
         print(json.dumps({"stage": "evaluate", "models": [m["key"] for m in record.models],
                           "macro": {r["model"]: r["macro"] for r in record.table1["rows"]}}))

@@ -19,7 +19,10 @@ def main(argv=None) -> int:
     cfg, args = cli.parse(__doc__, argv, extra=_stage_names)
 
     def run():
-        cpus = cli.start(cfg)
+        cli.start(cfg, with_ray=False)
+        if cfg.evaluate.tasks:  # the downstream tasks' data, checked before hours of training
+            stages.check_evaluation_tasks(cfg)
+        cpus = cli.start_ray(cfg)
         times, t0 = {}, time.perf_counter()
         for name, fn in [("prepare", lambda: stages.prepare(cfg)),
                          ("teacher", lambda: stages.teacher(cfg, cluster_cpus=cpus)),

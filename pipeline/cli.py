@@ -59,6 +59,12 @@ def start(cfg: RunConfig, *, with_ray: bool = True, with_tracking: bool = True) 
     return float(runtime.init_ray(cfg.run, env=worker_env, verbose=verbose).get("CPU", 0))
 
 
+def start_ray(cfg: RunConfig) -> float:
+    """Connect to Ray after ``start(cfg, with_ray=False)`` (a job that checks its input first); returns the CPUs."""
+    verbose = runtime.is_verbose()
+    return float(runtime.init_ray(cfg.run, env=runtime.configure_output(verbose=verbose), verbose=verbose).get("CPU", 0))
+
+
 def main_guard(fn) -> int:
     """Run a job; a ValueError (bad input caught at the edge) prints one clear line, not a stack trace."""
     try:
@@ -146,17 +152,40 @@ def given_model(cfg: RunConfig, *, model: str | None, checkpoint: str | None, mo
     from pipeline.evaluate.units import Model
     from pipeline.train import driver
 
+    for flag, value in (("--model", model), ("--checkpoint", checkpoint), ("--model-dir", model_dir)):
+        if value is not None and not value.strip():
+            raise ValueError(f"{flag} is empty: give a value, or leave the flag out to evaluate every candidate")
     if checkpoint:
         candidate = hand_candidate(checkpoint=checkpoint, model_dir=None, metric_pairs=[])
         return Model(key="given", source=f"checkpoint {checkpoint}", uri=driver.model_uri(checkpoint), checkpoint=checkpoint) if candidate else None
     if model_dir:
-        if not os.path.exists(os.path.join(model_dir, "config.json")):
-            raise ValueError(f"--model-dir {model_dir}: not an exported HF model directory (no config.json)")
         path = os.path.abspath(model_dir)
+        _check_model_folder(cfg, path, flag="--model-dir")
         return Model(key="given", source=f"folder {path}", uri=path, checkpoint=path)
     if model:
         return Model(key="given", source=model, uri=registered_model_dir(cfg, model), checkpoint=model)
     return None
+
+
+def _check_model_folder(cfg: RunConfig, path: str, *, flag: str) -> None:
+    """An exported BERT or DistilBERT folder with weights, whose vocabulary holds the run's tokenizer."""
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise ValueError(f"{flag} {path}: not an exported HF model directory (no config.json)")
+    if not any(f.endswith((".safetensors", ".bin")) for f in os.listdir(path)):
+        raise ValueError(f"{flag} {path}: no weights (model.safetensors or pytorch_model.bin) beside config.json")
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 -- transformers' errors for an unknown or broken config
+        raise ValueError(f"{flag} {path}: config.json is not a model config transformers reads ({str(e).splitlines()[0][:150]})") from None
+    if config.model_type not in ("bert", "distilbert"):
+        raise ValueError(f"{flag} {path}: a {config.model_type!r} model; the evaluate stage fine-tunes BERT and DistilBERT")
+    from pipeline import models
+
+    vocab = len(models.load_tokenizer(cfg.data.tokenizer, cfg.cache_dir))
+    if config.vocab_size < vocab:
+        raise ValueError(f"{flag} {path}: its vocabulary ({config.vocab_size}) is smaller than data.tokenizer's ({vocab})")
 
 
 def registered_model_dir(cfg: RunConfig, uri: str) -> str:

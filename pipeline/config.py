@@ -214,8 +214,9 @@ class EvaluateSection:
     """The evaluate stage (pipeline/evaluate/): the teacher and the students fine-tuned on downstream tasks (or
     probed), GLUE's metrics, the paper's Tables 1 and 3. Defaults follow HF's run_glue recipe."""
 
-    # glue:<task> | package:rotten_tomatoes | package:bbc_news | {name, source or train_file + dev_file, text_field,
-    # text_pair_field, label_field, train_split, dev_split, kind, metrics, epochs}; empty: no evaluate stage
+    # glue:<task> | package:rotten_tomatoes | package:bbc_news | {task: glue:rte, epochs, lr, batch_size, max_seq_len}
+    # | {name, source or train_file + dev_file, text_field, text_pair_field, label_field, train_split, dev_split,
+    # kind, metrics, epochs, lr, batch_size, max_seq_len}; empty: no evaluate stage
     tasks: list[Any] = field(default_factory=list)
     mode: str = "finetune"  # finetune (the paper's protocol) | probe (logistic regression on frozen mean-pooled features)
     candidates: Any = "all"  # all, or an integer k: the k best students by val/mlm_loss (the teacher is always in)
@@ -346,7 +347,8 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
 
 def resolve_paths(cfg: RunConfig) -> RunConfig:
     """Make local paths absolute, so that Ray workers and `ray job submit` see the same folders."""
-    paths = {"run.root": cfg.run.root, "run.storage": cfg.run.storage, "data.output": cfg.data.output}
+    paths = {"run.root": cfg.run.root, "run.storage": cfg.run.storage, "data.output": cfg.data.output,
+             "evaluate.glue_dir": cfg.evaluate.glue_dir}
     local = {k: os.path.abspath(os.path.expanduser(v)) for k, v in paths.items() if v and not _is_remote(v)}
     return cfg.with_overrides(local)
 

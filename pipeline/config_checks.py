@@ -347,8 +347,7 @@ def _eval_metrics(cfg: RunConfig) -> dict[str, str]:
         tasks = specs.parse_all(cfg.evaluate.tasks)
     except ValueError:
         return dict(EVAL_METRICS)  # reported by _evaluate
-    names = {f"eval/{t.name}/{m}" for t in tasks for m in (*t.metrics, "score")}
-    return {**EVAL_METRICS, **{n: "max" for n in names}}
+    return {**EVAL_METRICS, **{f"eval/{t.name}/score": "max" for t in tasks}}  # what the stage reports per student
 
 
 def _evaluate(cfg: RunConfig) -> list[str]:
@@ -373,6 +372,19 @@ def _evaluate(cfg: RunConfig) -> list[str]:
     if not 8 <= e.max_seq_len <= cfg.teacher.max_position_embeddings:
         p.append(f"evaluate.max_seq_len={e.max_seq_len}: must be in [8, teacher.max_position_embeddings="
                  f"{cfg.teacher.max_position_embeddings}]")
+    if e.mode == "probe" and e.seeds > 1:
+        p.append(f"evaluate.seeds={e.seeds} with evaluate.mode=probe: the probe's solvers are deterministic, every seed "
+                 "scores the same; use seeds: 1 (or mode: finetune)")
+    for t in tasks:
+        if t.max_seq_len and not 8 <= t.max_seq_len <= cfg.teacher.max_position_embeddings:
+            p.append(f"evaluate.tasks: task {t.name!r}: max_seq_len={t.max_seq_len:g} must be in [8, "
+                     f"teacher.max_position_embeddings={cfg.teacher.max_position_embeddings}]")
+        for key in ("train_file", "dev_file"):
+            path = getattr(t, key)
+            if path and "://" not in path and not os.path.isfile(path):
+                p.append(f"evaluate.tasks: task {t.name!r}: {key}={path!r} is not a file")
+            elif path and not path.lower().endswith((".csv", ".tsv", ".jsonl", ".json", ".parquet")):
+                p.append(f"evaluate.tasks: task {t.name!r}: {key}={path!r}: use a .csv, .tsv, .jsonl/.json or .parquet file")
     if e.glue_dir and any(t.source == "glue" for t in tasks) and not os.path.isdir(e.glue_dir):
         p.append(f"evaluate.glue_dir={e.glue_dir!r} is not a folder: give the folder that holds GLUE's task folders "
                  "(MRPC/, SST-2/, …), or leave it empty to read nyu-mll/glue from the Hub")

@@ -229,30 +229,47 @@ def _sweep_parent(path: str) -> SweepParent | None:
         return None
 
 
-def evaluate(cfg: RunConfig, *, cluster_cpus: float, model=None) -> EvaluateRecord:
-    """Stage 5: fine-tune (or probe) the teacher and the students on ``evaluate.tasks`` (pipeline/evaluate/), or
-    the teacher and one ``model`` (a pipeline.evaluate.units.Model) given by hand; Tables 1 and 3."""
+def check_evaluation_tasks(cfg: RunConfig) -> None:
+    """Load every ``evaluate.tasks`` entry's examples once (no Ray): a missing file or field, an unreachable dataset
+    or bad labels stop a pipeline job at its start, not after training. ValueError names the task and the fix."""
     from pipeline.evaluate import stage as evaluate_lib
 
-    t0 = time.perf_counter()
+    evaluate_lib.load_tasks(cfg)
+
+
+def plan_evaluation(cfg: RunConfig, *, model=None):
+    """The evaluate stage's work, checked without Ray or MLflow: the models (the teacher and the students, or one
+    ``model``, a pipeline.evaluate.units.Model, given by hand), and every task's examples loaded, or the record of
+    the same evaluation finished earlier. One ValueError for bad input."""
+    from pipeline.evaluate import stage as evaluate_lib
+
     if not cfg.evaluate.tasks:
         raise ValueError("evaluate.tasks is empty: list the downstream tasks, e.g. evaluate: {tasks: "
                          "[package:rotten_tomatoes]} (or glue:mrpc, … with Hub access or evaluate.glue_dir)")
     chosen = evaluate_lib.models_to_evaluate(cfg, given=model)
     name = evaluate_lib.stage_name(cfg, chosen)
-    try:
-        earlier = load_record(cfg, "evaluate")
-    except ValueError:
-        earlier = None
-    if earlier and earlier.name == name:
+    earlier = _optional(cfg, "evaluate")
+    if earlier is not None and earlier.name == name:
+        return evaluate_lib.Plan(name=name, models=chosen, data={}, earlier=earlier)
+    return evaluate_lib.Plan(name=name, models=chosen, data=evaluate_lib.load_tasks(cfg))
+
+
+def evaluate(cfg: RunConfig, *, cluster_cpus: float, model=None, plan=None) -> EvaluateRecord:
+    """Stage 5: fine-tune (or probe) the teacher and the students on ``evaluate.tasks`` (pipeline/evaluate/);
+    Tables 1 and 3. ``plan``: :func:`plan_evaluation`'s (made here when not given)."""
+    from pipeline.evaluate import stage as evaluate_lib
+
+    t0 = time.perf_counter()
+    plan = plan or plan_evaluation(cfg, model=model)
+    if plan.earlier is not None:
         print(f"[distil] evaluate: finished earlier with these settings ({record_path(cfg, 'evaluate')}); skipped. "
               "Delete that file to run it again.", flush=True)
-        return dataclasses.replace(earlier, skipped=True)
-    params = {**flatten({"evaluate": cfg.to_dict()["evaluate"]}), "evaluate.models": ", ".join(m.key for m in chosen)}
+        return dataclasses.replace(plan.earlier, skipped=True)
+    params = {**flatten({"evaluate": cfg.to_dict()["evaluate"]}), "evaluate.models": ", ".join(m.key for m in plan.models)}
     with tracking.stage_run("evaluate", params=params):
-        out = evaluate_lib.run(cfg, chosen, cluster_cpus=cluster_cpus, name=name)
+        out = evaluate_lib.run(cfg, plan, cluster_cpus=cluster_cpus)
     return _write_record(cfg, "evaluate", EvaluateRecord(
-        name=name, models=[dataclasses.asdict(m) for m in chosen], seconds=time.perf_counter() - t0, **out))
+        name=plan.name, models=[dataclasses.asdict(m) for m in plan.models], seconds=time.perf_counter() - t0, **out))
 
 
 def register(cfg: RunConfig, *, stages: tuple[str, ...] = ("distill", "sweep"), candidate: Candidate | None = None) -> RegisterRecord:

@@ -564,3 +564,124 @@ def test_table3_ratios():
     assert "400 dev examples of rt" in md
     assert "| teacher (teacher) | 40.00 | 10.00 | 1.00 | 1.00 |" in md
     assert "| distill | 24.00 | 4.00 | 0.60 | 0.40 |" in md
+
+
+def test_a_named_task_takes_its_own_fine_tuning_recipe():
+    from pipeline.config import RunConfig
+    from pipeline.evaluate import units
+    from pipeline.evaluate.loaders import TaskData
+    from pipeline.evaluate.specs import Examples
+
+    spec = specs.parse({"task": "glue:rte", "epochs": 5, "lr": 3e-5, "batch_size": 16, "max_seq_len": 256})
+    assert (spec.name, spec.source, spec.text_pair_field, spec.epochs, spec.lr) == ("rte", "glue", "sentence2", 5.0, 3e-5)
+    data = TaskData(spec=spec, train=Examples(texts=["a"] * 64, labels=[0] * 64), dev=Examples(texts=["b"] * 20, labels=[0] * 20),
+                    label_names=["entailment", "not_entailment"])
+    cfg = units.unit_config(RunConfig(), data, seed=3)
+    assert (cfg.optim.lr, cfg.optim.micro_batch_size, cfg.data.max_seq_len, cfg.run.seed) == (3e-5, 16, 256, 3)
+    assert cfg.optim.max_steps == 5 * (64 // 16) and cfg.eval.max_batches == 2  # 20 dev examples in batches of 16
+    plain = units.unit_config(RunConfig(), TaskData(spec=specs.parse("glue:rte"), train=data.train, dev=data.dev,
+                                                    label_names=data.label_names), seed=0)
+    assert (plain.optim.lr, plain.optim.micro_batch_size, plain.optim.max_steps) == (2e-5, 32, 3 * (64 // 32))
+    for bad, match in [({"task": "glue:rte", "warmup": 3}, "unknown key"), ({"task": "glue:rte", "lr": "fast"}, "must be a finite number"),
+                       ({"task": "glue:rte", "batch_size": 2.5}, "whole numbers"), ({"task": "glue:nope"}, "unknown GLUE task")]:
+        with pytest.raises(ValueError, match=match):
+            specs.parse(bad)
+
+
+# ---- bad input of the kinds a new user tried (one clear error each, before Ray) -------------------------------
+@pytest.mark.parametrize("entry,match", [
+    ({"glue": "mrpc"}, "write glue:mrpc with no space after the colon"),
+    ({"package": None}, "write package:<task> with no space"),
+    ({"name": "t", "source": "package:nope"}, "is a named task: list it as glue:<task> or package:<name>"),
+    ({"name": "t", "source": "glue"}, "is a named task"),
+    ({"name": "t", "source": "imdb", "train_file": "a.csv", "dev_file": "b.csv"}, "either source or train_file"),
+    ({"name": "x/y", "source": "imdb"}, "letters, digits"),
+    ({"name": "t", "source": "imdb", "kind": "regression", "metrics": ["mcc"]}, r"\['mcc'\] do not score a regression"),
+    ({"name": "t", "source": "imdb", "metrics": ["pearson"]}, "do not score a classification"),
+    ({"task": "glue:rte", "epochs": math.inf}, "must be a finite number"),
+])
+def test_a_task_entry_of_a_kind_users_get_wrong_is_one_error(entry, match):
+    with pytest.raises(ValueError, match=match):
+        specs.parse(entry)
+
+
+def test_a_regression_mapping_defaults_to_its_own_metrics():
+    assert specs.parse({"name": "t", "source": "imdb", "kind": "regression"}).metrics == ("pearson", "spearman")
+
+
+@pytest.mark.parametrize("override,match", [
+    ("evaluate.tasks=[{task: glue:rte, max_seq_len: 100000}]", r"max_seq_len=100000 must be in \[8, teacher"),
+    ("evaluate.tasks=[{name: t, train_file: /nope.csv, dev_file: /nope.csv}]", "train_file='/nope.csv' is not a file"),
+    ("evaluate.seeds=3", "the probe's solvers are deterministic"),
+    ("tracking.select_metric=eval/rotten_tomatoes/accuracy", "not a metric the training loop reports"),
+])
+def test_bad_evaluate_settings_stop_at_the_config(tmp_path, override, match):
+    with pytest.raises(ValueError, match=match):
+        load_config("configs/tiny.yaml", [f"run.root={tmp_path}", override])
+
+
+def test_a_tasks_score_may_select_the_champion(tmp_path):
+    cfg = load_config("configs/tiny.yaml", [f"run.root={tmp_path}", "tracking.select_metric=eval/rotten_tomatoes/score"])
+    assert cfg.tracking.select_metric == "eval/rotten_tomatoes/score"
+
+
+def _files(tmp_path, train: str, dev: str, ext: str = "csv"):
+    (tmp_path / f"train.{ext}").write_text(train)
+    (tmp_path / f"dev.{ext}").write_text(dev)
+    return specs.parse({"name": "t", "train_file": str(tmp_path / f"train.{ext}"), "dev_file": str(tmp_path / f"dev.{ext}")})
+
+
+def test_a_tsv_task_file_is_read_with_tabs_and_csv_ids_stay_ids(tmp_path):
+    spec = _files(tmp_path, "text\tlabel\ngood, really\t1\nbad\t0\n", "text\tlabel\nfine\t1\n", "tsv")
+    data = loaders.load(spec, Sources(cache_dir=str(tmp_path / "cache")))
+    assert data.train.texts == ["good, really", "bad"] and data.label_names == ["0", "1"] and data.train.labels == [1, 0]
+
+
+def test_empty_cells_and_mixed_formats_and_a_one_class_sample_are_errors(tmp_path):
+    src = Sources(cache_dir=str(tmp_path / "cache"))
+    spec = _files(tmp_path, "text,label\na,1\nb,\nc,0\n", "text,label\nd,1\n")
+    with pytest.raises(ValueError, match=r"1 train example\(s\) have no text or no label"):
+        loaders.load(spec, src)
+    (tmp_path / "dev.jsonl").write_text('{"text": "d", "label": 1}\n')
+    mixed = specs.parse({"name": "t", "train_file": str(tmp_path / "train.csv"), "dev_file": str(tmp_path / "dev.jsonl")})
+    with pytest.raises(ValueError, match="must be of one format"):
+        loaders.load(mixed, src)
+    one = _files(tmp_path, "text,label\na,1\nb,0\n", "text,label\nd,1\n")
+    with pytest.raises(ValueError, match="one class only"):
+        loaders.load(one, Sources(cache_dir=str(tmp_path / "cache"), max_train_examples=1))
+
+
+def test_f1_on_a_task_of_more_than_two_classes_is_an_error():
+    spec = specs.parse({"task": "package:bbc_news"})
+    spec = specs._checked(specs.TaskSpec(**{**spec.__dict__, "metrics": ("f1",)}))
+    with pytest.raises(ValueError, match="f1 scores the positive class of a 2-class task; this one has 5 classes"):
+        loaders.load(spec, Sources())
+
+
+def test_a_model_given_by_hand_is_checked_before_ray_starts(tmp_path, capsys):
+    import json as json_lib
+
+    import ray
+
+    from jobs import evaluate as job
+    from pipeline import cli
+
+    cfg = load_config("configs/tiny.yaml", [f"run.root={tmp_path}"])
+    for flag in ("model", "checkpoint", "model_dir"):
+        with pytest.raises(ValueError, match="is empty: give a value"):
+            cli.given_model(cfg, **{"model": None, "checkpoint": None, "model_dir": None, flag: ""})
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="no weights"):
+        cli.given_model(cfg, model=None, checkpoint=None, model_dir=str(folder))
+    (folder / "model.safetensors").write_bytes(b"")
+    (folder / "config.json").write_text(json_lib.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="a 'gpt2' model"):
+        cli.given_model(cfg, model=None, checkpoint=None, model_dir=str(folder))
+    was_up = ray.is_initialized()
+    rc = job.main(["--config", "configs/tiny.yaml", "--set", f"run.root={tmp_path}", "--model-dir", str(folder)])
+    assert rc == 2 and "a 'gpt2' model" in capsys.readouterr().err
+    rc = job.main(["--config", "configs/tiny.yaml", "--set", f"run.root={tmp_path}"])
+    assert rc == 2 and "no student to evaluate: run the distill or sweep stage first" in capsys.readouterr().err
+    assert ray.is_initialized() == was_up, "bad input stops the job before Ray starts"

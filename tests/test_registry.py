@@ -106,7 +106,7 @@ def _trial_result(tmp_path, i, score):
 def test_sweep_candidates_come_best_first_with_non_finite_scores_last(tmp_path):
     from pipeline import sweep
 
-    cfg = load_config(CONFIG, [f"run.root={tmp_path}"])
+    cfg = load_config(CONFIG, [f"run.root={tmp_path}", "tracking.select_metric=val/mlm_loss"])  # the sweep's metric
     scores = [NAN, 7.0, -INF, 6.0, INF]
     found = sweep.candidates([_trial_result(tmp_path, i, s) for i, s in enumerate(scores)], cfg)
     assert [c.metrics["val/mlm_loss"] for c in found][:2] == [6.0, 7.0]

@@ -79,12 +79,28 @@ def load(spec: TaskSpec, src: Sources) -> TaskData:
         train, dev = _packaged(spec, src)
     else:
         train, dev = _dataset(spec, src.cache_dir)
-    data = _labelled(spec, train, dev)
-    data.train = _sample(data.train, src.max_train_examples)
-    data.dev = _sample(data.dev, src.max_dev_examples)
-    if not len(data.train) or not len(data.dev):
-        raise ValueError(f"task {spec.name}: {len(data.train)} train and {len(data.dev)} dev examples: both splits need some")
+    train, dev = _complete(spec, train, "train"), _complete(spec, dev, "dev")
+    train, dev = _sample(train, src.max_train_examples), _sample(dev, src.max_dev_examples)
+    if not len(train) or not len(dev):
+        raise ValueError(f"task {spec.name}: {len(train)} train and {len(dev)} dev examples: both splits need some")
+    if not spec.regression and len({str(v) for v in train.labels}) < 2:
+        raise ValueError(f"task {spec.name}: the training examples hold one class only: raise evaluate.max_train_examples "
+                         "or check label_field")
+    data = _labelled(spec, train, dev)  # after sampling: the labels dev has must be in the sampled train
+    if "f1" in spec.metrics and data.num_labels != 2:
+        raise ValueError(f"task {spec.name}: f1 scores the positive class of a 2-class task; this one has "
+                         f"{data.num_labels} classes: use accuracy or mcc")
     return data
+
+
+def _complete(spec: TaskSpec, ex: Examples, where: str) -> Examples:
+    """The split with no missing text or label: a null (an empty csv cell, a JSON null) is an error naming how many."""
+    missing = sum(1 for i in range(len(ex)) if ex.texts[i] is None or ex.labels[i] is None
+                  or (ex.pairs is not None and ex.pairs[i] is None) or ex.labels[i] != ex.labels[i])
+    if missing:
+        raise ValueError(f"task {spec.name}: {missing} {where} example(s) have no text or no label (empty cells or "
+                         "nulls): fill or drop them")
+    return ex
 
 
 # ---- GLUE ------------------------------------------------------------------------------------------------
@@ -102,6 +118,10 @@ def _glue_hub(spec: TaskSpec, cache_dir: str):
 def _glue_folder(spec: TaskSpec, glue_dir: str):
     folder = os.path.join(glue_dir, GLUE_DIRS[spec.glue])
     dev_file = GLUE_DEV_FILES.get(spec.dev_split, "dev.tsv")
+    for name in ("train.tsv", dev_file):
+        if not os.path.isfile(os.path.join(folder, name)):
+            raise ValueError(f"task {spec.name}: {os.path.join(folder, name)} does not exist: evaluate.glue_dir must hold "
+                             f"GLUE's task folders ({GLUE_DIRS[spec.glue]}/train.tsv, {GLUE_DIRS[spec.glue]}/{dev_file})")
     return _tsv(spec, os.path.join(folder, "train.tsv")), _tsv(spec, os.path.join(folder, dev_file))
 
 
@@ -133,9 +153,12 @@ def _dataset(spec: TaskSpec, cache_dir: str):
 
     try:
         if spec.train_file:
-            builder = _builder(spec.train_file, spec.name)
+            builder, options = _builder(spec.train_file, spec.name)
+            if _builder(spec.dev_file, spec.name) != (builder, options):
+                raise ValueError(f"task {spec.name}: train_file and dev_file must be of one format "
+                                 f"({os.path.basename(spec.train_file)}, {os.path.basename(spec.dev_file)})")
             ds = datasets.load_dataset(builder, data_files={"train": spec.train_file, "dev": spec.dev_file},
-                                       cache_dir=cache_dir or None)
+                                       cache_dir=cache_dir or None, **options)
             return _from_columns(spec, ds["train"], spec.train_file), _from_columns(spec, ds["dev"], spec.dev_file)
         if os.path.isdir(spec.source):
             ds = datasets.load_from_disk(spec.source)
@@ -154,11 +177,13 @@ def _dataset(spec: TaskSpec, cache_dir: str):
     return _from_columns(spec, ds[spec.train_split], spec.train_split), _from_columns(spec, ds[spec.dev_split], spec.dev_split)
 
 
-def _builder(path: str, name: str) -> str:
+def _builder(path: str, name: str) -> tuple[str, dict]:
+    """The datasets builder of a file, by extension, and its options (a .tsv is csv with tabs)."""
     ext = path.lower().rsplit(".", 1)[-1]
-    builders = {"csv": "csv", "tsv": "csv", "jsonl": "json", "json": "json", "parquet": "parquet"}
+    builders = {"csv": ("csv", {}), "tsv": ("csv", {"delimiter": "\t"}), "jsonl": ("json", {}), "json": ("json", {}),
+                "parquet": ("parquet", {})}
     if ext not in builders:
-        raise ValueError(f"task {name}: {path}: train_file/dev_file must be .csv, .jsonl/.json or .parquet")
+        raise ValueError(f"task {name}: {path}: train_file/dev_file must be .csv, .tsv, .jsonl/.json or .parquet")
     return builders[ext]
 
 
@@ -174,8 +199,11 @@ def _from_columns(spec: TaskSpec, table, where: str) -> Examples:
     class_names = tuple(getattr(label_feature, "names", ()) or ())
     if class_names:  # a ClassLabel: its names in id order (MRPC's id 1 is "equivalent", F1's positive class)
         labels = [class_names[i] if isinstance(i, int) and 0 <= i < len(class_names) else i for i in labels]
-    return Examples(texts=[str(t) for t in table[spec.text_field]], labels=labels, class_names=class_names,
-                    pairs=[str(t) for t in table[spec.text_pair_field]] if spec.text_pair_field else None)
+    # A csv column of class ids with an empty cell is read as floats: 1.0 is class 1 (the empty cell is refused later).
+    labels = [int(v) if isinstance(v, float) and v.is_integer() else v for v in labels]
+    text = lambda col: [None if t is None else str(t) for t in table[col]]  # noqa: E731 -- a null stays a null
+    return Examples(texts=text(spec.text_field), labels=labels, class_names=class_names,
+                    pairs=text(spec.text_pair_field) if spec.text_pair_field else None)
 
 
 # ---- packaged offline sets -------------------------------------------------------------------------------

@@ -7,13 +7,17 @@ An entry of ``evaluate.tasks`` is one of
 - ``package:rotten_tomatoes`` (fresh/rotten reviews, the SST-2 family) or ``package:bbc_news`` (5 topics),
   offline from installed packages;
 - a mapping ``{name, source | train_file + dev_file, text_field, text_pair_field, label_field, train_split,
-  dev_split, kind, metrics, epochs}``: any ``datasets.load_dataset`` name, a ``save_to_disk`` folder, or csv,
-  jsonl or parquet files.
+  dev_split, kind, metrics, epochs, lr, batch_size, max_seq_len}``: any ``datasets.load_dataset`` name, a
+  ``save_to_disk`` folder, or csv, jsonl or parquet files;
+- a named task with its own recipe: ``{task: glue:rte, epochs: 5, lr: 3e-5}`` (keys: epochs, lr, batch_size,
+  max_seq_len).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +41,9 @@ class TaskSpec:
     kind: str = "classification"  # classification | regression (num_labels=1, MSE; STS-B)
     metrics: tuple[str, ...] = ("accuracy",)
     epochs: float = 0.0  # 0: evaluate.epochs (HF's run_glue: 3; 5 for MRPC and WNLI)
+    lr: float = 0.0  # 0: evaluate.lr
+    batch_size: float = 0.0  # examples per micro-batch; 0: evaluate.batch_size
+    max_seq_len: float = 0.0  # tokens per example; 0: evaluate.max_seq_len
     label_names: tuple[str, ...] = ()  # class names in id order, for text labels (GLUE's TSVs)
 
     @property
@@ -72,6 +79,8 @@ PACKAGED: dict[str, TaskSpec] = {
 }
 KINDS = ("classification", "regression")
 FIELDS = {f.name for f in dataclasses.fields(TaskSpec)}
+USER_FIELDS = FIELDS - {"glue"}  # what a mapping may set (the GLUE config comes with glue:<task>)
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(TaskSpec)}  # name: MISSING (text, required)
 
 
@@ -81,15 +90,30 @@ def parse(entry: Any) -> TaskSpec:
         return _named(entry.strip())
     if not isinstance(entry, dict):
         raise ValueError(f"evaluate.tasks: {entry!r} is neither a task name (glue:mrpc, package:bbc_news) nor a mapping")
-    unknown = sorted(set(entry) - FIELDS)
+    if "task" in entry:
+        return _recipe(entry)
+    if len(entry) == 1 and next(iter(entry)) in ("glue", "package"):  # `- glue: mrpc` is YAML for {glue: mrpc}
+        key, value = next(iter(entry.items()))
+        raise ValueError(f"evaluate.tasks: {entry!r}: write {key}:{value or '<task>'} with no space after the colon")
+    unknown = sorted(set(entry) - USER_FIELDS)
     if unknown:
-        raise ValueError(f"evaluate.tasks: unknown key(s) {unknown} in {entry!r}; allowed: {sorted(FIELDS - {'glue'})}")
+        raise ValueError(f"evaluate.tasks: unknown key(s) {unknown} in {entry!r}; allowed: {sorted(USER_FIELDS)}")
     if not str(entry.get("name", "")).strip():
         raise ValueError(f"evaluate.tasks: {entry!r} needs a name (it names the task's metrics, eval/<name>/score)")
     spec = TaskSpec(**_typed(entry))
+    if spec.regression and "metrics" not in entry:
+        spec = dataclasses.replace(spec, metrics=("pearson", "spearman"))  # a regression's own default
+    if not NAME.match(spec.name):
+        raise ValueError(f"evaluate.tasks: task name {spec.name!r}: letters, digits, '.', '_' and '-' only (it names "
+                         "metrics and files)")
+    if spec.source in ("glue", "package") or spec.source.startswith(("glue:", "package:")):
+        raise ValueError(f"evaluate.tasks: task {spec.name!r}: source {spec.source!r} is a named task: list it as "
+                         "glue:<task> or package:<name>, or {task: glue:rte, epochs: 5} for its own settings")
+    if spec.source and (spec.train_file or spec.dev_file):
+        raise ValueError(f"evaluate.tasks: task {spec.name!r}: give either source or train_file + dev_file, not both")
     if not spec.source and not (spec.train_file and spec.dev_file):
         raise ValueError(f"evaluate.tasks: task {spec.name!r} needs a source (a load_dataset name or a save_to_disk "
-                         "folder) or both train_file and dev_file (csv, jsonl or parquet)")
+                         "folder) or both train_file and dev_file (csv, tsv, jsonl or parquet)")
     return _checked(spec)
 
 
@@ -103,13 +127,29 @@ def _typed(entry: dict) -> dict:
             ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
             want = "a list of names, e.g. [f1, accuracy]"
         elif isinstance(default, float):
-            ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            want = "a finite number"
         else:
             ok, want = isinstance(value, str), "text"
         if not ok:
             raise ValueError(f"evaluate.tasks: task {entry.get('name')!r}: {key}={value!r} must be {want}")
         out[key] = tuple(value) if isinstance(default, tuple) else float(value) if isinstance(default, float) else value
     return out
+
+
+RECIPE = ("epochs", "lr", "batch_size", "max_seq_len")
+
+
+def _recipe(entry: dict) -> TaskSpec:
+    """``{task: glue:rte, epochs: 5, lr: 3e-5}``: a named task with its own fine-tuning settings."""
+    if not isinstance(entry["task"], str):
+        raise ValueError(f"evaluate.tasks: task={entry['task']!r} must be a task name such as glue:rte")
+    base = _named(entry["task"].strip())
+    unknown = sorted(set(entry) - {"task", *RECIPE})
+    if unknown:
+        raise ValueError(f"evaluate.tasks: {entry['task']}: unknown key(s) {unknown}; a named task takes {list(RECIPE)}")
+    values = _typed({"name": base.name, **{k: v for k, v in entry.items() if k != "task"}})
+    return _checked(dataclasses.replace(base, **{k: v for k, v in values.items() if k != "name"}))
 
 
 def _named(text: str) -> TaskSpec:
@@ -136,10 +176,15 @@ def _checked(spec: TaskSpec) -> TaskSpec:
     if bad or not spec.metrics:
         raise ValueError(f"evaluate.tasks: task {spec.name!r}: metrics {list(spec.metrics)} must be a non-empty list of "
                          f"{', '.join(METRICS)}")
-    if spec.regression and spec.metrics == ("accuracy",):
-        spec = dataclasses.replace(spec, metrics=("pearson", "spearman"))
-    if spec.epochs < 0:
-        raise ValueError(f"evaluate.tasks: task {spec.name!r}: epochs must be positive (0 means evaluate.epochs)")
+    fitting = ("pearson", "spearman") if spec.regression else ("accuracy", "f1", "mcc")
+    if unfit := [m for m in spec.metrics if m not in fitting]:
+        raise ValueError(f"evaluate.tasks: task {spec.name!r}: {unfit} do not score a {spec.kind} task; use "
+                         f"{', '.join(fitting)}")
+    for key in RECIPE:
+        if getattr(spec, key) < 0:
+            raise ValueError(f"evaluate.tasks: task {spec.name!r}: {key} must be positive (0 means evaluate.{key})")
+    if spec.batch_size != int(spec.batch_size) or spec.max_seq_len != int(spec.max_seq_len):
+        raise ValueError(f"evaluate.tasks: task {spec.name!r}: batch_size and max_seq_len are whole numbers")
     return spec
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 
 from pipeline import models as models_lib
 from pipeline.config import RunConfig
@@ -64,14 +65,25 @@ def load_tasks(cfg: RunConfig) -> dict[str, loaders.TaskData]:
     return out
 
 
-def run(cfg: RunConfig, chosen: list[units.Model], *, cluster_cpus: float, name: str) -> dict:
-    """Evaluate ``chosen`` on every task; returns {"results", "table1", "table3", "markdown", "metrics"} where
-    metrics maps each model's checkpoint to its eval/* metrics (eval/macro, eval/<task>/score)."""
+@dataclass(frozen=True)
+class Plan:
+    """What the stage will evaluate, checked before Ray starts: its name, the models, every task's examples (or
+    the record of the same evaluation finished earlier)."""
+
+    name: str
+    models: list
+    data: dict
+    earlier: object = None
+
+
+def run(cfg: RunConfig, plan: Plan, *, cluster_cpus: float) -> dict:
+    """Evaluate the plan's models on every task; returns {"results", "table1", "table3", "markdown", "metrics"}
+    where metrics maps each model's checkpoint to its eval/* metrics (eval/macro, eval/<task>/score)."""
     import mlflow
 
-    data = load_tasks(cfg)
+    chosen, data, name = plan.models, plan.data, plan.name
     tokenizer = models_lib.load_tokenizer(cfg.data.tokenizer, cfg.cache_dir)
-    tables = {t: units.tokenize(d, tokenizer, cfg.evaluate.max_seq_len) for t, d in data.items()}
+    tables = {t: units.tokenize(d, tokenizer, units.max_seq_len(cfg, d.spec)) for t, d in data.items()}
     out_dir = units.results_dir(cfg, name)
     seeds = range(cfg.run.seed, cfg.run.seed + cfg.evaluate.seeds)
     if cfg.evaluate.mode == "probe":
@@ -114,7 +126,7 @@ def _table3(cfg: RunConfig, chosen: list[units.Model], t1: dict, data: dict) -> 
     n = min(len(dev), cfg.evaluate.speed_examples or len(dev))
     tokenizer = models_lib.load_tokenizer(cfg.data.tokenizer, cfg.cache_dir)
     rows = [tokenizer(dev.texts[i], dev.pairs[i] if dev.pairs else None, truncation="longest_first",
-                      max_length=cfg.evaluate.max_seq_len)["input_ids"] for i in range(n)]
+                      max_length=units.max_seq_len(cfg, data[task].spec))["input_ids"] for i in range(n)]
     measured = []
     for m in chosen:
         if m.is_teacher or m.key == best:

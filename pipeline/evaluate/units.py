@@ -67,19 +67,24 @@ def unit_config(cfg: RunConfig, data: TaskData, seed: int) -> RunConfig:
     """The RunConfig of one fine-tuning run: run_glue's recipe (AdamW β=(0.9, 0.999), ε=1e-8, no weight decay, no
     warmup, linear decay, clip 1.0), ``epochs`` over the training examples, one evaluation of the whole dev set at
     the end, one checkpoint."""
-    e = cfg.evaluate
-    world = e.workers_per_unit
-    steps_per_epoch = max(1, len(data.train) // (e.batch_size * world))
-    max_steps = max(1, round((data.spec.epochs or e.epochs) * steps_per_epoch))
+    e, spec = cfg.evaluate, data.spec
+    world, batch = e.workers_per_unit, int(spec.batch_size or e.batch_size)
+    steps_per_epoch = max(1, len(data.train) // (batch * world))
+    max_steps = max(1, round((spec.epochs or e.epochs) * steps_per_epoch))
     return cfg.with_overrides({
-        "run.seed": seed, "optim.max_steps": max_steps, "optim.micro_batch_size": e.batch_size, "optim.grad_accum": 1,
-        "optim.lr": e.lr, "optim.warmup_steps": 0, "optim.weight_decay": 0.0, "optim.betas": [0.9, 0.999],
+        "run.seed": seed, "optim.max_steps": max_steps, "optim.micro_batch_size": batch, "optim.grad_accum": 1,
+        "optim.lr": spec.lr or e.lr, "optim.warmup_steps": 0, "optim.weight_decay": 0.0, "optim.betas": [0.9, 0.999],
         "optim.eps": 1e-8, "optim.grad_clip": 1.0, "optim.global_batch_size": 0, "scaling.num_workers": world,
         "checkpoint.every_steps": max_steps, "checkpoint.keep": 1, "eval.every_steps": max_steps,
-        "eval.max_batches": math.ceil(len(data.dev) / (e.batch_size * world)), "data.max_seq_len": e.max_seq_len,
+        "eval.max_batches": math.ceil(len(data.dev) / (batch * world)), "data.max_seq_len": max_seq_len(cfg, spec),
         "data.shuffle_buffer_rows": min(cfg.data.shuffle_buffer_rows, len(data.train)), "faults.fail_at_step": 0,
         "tracking.log_every_steps": max(1, min(cfg.tracking.log_every_steps, max_steps)),
     })
+
+
+def max_seq_len(cfg: RunConfig, spec) -> int:
+    """Tokens per example of a task: its own ``max_seq_len``, else ``evaluate.max_seq_len``."""
+    return int(spec.max_seq_len or cfg.evaluate.max_seq_len)
 
 
 def settings_hash(cfg: RunConfig) -> str:
@@ -105,6 +110,9 @@ def run_finetune(cfg: RunConfig, units: list[Unit], tables: dict, data: dict[str
     todo = [u for u in units if done[u.name] is None]
     per_unit = cfg.evaluate.workers_per_unit * cfg.scaling.cpus_per_worker
     at_once = max(1, math.floor((cluster_cpus + 1e-9) / (per_unit + 0.01)))
+    if cfg.scaling.use_gpu:  # 8 GPUs and 1 worker a unit: 8 fine-tunings at once
+        gpus = ray.cluster_resources().get("GPU", 0)
+        at_once = max(1, min(at_once, math.floor(gpus / cfg.evaluate.workers_per_unit)))
     table_refs = {task: ray.put(t) for task, t in tables.items()}  # in the object store once per task
     remote = ray.remote(num_cpus=0.01)(_finetune_unit)
     pending, running = list(todo), {}
