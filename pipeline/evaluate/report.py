@@ -85,7 +85,8 @@ def table3_markdown(t3: dict) -> str:
              f"{t3['threads']} threads)", "", "| model | parameters (M) | dev pass (s) | params / teacher | time / teacher |",
              "|---|---|---|---|---|"]
     for r in t3["rows"]:
-        ratios = (f"{r['params_ratio']:.2f} | {r['time_ratio']:.2f}" if "params_ratio" in r else "1.00 | 1.00")
+        ratios = (f"{r['params_ratio']:.2f} | {r['time_ratio']:.2f}" if "params_ratio" in r
+                  else "1.00 | 1.00" if r["is_teacher"] else "— | —")  # no teacher evaluated: no ratio
         name = f"{r['model']} (teacher)" if r["is_teacher"] else r["model"]
         lines.append(f"| {name} | {r['params_m']:.2f} | {r['seconds']:.2f} | {ratios} |")
     return "\n".join(lines)

@@ -150,12 +150,14 @@ def _finetune_unit(cfg_dict: dict, unit: Unit, tables: dict, extra: dict) -> dic
     import ray.data
 
     from pipeline import runtime
+    from pipeline.corpus import data_context
     from pipeline.train import driver
 
     runtime.quiet_worker_logs()
     t0 = time.perf_counter()
     cfg = RunConfig.from_dict(cfg_dict)
-    datasets = {"train": ray.data.from_arrow(tables["train"]), "val": ray.data.from_arrow(tables["dev"])}
+    with data_context.scoped(enable_progress_bars=False):  # the datasets keep the option (no bars in job logs)
+        datasets = {"train": ray.data.from_arrow(tables["train"]), "val": ray.data.from_arrow(tables["dev"])}
     work = driver.worker_config(cfg, task="finetune", teacher_uri=None, run_id=None, replicated_data=True, extra=extra)
     result = driver.fit(cfg, name=unit.name, datasets=datasets, work=work)
     prefix = f"eval/{extra['task']}/"
