@@ -685,3 +685,25 @@ def test_a_model_given_by_hand_is_checked_before_ray_starts(tmp_path, capsys):
     rc = job.main(["--config", "configs/tiny.yaml", "--set", f"run.root={tmp_path}"])
     assert rc == 2 and "no student to evaluate: run the distill or sweep stage first" in capsys.readouterr().err
     assert ray.is_initialized() == was_up, "bad input stops the job before Ray starts"
+
+
+def test_a_save_to_disk_folder_and_parquet_files_are_task_sources(tmp_path):
+    """A DatasetDict saved with save_to_disk (its ClassLabel names give the class order) and a parquet pair."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    features = datasets.Features({"sentence": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["not_equivalent", "equivalent"])})
+    dd = datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"sentence": ["a", "b", "c"], "label": [1, 0, 1]}, features=features),
+        "validation": datasets.Dataset.from_dict({"sentence": ["d"], "label": [1]}, features=features)})
+    dd.save_to_disk(str(tmp_path / "saved"))
+    data = loaders.load(specs.parse({"name": "s", "source": str(tmp_path / "saved"), "text_field": "sentence"}), Sources())
+    assert data.label_names == ["not_equivalent", "equivalent"] and data.train.labels == [1, 0, 1] and data.dev.labels == [1]
+    for split, rows in (("train", {"t": ["x", "y"], "l": [2.5, 0.5]}), ("dev", {"t": ["z"], "l": [1.0]})):
+        pq.write_table(pa.table(rows), tmp_path / f"{split}.parquet")
+    reg = specs.parse({"name": "r", "train_file": str(tmp_path / "train.parquet"), "dev_file": str(tmp_path / "dev.parquet"),
+                       "text_field": "t", "label_field": "l", "kind": "regression"})
+    data = loaders.load(reg, Sources(cache_dir=str(tmp_path / "cache")))
+    assert data.num_labels == 1 and data.train.labels == [2.5, 0.5] and reg.metrics == ("pearson", "spearman")
