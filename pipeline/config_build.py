@@ -33,7 +33,8 @@ def build(cls, raw: Any, path: str = ""):
     value that does not match its field's type.
     """
     if not isinstance(raw, dict):
-        raise ValueError(f"{path or 'config'}: expected a mapping, got {type(raw).__name__} {raw!r}")
+        raise ValueError(f"{path or 'config'}: expected a mapping of its keys (indented under it, or {{key: value}}), "
+                         f"got {shown(raw)}{': delete the empty section or give it keys' if _empty(raw) else ''}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
@@ -61,7 +62,7 @@ def _coerce(tp, value: Any, path: str):
         raise ValueError(f"{path}: {value!r} does not match {tp}")
     if origin is list:
         if not isinstance(value, list):
-            raise ValueError(f"{path}: expected a list, got {shown(value)}")
+            raise ValueError(f"{path}: expected a list, got {shown(value)}; write [a, b], or [] for none")
         (arg,) = typing.get_args(tp)
         return [_coerce(arg, v, f"{path}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
@@ -153,3 +154,8 @@ def set_dotted(raw: dict, dotted: str, value: Any) -> None:
     if not isinstance(node, dict) or parts[-1] not in node:
         raise ValueError(f"unknown config key {dotted!r}; see the sections in pipeline/config.py")
     node[parts[-1]] = value
+
+
+def _empty(value: Any) -> bool:
+    """A YAML value with nothing in it: null, or a bare ``key:`` line."""
+    return value is None or (isinstance(value, str) and not value.strip())

@@ -319,3 +319,14 @@ def test_no_warmup_and_a_one_step_run_give_a_schedule_deepspeed_accepts(warmup, 
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=optim.lr)
     WarmupDecayLR(opt, total_num_steps=params["total_num_steps"], warmup_num_steps=params["warmup_num_steps"],
                   warmup_max_lr=params["warmup_max_lr"])
+
+
+def test_an_empty_section_and_a_null_list_say_what_to_write(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("run: {name: x}\nloss:\n")
+    with pytest.raises(ValueError) as e:
+        load_config(path, [f"run.root={tmp_path}"])
+    assert "loss: expected a mapping of its keys" in str(e.value) and "got nothing (an empty value)" in str(e.value)
+    assert "delete the empty section or give it keys" in str(e.value) and "Plain" not in str(e.value)
+    with pytest.raises(ValueError, match=r"evaluate.tasks: expected a list, got the text 'null'; write \[a, b\], or \[\] for none"):
+        load_config("configs/tiny.yaml", [f"run.root={tmp_path}", "evaluate.tasks=null"])
