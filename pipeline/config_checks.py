@@ -131,7 +131,10 @@ def _masking(cfg: RunConfig) -> list[str]:
 
 def _models(cfg: RunConfig) -> list[str]:
     t, p = cfg.teacher, []
-    if t.source == "pretrain":
+    if t.init_from and t.source != "pretrain":
+        p.append(f"teacher.init_from={t.init_from!r} starts a teacher the teacher stage pre-trains: it needs "
+                 f"teacher.source=pretrain (teacher.source={t.source!r} is used as it is)")
+    if t.source == "pretrain" and not t.init_from:  # with init_from the pretrained model's shape is the teacher's
         if t.hidden_size % t.num_heads:
             p.append(f"teacher.hidden_size={t.hidden_size} is not divisible by teacher.num_heads={t.num_heads}")
         if t.num_layers < 2:

@@ -126,24 +126,50 @@ def load_for_downstream(path: str, *, num_labels: int | None = None, regression:
     regression); None: the bare encoder (``AutoModel``, mean-pooled features, timing). Transformers' multi-line load
     report is replaced by the returned line: the tensors newly initialised and those left out (the MLM head).
     """
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    if num_labels is None:
+        return _quiet_from_pretrained(AutoModel, path)
+    return _quiet_from_pretrained(AutoModelForSequenceClassification, path, num_labels=num_labels,
+                                  problem_type="regression" if regression else "single_label_classification")
+
+
+def _quiet_from_pretrained(cls, path: str, **kwargs):
+    """``cls.from_pretrained(path)`` with transformers' load report replaced by one line: (model, line)."""
     import contextlib
 
-    from transformers import AutoModel, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     with contextlib.ExitStack() as stack:
         level = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
         stack.callback(hf_logging.set_verbosity, level)
-        if num_labels is None:
-            model, info = AutoModel.from_pretrained(path, output_loading_info=True)
-        else:
-            model, info = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=num_labels, output_loading_info=True,
-                problem_type="regression" if regression else "single_label_classification")
+        model, info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
     new, dropped = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
     line = (f"{type(model).__name__} from {path}: {len(new)} new tensors ({', '.join(new[:4])}{', …' if len(new) > 4 else ''}), "
             f"{len(dropped)} left out ({', '.join(sorted({k.split('.')[0] for k in dropped})) or 'none'})")
+    return model, line
+
+
+def teacher_from_encoder(source: str, *, cache_root: str, vocab_size: int, max_seq_len: int, seed: int):
+    """The start of continued MLM pre-training (``teacher.init_from``): a pretrained BERT encoder (package:NAME,
+    a folder, a hub id, s3://) with a new masked-LM head whose decoder is tied to the word embeddings, as BERT's.
+    Returns (model, one line naming the new and the left-out tensors). ValueError for a model that is not BERT,
+    a vocabulary smaller than the tokenizer's (``vocab_size``) or fewer positions than ``max_seq_len``."""
+    torch.manual_seed(seed)  # the new head's initialisation
+    path = resolve_local(source, cache_root)
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path) if os.path.isdir(path) else None
+    if config is not None and config.model_type != "bert":
+        raise ValueError(f"teacher.init_from {source!r} is a {config.model_type!r} model: give a BERT encoder")
+    model, line = _quiet_from_pretrained(BertForMaskedLM, path)
+    if model.config.vocab_size < vocab_size:
+        raise ValueError(f"teacher.init_from {source!r}: its vocabulary ({model.config.vocab_size}) is smaller than "
+                         f"data.tokenizer's ({vocab_size}): use the tokenizer it was trained with")
+    if model.config.max_position_embeddings < max_seq_len:
+        raise ValueError(f"teacher.init_from {source!r} has {model.config.max_position_embeddings} positions, fewer than "
+                         f"data.max_seq_len={max_seq_len}")
     return model, line
 
 

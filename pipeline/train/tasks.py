@@ -149,6 +149,12 @@ class MLMTask(_MaskedLM):
 
     def build(self) -> torch.nn.Module:
         tok, cfg = self.ctx.tokenizer, self.ctx.cfg
+        if cfg.teacher.init_from:  # continued pre-training of a pretrained encoder, every parameter trained
+            model, line = models.teacher_from_encoder(cfg.teacher.init_from, cache_root=cfg.cache_dir, vocab_size=len(tok),
+                                                      max_seq_len=cfg.data.max_seq_len, seed=cfg.run.seed)
+            if self.ctx.is_rank0:
+                print(f"[distil] teacher: {line}", flush=True)
+            return model
         return models.build_teacher_for_pretraining(cfg.teacher, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
                                                     seed=cfg.run.seed)
 
