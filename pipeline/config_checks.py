@@ -151,6 +151,8 @@ def _models(cfg: RunConfig) -> list[str]:
     lm = cfg.student.layer_map
     if not (lm in ("alternate", "hf") or (isinstance(lm, list) and lm and all(type(i) is int for i in lm))):
         p.append(f"student.layer_map={lm!r}: use 'alternate', 'hf' or a non-empty list of teacher layer indices")
+    elif t.source == "pretrain" and t.init_from:
+        pass  # the pretrained encoder's depth is the teacher's: preflight checks the map against it
     elif t.source == "pretrain" and isinstance(lm, list) and not all(0 <= i < t.num_layers for i in lm):
         p.append(f"student.layer_map={lm}: indices must lie in [0, {t.num_layers - 1}] (teacher.num_layers={t.num_layers})")
     elif t.source == "pretrain" and lm == "hf" and t.num_layers != 12:

