@@ -268,7 +268,7 @@ def render(args) -> int:
 def run(cfg, args, t_start: float) -> int:
     """Steps 1–4 of the module docstring, then the files."""
     def body():
-        cli.start(cfg, with_ray=False)
+        cli.start(cfg, with_ray=False, check_teacher=True)
         stages.check_evaluation_tasks(cfg)
         cpus = cli.start_ray(cfg)
         times = {}

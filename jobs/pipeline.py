@@ -19,7 +19,7 @@ def main(argv=None) -> int:
     cfg, args = cli.parse(__doc__, argv, extra=_stage_names)
 
     def run():
-        cli.start(cfg, with_ray=False)
+        cli.start(cfg, with_ray=False, check_teacher=True)
         if cfg.evaluate.tasks:  # the downstream tasks' data, checked before hours of training
             stages.check_evaluation_tasks(cfg)
         cpus = cli.start_ray(cfg)

@@ -39,8 +39,11 @@ def parse(description: str, argv: list[str] | None = None, extra=None) -> tuple[
     return cfg, args
 
 
-def start(cfg: RunConfig, *, with_ray: bool = True, with_tracking: bool = True) -> float:
-    """Connect to MLflow and Ray (unless told not to); returns the cluster's CPU count.
+def start(cfg: RunConfig, *, with_ray: bool = True, with_tracking: bool = True,
+          check_teacher: bool | None = None) -> float:
+    """Connect to MLflow and Ray (unless told not to); returns the cluster's CPU count. ``check_teacher``: whether
+    preflight checks the tokenizer, the teacher and the layer map (default: when Ray starts here; a job that
+    trains but starts Ray later, after more checks, passes True).
 
     What the run prints is set up first (pipeline/runtime.py): quiet libraries unless ``--verbose`` or
     ``DISTIL_VERBOSE=1``, a progress bar or lines.
@@ -50,7 +53,8 @@ def start(cfg: RunConfig, *, with_ray: bool = True, with_tracking: bool = True) 
     verbose = runtime.is_verbose()
     worker_env = runtime.configure_output(verbose=verbose)
 
-    preflight.check(cfg, teacher=with_ray)  # before Ray or MLflow: the run folders, a pretrained teacher
+    # Before Ray or MLflow: the run folders, the tokenizer, a pretrained or init_from teacher and the layer map.
+    preflight.check(cfg, teacher=with_ray if check_teacher is None else check_teacher)
 
     if with_tracking:
         tracking.setup(cfg.run.root, cfg.tracking.experiment)

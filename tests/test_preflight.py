@@ -191,3 +191,17 @@ def test_a_layer_map_beyond_a_pretrained_teachers_depth_stops_before_ray(tmp_pat
         preflight.check(_cfg(tmp_path, teacher, "student.layer_map=[0, 3]"))
     with pytest.raises(ValueError, match=r"student.layer_map=hf is defined for 12-layer teachers, this one has 2"):
         preflight.check(_cfg(tmp_path, teacher, "student.layer_map=hf"))
+
+
+@pytest.mark.parametrize("entry", ["jobs.pipeline", "benchmarks/paper_tables.py"])
+def test_the_pipeline_job_checks_the_teacher_and_layer_map_before_ray(tmp_path, entry):
+    # These start Ray only after checking the evaluation tasks: the teacher's checks must still come first.
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, *(["-m", entry] if entry.startswith("jobs") else [entry]), "--config",
+           "configs/teacher-minilm.yaml", "--set", f"run.root={tmp_path}", "--set", "student.layer_map=[0, 9]"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "student.layer_map=[0, 9]: indices must lie in [0, 5]" in proc.stderr
+    assert "Ray" not in proc.stdout + proc.stderr.replace("before Ray", "")  # no Ray started
