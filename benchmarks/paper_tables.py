@@ -256,13 +256,18 @@ def render(args) -> int:
     if result is None:
         print(f"error: {args.out} does not exist: run the benchmark first", file=sys.stderr)
         return 2
+    write_tables(result, args)
+    return 0
+
+
+def write_tables(result: dict, args) -> None:
+    """The tables as markdown: to --markdown, into the --docs files' blocks, and to stdout."""
     md = markdown(result)
     with open(args.markdown, "w") as f:
         f.write(md + "\n")
     for path in args.docs:
         replace_block(path, md)
     print(md)
-    return 0
 
 
 def run(cfg, args, t_start: float) -> int:
@@ -310,12 +315,7 @@ def run(cfg, args, t_start: float) -> int:
         }
         result["verdicts"] = verdicts(tables)
         storage.write_json(args.out, result)
-        md = markdown(result)
-        with open(args.markdown, "w") as f:
-            f.write(md + "\n")
-        for path in args.docs:
-            replace_block(path, md)
-        print(md)
+        write_tables(result, args)
         print(json.dumps({"benchmark": "paper_tables", "wall_s": result["wall_s"], **result["verdicts"]}))
 
     return cli.main_guard(body)
