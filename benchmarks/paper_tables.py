@@ -112,12 +112,16 @@ def tfidf_scores(data: dict) -> dict[str, float]:
 
     out = {}
     for name, d in data.items():
-        texts = lambda ex: [t if not ex.pairs else f"{t} [SEP] {p}" for t, p in zip(ex.texts, ex.pairs or ex.texts)]  # noqa: E731
         head = Ridge() if d.spec.regression else LogisticRegression(max_iter=2000, C=10.0)
         model = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1), head)
-        model.fit(texts(d.train), d.train.labels)
-        out[name] = metrics.scores(d.spec.metrics, model.predict(texts(d.dev)), d.dev.labels)["score"]
+        model.fit(_texts(d.train), d.train.labels)
+        out[name] = metrics.scores(d.spec.metrics, model.predict(_texts(d.dev)), d.dev.labels)["score"]
     return out
+
+
+def _texts(ex) -> list[str]:
+    """A split's texts for TF-IDF; a pair task's two sentences joined by [SEP]."""
+    return ex.texts if not ex.pairs else [f"{t} [SEP] {p}" for t, p in zip(ex.texts, ex.pairs)]
 
 
 def build_tables(evaluated, trained: dict, teacher_record, tfidf: dict) -> dict:
