@@ -165,6 +165,9 @@ class CheckpointSection:
 
     every_steps: int = 50  # optimizer steps between checkpoints (and one at the last step); each also evaluates
     keep: int = 2  # checkpoints kept in storage, the newest
+    # optimizer steps between checks for a spot-preemption warning (ray.train.get_preemption_info, a barrier of
+    # all ranks); a warning checkpoints at once, so a reclaimed node costs no step; 0 never checks
+    preemption_check_steps: int = 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -184,6 +187,8 @@ class ScalingSection:
     use_gpu: bool = False  # one GPU per worker (nccl, bf16 by default); else CPU workers (gloo, fp32)
     cpus_per_worker: float = 1.0  # logical CPUs Ray reserves for each worker
     max_failures: int = 0  # worker-group restarts from the latest checkpoint after a failure; -1 retries forever
+    # restarts after a node's spot preemption (Ray drains it first), counted apart from max_failures; -1 forever
+    max_preemptions: int = -1
     # TFLOP/s one worker can reach, for the perf/mfu metric; 0 means measured on GPU, not reported on CPU
     peak_tflops_per_worker: float = 0.0
 

@@ -204,6 +204,12 @@ def _scaling(cfg: RunConfig) -> list[str]:
     s, p = cfg.scaling, []
     if s.num_workers < 1:
         p.append(f"scaling.num_workers={s.num_workers}: must be >= 1")
+    if s.max_preemptions < -1:
+        p.append(f"scaling.max_preemptions={s.max_preemptions}: use -1 (retry after every preemption), 0 (fail on the "
+                 "first) or a positive count")
+    if cfg.checkpoint.preemption_check_steps < 0:
+        p.append(f"checkpoint.preemption_check_steps={cfg.checkpoint.preemption_check_steps}: use 0 (never check) or "
+                 "a positive number of optimizer steps")
     if s.cpus_per_worker <= 0 or s.max_failures < -1 or s.peak_tflops_per_worker < 0:
         p.append("scaling.cpus_per_worker must be > 0, scaling.max_failures >= -1 (-1: retry forever), "
                  "scaling.peak_tflops_per_worker >= 0")

@@ -459,3 +459,68 @@ def test_every_s3_request_of_the_pipelines_storage_code_is_allowed(recorded_s3, 
     statements = _policy(S3_POLICY)
     denied = sorted({(a, arn, req) for a, arn, req in needed if not _allowed(statements, a, arn)})
     assert not denied, "requests the policy does not allow:\n" + "\n".join(map(str, denied))
+
+
+def _imds(notice_after: int, seconds_left: int):
+    """A stand-in for EC2's instance metadata service (IMDSv2) on 127.0.0.1: a session token on PUT, then 404 for
+    the spot notice until it has been asked ``notice_after`` times, then the notice."""
+    import datetime
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    asked = {"notice": 0, "tokens": 0}
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _send(self, code: int, body: str):
+            self.send_response(code)
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def do_PUT(self):
+            asked["tokens"] += 1
+            ok = self.path == "/latest/api/token" and self.headers.get("X-aws-ec2-metadata-token-ttl-seconds")
+            self._send(200 if ok else 400, "imds-token")
+
+        def do_GET(self):
+            if self.path != "/latest/meta-data/spot/instance-action" or self.headers.get("X-aws-ec2-metadata-token") != "imds-token":
+                return self._send(401, "")
+            asked["notice"] += 1
+            if asked["notice"] <= notice_after:
+                return self._send(404, "")
+            when = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=seconds_left)
+            self._send(200, json.dumps({"action": "terminate", "time": when.strftime("%Y-%m-%dT%H:%M:%SZ")}))
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, asked
+
+
+def test_the_spot_notice_becomes_a_ray_drain_with_reason_preemption_and_its_deadline(tmp_path):
+    import subprocess
+
+    server, asked = _imds(notice_after=2, seconds_left=120)
+    fake_ray = tmp_path / "ray"
+    fake_ray.write_text(f'#!/usr/bin/env bash\necho "$RAY_AUTH_MODE $*" > {tmp_path / "called"}\n')
+    fake_ray.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "IMDS_ENDPOINT": f"http://127.0.0.1:{server.server_port}",
+           "SPOT_POLL_S": "0.1", "RAY_BIN": str(fake_ray)}
+    try:
+        proc = subprocess.run(["bash", str(CLUSTER / "spot-notice.sh")], env=env, capture_output=True, text=True, timeout=60)
+    finally:
+        server.shutdown()
+    assert proc.returncode == 0, proc.stderr
+    assert asked["notice"] == 3 and asked["tokens"] == 3  # polled until the notice, with an IMDSv2 token each time
+    mode, *args = (tmp_path / "called").read_text().split()
+    assert mode == "token" and args[:3] == ["drain-node", "--reason", "DRAIN_NODE_REASON_PREEMPTION"]
+    deadline = int(args[args.index("--deadline-remaining-seconds") + 1])
+    assert 110 <= deadline <= 121, deadline
+
+
+def test_every_worker_node_starts_the_spot_notice_watcher_from_the_mounted_script():
+    cfg = _cluster()
+    assert cfg["file_mounts"]["/home/ubuntu/distil/spot-notice.sh"] == "./cluster/spot-notice.sh"
+    starts = " ; ".join(cfg["worker_start_ray_commands"])
+    assert re.search(r"nohup bash ~/distil/spot-notice\.sh .*&\s*$", cfg["worker_start_ray_commands"][-1])
+    assert "pkill -f '[s]pot-notice.sh'" in starts  # a restart replaces the watcher; the pattern spares its own shell

@@ -231,13 +231,15 @@ def _s3(tracking_server):
 
 
 def test_no_credential_reaches_mlflow_the_run_folder_or_the_logs(e2e_run, tracking_server):
-    """The job ran with AWS keys and MLflow basic-auth credentials in its environment: none of their values may
-    appear in any MLflow param, tag, metric name, model version, artifact, file of the run folder, or log."""
-    from conftest import TRACKING_CREDENTIALS
+    """The job ran with AWS keys, MLflow basic-auth credentials and Ray's token in its environment: none of their
+    values may appear in any MLflow param, tag, metric name, model version, artifact, file of the run folder, or log."""
+    from conftest import RAY_TOKEN_PATH, TRACKING_CREDENTIALS
     from servers import S3_ENV
 
     secrets = [S3_ENV["AWS_ACCESS_KEY_ID"], S3_ENV["AWS_SECRET_ACCESS_KEY"], TRACKING_CREDENTIALS["MLFLOW_TRACKING_PASSWORD"]]
     assert all(s in e2e_run["env"].values() for s in secrets), "the job must have had the secrets to leak them"
+    assert e2e_run["env"]["RAY_AUTH_TOKEN_PATH"] == RAY_TOKEN_PATH and e2e_run["env"]["RAY_AUTH_MODE"] == "token"
+    secrets.append(open(RAY_TOKEN_PATH).read().strip())  # the job's Ray ran with token authentication on
     mlflow = _mlflow(e2e_run)
     client = mlflow.MlflowClient()
     texts = {}

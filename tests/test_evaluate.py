@@ -707,3 +707,16 @@ def test_a_save_to_disk_folder_and_parquet_files_are_task_sources(tmp_path):
                        "text_field": "t", "label_field": "l", "kind": "regression"})
     data = loaders.load(reg, Sources(cache_dir=str(tmp_path / "cache")))
     assert data.num_labels == 1 and data.train.labels == [2.5, 0.5] and reg.metrics == ("pearson", "spearman")
+
+
+def test_several_given_models_are_evaluated_and_two_with_one_key_are_refused(tmp_path):
+    from pipeline.config import load_config
+    from pipeline.evaluate import stage, units
+
+    cfg = load_config("configs/tiny.yaml", [f"run.root={tmp_path}"])  # no teacher stage ran: the given models only
+    a = units.Model(key="a", source="distill a", uri=str(tmp_path / "a"))
+    b = units.Model(key="b", source="distill b", uri=str(tmp_path / "b"))
+    assert [m.key for m in stage.models_to_evaluate(cfg, given=[a, b])] == ["a", "b"]
+    assert [m.key for m in stage.models_to_evaluate(cfg, given=a)] == ["a"]
+    with pytest.raises(ValueError, match=r"two models to evaluate share a key \(\['a', 'a'\]\)"):
+        stage.models_to_evaluate(cfg, given=[a, a])

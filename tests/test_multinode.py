@@ -42,8 +42,12 @@ def _ray_start(bin_dir: Path, env: dict, *args: str) -> subprocess.Popen:
 def cluster(tmp_path_factory):
     bin_dir = Path(sys.executable).parent
     # Node death is noticed after health_check_failure_threshold missed checks: 3 × 1 s here instead of 5 × 3 s.
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",
-           "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
+    # Ray Train polls the nodes' drain state every 5 s by default: 1 s here, so a preemption warning arrives early.
+    # Token authentication on (conftest.py: RAY_AUTH_MODE=token, RAY_AUTH_TOKEN_PATH): the head, every node, the
+    # `ray job submit` below and the jobs' drivers all read the one token, as README's local flow does.
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
+           "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
+           "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     port = servers.free_port()
     dash = servers.free_port()
@@ -64,7 +68,8 @@ def cluster(tmp_path_factory):
             if not failed:
                 break
             nodes.update({name: start_node(name) for name in failed})
-        info = {"address": address, "env": env, "nodes": nodes, "dashboard": f"http://127.0.0.1:{dash}", "bin": bin_dir}
+        info = {"address": address, "env": env, "nodes": nodes, "dashboard": f"http://127.0.0.1:{dash}", "bin": bin_dir,
+                "start_node": start_node}
         _wait_for(lambda: _job_api_up(info), "the job API", timeout_s=180, every_s=3)
         yield info
     finally:
@@ -99,6 +104,19 @@ def test_bad_config_fails_the_submitted_job_with_one_clear_line(cluster):
     out = proc.stdout + proc.stderr
     assert "unknown config key 'loss.temprature'" in out
     assert "Traceback" not in out
+
+
+def test_the_job_api_refuses_a_submitter_without_the_token(cluster, tmp_path):
+    """The job-submission API runs arbitrary code: without the cluster's token, or with another, it refuses."""
+    env = {k: v for k, v in cluster["env"].items() if k not in ("RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN")}
+    env["HOME"] = str(tmp_path)  # and no ~/.ray/auth_token to fall back on
+    wrong = tmp_path / "wrong_token"
+    wrong.write_text("0" * 64)
+    for case in ({}, {"RAY_AUTH_TOKEN_PATH": str(wrong)}):
+        proc = subprocess.run([str(cluster["bin"] / "ray"), "job", "list", "--address", cluster["dashboard"]],
+                              env={**env, **case}, capture_output=True, text=True, timeout=60)
+        assert proc.returncode != 0, (case, proc.stdout[-500:])
+        assert "token" in (proc.stdout + proc.stderr).lower(), (proc.stdout + proc.stderr)[-1500:]
 
 
 def _gcs_up(bin_dir, env, address) -> bool:
@@ -146,6 +164,34 @@ def _kill_node(node: subprocess.Popen) -> None:
             pass
 
 
+def _job_args(root: Path, sets: list[str]) -> list[str]:
+    """The pipeline job's command line; the corpus is prepared here first, on the test session's warm Ray: the
+    job's prepare stage then finds it by its cache key (cold Ray Data workers on the new nodes cost ~40 s of CI
+    time, and prepare is not what is tested)."""
+    from pipeline import models
+    from pipeline.config import load_config
+    from pipeline.corpus import prepare
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", sets)
+    prepare.prepare(cfg.data, data_dir=cfg.data_dir, run_root=cfg.run.root, tokenizer_name=cfg.data.tokenizer,
+                    tokenizer_path=models.resolve_local(cfg.data.tokenizer, str(root / "cache")))
+    args = ["python", "-m", "jobs.pipeline", "--config", "configs/tiny.yaml", "--skip-sweep"]
+    for s in sets:
+        args += ["--set", s]
+    return args
+
+
+def _registered_step(pattern: str) -> int:
+    """The newest step among the checkpoints Ray Train has registered (a checkpoint on disk may be in flight)."""
+    steps = [0]
+    for path in glob.glob(pattern):
+        try:
+            steps += [c["metrics"]["step"] for c in json.load(open(path))["checkpoint_results"]]
+        except (ValueError, KeyError):
+            pass  # being rewritten
+    return max(steps)
+
+
 def _tiny_teacher(root: Path) -> str:
     from pipeline import models
     from pipeline.config import TeacherSection
@@ -169,18 +215,7 @@ def test_a_killed_node_costs_at_most_one_checkpoint_interval(cluster, ray_sessio
             # each node keeps a CPU beside the 2 training workers for Ray Data's read tasks, before and after
             # the loss.
             "data.materialize_max_gib=0"]
-    # Prepare the corpus here, on the test session's warm Ray: the job's prepare stage then finds it by its cache
-    # key (cold Ray Data workers on the new nodes cost ~40 s of CI time, and prepare is not what is tested).
-    from pipeline import models
-    from pipeline.config import load_config
-    from pipeline.corpus import prepare
-
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", sets)
-    prepare.prepare(cfg.data, data_dir=cfg.data_dir, run_root=cfg.run.root, tokenizer_name=cfg.data.tokenizer,
-                    tokenizer_path=models.resolve_local(cfg.data.tokenizer, str(root / "cache")))
-    args = ["python", "-m", "jobs.pipeline", "--config", "configs/tiny.yaml", "--skip-sweep"]
-    for s in sets:
-        args += ["--set", s]
+    args = _job_args(root, sets)
     log = open(tmp_path / "pipeline.log", "w")
     # `ray job submit` waits for the job and exits non-zero if it fails. No --working-dir here: the three
     # nodes share one session folder on this machine, so when the killed node's runtime-env agent dies, the
@@ -189,17 +224,10 @@ def test_a_killed_node_costs_at_most_one_checkpoint_interval(cluster, ray_sessio
     job = subprocess.Popen(_submit_cmd(cluster, *args, working_dir=False), cwd=ROOT, env=cluster["env"], stdout=log,
                            stderr=subprocess.STDOUT)
     try:
-        # Ray Train's record of the checkpoints it registered (a checkpoint on disk may still be in flight).
         snapshots = str(root / "multinode" / "ray" / "*" / "checkpoint_manager_snapshot.json")
 
         def registered_step() -> int:
-            steps = [0]
-            for path in glob.glob(snapshots):
-                try:
-                    steps += [c["metrics"]["step"] for c in json.load(open(path))["checkpoint_results"]]
-                except (ValueError, KeyError):
-                    pass  # being rewritten
-            return max(steps)
+            return _registered_step(snapshots)
 
         _wait_for(lambda: registered_step() >= EVERY or job.poll() is not None, "a registered checkpoint",
                   timeout_s=600, every_s=0.2)
@@ -231,3 +259,64 @@ def test_a_killed_node_costs_at_most_one_checkpoint_interval(cluster, ray_sessio
     fill = mlflow.transformers.load_model("models:/multinode-student@champion")
     assert len(fill("the movie was a [MASK] of time .")) == 5
 
+
+
+def _node_id(cluster, name: str) -> str:
+    """The hex id of worker node ``name`` (it holds the custom resource node_<name>)."""
+    out = subprocess.run([str(cluster["bin"] / "ray"), "list", "nodes", "--format", "json", "--address", cluster["dashboard"],
+                          "--detail"], env=cluster["env"], capture_output=True, text=True, timeout=60, check=True).stdout
+    (node,) = [n for n in json.loads(out) if n["state"] == "ALIVE" and f"node_{name}" in n["resources_total"]]
+    return node["node_id"]
+
+
+def _both_nodes_up(cluster) -> None:
+    """Start again a worker node an earlier test killed."""
+    for name, proc in list(cluster["nodes"].items()):
+        if proc.poll() is not None or not any(True for _ in _node_processes(proc)):
+            cluster["nodes"][name] = cluster["start_node"](name)
+    _wait_for(lambda: _alive_nodes(cluster["bin"], cluster["env"], cluster["address"]) == 3, "two worker nodes")
+
+
+def test_a_preempted_spot_node_costs_no_step_and_no_failure(cluster, ray_session, tmp_path):
+    """The cloud's reclaim notice, as the autoscaler passes it on (`ray drain-node` with reason PREEMPTION and a
+    deadline), then the node's death: the loop checkpoints at the warned step, the run resumes exactly there, and
+    with scaling.max_failures=0 the job still succeeds (a preemption is not a failure)."""
+    import re
+
+    _both_nodes_up(cluster)
+    root, steps = tmp_path / "runs", 400
+    sets = [f"run.root={root}", "run.name=preempt", "data.max_docs=1500", "data.max_seq_len=32",
+            f"teacher.source={_tiny_teacher(tmp_path)}", f"optim.max_steps={steps}", "optim.micro_batch_size=4",
+            f"checkpoint.every_steps={steps}", f"eval.every_steps={steps}", "eval.max_batches=1",
+            "scaling.max_failures=0", "tracking.model_name=preempt-student", "tracking.log_every_steps=5"]
+    log_path = tmp_path / "pipeline.log"
+    log = open(log_path, "w")
+    job = subprocess.Popen(_submit_cmd(cluster, *_job_args(root, sets), working_dir=False), cwd=ROOT, env=cluster["env"],
+                           stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_for(lambda: re.search(r"distill +step +\d+/", log_path.read_text()) or job.poll() is not None,
+                  "the distill stage's first steps", timeout_s=600, every_s=0.5)
+        assert job.poll() is None, log_path.read_text()[-4000:]
+        victims = [name for name, node in cluster["nodes"].items() if _runs_a_train_worker(node)]
+        assert victims, "no training worker runs on a worker node"
+        subprocess.run([str(cluster["bin"] / "ray"), "drain-node", "--address", cluster["address"], "--node-id",
+                        _node_id(cluster, victims[0]), "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message",
+                        "spot instance reclaimed (test)", "--deadline-remaining-seconds", "30"],
+                       env=cluster["env"], check=True, capture_output=True, timeout=60)
+        warned = r"preemption warning: .* checkpoint at step (\d+)"
+        _wait_for(lambda: re.search(warned, log_path.read_text()) or job.poll() is not None, "the preemption warning",
+                  timeout_s=120, every_s=0.5)
+        at_warning = int(re.search(warned, log_path.read_text()).group(1))
+        snapshots = str(root / "preempt" / "ray" / "*" / "checkpoint_manager_snapshot.json")
+        _wait_for(lambda: _registered_step(snapshots) >= at_warning, "the warned step's checkpoint", timeout_s=120,
+                  every_s=0.2)
+        _kill_node(cluster["nodes"][victims[0]])  # the cloud takes the machine back
+        assert job.wait(timeout=600) == 0, log_path.read_text()[-6000:]
+    finally:
+        if job.poll() is None:
+            job.kill()
+        log.close()
+
+    metrics = json.loads((root / "preempt" / "stages" / "distill.json").read_text())["candidates"][0]["metrics"]
+    assert 0 < at_warning < steps and metrics["step"] == steps
+    assert metrics["resume/from_step"] == at_warning  # not 0: without the warning's checkpoint there was none

@@ -93,7 +93,9 @@ def build_trainer(cfg: RunConfig, *, name: str, datasets: dict, work: WorkerConf
             storage_path=storage_path,
             storage_filesystem=storage.pyarrow_filesystem(storage_path),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
+            # A preempted node (drained by the cloud's reclaim notice) is counted apart from real failures.
+            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures,
+                                                   max_preemption_failures=cfg.scaling.max_preemptions),
             callbacks=callbacks,
             # Each report and checkpoint is an INFO line on the console: only with --verbose (pipeline/runtime.py).
             logging_config=ray.train.LoggingConfig(log_level=runtime.train_log_level()),

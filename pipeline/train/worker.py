@@ -121,6 +121,7 @@ class Loop:
         self.numerics = Numerics(fp16=fp16, skipped_steps=engine.skipped_steps, is_rank0=ctx.is_rank0)
         self.sums: dict[str, torch.Tensor] = {}
         self.step_last = state.step
+        self.warnings_seen: set = set()  # preemption warnings already answered with a checkpoint
 
     def run(self) -> None:
         """Train to ``optim.max_steps``: log every ``tracking.log_every_steps``, evaluate and report every
@@ -145,6 +146,8 @@ class Loop:
                 self.logger.log(train, step)
             if do_eval:
                 train = self._evaluate_and_report(val_batches, train, checkpoint_now=do_ckpt, final=is_last)
+            if self._preemption_warned(checkpointed=do_ckpt):  # a spot node goes soon: lose no step
+                train = self._evaluate_and_report(val_batches, train, checkpoint_now=True, final=False)
             if step % every == 0 or do_eval:
                 progress.update(step, train)
                 meter.restart(self.state.tokens_seen)  # throughput excludes eval and checkpoint time
@@ -205,6 +208,29 @@ class Loop:
         return out
 
     # ---- evaluation, reports and checkpoints --------------------------------------------------------------
+    def _preemption_warned(self, *, checkpointed: bool) -> bool:
+        """True once per spot-preemption warning not already answered by this step's checkpoint.
+
+        Every ``checkpoint.preemption_check_steps`` steps, every rank asks Ray Train whether a node of the worker
+        group is being drained for preemption (``ray.train.get_preemption_info``, a barrier: each rank calls it at
+        the same steps). Ray Train then restarts the group from the newest checkpoint once the node goes (or its
+        deadline passes), counted against ``scaling.max_preemptions``, not ``max_failures``."""
+        every = self.cfg.checkpoint.preemption_check_steps
+        if not every or self.state.step % every or self.state.step == self.optim.max_steps:
+            return False
+        info = ray.train.get_preemption_info()
+        if info is None:
+            return False
+        key = (info.deadline_ms, tuple(info.preempted_node_ids))
+        if key in self.warnings_seen:
+            return False
+        self.warnings_seen.add(key)
+        if self.ctx.is_rank0:
+            left = "" if info.deadline_ms is None else f", {info.deadline_ms / 1000 - time.time():.0f} s before it goes"
+            print(f"[distil] preemption warning: node {', '.join(n[:12] for n in info.preempted_node_ids)} (ranks "
+                  f"{info.preempted_ranks}) is being reclaimed{left}; checkpoint at step {self.state.step}", flush=True)
+        return not checkpointed
+
     def _evaluate_and_report(self, val_batches: list[Batch], train: dict, *, checkpoint_now: bool, final: bool) -> dict:
         held_out = self.evaluate(val_batches)
         self.phases.mark("eval")
