@@ -27,6 +27,7 @@ from conftest import ROOT
 pytestmark = pytest.mark.slow
 
 STEPS, EVERY = 25, 5
+DEADLINE_S = 20  # the spot notice's warning time in the preemption test (EC2 gives 120 s)
 
 
 def _ray_start(bin_dir: Path, env: dict, *args: str) -> subprocess.Popen:
@@ -299,9 +300,10 @@ def test_a_preempted_spot_node_costs_no_step_and_no_failure(cluster, ray_session
         assert job.poll() is None, log_path.read_text()[-4000:]
         victims = [name for name, node in cluster["nodes"].items() if _runs_a_train_worker(node)]
         assert victims, "no training worker runs on a worker node"
+        deadline_at = time.time() + DEADLINE_S
         subprocess.run([str(cluster["bin"] / "ray"), "drain-node", "--address", cluster["address"], "--node-id",
                         _node_id(cluster, victims[0]), "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message",
-                        "spot instance reclaimed (test)", "--deadline-remaining-seconds", "30"],
+                        "spot instance reclaimed (test)", "--deadline-remaining-seconds", str(DEADLINE_S)],
                        env=cluster["env"], check=True, capture_output=True, timeout=60)
         warned = r"preemption warning: .* checkpoint at step (\d+)"
         _wait_for(lambda: re.search(warned, log_path.read_text()) or job.poll() is not None, "the preemption warning",
@@ -310,7 +312,12 @@ def test_a_preempted_spot_node_costs_no_step_and_no_failure(cluster, ray_session
         snapshots = str(root / "preempt" / "ray" / "*" / "checkpoint_manager_snapshot.json")
         _wait_for(lambda: _registered_step(snapshots) >= at_warning, "the warned step's checkpoint", timeout_s=120,
                   every_s=0.2)
-        _kill_node(cluster["nodes"][victims[0]])  # the cloud takes the machine back
+        # The cloud takes the machine back at the deadline, not before: Ray Train restarts the group itself when the
+        # deadline passes (a PreemptionError), and a node that dies after its drain deadline is recorded as
+        # preempted. Killed earlier, its workers' deaths would be an ordinary failure (fatal with max_failures=0),
+        # which is not what a spot reclaim does.
+        time.sleep(max(0.0, deadline_at - time.time()) + 2)
+        _kill_node(cluster["nodes"][victims[0]])
         assert job.wait(timeout=600) == 0, log_path.read_text()[-6000:]
     finally:
         if job.poll() is None:
