@@ -52,11 +52,18 @@ def epoch_batches(iterator, size: int, *, shuffle_rows: int, shuffle_seed: int) 
     return exact_batches(raw, size)
 
 
-def to_torch(batch: dict[str, np.ndarray], device, columns: dict | None = None) -> dict[str, torch.Tensor]:
+def to_torch(batch: dict[str, np.ndarray], device, columns: dict | None = None) -> dict[str, torch.Tensor | bool]:
     """The ``columns`` of a numpy batch ({name: torch dtype}; default ``input_ids`` and ``attention_mask``, B×T
-    int64) as tensors on ``device``; other columns are dropped. Raises KeyError when a column is missing."""
+    int64) as tensors on ``device``; other columns are dropped. Raises KeyError when a column is missing.
+
+    Adds ``packed`` (a host bool): the batch has an attention mask and every entry is 1 (packed rows, no padding).
+    Read here from the numpy array, it costs no device sync; the models then run without a mask.
+    """
     columns = columns or {k: torch.long for k in COLUMNS}
-    return {k: torch.as_tensor(batch[k]).to(device=device, dtype=dtype) for k, dtype in columns.items()}
+    out: dict[str, torch.Tensor | bool] = {k: torch.as_tensor(batch[k]).to(device=device, dtype=dtype)
+                                           for k, dtype in columns.items()}
+    out["packed"] = "attention_mask" in batch and bool(np.all(batch["attention_mask"]))
+    return out
 
 
 @dataclass

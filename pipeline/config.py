@@ -160,6 +160,16 @@ class DeepSpeedSection:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ComputeSection:
+    """How the distillation step computes on its device (pipeline/train/tasks.py, models.py): distill and sweep."""
+
+    # torch.compile of student, teacher and loss: "" off | default | reduce-overhead (CUDA graphs) | max-autotune
+    compile: str = ""
+    # pad both vocabularies to a multiple of this for aligned matmuls (0 off); padded logits are −inf: no loss
+    pad_vocab_multiple: int = 0  # sees them, and export drops them
+
+
+@dataclass(frozen=True, kw_only=True)
 class CheckpointSection:
     """When the training loop checkpoints (pipeline/train/worker.py) and how many Ray Train keeps."""
 
@@ -267,6 +277,7 @@ class RunConfig:
     loss: LossSection = field(default_factory=LossSection)  # the distillation loss: distill and sweep stages
     optim: OptimSection = field(default_factory=OptimSection)  # the student's training: distill and sweep stages
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)  # ZeRO and precision of every training stage
+    compute: ComputeSection = field(default_factory=ComputeSection)  # compile, vocabulary padding: distill and sweep
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)  # checkpoints of every training stage
     eval: EvalSection = field(default_factory=EvalSection)  # held-out evaluation of every training stage
     scaling: ScalingSection = field(default_factory=ScalingSection)  # workers of every training run and sweep trial

@@ -69,6 +69,7 @@ def _choices(cfg: RunConfig) -> list[str]:
         "sweep.mode": (cfg.sweep.mode, {"min", "max"}),
         "tracking.select_mode": (cfg.tracking.select_mode, {"auto", "min", "max"}),
         "evaluate.mode": (cfg.evaluate.mode, {"finetune", "probe"}),
+        "compute.compile": (cfg.compute.compile, {"", "default", "reduce-overhead", "max-autotune"}),
     }
     return [f"{key}={value!r}: use one of {sorted(allowed)}" for key, (value, allowed) in choose.items() if value not in allowed]
 
@@ -193,6 +194,9 @@ def _optim(cfg: RunConfig) -> list[str]:
         p.append(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}: use 0, 1, 2 or 3")
     if cfg.deepspeed.precision == "fp16" and not cfg.scaling.use_gpu:
         p.append("deepspeed.precision=fp16 needs a GPU (DeepSpeed refuses fp16 on CPU): use fp32 or bf16")
+    if cfg.compute.pad_vocab_multiple < 0:
+        p.append(f"compute.pad_vocab_multiple={cfg.compute.pad_vocab_multiple}: use 0 (no padding) or a positive multiple "
+                 "such as 64")
     if cfg.checkpoint.every_steps < 1 or cfg.eval.every_steps < 1:
         p.append("checkpoint.every_steps and eval.every_steps must be >= 1")
     if cfg.checkpoint.keep < 1 or cfg.eval.max_batches < 1:

@@ -119,11 +119,16 @@ def cosine_loss(
     Each vector is first scaled by a power of two that brings its largest |entry| into [0.5, 1): the cosine
     is unchanged bit for bit (power-of-two scaling is exact), but ‖h‖² no longer overflows float32 for
     entries above ~1e19 (bf16 reaches 3e38), where ``F.cosine_similarity`` would return 0.
+    Dense over positions (no boolean indexing, no host sync): every position is computed, and one outside
+    ``mask_BT`` adds exactly 0, whatever its hidden states.
     """
-    s_ND = _unit_scale(student_hidden_BTD[mask_BT].float())
-    t_ND = _unit_scale(teacher_hidden_BTD[mask_BT].float())
-    cos_sum = (1.0 - F.cosine_similarity(s_ND, t_ND, dim=-1)).sum()
-    return cos_sum / _norm(normalizer, s_ND.shape[0])
+    # Zeros outside the mask before any arithmetic: a NaN there must not reach the gradient either (0 · NaN).
+    keep_BT1 = mask_BT.unsqueeze(-1)
+    s_BTD = _unit_scale(torch.where(keep_BT1, student_hidden_BTD.float(), 0.0))
+    t_BTD = _unit_scale(torch.where(keep_BT1, teacher_hidden_BTD.float(), 0.0))
+    cos_BT = F.cosine_similarity(s_BTD, t_BTD, dim=-1)
+    cos_sum = torch.where(mask_BT, 1.0 - cos_BT, 0.0).sum()
+    return cos_sum / _norm(normalizer, mask_BT.sum())
 
 
 def mse_loss(
@@ -141,10 +146,15 @@ def mse_loss(
     term already drives the student's probability there to 0. A student logit of −inf against a finite teacher
     logit gives +inf, the true value; so does a squared difference beyond float32's range (|s − t| > ~1.8e19).
     Non-finite results are reported by the loop's numerics guard.
+    Dense over positions, like :func:`cosine_loss`.
     """
-    s_NV, t_NV = _select(student_logits_BTV, mask_BT).float(), _select(teacher_logits_BTV.detach(), mask_BT).float()
-    sq_NV = torch.where(torch.isneginf(t_NV), 0.0, (s_NV - t_NV).square())
-    return sq_NV.sum() / _norm(normalizer, s_NV.shape[0])
+    s_BTV, t_BTV = student_logits_BTV.float(), teacher_logits_BTV.detach().float()
+    keep_BTV = mask_BT.unsqueeze(-1) & ~torch.isneginf(t_BTV)
+    # The inner where keeps a −inf teacher entry out of the arithmetic, the outer one the student's: an excluded
+    # entry gets exactly 0 gradient (not 0 · ∞ = NaN).
+    diff_BTV = torch.where(keep_BTV, s_BTV - torch.where(keep_BTV, t_BTV, 0.0), 0.0)
+    sq_sum = diff_BTV.square().sum()
+    return sq_sum / _norm(normalizer, mask_BT.sum())
 
 
 def combine(terms: dict[str, torch.Tensor], weights: dict[str, float]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -170,6 +180,8 @@ def _unit_scale(x_ND: torch.Tensor) -> torch.Tensor:
     return x_ND * torch.exp2(-exponent_N1.clamp(-126, 126).to(x_ND.dtype))
 
 
-def _norm(normalizer, local_count: int):
-    # An empty selection contributes 0, never NaN: clamp the local count at 1.
-    return max(local_count, 1) if normalizer is None else normalizer
+def _norm(normalizer, local_count: int | torch.Tensor):
+    # An empty selection contributes 0, never NaN: clamp the local count at 1 (a tensor stays on its device).
+    if normalizer is not None:
+        return normalizer
+    return local_count.clamp(min=1) if isinstance(local_count, torch.Tensor) else max(local_count, 1)

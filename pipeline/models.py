@@ -345,6 +345,40 @@ def init_from_teacher(student: DistilBertForMaskedLM, teacher: BertForMaskedLM, 
     student.vocab_projector.bias.copy_(head.decoder.bias if head.decoder.bias is not None else head.bias)
 
 
+def pad_vocab(model: torch.nn.Module, multiple: int) -> int:
+    """Pad the vocabulary of a BERT or DistilBERT masked LM in place to a multiple of ``multiple`` rows (word
+    embeddings, the tied MLM decoder and its bias), so that the vocabulary matmuls run on aligned shapes (30,522 is
+    not a multiple of 64; 30,528 is). The padded output logits are −inf (:func:`mask_padded_logits`): every loss
+    gives them probability 0, value 0 and gradient 0 (pipeline/losses.py), and no input id reaches the new rows.
+    Returns the vocabulary size before padding (what :func:`unpadded` restores); ``multiple`` ≤ 0 changes nothing.
+    """
+    real = model.get_input_embeddings().num_embeddings
+    if multiple > 0 and real % multiple:
+        model.resize_token_embeddings(None, pad_to_multiple_of=multiple, mean_resizing=False)
+        mask_padded_logits(model, real)
+    return real
+
+
+@torch.no_grad()
+def mask_padded_logits(model: torch.nn.Module, real_vocab: int) -> None:
+    """Set the MLM output bias to −inf past ``real_vocab`` (a BERT's ``cls.predictions.bias``, a DistilBERT's
+    ``vocab_projector.bias``); nothing to do for an unpadded model."""
+    bias = model.vocab_projector.bias if hasattr(model, "vocab_projector") else model.cls.predictions.bias
+    bias[real_vocab:] = float("-inf")
+
+
+def unpadded(model: torch.nn.Module, real_vocab: int) -> torch.nn.Module:
+    """``model`` itself when it has ``real_vocab`` rows, else a copy cut back to them (for export: a padded table
+    is a training detail, not part of the model)."""
+    import copy
+
+    if model.get_input_embeddings().num_embeddings == real_vocab:
+        return model
+    out = copy.deepcopy(model)
+    out.resize_token_embeddings(real_vocab, mean_resizing=False)
+    return out
+
+
 def count_parameters(model: torch.nn.Module) -> int:
     """Every parameter of ``model`` (tied weights once: ``parameters()`` yields a shared tensor once)."""
     return sum(p.numel() for p in model.parameters())

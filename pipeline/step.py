@@ -17,11 +17,22 @@ from pipeline.masking import IGNORE_INDEX
 
 @dataclass(frozen=True)
 class Batch:
-    """One masked micro-batch: three B×T tensors on one device (int64 in the loop)."""
+    """One masked micro-batch: three B×T tensors on one device (int64 in the loop).
+
+    ``packed``: every position is a real token (the attention mask is all ones), known on the host when the batch
+    was read (pipeline/batches.py), so the models run without an attention mask (SDPA's unmasked kernels) and
+    nothing on the device has to be asked.
+    """
 
     input_ids_BT: torch.Tensor  # after masking
     attention_mask_BT: torch.Tensor
     labels_BT: torch.Tensor  # original ids at chosen positions, -100 elsewhere
+    packed: bool = False
+
+    @property
+    def model_attention_mask(self) -> torch.Tensor | None:
+        """What the models are given: None for a packed batch, else the B×T mask."""
+        return None if self.packed else self.attention_mask_BT
 
 
 def kd_mask(batch: Batch, kd_positions: str) -> torch.Tensor:
@@ -31,6 +42,18 @@ def kd_mask(batch: Batch, kd_positions: str) -> torch.Tensor:
     if kd_positions == "masked":
         return batch.labels_BT != IGNORE_INDEX
     return batch.attention_mask_BT.bool()
+
+
+def encode(model: torch.nn.Module, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor | None):
+    """(last hidden state B×T×D, MLM logits B×T×V) of a BERT or DistilBERT masked LM, called through its submodules:
+    no tuple of every layer's hidden states (``output_hidden_states``), no output dataclass. For a frozen model
+    (the teacher) or the inside of an engine; a trained model under DDP must be called through its wrapper."""
+    m = model.module if hasattr(model, "module") else model
+    if hasattr(m, "distilbert"):
+        hidden_BTD = m.distilbert(input_ids=input_ids_BT, attention_mask=attention_mask_BT).last_hidden_state
+        return hidden_BTD, m.vocab_projector(m.vocab_layer_norm(m.activation(m.vocab_transform(hidden_BTD))))
+    hidden_BTD = m.bert(input_ids=input_ids_BT, attention_mask=attention_mask_BT).last_hidden_state
+    return hidden_BTD, m.cls(hidden_BTD)
 
 
 def count_supervised(batch: Batch, kd_positions: str) -> torch.Tensor:
@@ -49,25 +72,28 @@ def distill_step(
     norm_ce: torch.Tensor | float | None = None,
     norm_mlm: torch.Tensor | float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Teacher forward (frozen, no grad), student forward, the weighted triple loss."""
+    """Teacher forward (frozen, no grad), student forward, the weighted triple loss.
+
+    No host sync and static shapes (so ``torch.compile(..., fullgraph=True)`` takes it whole): the teacher runs
+    through its submodules (:func:`encode`), a packed batch without an attention mask, and every loss takes its
+    positions as a dense B×T mask, never by boolean indexing.
+    """
     with torch.no_grad():
-        t_out = teacher(
-            input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT, output_hidden_states=True
-        )
-    s_out = student(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT, output_hidden_states=True)
+        t_hidden_BTD, t_logits_BTV = encode(teacher, batch.input_ids_BT, batch.model_attention_mask)
+    # Through the engine's own forward (DeepSpeed's and DDP's hooks); the last hidden state is the last entry of
+    # hidden_states, which the student's backward keeps alive anyway.
+    s_out = student(input_ids=batch.input_ids_BT, attention_mask=batch.model_attention_mask, output_hidden_states=True)
+    s_hidden_BTD = s_out.hidden_states[-1]
     mask_BT = kd_mask(batch, loss_cfg.kd_positions)
     terms = {
         "ce": losses.ce_loss(
-            s_out.logits, t_out.logits, mask_BT, temperature=loss_cfg.temperature, normalizer=norm_ce
+            s_out.logits, t_logits_BTV, mask_BT, temperature=loss_cfg.temperature, normalizer=norm_ce
         ),
         "mlm": losses.mlm_loss(s_out.logits, batch.labels_BT, normalizer=norm_mlm),
-        "cos": losses.cosine_loss(
-            s_out.hidden_states[-1], t_out.hidden_states[-1].to(s_out.hidden_states[-1].dtype), mask_BT,
-            normalizer=norm_ce,
-        ),
+        "cos": losses.cosine_loss(s_hidden_BTD, t_hidden_BTD.to(s_hidden_BTD.dtype), mask_BT, normalizer=norm_ce),
     }
     if loss_cfg.alpha_mse > 0:
-        terms["mse"] = losses.mse_loss(s_out.logits, t_out.logits, mask_BT, normalizer=norm_ce)
+        terms["mse"] = losses.mse_loss(s_out.logits, t_logits_BTV, mask_BT, normalizer=norm_ce)
     weights = {"ce": loss_cfg.alpha_ce, "mlm": loss_cfg.alpha_mlm, "cos": loss_cfg.alpha_cos, "mse": loss_cfg.alpha_mse}
     return losses.combine(terms, weights)
 
@@ -83,11 +109,11 @@ def mlm_step(
     m = model.module if hasattr(model, "module") else model  # unwrap a DeepSpeed engine
     selected_BT = batch.labels_BT != IGNORE_INDEX
     if hasattr(m, "distilbert"):
-        hidden_BTD = m.distilbert(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT).last_hidden_state
+        hidden_BTD = m.distilbert(input_ids=batch.input_ids_BT, attention_mask=batch.model_attention_mask).last_hidden_state
         x_ND = m.vocab_layer_norm(m.activation(m.vocab_transform(hidden_BTD[selected_BT])))
         logits_NV = m.vocab_projector(x_ND)
     else:
-        hidden_BTD = m.bert(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT).last_hidden_state
+        hidden_BTD = m.bert(input_ids=batch.input_ids_BT, attention_mask=batch.model_attention_mask).last_hidden_state
         logits_NV = m.cls(hidden_BTD[selected_BT])
     mlm = losses.mlm_loss(logits_NV.unsqueeze(0), batch.labels_BT[selected_BT].unsqueeze(0), normalizer=norm_mlm)
     return losses.combine({"mlm": mlm}, {"mlm": 1.0})

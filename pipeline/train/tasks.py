@@ -25,7 +25,9 @@ from pipeline.config import OptimSection, RunConfig
 from pipeline.masking import step_generator
 from pipeline.records import WorkerConfig
 
-RawBatch = dict[str, torch.Tensor]  # input_ids, attention_mask: B×T int64, on the worker's device
+# input_ids, attention_mask: B×T int64 on the worker's device; "packed" (a host bool, when the loop knows it): every
+# attention-mask entry is 1
+RawBatch = dict[str, torch.Tensor | bool]
 
 
 @dataclass(frozen=True)
@@ -175,7 +177,7 @@ class DistillTask(_MaskedLM):
     role = "student"
 
     def __init__(self, ctx: WorkerContext):
-        self.teacher = None
+        self.teacher, self.real_vocab = None, 0
         super().__init__(ctx)
 
     def _train_masker(self) -> Masker:
@@ -195,12 +197,24 @@ class DistillTask(_MaskedLM):
         return self.ctx.cfg.optim
 
     def build(self) -> torch.nn.Module:
+        """The student, from a teacher padded to ``compute.pad_vocab_multiple`` rows (the student inherits the padded
+        table); with ``compute.compile`` the teacher's encoder and head and the student are compiled in place
+        (``nn.Module.compile``: their state_dict keys, checkpoints and exports do not change)."""
         cfg, vocab = self.ctx.cfg, len(self.ctx.tokenizer)
         self.teacher = models.load_teacher(self.ctx.work.teacher_uri, cache_root=cfg.cache_dir,
                                            dtype=cfg.teacher.dtype).to(self.ctx.device)
         if self.teacher.config.vocab_size < vocab:
             raise ValueError(f"teacher vocab ({self.teacher.config.vocab_size}) is smaller than the tokenizer's ({vocab})")
-        return models.build_student(cfg.student, self.teacher, seed=cfg.run.seed)
+        self.real_vocab = models.pad_vocab(self.teacher, cfg.compute.pad_vocab_multiple)
+        student = models.build_student(cfg.student, self.teacher, seed=cfg.run.seed)
+        models.mask_padded_logits(student, self.real_vocab)  # a random-init student has no −inf bias to copy
+        if cfg.compute.compile:
+            for module in (self.teacher.bert, self.teacher.cls, student):
+                module.compile(mode=cfg.compute.compile)
+        return student
+
+    def export(self, model, out_dir: str) -> str:
+        return models.export_model(models.unpadded(model, self.real_vocab), self.ctx.tokenizer, out_dir)
 
     def _teacher(self):
         return self.teacher
@@ -249,4 +263,5 @@ def masked_lm_metrics(sums: list[float], *, with_teacher: bool) -> dict[str, flo
 
 def _masked(masker: Masker, raw: RawBatch, generator: torch.Generator) -> step_lib.Batch:
     ids_BT, labels_BT = masker(raw["input_ids"], raw["attention_mask"], generator)
-    return step_lib.Batch(input_ids_BT=ids_BT, attention_mask_BT=raw["attention_mask"], labels_BT=labels_BT)
+    return step_lib.Batch(input_ids_BT=ids_BT, attention_mask_BT=raw["attention_mask"], labels_BT=labels_BT,
+                          packed=bool(raw.get("packed", False)))

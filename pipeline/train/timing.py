@@ -8,23 +8,50 @@ import torch
 
 
 class Phases:
-    """Wall time per phase of a step (data wait, forward, backward, optimizer, eval, checkpoint)."""
+    """Time per phase of a step (data wait, forward, backward, optimizer, eval, checkpoint), without a host sync.
+
+    On CPU each :meth:`mark` reads the wall clock. On a GPU it records a CUDA event on the current stream instead
+    (``torch.cuda.synchronize`` at every phase would stall the host and serialise it with the device); the events
+    are read at :meth:`pop`, once per log step: a phase's time is then the device timeline between its events,
+    which is wall time whenever the GPU has caught up with the host (it includes the GPU's idle wait for a slow
+    host phase such as data or a checkpoint).
+    """
 
     def __init__(self, device: torch.device):
-        self._sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self._cuda = device.type == "cuda"
         self.seconds: dict[str, float] = {}
+        self._events: list[tuple[str, object]] = []  # (phase, CUDA event recorded at the end of that phase)
         self._t = time.perf_counter()
+        self._start = self._record() if self._cuda else None
+
+    def _record(self):
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
     def mark(self, phase: str) -> None:
         """Charge the time since the last mark to ``phase``."""
-        self._sync()
+        if self._cuda:
+            self._events.append((phase, self._record()))
+            return
         now = time.perf_counter()
         self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._t
         self._t = now
 
+    def _read_events(self) -> None:
+        if not self._events:
+            return
+        self._events[-1][1].synchronize()  # the one wait, at a log step
+        previous = self._start
+        for phase, event in self._events:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + previous.elapsed_time(event) / 1000.0
+            previous = event
+        self._start, self._events = previous, []
+
     def pop(self, num_steps: int) -> dict[str, float]:
         """``time/<phase>_s``: each phase's seconds since the last pop divided by ``num_steps`` (the steps in
         that window; at least 1), so seconds per step; then starts over."""
+        self._read_events()
         out = {f"time/{k}_s": v / max(num_steps, 1) for k, v in self.seconds.items()}
         self.seconds = {}
         return out

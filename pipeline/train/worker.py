@@ -319,7 +319,8 @@ class Loop:
 def _rank_slice(batch, rank: int, size: int):
     """This rank's rows of a global batch (any task's batch dataclass: every field has the batch dimension first)."""
     mine = slice(rank * size, (rank + 1) * size)
-    return dataclasses.replace(batch, **{f.name: getattr(batch, f.name)[mine] for f in dataclasses.fields(batch)})
+    return dataclasses.replace(batch, **{f.name: getattr(batch, f.name)[mine] for f in dataclasses.fields(batch)
+                                         if isinstance(getattr(batch, f.name), torch.Tensor)})
 
 
 def _inject_fault(cfg: RunConfig, step: int) -> None:
