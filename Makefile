@@ -24,7 +24,7 @@ export MLFLOW_DISABLE_TELEMETRY ?= true
 export RAY_USAGE_STATS_ENABLED ?= 0
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: install demo test test-fast lock clean
+.PHONY: install demo test test-fast lock clean gpu-bundle
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -52,6 +52,17 @@ lock: $(BIN)/python
 		--python-version 3.11 --custom-compile-command "make lock" -o requirements.lock
 	sed -E 's/^(torch==[^+ ]+)\+cpu$$/\1/' requirements.lock > requirements.lock.tmp \
 		&& mv requirements.lock.tmp requirements.lock
+
+# What benchmarks/gpu_p4.sh needs on a GPU machine that reaches no registry and has its own torch and transformers
+# (Python 3.12): DeepSpeed as this environment installed it (pure Python; its ops compile on first use) and the wheels
+# of the dependencies that image lacks. Into .gpu/ (ignored), which the device run carries.
+GPU_PY ?= 3.12
+gpu-bundle: install
+	rm -rf .gpu && mkdir -p .gpu/site .gpu/wheels
+	cp -r $$($(BIN)/python -c "import deepspeed, os; print(os.path.dirname(deepspeed.__file__))") .gpu/site/
+	$(BIN)/pip download --quiet --only-binary=:all: --no-deps --python-version $(GPU_PY) --platform manylinux2014_x86_64 \
+		--platform manylinux_2_17_x86_64 -d .gpu/wheels hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5 \
+		annotated-types==0.8.0 typing-inspection==0.4.5
 
 clean:
 	rm -rf runs .cache

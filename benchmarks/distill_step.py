@@ -96,7 +96,9 @@ def hf_step(student, teacher, ids, am, labels, optimizer, cfg: LossSection):
 
 
 def our_step(student, teacher, ids, am, labels, optimizer, cfg: LossSection):
-    loss, _ = distill_step(student, teacher, Batch(input_ids_BT=ids, attention_mask_BT=am, labels_BT=labels), loss_cfg=cfg)
+    # packed: as pipeline/batches.py decides it, on the host (the rows here are full, so no attention mask)
+    batch = Batch(input_ids_BT=ids, attention_mask_BT=am, labels_BT=labels, packed=bool(am.all()))
+    loss, _ = distill_step(student, teacher, batch, loss_cfg=cfg)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad()
