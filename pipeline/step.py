@@ -71,31 +71,39 @@ def distill_step(
     loss_cfg: LossSection,
     norm_ce: torch.Tensor | float | None = None,
     norm_mlm: torch.Tensor | float | None = None,
+    fused: bool = True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Teacher forward (frozen, no grad), student forward, the weighted triple loss.
+    """Teacher forward (frozen, no grad), student forward, the weighted triple loss: ``(loss, {"loss/<term>": …})``.
 
-    No host sync and static shapes (so ``torch.compile(..., fullgraph=True)`` takes it whole): the teacher runs
-    through its submodules (:func:`encode`), a packed batch without an attention mask, and every loss takes its
-    positions as a dense B×T mask, never by boolean indexing.
+    L_ce and L_mlm are one fused pass over the vocabulary (:func:`pipeline.losses.kd_mlm_loss`, its gradient made
+    in the forward); ``fused=False`` computes them apart (:func:`~pipeline.losses.ce_loss`,
+    :func:`~pipeline.losses.mlm_loss`: the reference, and the "before" of benchmarks/gpu_mfu.py).
+    No host sync and static shapes, so ``torch.compile(..., fullgraph=True)`` takes it whole (fused): the teacher
+    runs through its submodules (:func:`encode`), a packed batch without an attention mask, and every loss takes
+    its positions as a dense B×T mask, never by boolean indexing.
     """
     with torch.no_grad():
         t_hidden_BTD, t_logits_BTV = encode(teacher, batch.input_ids_BT, batch.model_attention_mask)
     # Through the engine's own forward (DeepSpeed's and DDP's hooks); the last hidden state is the last entry of
     # hidden_states, which the student's backward keeps alive anyway.
     s_out = student(input_ids=batch.input_ids_BT, attention_mask=batch.model_attention_mask, output_hidden_states=True)
-    s_hidden_BTD = s_out.hidden_states[-1]
+    s_hidden_BTD, s_logits_BTV = s_out.hidden_states[-1], s_out.logits
     mask_BT = kd_mask(batch, loss_cfg.kd_positions)
-    terms = {
-        "ce": losses.ce_loss(
-            s_out.logits, t_logits_BTV, mask_BT, temperature=loss_cfg.temperature, normalizer=norm_ce
-        ),
-        "mlm": losses.mlm_loss(s_out.logits, batch.labels_BT, normalizer=norm_mlm),
-        "cos": losses.cosine_loss(s_hidden_BTD, t_hidden_BTD.to(s_hidden_BTD.dtype), mask_BT, normalizer=norm_ce),
-    }
-    if loss_cfg.alpha_mse > 0:
-        terms["mse"] = losses.mse_loss(s_out.logits, t_logits_BTV, mask_BT, normalizer=norm_ce)
     weights = {"ce": loss_cfg.alpha_ce, "mlm": loss_cfg.alpha_mlm, "cos": loss_cfg.alpha_cos, "mse": loss_cfg.alpha_mse}
-    return losses.combine(terms, weights)
+    terms = {"cos": losses.cosine_loss(s_hidden_BTD, t_hidden_BTD.to(s_hidden_BTD.dtype), mask_BT, normalizer=norm_ce)}
+    if loss_cfg.alpha_mse > 0:
+        terms["mse"] = losses.mse_loss(s_logits_BTV, t_logits_BTV, mask_BT, normalizer=norm_ce)
+    if not fused:
+        terms["ce"] = losses.ce_loss(s_logits_BTV, t_logits_BTV, mask_BT, temperature=loss_cfg.temperature,
+                                     normalizer=norm_ce)
+        terms["mlm"] = losses.mlm_loss(s_logits_BTV, batch.labels_BT, normalizer=norm_mlm)
+        return losses.combine(terms, weights)
+    kd_mlm, ce, mlm = losses.kd_mlm_loss(s_logits_BTV, t_logits_BTV, batch.labels_BT, mask_BT,
+                                         temperature=loss_cfg.temperature, alpha_ce=loss_cfg.alpha_ce,
+                                         alpha_mlm=loss_cfg.alpha_mlm, norm_ce=norm_ce, norm_mlm=norm_mlm)
+    total = kd_mlm + sum(weights[name] * value for name, value in terms.items() if weights[name] > 0)
+    metrics = {"loss/ce": ce, "loss/mlm": mlm, **{f"loss/{name}": value.detach() for name, value in terms.items()}}
+    return total, {**metrics, "loss/total": total.detach()}
 
 
 def mlm_step(

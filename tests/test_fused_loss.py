@@ -289,30 +289,16 @@ def test_no_labels_give_mlm_zero_and_no_weights_give_ce_zero_never_nan(norm_kind
 # ---- the golden file, the compiled path ---------------------------------------------------------------------
 
 
-def _fused_distill_step(student, teacher, batch, *, loss_cfg, norm_ce=None, norm_mlm=None):
-    """step.distill_step with L_ce and L_mlm from kd_mlm_loss (the wiring the step will get)."""
+@pytest.mark.parametrize("compiled, fused", [(False, True), (True, True), (False, False)])
+def test_the_step_reproduces_the_golden_losses_fused_or_not(monkeypatch, compiled, fused):
+    """pipeline.step.distill_step (fused by default, its blocks compiled or eager; and the separate terms)."""
+    import functools
+
+    import test_golden_loss
     from pipeline import step as step_lib
 
-    with torch.no_grad():
-        t_out = teacher(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT, output_hidden_states=True)
-    s_out = student(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT, output_hidden_states=True)
-    mask_BT = step_lib.kd_mask(batch, loss_cfg.kd_positions)
-    weighted, ce, mlm = losses.kd_mlm_loss(
-        s_out.logits, t_out.logits, batch.labels_BT, mask_BT.float(), temperature=loss_cfg.temperature,
-        alpha_ce=loss_cfg.alpha_ce, alpha_mlm=loss_cfg.alpha_mlm, norm_ce=norm_ce, norm_mlm=norm_mlm)
-    cos = losses.cosine_loss(s_out.hidden_states[-1], t_out.hidden_states[-1], mask_BT, normalizer=norm_ce)
-    mse = losses.mse_loss(s_out.logits, t_out.logits, mask_BT, normalizer=norm_ce)
-    total = weighted + loss_cfg.alpha_cos * cos + loss_cfg.alpha_mse * mse
-    metrics = {"loss/ce": ce, "loss/mlm": mlm, "loss/cos": cos.detach(), "loss/mse": mse.detach()}
-    return total, {**metrics, "loss/total": total.detach()}
-
-
-@pytest.mark.parametrize("compiled", [False, True])
-def test_the_fused_step_reproduces_the_golden_losses(monkeypatch, compiled):
-    import test_golden_loss
-
     monkeypatch.setattr(losses, "COMPILE_BLOCKS", compiled)
-    monkeypatch.setattr(test_golden_loss.step_lib, "distill_step", _fused_distill_step)
+    monkeypatch.setattr(test_golden_loss.step_lib, "distill_step", functools.partial(step_lib.distill_step, fused=fused))
     got = test_golden_loss._measure()["distill"]
     want = json.loads(test_golden_loss.GOLDEN.read_text())["distill"]
     for i, (g, w) in enumerate(zip(got, want, strict=True)):
