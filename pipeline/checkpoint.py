@@ -1,7 +1,9 @@
-"""Full-state checkpoints: DeepSpeed engine state from every rank, plus what the loop needs to continue.
+"""Full-state checkpoints: the engine's state from every rank, plus what the loop needs to continue.
 
 Layout of one checkpoint directory (merged by Ray Train from every rank's upload):
-    engine/               DeepSpeed: weights, optimizer, scheduler, ZeRO shards (one file per rank)
+    engine/               weights, optimizer, scheduler: DeepSpeed's ZeRO shards (one file per rank), or the
+                          replicated state of scaling.strategy=ddp (one file, rank 0's; the other ranks' lists
+                          name no engine file)
     ranks/<r>.json        what rank r wrote (path → bytes): the proof that its part is complete  (every rank)
     train_state.json      step, tokens seen, epoch, batch within the epoch, seed, world size   (rank 0)
     config.json           the resolved RunConfig, and the git SHA                              (rank 0)
@@ -94,7 +96,8 @@ def load(engine, directory: str) -> TrainState:
         raise DamagedCheckpointError(directory, problem)
     load_path, _ = engine.load_checkpoint(os.path.join(directory, ENGINE_DIR), tag=ENGINE_TAG)
     if load_path is None:
-        raise RuntimeError(f"DeepSpeed found no engine state under {directory}/{ENGINE_DIR}")
+        raise RuntimeError(f"the engine found no state of its own under {directory}/{ENGINE_DIR}: a checkpoint "
+                           "of the other scaling.strategy? Resume with the strategy that wrote it")
     state, _ = _parse_state(_read_local(directory, STATE_FILE))
     return state
 

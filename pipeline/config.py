@@ -194,6 +194,9 @@ class ScalingSection:
     """The Ray Train worker group of every training run (pipeline/train/driver.py); a sweep trial gets one each."""
 
     num_workers: int = 2  # training workers (data-parallel ranks)
+    # The training engine: deepspeed (ZeRO, as the deepspeed section sets) | ddp (plain PyTorch: AdamW, bf16
+    # autocast or fp32, DistributedDataParallel across workers; needs deepspeed.zero_stage=0, no offload, no fp16)
+    strategy: str = "deepspeed"
     use_gpu: bool = False  # one GPU per worker (nccl, bf16 by default); else CPU workers (gloo, fp32)
     cpus_per_worker: float = 1.0  # logical CPUs Ray reserves for each worker
     max_failures: int = 0  # worker-group restarts from the latest checkpoint after a failure; -1 retries forever

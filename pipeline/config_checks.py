@@ -63,6 +63,7 @@ def _choices(cfg: RunConfig) -> list[str]:
         "data.text_separator": (cfg.data.text_separator, {"line", "blank_line"}),
         "data.decode_errors": (cfg.data.decode_errors, {"replace", "skip"}),
         "deepspeed.precision": (cfg.deepspeed.precision, {"auto", "fp32", "bf16", "fp16"}),
+        "scaling.strategy": (cfg.scaling.strategy, {"deepspeed", "ddp"}),
         "teacher.dtype": (cfg.teacher.dtype, {"fp32", "bf16"}),
         "student.init": (cfg.student.init, {"teacher", "random"}),
         "loss.kd_positions": (cfg.loss.kd_positions, {"all", "masked"}),
@@ -217,6 +218,15 @@ def _scaling(cfg: RunConfig) -> list[str]:
     if s.cpus_per_worker <= 0 or s.max_failures < -1 or s.peak_tflops_per_worker < 0:
         p.append("scaling.cpus_per_worker must be > 0, scaling.max_failures >= -1 (-1: retry forever), "
                  "scaling.peak_tflops_per_worker >= 0")
+    ds = cfg.deepspeed
+    zero = ([f"deepspeed.zero_stage={ds.zero_stage}"] * (ds.zero_stage != 0)
+            + ["deepspeed.offload_optimizer=true"] * ds.offload_optimizer)
+    if s.strategy == "ddp" and zero:  # ZeRO settings are refused, not ignored: ddp shards nothing
+        p.append(f"{' and '.join(zero)} with scaling.strategy=ddp, which shards nothing: set deepspeed.zero_stage=0 "
+                 "and deepspeed.offload_optimizer=false, or use scaling.strategy=deepspeed for ZeRO")
+    if s.strategy == "ddp" and ds.precision == "fp16":
+        p.append("deepspeed.precision=fp16 with scaling.strategy=ddp: ddp has no loss scaler; use bf16 (fp32's "
+                 "range, no scaler needed) or scaling.strategy=deepspeed")
     if cfg.run.ray_num_cpus < 0:
         p.append(f"run.ray_num_cpus={cfg.run.ray_num_cpus}: use 0 (the machine's count) or a positive number")
     return p

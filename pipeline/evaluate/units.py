@@ -92,6 +92,8 @@ def settings_hash(cfg: RunConfig) -> str:
     shaping = {"evaluate": cfg.to_dict()["evaluate"], "tokenizer": cfg.data.tokenizer, "seed": cfg.run.seed,
                "precision": cfg.deepspeed.precision, "sources": cfg.data.sources, "val_fraction": cfg.data.val_fraction,
                "max_line_chars": cfg.data.max_line_chars}
+    if cfg.scaling.strategy != "deepspeed":  # only when set: the default keeps the hashes of earlier evaluations
+        shaping["strategy"] = cfg.scaling.strategy
     return hashlib.sha256(json.dumps(shaping, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 

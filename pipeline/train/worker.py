@@ -57,7 +57,8 @@ def train_loop_per_worker(config: dict) -> None:
     task = tasks_lib.build(work.task, ctx)
     cfg = ctx.cfg
     ds_config = engine_lib.build_ds_config(cfg.deepspeed, task.optim, world_size=ctx.world_size, use_gpu=cfg.scaling.use_gpu)
-    engine = engine_lib.initialize(task.build(), ds_config, task.optim, use_gpu=cfg.scaling.use_gpu)
+    engine = engine_lib.initialize(task.build(), ds_config, task.optim, use_gpu=cfg.scaling.use_gpu,
+                                   strategy=cfg.scaling.strategy)
     state, resume = _resume(ctx, engine)
     with _observed(ctx) as logger:
         logger.log({"time/worker_setup_s": time.perf_counter() - t_start}, state.step)
