@@ -112,10 +112,9 @@ def _build(variant: Variant, shape: TeacherSection, vocab: int, device, precisio
     if variant.hf:
         student = student.to(device).train()
         return teacher, (student, torch.optim.AdamW(student.parameters(), lr=1e-4, fused=use_gpu)), real_vocab
-    ds = DeepSpeedSection(zero_stage=2, precision=precision)
+    ds = DeepSpeedSection(zero_stage=2 if variant.strategy == "deepspeed" else 0, precision=precision)
     ds_config = engine_lib.build_ds_config(ds, optim, world_size=1, use_gpu=use_gpu)
-    kwargs = {"strategy": variant.strategy} if variant.strategy != "deepspeed" else {}
-    engine = engine_lib.initialize(student, ds_config, optim, use_gpu=use_gpu, **kwargs)
+    engine = engine_lib.initialize(student, ds_config, optim, use_gpu=use_gpu, strategy=variant.strategy)
     engine.train()
     return teacher, engine, real_vocab
 

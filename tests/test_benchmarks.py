@@ -32,6 +32,15 @@ def test_gpu_mfu_skips_cleanly_without_a_gpu(capsys, monkeypatch):
 
 
 def test_gpu_mfu_code_path_runs_on_cpu():
+    """Every variant that compiles nothing (HF's step; ZeRO-2 with the separate and the fused loss; DDP, with and
+    without the padded vocabulary) runs its steps; the compiled ones are tests/test_static_step.py's business."""
     out = _run("--smoke")
-    (r,) = out["results"]
-    assert r["tokens_per_s"] > 0 and r["model_tflops_per_s"] > 0
+    got = {r["variant"]: r for r in out["results"]}
+    assert set(got) == {"hf", "ours_ds_unfused", "ours_ds", "ours_ddp", "ours_ddp_pad64"}
+    assert all(r["tokens_per_s"] > 0 and r["model_tflops_per_s"] > 0 for r in got.values())
+
+
+def test_gpu_mfu_refuses_an_unknown_variant_by_name():
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_mfu.py", "--smoke", "--variants", "ours_ds,fastest"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "unknown variants ['fastest']" in proc.stderr
