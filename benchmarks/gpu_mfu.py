@@ -6,7 +6,7 @@ distils into a 6-layer student initialised from it, in bf16, at sequence lengths
 pipeline/engine.py, with masking re-drawn per step on the device. Each variant switches levers of issue #16:
 
     strategy   deepspeed (ZeRO-2) | ddp (plain torch: fused AdamW, bf16 autocast; scaling.strategy)
-    compile    "" | default | reduce-overhead (CUDA graphs)            (compute.compile)
+    compile    none | default | reduce-overhead (CUDA graphs)          (compute.compile)
     pad_vocab  0 | 64: both vocabularies padded to 30,528 rows         (compute.pad_vocab_multiple)
     fused      the fused KD + MLM loss (default) or the separate chunked terms (before lever 2)
 
@@ -59,7 +59,7 @@ class Variant:
 
     name: str
     strategy: str = "deepspeed"
-    compile: str = ""
+    compile: str = "none"
     pad_vocab: int = 0
     fused: bool = True
     hf: bool = False
@@ -106,7 +106,7 @@ def _build(variant: Variant, shape: TeacherSection, vocab: int, device, precisio
     models.mask_padded_logits(student, real_vocab)
     teacher = teacher.to(device=device, dtype=torch.bfloat16 if precision == "bf16" else torch.float32).eval()
     teacher.requires_grad_(False)
-    if variant.compile:
+    if variant.compile != "none":
         for module in (teacher.bert, teacher.cls, student):
             module.compile(mode=variant.compile)
     if variant.hf:
@@ -280,7 +280,7 @@ def main(argv=None) -> int:
 
     if args.smoke:
         _init_single_process_group("gloo")
-        smoke = [v for v in variants if not v.compile]  # compiling on CPU costs minutes: tests/test_compile covers it
+        smoke = [v for v in variants if v.compile == "none" or args.variants != DEFAULT_VARIANTS]  # compiling costs minutes
         runs = [measure(v, 32, 4, steps=2, warmup=1, device=torch.device("cpu"), shape=TINY, precision="fp32",
                         vocab=1000, profile=args.profile) for v in smoke]
         print(json.dumps({"benchmark": "gpu_mfu", "smoke": True, "results": runs}))

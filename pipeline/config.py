@@ -163,10 +163,10 @@ class DeepSpeedSection:
 class ComputeSection:
     """How the distillation step computes on its device (pipeline/train/tasks.py, models.py): distill and sweep."""
 
-    # torch.compile of student, teacher and loss: "" off | default | reduce-overhead (CUDA graphs) | max-autotune
-    compile: str = ""
-    # pad both vocabularies to a multiple of this for aligned matmuls (0 off); padded logits are −inf: no loss
-    pad_vocab_multiple: int = 0  # sees them, and export drops them
+    # torch.compile of student and teacher: none (off) | default | reduce-overhead (CUDA graphs) | max-autotune
+    compile: str = "none"
+    # pad both vocabularies to a multiple of this power of two, for aligned matmuls (0 off); padded logits are −inf:
+    pad_vocab_multiple: int = 0  # no loss sees them, and export drops them
 
 
 @dataclass(frozen=True, kw_only=True)

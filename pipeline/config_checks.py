@@ -70,7 +70,7 @@ def _choices(cfg: RunConfig) -> list[str]:
         "sweep.mode": (cfg.sweep.mode, {"min", "max"}),
         "tracking.select_mode": (cfg.tracking.select_mode, {"auto", "min", "max"}),
         "evaluate.mode": (cfg.evaluate.mode, {"finetune", "probe"}),
-        "compute.compile": (cfg.compute.compile, {"", "default", "reduce-overhead", "max-autotune"}),
+        "compute.compile": (cfg.compute.compile, {"none", "default", "reduce-overhead", "max-autotune"}),
     }
     return [f"{key}={value!r}: use one of {sorted(allowed)}" for key, (value, allowed) in choose.items() if value not in allowed]
 
@@ -195,9 +195,12 @@ def _optim(cfg: RunConfig) -> list[str]:
         p.append(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}: use 0, 1, 2 or 3")
     if cfg.deepspeed.precision == "fp16" and not cfg.scaling.use_gpu:
         p.append("deepspeed.precision=fp16 needs a GPU (DeepSpeed refuses fp16 on CPU): use fp32 or bf16")
-    if cfg.compute.pad_vocab_multiple < 0:
-        p.append(f"compute.pad_vocab_multiple={cfg.compute.pad_vocab_multiple}: use 0 (no padding) or a positive multiple "
-                 "such as 64")
+    pad = cfg.compute.pad_vocab_multiple
+    if pad and not (0 < pad <= 1024 and pad & (pad - 1) == 0):  # a power of two: what aligns a matmul
+        p.append(f"compute.pad_vocab_multiple={pad}: use 0 (no padding) or a power of two up to 1024, e.g. 64 "
+                 "(30,522 → 30,528 rows)")
+    if cfg.compute.compile == "reduce-overhead" and not cfg.scaling.use_gpu:
+        p.append("compute.compile=reduce-overhead needs a GPU (it captures CUDA graphs): use default on CPU, or none")
     if cfg.checkpoint.every_steps < 1 or cfg.eval.every_steps < 1:
         p.append("checkpoint.every_steps and eval.every_steps must be >= 1")
     if cfg.checkpoint.keep < 1 or cfg.eval.max_batches < 1:
@@ -221,7 +224,9 @@ def _scaling(cfg: RunConfig) -> list[str]:
     ds = cfg.deepspeed
     zero = ([f"deepspeed.zero_stage={ds.zero_stage}"] * (ds.zero_stage != 0)
             + ["deepspeed.offload_optimizer=true"] * ds.offload_optimizer)
-    if s.strategy == "ddp" and zero:  # ZeRO settings are refused, not ignored: ddp shards nothing
+    if s.strategy == "deepspeed" and ds.offload_optimizer and ds.zero_stage == 0:  # refused, not silently dropped
+        p.append("deepspeed.offload_optimizer=true with deepspeed.zero_stage=0: offloading needs ZeRO stage 1, 2 or 3")
+    if s.strategy == "ddp" and zero and ds.zero_stage in (0, 1, 2, 3):  # refused, not ignored: ddp shards nothing
         p.append(f"{' and '.join(zero)} with scaling.strategy=ddp, which shards nothing: set deepspeed.zero_stage=0 "
                  "and deepspeed.offload_optimizer=false, or use scaling.strategy=deepspeed for ZeRO")
     if s.strategy == "ddp" and ds.precision == "fp16":
@@ -260,8 +265,12 @@ def _space_entry(key: Any, spec: Any) -> list[str]:
         set_dotted(RunConfig().to_dict(), key, None)
     except ValueError as e:
         return [*problems, f"sweep.space.{key}: {e}"]
-    if key.split(".")[0] not in SWEEPABLE_SECTIONS:
-        problems.append(f"sweep.space.{key}: the {key.split('.')[0]} section is shared by every trial (the prepared "
+    section = key.split(".")[0]
+    if section in ("compute", "scaling"):
+        problems.append(f"sweep.space.{key}: {section}.* sets how fast a trial runs, not what it learns: set it for the "
+                        f"whole sweep; sweep keys of {', '.join(SWEEPABLE_SECTIONS)}")
+    elif section not in SWEEPABLE_SECTIONS:
+        problems.append(f"sweep.space.{key}: the {section} section is shared by every trial (the prepared "
                         f"corpus, the teacher, the run's plumbing); sweep keys of {', '.join(SWEEPABLE_SECTIONS)}")
     if problems:
         return problems

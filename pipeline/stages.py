@@ -96,7 +96,9 @@ def _run_name(cfg: RunConfig, role: str, sections: tuple[str, ...], extra: str =
     return f"{cfg.run.name}-{role}-{hashlib.sha256(shaping.encode()).hexdigest()[:8]}"
 
 
-TRAIN_SECTIONS = ("data", "masking", "optim", "deepspeed", "scaling", "checkpoint", "eval", "student", "loss", "teacher")
+# compute too: a padded vocabulary changes the checkpoint's shapes, so it must never resume a run made without it
+TRAIN_SECTIONS = ("data", "masking", "optim", "deepspeed", "scaling", "checkpoint", "eval", "student", "loss", "teacher",
+                  "compute")
 
 
 def prepare_data(cfg: RunConfig) -> Manifest:

@@ -44,3 +44,11 @@ def test_gpu_mfu_refuses_an_unknown_variant_by_name():
     proc = subprocess.run([sys.executable, "benchmarks/gpu_mfu.py", "--smoke", "--variants", "ours_ds,fastest"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "unknown variants ['fastest']" in proc.stderr
+
+
+def test_gpu_mfu_compiled_variant_trains_through_the_ddp_engine_on_cpu():
+    """compute.compile's path: teacher encoder, head and student compiled in place, the student then wrapped by the
+    ddp engine, the vocabulary padded to 64; its steps run (their equality with eager is test_static_step's)."""
+    out = _run("--smoke", "--variants", "ours_ddp_compile")
+    (r,) = out["results"]
+    assert r["variant"] == "ours_ddp_compile" and r["tokens_per_s"] > 0

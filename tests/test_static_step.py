@@ -134,15 +134,58 @@ def test_a_padded_vocabulary_changes_nothing_but_the_shapes():
     assert models.pad_vocab(plain, 0) == VOCAB and plain.config.vocab_size == VOCAB  # 0: no padding
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("compute.compile", "fast", "compute.compile='fast': use one of"),
-    ("compute.pad_vocab_multiple", -64, "compute.pad_vocab_multiple=-64: use 0 (no padding) or a positive multiple"),
+@pytest.mark.parametrize("sets, message", [
+    ({"compute.compile": "fast"}, "compute.compile='fast': use one of ['default', 'max-autotune', 'none', 'reduce-overhead']"),
+    ({"compute.compile": ""}, "compute.compile='': use one of"),
+    ({"compute.compile": "reduce-overhead"}, "compute.compile=reduce-overhead needs a GPU (it captures CUDA graphs)"),
+    ({"compute.pad_vocab_multiple": -64}, "compute.pad_vocab_multiple=-64: use 0 (no padding) or a power of two up to 1024"),
+    ({"compute.pad_vocab_multiple": 3}, "compute.pad_vocab_multiple=3: use 0 (no padding) or a power of two"),
+    ({"compute.pad_vocab_multiple": 2048}, "compute.pad_vocab_multiple=2048: use 0"),
+    ({"compute.pad_vocab_multiple": 10**9}, "compute.pad_vocab_multiple=1000000000: use 0"),
+    ({"deepspeed.zero_stage": 0, "deepspeed.offload_optimizer": True},
+     "deepspeed.offload_optimizer=true with deepspeed.zero_stage=0: offloading needs ZeRO stage 1, 2 or 3"),
 ])
-def test_bad_compute_settings_are_refused_with_one_line(key, value, message):
+def test_bad_compute_settings_are_refused_with_one_line(sets, message):
+    """Each before Ray starts (config_checks), one line each: a huge padding would otherwise fail only in the
+    distill workers, after the teacher stage; a padding that is no power of two aligns nothing."""
     from pipeline import config_checks
 
-    cfg = RunConfig().with_overrides({key: value})
-    assert any(message in p for p in config_checks.problems(cfg))
+    problems = config_checks.problems(RunConfig().with_overrides(sets))
+    assert len(problems) == 1 and message in problems[0], problems
+
+
+@pytest.mark.parametrize("sets", [{"compute.pad_vocab_multiple": 64}, {"compute.pad_vocab_multiple": 1024},
+                                  {"compute.compile": "default"}, {"compute.compile": "max-autotune"},
+                                  {"compute.compile": "reduce-overhead", "scaling.use_gpu": True}])
+def test_good_compute_settings_pass(sets):
+    from pipeline import config_checks
+
+    assert config_checks.problems(RunConfig().with_overrides(sets)) == []
+
+
+def test_a_sweep_over_compute_or_scaling_is_refused_for_what_it_is():
+    from pipeline import config_checks
+
+    space = {"compute.pad_vocab_multiple": {"type": "choice", "values": [0, 64]}}
+    cfg = RunConfig().with_overrides({"sweep.space": space})
+    (line,) = config_checks.sweep_problems(cfg) or config_checks.problems(cfg)
+    assert "compute.* sets how fast a trial runs, not what it learns: set it for the whole sweep" in line
+
+
+def test_an_invalid_zero_stage_under_ddp_is_one_line():
+    from pipeline import config_checks
+
+    problems = config_checks.problems(RunConfig().with_overrides({"scaling.strategy": "ddp", "deepspeed.zero_stage": 4}))
+    assert problems == ["deepspeed.zero_stage=4: use 0, 1, 2 or 3"]
+
+
+def test_the_compute_section_names_the_training_runs():
+    """A padded vocabulary changes the checkpoint's shapes: a run with another compute section is another run."""
+    from pipeline import stages
+
+    assert "compute" in stages.TRAIN_SECTIONS
+    plain, padded = RunConfig(), RunConfig().with_overrides({"compute.pad_vocab_multiple": 64})
+    assert stages._run_name(plain, "distill", stages.TRAIN_SECTIONS) != stages._run_name(padded, "distill", stages.TRAIN_SECTIONS)
 
 
 @pytest.mark.parametrize("packed, kd_positions", [(True, "all"), (False, "masked")])

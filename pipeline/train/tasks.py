@@ -208,7 +208,7 @@ class DistillTask(_MaskedLM):
         self.real_vocab = models.pad_vocab(self.teacher, cfg.compute.pad_vocab_multiple)
         student = models.build_student(cfg.student, self.teacher, seed=cfg.run.seed)
         models.mask_padded_logits(student, self.real_vocab)  # a random-init student has no −inf bias to copy
-        if cfg.compute.compile:
+        if cfg.compute.compile != "none":
             for module in (self.teacher.bert, self.teacher.cls, student):
                 module.compile(mode=cfg.compute.compile)
         return student
