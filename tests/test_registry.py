@@ -90,14 +90,14 @@ def test_the_alias_moves_by_finite_scores_in_a_real_registry(tmp_path):
 def _trial_result(tmp_path, i, score):
     """What Tune hands back for a trial that ran to the end: its metrics and its final checkpoint (written by
     checkpoint.save, with an exported model's config)."""
-    from test_checkpoint import TorchEngine
+    from test_checkpoint import ShardedEngine
 
     from pipeline import checkpoint
 
     ckpt = tmp_path / f"checkpoint_{i}"
     (ckpt / "hf_model").mkdir(parents=True)
     (ckpt / "hf_model" / "config.json").write_text(json.dumps({"model_type": "distilbert"}))
-    checkpoint.save(TorchEngine(0), str(ckpt), checkpoint.TrainState(step=8), config={}, git_sha="abc", rank=0,
+    checkpoint.save(ShardedEngine(0), str(ckpt), checkpoint.TrainState(step=8), config={}, git_sha="abc", rank=0,
                     metrics={"val/mlm_loss": score})
     metrics = {"val/mlm_loss": score, "checkpoint_path": str(ckpt), "trial_id": f"t{i}"}
     return SimpleNamespace(metrics=metrics, error=None, config={"sample": {"loss__temperature": float(i)}})
