@@ -59,7 +59,7 @@ lock: $(BIN)/python
 GPU_PY ?= 3.12
 gpu-bundle: install
 	rm -rf .gpu && mkdir -p .gpu/site .gpu/wheels
-	cp -r $$($(BIN)/python -c "import deepspeed, os; print(os.path.dirname(deepspeed.__file__))") .gpu/site/
+	cp -r $$($(BIN)/python -c "import importlib.util as u, os; print(os.path.dirname(u.find_spec('deepspeed').origin))") .gpu/site/
 	$(BIN)/pip download --quiet --only-binary=:all: --no-deps --python-version $(GPU_PY) --platform manylinux2014_x86_64 \
 		--platform manylinux_2_17_x86_64 -d .gpu/wheels hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5 \
 		annotated-types==0.8.0 typing-inspection==0.4.5
