@@ -10,6 +10,7 @@ def main(argv=None) -> int:
     cfg, _ = cli.parse(__doc__, argv)
 
     def run():
+        stages.require_inputs(cfg, "distill")  # before Ray starts
         record = stages.distill(cfg, cluster_cpus=cli.start(cfg))
         (c,) = record.candidates
         print(json.dumps({"stage": "distill", "checkpoint": c.checkpoint, "metrics": c.metrics}))

@@ -10,6 +10,7 @@ def main(argv=None) -> int:
     cfg, _ = cli.parse(__doc__, argv)
 
     def run():
+        stages.require_inputs(cfg, "sweep")  # before Ray starts
         record = stages.sweep(cfg, cluster_cpus=cli.start(cfg))
         print(json.dumps({"stage": "sweep", "trials": [{"overrides": c.overrides, "metrics": c.metrics}
                                                         for c in record.candidates]}))

@@ -10,6 +10,7 @@ def main(argv=None) -> int:
     cfg, _ = cli.parse(__doc__, argv)
 
     def run():
+        stages.require_inputs(cfg, "teacher")  # before Ray starts
         record = stages.teacher(cfg, cluster_cpus=cli.start(cfg))
         print(json.dumps({"stage": "teacher", "teacher_uri": record.teacher_uri, "metrics": record.metrics}))
 

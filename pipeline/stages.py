@@ -57,6 +57,17 @@ def read_record(cfg: RunConfig, stage: str, *, needed_by: str) -> Record:
     return record
 
 
+# What each training stage reads from the stages before it: checked by its job before Ray starts.
+INPUTS = {"teacher": ("prepare",), "distill": ("prepare", "teacher"), "sweep": ("prepare", "teacher")}
+
+
+def require_inputs(cfg: RunConfig, stage: str) -> None:
+    """Raise :func:`read_record`'s one-line ValueError when a record ``stage`` needs is missing (jobs call this
+    before they start Ray, so a stage run out of order costs no cluster start)."""
+    for earlier in INPUTS.get(stage, ()):
+        read_record(cfg, earlier, needed_by=stage)
+
+
 def _write_record(cfg: RunConfig, stage: str, record: Record) -> Record:
     storage.write_json(record_path(cfg, stage), record.to_dict())
     return record

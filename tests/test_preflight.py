@@ -205,3 +205,21 @@ def test_the_pipeline_job_checks_the_teacher_and_layer_map_before_ray(tmp_path, 
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "student.layer_map=[0, 9]: indices must lie in [0, 5]" in proc.stderr
     assert "Ray" not in proc.stdout + proc.stderr.replace("before Ray", "")  # no Ray started
+
+
+@pytest.mark.parametrize("job, missing", [("jobs.teacher", "prepare"), ("jobs.distill", "prepare"),
+                                          ("jobs.sweep", "prepare")])
+def test_a_stage_run_before_its_inputs_exist_stops_before_ray(tmp_path, job, missing):
+    """Out of order (no prepared corpus in run.root): one line naming the missing record and the job to run, and no
+    Ray started for it."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", job, "--config", "configs/tiny.yaml", "--set", f"run.root={tmp_path}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    stage = job.split(".")[1]
+    assert (f"error: the {stage} stage needs the {missing} stage's output, and {tmp_path}/tiny/stages/{missing}.json "
+            f"does not exist: run `python -m jobs.{missing} --config <the same config>` first") in proc.stderr
+    assert "a local Ray" not in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
+

@@ -3,6 +3,8 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from pipeline import stages
 from pipeline.config import load_config
 
@@ -62,3 +64,16 @@ def test_a_damaged_record_that_a_later_stage_needs_is_one_clear_error(tmp_path):
     Path(stages.record_path(cfg, "prepare")).write_text("[1, 2")
     with pytest.raises(ValueError, match=r"prepare.json is damaged .*delete it"):
         stages.read_record(cfg, "prepare", needed_by="distill")
+
+
+def test_each_training_stage_requires_the_records_it_reads(tmp_path):
+    """stages.require_inputs: the prepare record for the teacher; prepare, then teacher, for distill and sweep."""
+    from pipeline import stages
+    from pipeline.config import RunConfig
+
+    cfg = RunConfig().with_overrides({"run.root": str(tmp_path)})
+    assert stages.INPUTS == {"teacher": ("prepare",), "distill": ("prepare", "teacher"), "sweep": ("prepare", "teacher")}
+    for stage in stages.INPUTS:
+        with pytest.raises(ValueError, match=f"the {stage} stage needs the prepare stage's output"):
+            stages.require_inputs(cfg, stage)
+    stages.require_inputs(cfg, "prepare")  # nothing before it
