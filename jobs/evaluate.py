@@ -10,7 +10,8 @@ when the teacher stage ran):
 import json
 import sys
 
-from pipeline import cli, stages
+from pipeline import cli
+from pipeline.stages import evaluate
 
 
 def _flags(parser):
@@ -26,8 +27,8 @@ def main(argv=None) -> int:
     def run():
         cli.start(cfg, with_ray=False)  # the models and the tasks' data are checked before Ray starts
         given = cli.given_model(cfg, model=args.model, checkpoint=args.checkpoint, model_dir=args.model_dir)
-        plan = stages.plan_evaluation(cfg, model=given)
-        record = stages.evaluate(cfg, cluster_cpus=cli.start_ray(cfg), plan=plan)
+        plan = evaluate.make_plan(cfg, model=given)
+        record = evaluate.run(cfg, cluster_cpus=cli.start_ray(cfg), plan=plan)
         print(record.markdown)
         print(json.dumps({"stage": "evaluate", "models": [m["key"] for m in record.models],
                           "macro": {r["model"]: r["macro"] for r in record.table1["rows"]}}))

@@ -8,7 +8,8 @@ Tuner.restore) and goes on from there.
 import sys
 import time
 
-from pipeline import cli, stages
+from pipeline import cli
+from pipeline.stages import ORDER, distill, evaluate, prepare, register, sweep, teacher
 
 
 def _stage_names(parser):
@@ -21,21 +22,22 @@ def main(argv=None) -> int:
     def run():
         cli.start(cfg, with_ray=False, check_teacher=True)
         if cfg.evaluate.tasks:  # the downstream tasks' data, checked before hours of training
-            stages.check_evaluation_tasks(cfg)
+            evaluate.check_tasks(cfg)
         cpus = cli.start_ray(cfg)
+        # None: not run (no sweep with --skip-sweep; without evaluate.tasks the registry selects by a held-out MLM metric)
+        runs = {"prepare": lambda: prepare.run(cfg),
+                "teacher": lambda: teacher.run(cfg, cluster_cpus=cpus),
+                "distill": lambda: distill.run(cfg, cluster_cpus=cpus),
+                "sweep": None if args.skip_sweep else lambda: sweep.run(cfg, cluster_cpus=cpus),
+                "evaluate": (lambda: evaluate.run(cfg, cluster_cpus=cpus)) if cfg.evaluate.tasks else None,
+                "register": lambda: register.run(cfg)}
         times, t0 = {}, time.perf_counter()
-        for name, fn in [("prepare", lambda: stages.prepare(cfg)),
-                         ("teacher", lambda: stages.teacher(cfg, cluster_cpus=cpus)),
-                         ("distill", lambda: stages.distill(cfg, cluster_cpus=cpus)),
-                         ("sweep", None if args.skip_sweep else lambda: stages.sweep(cfg, cluster_cpus=cpus)),
-                         # without evaluate.tasks the registry selects by a held-out MLM metric
-                         ("evaluate", (lambda: stages.evaluate(cfg, cluster_cpus=cpus)) if cfg.evaluate.tasks else None),
-                         ("register", lambda: stages.register(cfg))]:
-            if fn is None:
+        for name in ORDER:
+            if runs[name] is None:
                 continue
             t = time.perf_counter()
             print(f"== {name} ==", flush=True)
-            record = fn()
+            record = runs[name]()
             times[name] = (time.perf_counter() - t, record.skipped)
         print(cli.summary(cfg, times, time.perf_counter() - t0))
 

@@ -3,7 +3,8 @@
 import json
 import sys
 
-from pipeline import cli, stages
+from pipeline import cli
+from pipeline.stages import prepare
 
 
 def main(argv=None) -> int:
@@ -11,7 +12,7 @@ def main(argv=None) -> int:
 
     def run():
         cli.start(cfg)
-        record = stages.prepare(cfg)
+        record = prepare.run(cfg)
         m = record.manifest
         print(json.dumps({"stage": "prepare", "cached": m.cached, "path": m.path, "counts": m.counts,
                           "splits": {k: v.num_sequences for k, v in m.splits.items()}}))

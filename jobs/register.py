@@ -9,7 +9,8 @@ Without flags: the best candidate of the distill and sweep stages. By hand:
 import json
 import sys
 
-from pipeline import cli, stages
+from pipeline import cli
+from pipeline.stages import register
 
 
 def _flags(parser):
@@ -25,7 +26,7 @@ def main(argv=None) -> int:
     def run():
         candidate = cli.hand_candidate(checkpoint=args.checkpoint, model_dir=args.model_dir, metric_pairs=args.metric)
         cli.start(cfg, with_ray=False)
-        record = stages.register(cfg, candidate=candidate)
+        record = register.run(cfg, candidate=candidate)
         print(json.dumps({"stage": "register", "uri": record.uri, "version": record.version, "new": record.new,
                           "aliases": record.aliases}))
 

@@ -3,15 +3,16 @@
 import json
 import sys
 
-from pipeline import cli, stages
+from pipeline import cli
+from pipeline.stages import sweep, store
 
 
 def main(argv=None) -> int:
     cfg, _ = cli.parse(__doc__, argv)
 
     def run():
-        stages.require_inputs(cfg, "sweep")  # before Ray starts
-        record = stages.sweep(cfg, cluster_cpus=cli.start(cfg))
+        store.require_inputs(cfg, "sweep")  # before Ray starts
+        record = sweep.run(cfg, cluster_cpus=cli.start(cfg))
         print(json.dumps({"stage": "sweep", "trials": [{"overrides": c.overrides, "metrics": c.metrics}
                                                         for c in record.candidates]}))
 

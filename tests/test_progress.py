@@ -81,14 +81,14 @@ def test_the_stage_label_comes_from_the_run_name(role, name, label):
 
 
 def test_the_stage_label_reads_the_names_the_stages_give(tmp_path):
-    """Tie the label to pipeline/stages.py's own names (a sweep trial's TorchTrainer adds the Tune trial id)."""
-    from pipeline import stages
+    """Tie the label to the stages' own run names (pipeline/stages/training.py) (a sweep trial's TorchTrainer adds the Tune trial id)."""
+    from pipeline.stages import training
     from pipeline.config import load_config
 
     cfg = load_config("configs/tiny.yaml", [f"run.root={tmp_path}"])
-    assert progress.stage_label("teacher", stages._run_name(cfg, "teacher", ("teacher",))) == "teacher"
-    assert progress.stage_label("student", stages._run_name(cfg, "distill", stages.TRAIN_SECTIONS)) == "distill"
-    trial = stages._run_name(cfg, "sweep", stages.TRAIN_SECTIONS + ("sweep",)) + "-ab12c_00003"
+    assert progress.stage_label("teacher", training.run_name(cfg, "teacher", ("teacher",))) == "teacher"
+    assert progress.stage_label("student", training.run_name(cfg, "distill", training.TRAIN_SECTIONS)) == "distill"
+    trial = training.run_name(cfg, "sweep", training.TRAIN_SECTIONS + ("sweep",)) + "-ab12c_00003"
     assert progress.stage_label("student", trial) == "sweep trial ab12c_00003"
 
 
@@ -262,7 +262,8 @@ def test_the_driver_never_merges_two_trials_progress_lines():
 
 def test_a_fine_tuning_unit_of_the_evaluate_stage_is_labelled_as_such(tmp_path):
     from pipeline.config import load_config
-    from pipeline.evaluate import stage, units
+    from pipeline.evaluate import units
+    from pipeline.stages import evaluate as stage
 
     cfg = load_config("configs/tiny.yaml", [f"run.root={tmp_path}"])
     model = units.Model(key="distill", source="distill", uri="/m")

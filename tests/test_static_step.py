@@ -181,11 +181,11 @@ def test_an_invalid_zero_stage_under_ddp_is_one_line():
 
 def test_the_compute_section_names_the_training_runs():
     """A padded vocabulary changes the checkpoint's shapes: a run with another compute section is another run."""
-    from pipeline import stages
+    from pipeline.stages import training
 
-    assert "compute" in stages.TRAIN_SECTIONS
+    assert "compute" in training.TRAIN_SECTIONS
     plain, padded = RunConfig(), RunConfig().with_overrides({"compute.pad_vocab_multiple": 64})
-    assert stages._run_name(plain, "distill", stages.TRAIN_SECTIONS) != stages._run_name(padded, "distill", stages.TRAIN_SECTIONS)
+    assert training.run_name(plain, "distill", training.TRAIN_SECTIONS) != training.run_name(padded, "distill", training.TRAIN_SECTIONS)
 
 
 @pytest.mark.parametrize("packed, kd_positions", [(True, "all"), (False, "masked")])

@@ -1,6 +1,6 @@
 """The evaluate stage's units of work: one (model, task, seed) each, spread over the cluster by Ray.
 
-- **finetune** (the paper's protocol): a Ray Train run of the loop's ``finetune`` task (pipeline/train/finetune.py)
+- **finetune** (the paper's protocol): a Ray Train run of the loop's ``finetune`` task (pipeline/train/tasks/finetune.py)
   per unit, HF's run_glue recipe; a plain Ray task drives each run, as many at once as the cluster's CPUs (or
   GPUs) hold. A unit's scores are written as a small JSON file when it ends, so a resubmitted stage redoes only
   the units that did not finish; its checkpoints are deleted then (the scores are the result).
@@ -202,12 +202,12 @@ def _probe_unit(cfg_dict: dict, model: Model, tables: dict, spec) -> list[dict]:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from pipeline import models as models_lib
+    from pipeline import assets
     from pipeline.evaluate import metrics
 
     t0 = time.perf_counter()
     cfg = RunConfig.from_dict(cfg_dict)
-    encoder, _ = models_lib.load_for_downstream(models_lib.resolve_local(model.uri, cfg.cache_dir))
+    encoder, _ = assets.load_for_downstream(assets.resolve_local(model.uri, cfg.cache_dir))
     encoder.eval()
     features = {split: _features(encoder, tables[split]) for split in ("train", "dev")}
     y = {split: tables[split]["labels"].to_numpy() for split in ("train", "dev")}

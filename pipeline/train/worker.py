@@ -1,4 +1,4 @@
-"""The Ray Train worker function: one loop for every task (pipeline/train/tasks.py).
+"""The Ray Train worker function: one loop for every task (pipeline/train/tasks/).
 
 Each worker rebuilds its RunConfig from the :class:`~pipeline.records.WorkerConfig` it is passed; nothing
 crosses the Ray boundary as a global. Per optimizer step a worker draws ``grad_accum`` micro-batches, lets the
@@ -23,7 +23,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from pipeline import batches as batches_lib, checkpoint, engine as engine_lib, masking, models, progress as progress_lib, runtime, storage, tracking
+from pipeline import assets, batches as batches_lib, checkpoint, engine as engine_lib, masking, progress as progress_lib, runtime, storage, tracking
 from pipeline.config import RunConfig
 from pipeline.flops import measure_peak_tflops
 from pipeline.records import WorkerConfig
@@ -69,7 +69,7 @@ def _context(work: WorkerConfig) -> tasks_lib.WorkerContext:
     cfg = RunConfig.from_dict(work.cfg)
     train_ctx = ray.train.get_context()
     return tasks_lib.WorkerContext(cfg=cfg, work=work, rank=train_ctx.get_world_rank(), world_size=train_ctx.get_world_size(),
-                                   device=ray.train.torch.get_device(), tokenizer=models.load_tokenizer(cfg.data.tokenizer, cfg.cache_dir))
+                                   device=ray.train.torch.get_device(), tokenizer=assets.load_tokenizer(cfg.data.tokenizer, cfg.cache_dir))
 
 
 @contextlib.contextmanager
@@ -111,7 +111,7 @@ def _resume(ctx: tasks_lib.WorkerContext, engine) -> tuple[checkpoint.TrainState
 
 
 class Loop:
-    """The training loop of one worker: steps, logging, evaluation and checkpoints until ``optim.max_steps``."""
+    """The training loop of one worker: steps, logging, held-out validation and checkpoints until ``optim.max_steps``."""
 
     def __init__(self, ctx: tasks_lib.WorkerContext, task: tasks_lib.Task, engine, state: checkpoint.TrainState,
                  resume: Resume, logger):
@@ -125,7 +125,7 @@ class Loop:
         self.warnings_seen: set = set()  # preemption warnings already answered with a checkpoint
 
     def run(self) -> None:
-        """Train to ``optim.max_steps``: log every ``tracking.log_every_steps``, evaluate and report every
+        """Train to ``optim.max_steps``: log every ``tracking.log_every_steps``, validate and report every
         ``eval.every_steps``, and checkpoint (with held-out metrics) every ``checkpoint.every_steps`` and at the end."""
         batches, val_batches = self._micro_batches(), self._validation_batches()
         self.engine.train()
@@ -146,9 +146,9 @@ class Loop:
                 train = {**self._train_metrics(), **meter.metrics(self.state.tokens_seen)}
                 self.logger.log(train, step)
             if do_eval:
-                train = self._evaluate_and_report(val_batches, train, checkpoint_now=do_ckpt, final=is_last)
+                train = self._validate_and_report(val_batches, train, checkpoint_now=do_ckpt, final=is_last)
             if self._preemption_warned(checkpointed=do_ckpt):  # a spot node goes soon: lose no step
-                train = self._evaluate_and_report(val_batches, train, checkpoint_now=True, final=False)
+                train = self._validate_and_report(val_batches, train, checkpoint_now=True, final=False)
             if step % every == 0 or do_eval:
                 progress.update(step, train)
                 meter.restart(self.state.tokens_seen)  # throughput excludes eval and checkpoint time
@@ -208,7 +208,7 @@ class Loop:
         self.sums, self.step_last = {}, self.state.step
         return out
 
-    # ---- evaluation, reports and checkpoints --------------------------------------------------------------
+    # ---- validation, reports and checkpoints --------------------------------------------------------------
     def _preemption_warned(self, *, checkpointed: bool) -> bool:
         """True once per spot-preemption warning not already answered by this step's checkpoint.
 
@@ -232,8 +232,8 @@ class Loop:
                   f"{info.preempted_ranks}) is being reclaimed{left}; checkpoint at step {self.state.step}", flush=True)
         return not checkpointed
 
-    def _evaluate_and_report(self, val_batches: list[Batch], train: dict, *, checkpoint_now: bool, final: bool) -> dict:
-        held_out = self.evaluate(val_batches)
+    def _validate_and_report(self, val_batches: list[Batch], train: dict, *, checkpoint_now: bool, final: bool) -> dict:
+        held_out = self.validate(val_batches)
         self.phases.mark("eval")
         self.logger.log(held_out, self.state.step)
         self.engine.train()
@@ -243,7 +243,7 @@ class Loop:
         self.phases.mark("checkpoint")
         return report
 
-    def evaluate(self, batches: list[Batch]) -> dict[str, float]:
+    def validate(self, batches: list[Batch]) -> dict[str, float]:
         """The task's held-out metrics, its sums added over every rank's validation batches."""
         self.engine.eval()
         sums = torch.zeros(self.task.num_eval_sums, device=self.ctx.device)  # a rank may hold no batch: still reduce

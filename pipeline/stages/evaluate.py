@@ -1,28 +1,75 @@
-"""The evaluate stage's work on the driver: load the tasks, run the units, build and log the tables.
+"""The evaluate stage: the teacher and the students fine-tuned (or probed) on downstream tasks, the paper's
+Tables 1 and 3. Run by ``jobs.evaluate`` and by ``jobs.pipeline`` when ``evaluate.tasks`` is set.
 
-Called by pipeline/stages.py ``evaluate`` inside the stage's MLflow run; returns the parts of the stage's record.
+The plan (:func:`make_plan`) is made before Ray starts: the models (the teacher and the students, or models
+given by hand), every task's examples loaded, or the record of the same evaluation finished earlier. Then one
+unit per (model, task, seed) runs on Ray (pipeline/evaluate/units.py), and the tables are built and logged
+(pipeline/evaluate/report.py). Not to be confused with the training runs' held-out validation (the ``eval``
+config section, :class:`~pipeline.config.ValidationSection`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
 import os
+import time
 from dataclasses import dataclass
 
-from pipeline import models as models_lib
-from pipeline.config import RunConfig
+from pipeline import assets, registry, tracking
+from pipeline.config import RunConfig, flatten
 from pipeline.evaluate import loaders, report, specs, units
+from pipeline.records import EvaluateRecord
+from pipeline.stages.store import load_record, optional, record_path, write_record
+from pipeline.train import driver
+
+
+def check_tasks(cfg: RunConfig) -> None:
+    """Load every ``evaluate.tasks`` entry's examples once (no Ray): a missing file or field, an unreachable dataset
+    or bad labels stop a pipeline job at its start, not after training. ValueError names the task and the fix."""
+    load_tasks(cfg)
+
+
+def make_plan(cfg: RunConfig, *, model=None) -> Plan:
+    """The evaluate stage's work, checked without Ray or MLflow: the models (the teacher and the students, or one
+    ``model``, a pipeline.evaluate.units.Model, given by hand), and every task's examples loaded, or the record of
+    the same evaluation finished earlier. One ValueError for bad input."""
+    if not cfg.evaluate.tasks:
+        raise ValueError("evaluate.tasks is empty: list the downstream tasks, e.g. evaluate: {tasks: "
+                         "[package:rotten_tomatoes]} (or glue:mrpc, … with Hub access or evaluate.glue_dir)")
+    chosen = models_to_evaluate(cfg, given=model)
+    name = stage_name(cfg, chosen)
+    earlier = optional(cfg, "evaluate")
+    if earlier is not None and earlier.name == name:
+        return Plan(name=name, models=chosen, data={}, earlier=earlier)
+    return Plan(name=name, models=chosen, data=load_tasks(cfg))
+
+
+def run(cfg: RunConfig, *, cluster_cpus: float, model=None, plan=None) -> EvaluateRecord:
+    """Fine-tune (or probe) the teacher and the students on ``evaluate.tasks`` (pipeline/evaluate/);
+    Tables 1 and 3. ``plan``: :func:`make_plan`'s (made here when not given)."""
+    t0 = time.perf_counter()
+    plan = plan or make_plan(cfg, model=model)
+    if plan.earlier is not None:
+        print(f"[distil] evaluate: finished earlier with these settings ({record_path(cfg, 'evaluate')}); skipped. "
+              "Delete that file to run it again.", flush=True)
+        return dataclasses.replace(plan.earlier, skipped=True)
+    params = {**flatten({"evaluate": cfg.to_dict()["evaluate"]}), "evaluate.models": ", ".join(m.key for m in plan.models)}
+    with tracking.stage_run("evaluate", params=params):
+        out = _score(cfg, plan, cluster_cpus=cluster_cpus)
+    return write_record(cfg, "evaluate", EvaluateRecord(
+        name=plan.name, models=[dataclasses.asdict(m) for m in plan.models], seconds=time.perf_counter() - t0, **out))
 
 
 def models_to_evaluate(cfg: RunConfig, *, given: units.Model | list[units.Model] | None = None) -> list[units.Model]:
     """The teacher (when the teacher stage ran) and the students: ``given`` (one model or several, e.g. the paper's
     ablation), or the distill and sweep stages' candidates (all, or the ``evaluate.candidates`` best by
     val/mlm_loss). ValueError when there is no student, or when two models share a key."""
-    from pipeline import registry, stages
-    from pipeline.train import driver
 
     out = []
-    teacher = stages.load_record(cfg, "teacher")
+    teacher = load_record(cfg, "teacher")
     if teacher is not None:
         out.append(units.Model(key="teacher", source="teacher", uri=teacher.teacher_uri,
                                checkpoint=teacher.checkpoint or "", is_teacher=True))
@@ -32,7 +79,7 @@ def models_to_evaluate(cfg: RunConfig, *, given: units.Model | list[units.Model]
         if len(set(keys)) != len(keys):
             raise ValueError(f"two models to evaluate share a key ({keys}): give each its own")
         return out
-    candidates = [c for stage in ("distill", "sweep") if (r := stages.load_record(cfg, stage)) for c in r.candidates]
+    candidates = [c for stage in ("distill", "sweep") if (r := load_record(cfg, stage)) for c in r.candidates]
     if not candidates:
         raise ValueError("no student to evaluate: run the distill or sweep stage first, or pass --model, --checkpoint "
                          "or --model-dir")
@@ -46,9 +93,6 @@ def models_to_evaluate(cfg: RunConfig, *, given: units.Model | list[units.Model]
 
 def stage_name(cfg: RunConfig, chosen: list[units.Model]) -> str:
     """``<run>-eval-<settings hash>-<models hash>``: an evaluation with the same name is the same work."""
-    import hashlib
-    import json
-
     models_hash = hashlib.sha256(json.dumps([m.uri for m in chosen]).encode()).hexdigest()[:6]
     return f"{cfg.run.name}-eval-{units.settings_hash(cfg)}-{models_hash}"
 
@@ -81,13 +125,13 @@ class Plan:
     earlier: object = None
 
 
-def run(cfg: RunConfig, plan: Plan, *, cluster_cpus: float) -> dict:
+def _score(cfg: RunConfig, plan: Plan, *, cluster_cpus: float) -> dict:
     """Evaluate the plan's models on every task; returns {"results", "table1", "table3", "markdown", "metrics"}
     where metrics maps each model's checkpoint to its eval/* metrics (eval/macro, eval/<task>/score)."""
     import mlflow
 
     chosen, data, name = plan.models, plan.data, plan.name
-    tokenizer = models_lib.load_tokenizer(cfg.data.tokenizer, cfg.cache_dir)
+    tokenizer = assets.load_tokenizer(cfg.data.tokenizer, cfg.cache_dir)
     tables = {t: units.tokenize(d, tokenizer, units.max_seq_len(cfg, d.spec)) for t, d in data.items()}
     out_dir = units.results_dir(cfg, name)
     seeds = range(cfg.run.seed, cfg.run.seed + cfg.evaluate.seeds)
@@ -129,15 +173,15 @@ def _table3(cfg: RunConfig, chosen: list[units.Model], t1: dict, data: dict) -> 
     task = "stsb" if "stsb" in data else next(iter(data))
     dev = data[task].dev
     n = min(len(dev), cfg.evaluate.speed_examples or len(dev))
-    tokenizer = models_lib.load_tokenizer(cfg.data.tokenizer, cfg.cache_dir)
+    tokenizer = assets.load_tokenizer(cfg.data.tokenizer, cfg.cache_dir)
     rows = [tokenizer(dev.texts[i], dev.pairs[i] if dev.pairs else None, truncation="longest_first",
                       max_length=units.max_seq_len(cfg, data[task].spec))["input_ids"] for i in range(n)]
     measured = []
     for m in chosen:
         if m.is_teacher or m.key == best:
-            encoder, _ = models_lib.load_for_downstream(models_lib.resolve_local(m.uri, cfg.cache_dir))
+            encoder, _ = assets.load_for_downstream(assets.resolve_local(m.uri, cfg.cache_dir))
             encoder.eval()
-            measured.append({"model": m.key, "is_teacher": m.is_teacher, "params": models_lib.count_parameters(encoder),
+            measured.append({"model": m.key, "is_teacher": m.is_teacher, "params": assets.count_parameters(encoder),
                              "seconds": report.dev_pass_seconds(encoder, rows)})
     return report.table3(measured, task, n)
 
@@ -147,10 +191,8 @@ def _log_loss_curves(cfg: RunConfig) -> None:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from pipeline import stages
-
     try:
-        record = stages.load_record(cfg, "distill")
+        record = load_record(cfg, "distill")
     except ValueError:
         return
     run_id = record.candidates[0].run_id if record and record.candidates else None

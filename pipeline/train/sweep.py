@@ -10,9 +10,14 @@ A trial whose metric is not finite (NaN, ±inf) is stopped at once and is never 
 from __future__ import annotations
 
 import math
+import numbers
 
+from pyarrow import fs as pafs
+
+from pipeline import checkpoint, config_checks, progress, registry, runtime, storage, tracking
 from pipeline.config import RunConfig
-from pipeline.records import TrialConfig
+from pipeline.records import Candidate, TrialConfig
+from pipeline.train import driver
 
 KEY_SEP = "__"  # Tune flattens config keys on "/", and we keep dots out of its way too
 
@@ -58,9 +63,6 @@ def trial_fn(config: dict, datasets: dict) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipeline import config_checks, tracking
-    from pipeline.train import driver
-
     trial = TrialConfig.from_dict(config["trial"], where="the sweep's param_space")
     overrides = overrides_from_sample(config["sample"])
     cfg = RunConfig.from_dict(trial.cfg).with_overrides(overrides)
@@ -84,8 +86,6 @@ def run(cfg: RunConfig, trial: TrialConfig, *, datasets: dict, cluster_cpus: flo
     """Run the sweep ``trial.sweep_name`` (or restore it); returns one :class:`~pipeline.records.Candidate` per
     trial that finished with a checkpoint, best first."""
     from ray import tune
-
-    from pipeline import progress, runtime, storage
 
     concurrency = max_concurrent_trials(cfg, cluster_cpus)
     # with_parameters puts the datasets in the object store once, for every trial.
@@ -119,8 +119,6 @@ def run(cfg: RunConfig, trial: TrialConfig, *, datasets: dict, cluster_cpus: flo
 
 def max_steps(cfg: RunConfig) -> int:
     """The longest trial's steps: the config's, or the largest ``optim.max_steps`` the space can sample."""
-    from pipeline import config_checks
-
     spec = cfg.sweep.space.get("optim.max_steps")
     return max([cfg.optim.max_steps, *(int(v) for v in config_checks.probe_values(spec))] if spec else [cfg.optim.max_steps])
 
@@ -158,16 +156,12 @@ def scheduler(cfg: RunConfig):
 
 
 def _is_finite(value) -> bool:
-    from pipeline.registry import finite_score
-
-    return finite_score(value) is not None
+    return registry.finite_score(value) is not None
 
 
 def is_restorable(cfg: RunConfig, name: str) -> bool:
     """Whether Tune left an experiment named ``name`` in the run's storage (local or s3://) to restore."""
     from ray import tune
-
-    from pipeline import storage
 
     return tune.Tuner.can_restore(storage.join(cfg.storage_path, name), storage_filesystem=storage.pyarrow_filesystem(cfg.storage_path))
 
@@ -175,10 +169,6 @@ def is_restorable(cfg: RunConfig, name: str) -> bool:
 def candidates(results, cfg: RunConfig) -> list:
     """One registry candidate per trial that ended with a checkpoint (ASHA-stopped trials may not), best first
     by ``cfg.sweep.metric``; trials whose score is not a finite number come last (the registry never picks them)."""
-    from pipeline import registry
-    from pipeline.records import Candidate
-    from pipeline.train import driver
-
     out = []
     for r in results:
         metrics = r.metrics or {}
@@ -202,27 +192,16 @@ def candidates(results, cfg: RunConfig) -> list:
 def _numeric_metrics(metrics: dict) -> dict[str, float]:
     """The namespaced numeric metrics (``val/…``, ``loss/…``) as plain floats: numpy scalars (np.float32 from a
     worker) count too, booleans do not."""
-    import numbers
-
     return {k: float(v) for k, v in metrics.items()
             if "/" in k and isinstance(v, numbers.Real) and not isinstance(v, bool)}
 
 
 def _damage(checkpoint_uri: str) -> str | None:
-    from pyarrow import fs as pafs
-
-    from pipeline import checkpoint, storage
-
     filesystem = storage.pyarrow_filesystem(checkpoint_uri) or pafs.LocalFileSystem()
     return checkpoint.stored_reason(filesystem, storage.fs_path(checkpoint_uri))
 
 
 def _has_exported_model(checkpoint_uri: str) -> bool:
-    from pyarrow import fs as pafs
-
-    from pipeline import storage
-    from pipeline.checkpoint import HF_DIR
-
     filesystem = storage.pyarrow_filesystem(checkpoint_uri) or pafs.LocalFileSystem()
-    path = storage.fs_path(storage.join(checkpoint_uri, HF_DIR, "config.json"))
+    path = storage.fs_path(storage.join(checkpoint_uri, checkpoint.HF_DIR, "config.json"))
     return filesystem.get_file_info(path).type == pafs.FileType.File

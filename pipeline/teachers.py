@@ -1,0 +1,140 @@
+"""A pretrained teacher: loading it, continuing its pre-training from an encoder, and checking it before Ray.
+
+Only BERT-family masked LMs are supported today (``SUPPORTED_TEACHERS``). A teacher must carry a trained
+masked-LM head (an encoder-only ``BertModel`` would teach the student a random head), enough positions for
+``data.max_seq_len`` and the vocabulary of ``data.tokenizer``. :func:`check_teacher` finds these problems from
+the teacher's config, tensor names and tokenizer files without building the model (preflight); :func:`load_teacher`
+loads it frozen for the workers. No Ray, DeepSpeed or MLflow here.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import AutoModelForMaskedLM, AutoTokenizer, BertForMaskedLM, PreTrainedTokenizerBase
+
+from pipeline.assets import checkpoint_keys, local_or_error, quiet_from_pretrained, resolve_local
+
+SUPPORTED_TEACHERS = ("bert",)
+
+MLM_HEAD_PREFIX = "cls.predictions."
+
+
+def load_teacher(source: str, *, cache_root: str, dtype: str = "fp32") -> BertForMaskedLM:
+    """Load a pretrained masked-LM teacher (hub id, local directory or s3://), frozen and in eval mode.
+
+    Raises ValueError for a folder without config.json, a model that is not BERT, and a checkpoint without
+    trained masked-LM head weights (an encoder-only ``BertModel``: its head would be random).
+    """
+    path = resolve_local(source, cache_root)
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
+        raise ValueError(f"teacher {source!r} is a directory without config.json: point at a saved HF model directory")
+    model, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
+    if model.config.model_type not in SUPPORTED_TEACHERS:
+        raise ValueError(
+            f"teacher {source!r} is a {model.config.model_type!r} model; supported teachers are BERT-family "
+            f"masked LMs ({', '.join(SUPPORTED_TEACHERS)}), e.g. bert-base-uncased"
+        )
+    missing_head = sorted(k for k in info["missing_keys"] if k.startswith(MLM_HEAD_PREFIX))
+    if missing_head:
+        raise ValueError(_no_head_message(source, f"{len(missing_head)} head weights missing, e.g. {missing_head[0]}"))
+    model.requires_grad_(False).eval()
+    return model.to(torch.bfloat16) if dtype == "bf16" else model
+
+
+def teacher_from_encoder(source: str, *, cache_root: str, vocab_size: int, max_seq_len: int, seed: int):
+    """The start of continued MLM pre-training (``teacher.init_from``): a pretrained BERT encoder (package:NAME,
+    a folder, a hub id, s3://) with a new masked-LM head whose decoder is tied to the word embeddings, as BERT's.
+    Returns (model, one line naming the new and the left-out tensors). ValueError for a model that is not BERT,
+    a vocabulary smaller than the tokenizer's (``vocab_size``) or fewer positions than ``max_seq_len``."""
+    torch.manual_seed(seed)  # the new head's initialisation
+    path = resolve_local(source, cache_root)
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path) if os.path.isdir(path) else None
+    if config is not None and config.model_type != "bert":
+        raise ValueError(f"teacher.init_from {source!r} is a {config.model_type!r} model: give a BERT encoder")
+    model, line = quiet_from_pretrained(BertForMaskedLM, path)
+    if model.config.vocab_size < vocab_size:
+        raise ValueError(f"teacher.init_from {source!r}: its vocabulary ({model.config.vocab_size}) is smaller than "
+                         f"data.tokenizer's ({vocab_size}): use the tokenizer it was trained with")
+    if model.config.max_position_embeddings < max_seq_len:
+        raise ValueError(f"teacher.init_from {source!r} has {model.config.max_position_embeddings} positions, fewer than "
+                         f"data.max_seq_len={max_seq_len}")
+    return model, line
+
+
+def _no_head_message(source: str, what: str) -> str:
+    return (f"teacher {source!r} has no trained masked-LM head ({what}): "
+            "it is an encoder only (BertModel), and distilling from a random head teaches noise. Use a "
+            "BertForMaskedLM checkpoint (e.g. bert-base-uncased), or teacher.source: pretrain")
+
+
+def check_teacher(source: str, *, cache_root: str, tokenizer: PreTrainedTokenizerBase, max_seq_len: int) -> list[str]:
+    """Problems of a pretrained teacher, found from its config, tensor names and tokenizer files, without
+    building the model: not BERT, no masked-LM head, fewer positions than ``max_seq_len``, a vocabulary that
+    does not match ``tokenizer`` (either way). Returns one message per problem."""
+    from transformers import AutoConfig
+
+    try:
+        path = local_or_error(source, cache_root, what="teacher")
+    except ValueError as e:
+        return [str(e)]
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
+        return [f"teacher {source!r} is a directory without config.json: point at a saved HF model directory"]
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as e:  # OSError, JSON errors, transformers' strict config validation
+        return [f"teacher {source!r} cannot be loaded ({' '.join(str(e).split())[:300]}): give a hub id this machine "
+                "can reach, a local HF folder or s3://"]
+    if config.model_type not in SUPPORTED_TEACHERS:
+        return [f"teacher {source!r} is a {config.model_type!r} model; supported teachers are BERT-family masked LMs "
+                f"({', '.join(SUPPORTED_TEACHERS)}), e.g. bert-base-uncased"]
+    problems = []
+    try:
+        keys = checkpoint_keys(path) if os.path.isdir(path) else None
+    except Exception as e:  # a cut-off or foreign weights file: safetensors, torch and OS errors
+        return [f"teacher {source!r}: its weights cannot be read ({type(e).__name__}: {' '.join(str(e).split())[:200]})"]
+    if os.path.isdir(path) and keys is None:
+        problems.append(f"teacher {source!r} holds no weights (model.safetensors or pytorch_model.bin)")
+    elif keys is not None and not any(k.startswith(MLM_HEAD_PREFIX + "transform.") for k in keys):
+        problems.append(_no_head_message(source, f"its weights hold no {MLM_HEAD_PREFIX}* tensors"))
+    if max_seq_len > config.max_position_embeddings:
+        problems.append(f"data.max_seq_len={max_seq_len} > the teacher's max_position_embeddings="
+                        f"{config.max_position_embeddings} ({source}): lower data.max_seq_len")
+    problems.extend(vocabulary_problems(source, path, config.vocab_size, tokenizer))
+    return problems
+
+
+def vocabulary_problems(source: str, path: str, vocab_size: int, tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """The tokenizer's ids must index the teacher's embedding table and mean the same tokens. The teacher's own
+    tokenizer files, when its folder has them, must hold the same vocabulary; without them the table may exceed
+    the tokenizer only by padding (< 128 rows, as vocabularies padded to a multiple of 64 or 128)."""
+    n = len(tokenizer)
+    fix = f"set data.tokenizer to the teacher's own tokenizer (e.g. data.tokenizer: {source})"
+    if vocab_size < n:
+        return [f"data.tokenizer has {n:,} tokens but the teacher's vocabulary has {vocab_size:,}: ids past "
+                f"{vocab_size - 1} would index beyond its embedding table; {fix}"]
+    own = _own_tokenizer(path)
+    if own is not None and own.get_vocab() != tokenizer.get_vocab():
+        return [f"the teacher's own tokenizer ({len(own):,} tokens) and data.tokenizer ({n:,} tokens) differ, so "
+                f"ids would mean other tokens to the teacher; {fix}"]
+    if own is None and vocab_size - n >= 128:
+        return [f"the teacher's vocabulary has {vocab_size:,} entries and data.tokenizer {n:,}: more than padding "
+                f"apart, so it was trained with another tokenizer; {fix}"]
+    return []
+
+
+def _own_tokenizer(path: str):
+    names = ("tokenizer.json", "vocab.txt")
+    if not (os.path.isdir(path) and any(os.path.exists(os.path.join(path, n)) for n in names)):
+        return None
+    return AutoTokenizer.from_pretrained(path, use_fast=True)
+
+
+def teacher_num_layers(source: str, cache_root: str) -> int:
+    """The encoder depth of a pretrained teacher (read from its config only); ValueError when it cannot be found."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(local_or_error(source, cache_root, what="teacher")).num_hidden_layers

@@ -1,0 +1,73 @@
+"""DistilBERT's distillation task (Sanh et al. 2019): the student learns from a frozen teacher with the triple
+loss of pipeline/step.py and pipeline/losses.py."""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline import assets, flops, models, step as step_lib, storage, teachers
+from pipeline.batches import Masker
+from pipeline.config import OptimSection
+from pipeline.train.tasks.base import WorkerContext
+from pipeline.train.tasks.mlm import MaskedLMTask
+
+
+class DistillTask(MaskedLMTask):
+    """DistilBERT's distillation (Sanh et al. 2019): α_ce·L_ce + α_mlm·L_mlm + α_cos·L_cos (+ α_mse·L_mse)."""
+
+    role = "student"
+
+    def __init__(self, ctx: WorkerContext):
+        self.teacher, self.real_vocab = None, 0
+        super().__init__(ctx)
+
+    def _train_masker(self) -> Masker:
+        return Masker.build(self.ctx.cfg.masking, self.ctx.tokenizer, token_counts=self._token_counts(),
+                            device=self.ctx.device)
+
+    def _token_counts(self):
+        """The training corpus's token counts (frequency-smoothed masking), from the prepare stage's manifest."""
+        path = self.ctx.work.manifest_path
+        if not self.ctx.cfg.masking.smoothing or not path:
+            return None
+        manifest = storage.read_json(path)
+        return manifest.get("token_counts") if manifest else None
+
+    @property
+    def optim(self) -> OptimSection:
+        return self.ctx.cfg.optim
+
+    def build(self) -> torch.nn.Module:
+        """The student, from a teacher padded to ``compute.pad_vocab_multiple`` rows (the student inherits the padded
+        table); with ``compute.compile`` the teacher's encoder and head and the student are compiled in place
+        (``nn.Module.compile``: their state_dict keys, checkpoints and exports do not change)."""
+        cfg, vocab = self.ctx.cfg, len(self.ctx.tokenizer)
+        self.teacher = teachers.load_teacher(self.ctx.work.teacher_uri, cache_root=cfg.cache_dir,
+                                           dtype=cfg.teacher.dtype).to(self.ctx.device)
+        if self.teacher.config.vocab_size < vocab:
+            raise ValueError(f"teacher vocab ({self.teacher.config.vocab_size}) is smaller than the tokenizer's ({vocab})")
+        self.real_vocab = models.pad_vocab(self.teacher, cfg.compute.pad_vocab_multiple)
+        student = models.build_student(cfg.student, self.teacher, seed=cfg.run.seed)
+        models.mask_padded_logits(student, self.real_vocab)  # a random-init student has no −inf bias to copy
+        if cfg.compute.compile != "none":
+            for module in (self.teacher.bert, self.teacher.cls, student):
+                module.compile(mode=cfg.compute.compile)
+        return student
+
+    def export(self, model, out_dir: str) -> str:
+        return assets.export_model(models.unpadded(model, self.real_vocab), self.ctx.tokenizer, out_dir)
+
+    def _teacher(self):
+        return self.teacher
+
+    def count(self, batch: step_lib.Batch) -> torch.Tensor:
+        return step_lib.count_supervised(batch, self.ctx.cfg.loss.kd_positions)  # [N_ce, N_mlm]
+
+    def loss(self, model, batch, norms_K):
+        return step_lib.distill_step(model, self.teacher, batch, loss_cfg=self.ctx.cfg.loss, norm_ce=norms_K[0],
+                                     norm_mlm=norms_K[1])
+
+    def flops_per_token(self, model) -> float:
+        cfg = self.ctx.cfg
+        return flops.step_flops_per_token(model.config, self.teacher.config, seq_len=cfg.data.max_seq_len,
+                                          mask_prob=cfg.masking.mask_prob)
