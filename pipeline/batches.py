@@ -22,6 +22,7 @@ import torch
 
 from pipeline import masking
 from pipeline.config import MaskingSection
+from pipeline.corpus import data_context, loading
 
 COLUMNS = ("input_ids", "attention_mask")
 
@@ -132,13 +133,9 @@ def preview(cfg, manifest, dataset, tokenizer, num_batches: int):
     ``manifest`` is the prepared corpus's :class:`~pipeline.records.Manifest`. Yields dicts of numpy arrays:
     input_ids (masked), attention_mask, labels (B×T int64).
     """
-    from pipeline.corpus import loading as data_lib
-
-    replicated = data_lib.fits_in_memory(manifest, "train", cfg.data.materialize_max_gib)
+    replicated = loading.fits_in_memory(manifest, "train", cfg.data.materialize_max_gib)
     micro, world = cfg.optim.micro_batch_size, cfg.scaling.num_workers
     per_iter = micro * world if replicated else micro
-    from pipeline.corpus import data_context
-
     masker = Masker.build(cfg.masking, tokenizer, token_counts=manifest.token_counts)
     with data_context.scoped(preserve_order=True):  # as driver.fit runs training
         raws = epoch_batches(dataset, per_iter, shuffle_rows=cfg.data.shuffle_buffer_rows, shuffle_seed=cfg.run.seed * 10_007)

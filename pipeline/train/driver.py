@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 
-from pipeline import storage, tracking
+from pipeline import checkpoint, runtime, storage, tracking
+from pipeline.corpus import data_context
 from pipeline.config import OptimSection, RunConfig
 from pipeline.records import Manifest, WorkerConfig
 
@@ -61,8 +62,6 @@ def worker_config(cfg: RunConfig, *, task: str, teacher_uri: str | None, run_id:
 def fit(cfg: RunConfig, *, name: str, datasets: dict, work: WorkerConfig, callbacks=None):
     """Build the TorchTrainer and fit it; returns Ray Train's Result. Ray Data keeps the order of the rows (the
     same data order in every run with the same seed: a resumed run and every sweep trial see it too)."""
-    from pipeline.corpus import data_context
-
     with data_context.scoped(preserve_order=True, enable_progress_bars=False):
         return build_trainer(cfg, name=name, datasets=datasets, work=work, callbacks=callbacks).fit()
 
@@ -72,8 +71,7 @@ def build_trainer(cfg: RunConfig, *, name: str, datasets: dict, work: WorkerConf
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pipeline import runtime
-    from pipeline.train.worker import train_loop_per_worker
+    from pipeline.train.worker import train_loop_per_worker  # deferred: the driver never imports the worker side (DeepSpeed)
 
     storage_path = cfg.storage_path
     return TorchTrainer(
@@ -111,6 +109,4 @@ def checkpoint_uri(path: str, storage_path: str) -> str:
 
 def model_uri(ckpt_uri: str) -> str:
     """The exported Hugging Face model inside a final checkpoint."""
-    from pipeline.checkpoint import HF_DIR
-
-    return storage.join(ckpt_uri, HF_DIR) if storage.is_s3(ckpt_uri) else os.path.join(ckpt_uri, HF_DIR)
+    return storage.join(ckpt_uri, checkpoint.HF_DIR) if storage.is_s3(ckpt_uri) else os.path.join(ckpt_uri, checkpoint.HF_DIR)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from pipeline import assets, flops
 from pipeline.batches import digest
 from pipeline.config import OptimSection
+from pipeline.evaluate import metrics
 from pipeline.train.tasks.base import Task, WorkerContext
 
 
@@ -102,8 +103,6 @@ class FinetuneTask(Task):
         return out
 
     def eval_metrics(self, sums: list[float]) -> dict[str, float]:
-        from pipeline.evaluate import metrics
-
         n = self.num_dev
         seen = [i for i in range(n) if sums[2 * n + i] > 0]
         if not seen:
