@@ -3,7 +3,7 @@
 A BERT-base-shaped teacher (12 layers, 768 wide, 30,522 vocabulary; random weights, as no hub is reachable)
 distils into a 6-layer student initialised from it, in bf16, at sequence lengths 128 and 512 with packed
 (pad-free) rows. Our step is the pipeline's own: pipeline.step.distill_step inside the engine of
-pipeline/engine.py, with masking re-drawn per step on the device. Each variant switches levers of issue #16:
+pipeline/engine.py, with masking re-drawn per step on the device. Each variant switches levers of the step:
 
     strategy   deepspeed (ZeRO-2) | ddp (plain torch: fused AdamW, bf16 autocast; scaling.strategy)
     compile    none | default | reduce-overhead (CUDA graphs)          (compute.compile)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue #16's GPU checks in one run, cheapest and most decisive first (sized for a 15-minute device lease):
+# The distillation step's GPU checks in one run, cheapest and most decisive first (sized for a 15-minute device lease):
 #   1. sync check + vocabulary matmul (seconds): does the step run without a host sync; does 30,528 beat 30,522?
 #   2. MFU of every variant at seq 128, then at seq 512, cheapest first, each printed as it finishes (a timeout
 #      keeps what ran; the compiled variants come last, their compile takes a minute or two).

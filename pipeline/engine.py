@@ -106,7 +106,7 @@ class WarmupDecay:
     """DeepSpeed's ``WarmupDecayLR`` with linear warmup and ``warmup_min_lr`` 0, as a ``LambdaLR`` factor of the
     peak LR after ``num_steps_done`` optimizer steps: 0 before the first step and for the first, i/W for the
     (i+1)-th while i < W, then (total − i)/(total − W) down to 0. DeepSpeed's own quirks are kept, so the two
-    schedules agree step by step (tests/test_torch_engine.py): its counter starts at −1 (the first step runs at
+    schedules agree step by step (tests/test_engine_torch.py): its counter starts at −1 (the first step runs at
     ``warmup_min_lr``) and it warms up over at least 2 steps."""
 
     def __init__(self, warmup_num_steps: int, total_num_steps: int):

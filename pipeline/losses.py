@@ -16,7 +16,7 @@ So the step passes ``normalizer = N_global / (W · A)``, and the gradient DeepSp
 micro-batch or rank. With ``normalizer=None`` a function averages over its own positions.
 
 :func:`kd_mlm_loss` computes α_ce · L_ce + α_mlm · L_mlm in one pass over the vocabulary per block of rows, with
-the same values as :func:`ce_loss` and :func:`mlm_loss` (dense weights, no host sync; issue #16).
+the same values as :func:`ce_loss` and :func:`mlm_loss` (dense weights, no host sync).
 """
 
 from __future__ import annotations

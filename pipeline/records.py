@@ -1,6 +1,6 @@
 """The records stages hand each other, as small frozen dataclasses written as JSON.
 
-One module owns them (pipeline/DESIGN: typed records): the prepared corpus's :class:`Manifest`, one record per
+One module owns them (docs/architecture.md: typed records): the prepared corpus's :class:`Manifest`, one record per
 stage (:class:`PrepareRecord`, :class:`TeacherRecord`, :class:`TrainRecord` for distill and sweep,
 :class:`RegisterRecord`), a :class:`Candidate` student, the sweep's :class:`SweepParent` and
 :class:`TrialConfig`, the :class:`EvaluateRecord`, and the :class:`WorkerConfig` the driver passes to the Ray Train workers. Stage code reads attributes, never string keys.

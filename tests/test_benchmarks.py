@@ -33,7 +33,7 @@ def test_gpu_mfu_skips_cleanly_without_a_gpu(capsys, monkeypatch):
 
 def test_gpu_mfu_code_path_runs_on_cpu():
     """Every variant that compiles nothing (HF's step; ZeRO-2 with the separate and the fused loss; DDP, with and
-    without the padded vocabulary) runs its steps; the compiled ones are tests/test_static_step.py's business."""
+    without the padded vocabulary) runs its steps; the compiled ones are tests/test_step_static.py's business."""
     out = _run("--smoke")
     got = {r["variant"]: r for r in out["results"]}
     assert set(got) == {"hf", "ours_ds_unfused", "ours_ds", "ours_ddp", "ours_ddp_pad64"}
@@ -48,7 +48,7 @@ def test_gpu_mfu_refuses_an_unknown_variant_by_name():
 
 def test_gpu_mfu_compiled_variant_trains_through_the_ddp_engine_on_cpu():
     """compute.compile's path: teacher encoder, head and student compiled in place, the student then wrapped by the
-    ddp engine, the vocabulary padded to 64; its steps run (their equality with eager is test_static_step's)."""
+    ddp engine, the vocabulary padded to 64; its steps run (their equality with eager is test_step_static's)."""
     out = _run("--smoke", "--variants", "ours_ddp_compile")
     (r,) = out["results"]
     assert r["variant"] == "ours_ddp_compile" and r["tokens_per_s"] > 0

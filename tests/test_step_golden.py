@@ -5,7 +5,7 @@ terms on, L_mse at HF's scale) and of the teacher's MLM step. Every loss term at
 ``tests/golden/losses.json`` to a relative 1e-6 (float32 on CPU; the slack covers BLAS differences between
 machines, not a changed formula). A deliberate change of the math regenerates the file:
 
-    DISTIL_UPDATE_GOLDEN=1 python -m pytest tests/test_golden_loss.py
+    DISTIL_UPDATE_GOLDEN=1 python -m pytest tests/test_step_golden.py
 
 and says why in its commit message.
 """

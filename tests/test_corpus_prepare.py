@@ -1,4 +1,4 @@
-"""The corpus pipeline: sources, bad input, cleaning, token counts and the manifest (issue #3)."""
+"""The corpus pipeline: sources, bad input, cleaning, token counts and the manifest."""
 
 import json
 import os

@@ -294,13 +294,13 @@ def test_the_step_reproduces_the_golden_losses_fused_or_not(monkeypatch, compile
     """pipeline.step.distill_step (fused by default, its blocks compiled or eager; and the separate terms)."""
     import functools
 
-    import test_golden_loss
+    import test_step_golden
     from pipeline import step as step_lib
 
     monkeypatch.setattr(losses, "COMPILE_BLOCKS", compiled)
-    monkeypatch.setattr(test_golden_loss.step_lib, "distill_step", functools.partial(step_lib.distill_step, fused=fused))
-    got = test_golden_loss._measure()["distill"]
-    want = json.loads(test_golden_loss.GOLDEN.read_text())["distill"]
+    monkeypatch.setattr(test_step_golden.step_lib, "distill_step", functools.partial(step_lib.distill_step, fused=fused))
+    got = test_step_golden._measure()["distill"]
+    want = json.loads(test_step_golden.GOLDEN.read_text())["distill"]
     for i, (g, w) in enumerate(zip(got, want, strict=True)):
         assert set(g) == set(w)
         for term in w:  # three AdamW steps: the summation order differs, so not bit for bit

@@ -1,4 +1,4 @@
-"""Issue #16, lever 1 (no host syncs, static shapes) and lever 3 (aligned vocabulary) of the distillation step, on CPU:
+"""No host syncs and static shapes, and an aligned vocabulary, of the distillation step, on CPU:
 each change must leave the step's math exactly as it was."""
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Bad corpus input of the kinds real users hit (issues #14 items 1, 8, 9 and #17 item 4), without Ray:
+"""Bad corpus input of the kinds real users hit, without Ray:
 
 special-token text inside documents, .json files that are one JSON array (or one JSON object), UTF-16/32 text
 with a byte-order mark, old-Mac CR line ends, data losses named per file, and paths that hold glob characters.
