@@ -9,7 +9,7 @@ from pipeline import teachers, tracking
 from pipeline.config import RunConfig, flatten
 from pipeline.records import TeacherRecord
 from pipeline.stages.store import finished, read_record, write_record
-from pipeline.stages.training import fit, lineage, replicated, run_name
+from pipeline.stages.training import TEACHER_SECTIONS, fit, lineage, replicated, run_name
 from pipeline.train import driver
 
 
@@ -21,7 +21,7 @@ def run(cfg: RunConfig, *, cluster_cpus: float) -> TeacherRecord:
         # A pretrained teacher: check here, at the edge, that it loads and is a supported kind.
         teachers.load_teacher(cfg.teacher.source, cache_root=cfg.cache_dir)
         return write_record(cfg, "teacher", TeacherRecord(teacher_uri=cfg.teacher.source, metrics={}, seconds=0.0))
-    name = run_name(cfg, "teacher", ("data", "masking", "teacher", "teacher_optim", "deepspeed", "scaling"))
+    name = run_name(cfg, "teacher", TEACHER_SECTIONS)
     if earlier := finished(cfg, "teacher", name=name, manifest_key=manifest.key):
         return earlier
     driver.check_fits(cfg, cluster_cpus, streamed=not replicated(cfg, manifest))

@@ -28,6 +28,8 @@ def run_name(cfg: RunConfig, role: str, sections: tuple[str, ...], extra: str = 
     return f"{cfg.run.name}-{role}-{hashlib.sha256(shaping.encode()).hexdigest()[:8]}"
 
 
+# The settings that shape the teacher's pre-training run, and a student's (distill, and each sweep trial's).
+TEACHER_SECTIONS = ("data", "masking", "teacher", "teacher_optim", "deepspeed", "scaling")
 # compute too: a padded vocabulary changes the checkpoint's shapes, so it must never resume a run made without it
 TRAIN_SECTIONS = ("data", "masking", "optim", "deepspeed", "scaling", "checkpoint", "eval", "student", "loss", "teacher",
                   "compute")
