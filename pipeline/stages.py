@@ -18,7 +18,7 @@ import os
 import time
 
 from pipeline import checkpoint as checkpoint_lib, models, registry, storage, tracking
-from pipeline.config import RunConfig, flatten
+from pipeline.config import RunConfig, flatten, sweep_checks
 from pipeline.corpus import loading, prepare as prepare_lib
 from pipeline.records import (Candidate, EvaluateRecord, Manifest, PrepareRecord, Record, RecordError, RegisterRecord,
                               SweepParent, TeacherRecord, TrainRecord, TrialConfig)
@@ -198,7 +198,7 @@ def _fit(cfg: RunConfig, manifest: Manifest, *, task: str, name: str, teacher_ur
 
 def sweep(cfg: RunConfig, *, cluster_cpus: float) -> TrainRecord:
     """Stage 4: Ray Tune over ``sweep.space`` (pipeline/sweep.py); one candidate per trial with a final checkpoint."""
-    from pipeline import config_checks, sweep as sweep_lib
+    from pipeline import sweep as sweep_lib
 
     t0 = time.perf_counter()
     manifest = read_record(cfg, "prepare", needed_by="sweep").manifest
@@ -206,7 +206,7 @@ def sweep(cfg: RunConfig, *, cluster_cpus: float) -> TrainRecord:
     if not cfg.sweep.space:
         raise ValueError("sweep.space is empty: declare at least one parameter, e.g. loss.temperature: {type: choice, values: [1, 2, 4]}")
     driver.check_batches(cfg, manifest, cfg.optim)
-    for sample in config_checks.probe_samples(cfg):  # a sampled micro-batch size must fit the data too
+    for sample in sweep_checks.probe_samples(cfg):  # a sampled micro-batch size must fit the data too
         try:
             trial_cfg = cfg.with_overrides(sample)
             driver.check_batches(trial_cfg, manifest, trial_cfg.optim)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from pipeline.config import RunConfig
+from pipeline.config import RunConfig, checks, sweep_checks
 from pipeline.records import TrialConfig
 
 KEY_SEP = "__"  # Tune flattens config keys on "/", and we keep dots out of its way too
@@ -58,13 +58,13 @@ def trial_fn(config: dict, datasets: dict) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipeline import config_checks, tracking
+    from pipeline import tracking
     from pipeline.train import driver
 
     trial = TrialConfig.from_dict(config["trial"], where="the sweep's param_space")
     overrides = overrides_from_sample(config["sample"])
     cfg = RunConfig.from_dict(trial.cfg).with_overrides(overrides)
-    config_checks.validate(cfg, check_sweep=False)  # the driver probed the space; this is the sampled point
+    checks.validate(cfg, check_sweep=False)  # the driver probed the space; this is the sampled point
     trial_id = ray.tune.get_context().get_trial_id()
     tracking.setup(cfg.run.root, cfg.tracking.experiment, uri=trial.tracking_uri)
     import mlflow
@@ -119,10 +119,8 @@ def run(cfg: RunConfig, trial: TrialConfig, *, datasets: dict, cluster_cpus: flo
 
 def max_steps(cfg: RunConfig) -> int:
     """The longest trial's steps: the config's, or the largest ``optim.max_steps`` the space can sample."""
-    from pipeline import config_checks
-
     spec = cfg.sweep.space.get("optim.max_steps")
-    return max([cfg.optim.max_steps, *(int(v) for v in config_checks.probe_values(spec))] if spec else [cfg.optim.max_steps])
+    return max([cfg.optim.max_steps, *(int(v) for v in sweep_checks.probe_values(spec))] if spec else [cfg.optim.max_steps])
 
 
 def scheduler(cfg: RunConfig):
