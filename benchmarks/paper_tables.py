@@ -43,6 +43,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from pipeline import assets, cli, config as config_lib, models, storage, teachers  # noqa: E402
+from pipeline.config import checks  # noqa: E402
 from pipeline.stages import distill, evaluate, prepare, teacher as teacher_stage  # noqa: E402
 
 STUDENTS = {  # key: (what it is, config overrides)
@@ -77,7 +78,7 @@ def student_config(cfg: config_lib.RunConfig, key: str, teacher_uri: str) -> con
     overrides = {"run.name": f"{cfg.run.name}-{key}", "data.output": cfg.data_dir, "teacher.source": teacher_uri,
                  "teacher.init_from": "", **STUDENTS[key][1]}
     out = cfg.with_overrides(overrides)
-    config_lib.validate(out)
+    checks.validate(out)
     return out
 
 

@@ -25,7 +25,7 @@ STRATEGIES = ("deepspeed", "ddp")
 
 def resolve_precision(ds: DeepSpeedSection, *, use_gpu: bool) -> str:
     """``deepspeed.precision`` with "auto" decided: "bf16" on a GPU, "fp32" on CPU; "fp32", "bf16" and "fp16"
-    are returned as given (config_checks rejects other values and fp16 without a GPU)."""
+    are returned as given (pipeline/config/checks.py rejects other values and fp16 without a GPU)."""
     if ds.precision == "auto":
         return "bf16" if use_gpu else "fp32"
     return ds.precision

@@ -1,6 +1,6 @@
 """Checks that need the file system or a model, run by every job before Ray or MLflow start.
 
-pipeline/config_checks.py judges the config on its own; here the config meets the world: the run folders
+pipeline/config/checks.py judges the config on its own; here the config meets the world: the run folders
 must be creatable and writable, and a pretrained teacher must be a BERT masked LM with a trained head, enough
 positions for ``data.max_seq_len`` and the vocabulary of ``data.tokenizer``. Every problem is collected and
 raised as one ValueError, which the job prints as one ``error:`` line per problem.

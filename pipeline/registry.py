@@ -1,7 +1,7 @@
 """The MLflow Model Registry: the chosen student becomes a version of ``<model_name>`` in the transformers flavor.
 
 - The best candidate is chosen by ``tracking.select_metric`` (``select_mode`` min or max; auto: by the metric's
-  family, pipeline/config_checks.py metric_mode).
+  family, pipeline/config/metrics.py metric_mode).
 - The alias ``champion`` moves only when the new version beats the current champion on that metric;
   otherwise the new version gets ``challenger``.
 - A score that is not a finite number (NaN, ±inf: a diverged run, an overflow) never wins: not in the choice,
@@ -17,7 +17,7 @@ import os
 
 from pipeline import models, storage
 from pipeline.config import TrackingSection
-from pipeline.config_checks import metric_mode
+from pipeline.config.metrics import metric_mode
 from pipeline.records import Candidate
 
 CHECKPOINT_TAG = "distil.checkpoint"

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import config_checks
-from pipeline.config import RunConfig, load_config, parse_overrides
+from pipeline.config import RunConfig, checks, load_config, sweep_checks
+from pipeline.config.build import parse_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -216,12 +216,12 @@ def test_a_sweep_combination_that_is_invalid_together_is_found(tmp_path):
 def test_the_shipped_sweeps_probe_clean():
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         cfg = load_config(path)
-        assert config_checks.sweep_problems(cfg) == []
+        assert checks.sweep_problems(cfg) == []
 
 
 def test_probe_values_cover_both_ends_and_the_middle():
-    assert config_checks.probe_values({"type": "uniform", "low": 1, "high": 3}) == [1.0, 2.0, 3.0]
-    lo, mid, hi = config_checks.probe_values({"type": "loguniform", "low": 1e-4, "high": 1e-2})
+    assert sweep_checks.probe_values({"type": "uniform", "low": 1, "high": 3}) == [1.0, 2.0, 3.0]
+    lo, mid, hi = sweep_checks.probe_values({"type": "loguniform", "low": 1e-4, "high": 1e-2})
     assert (lo, hi) == (1e-4, 1e-2) and math.isclose(mid, 1e-3)
 
 

@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 
 from pipeline import engine
-from pipeline.config import RunConfig, load_config, parse_overrides
+from pipeline.config import RunConfig, load_config
+from pipeline.config.build import parse_overrides
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("**/*.yaml"))
 

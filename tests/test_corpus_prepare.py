@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import DataSection
-from pipeline.corpus import decoding, sources
+from pipeline.corpus import decoding, formats, sources
 from pipeline.corpus.packing import clean_document
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -141,8 +141,8 @@ def test_one_lookup_per_file_feeds_the_cache_key_and_the_key_is_the_one_earlier_
     monkeypatch.setattr(storage, "pyarrow_filesystem", lambda path: FakeS3() if storage.is_s3(path) else None)
     (tmp_path / "a.txt").write_text("hello\n")
     os.utime(tmp_path / "a.txt", (1_700_000_000.7, 1_700_000_000.7))
-    remote = sources.Group("jsonl", paths=["s3://b/x.jsonl", "s3://b/y.jsonl"])
-    local = sources.Group("text", paths=[str(tmp_path / "a.txt")])
+    remote = formats.Group("jsonl", paths=["s3://b/x.jsonl", "s3://b/y.jsonl"])
+    local = formats.Group("text", paths=[str(tmp_path / "a.txt")])
     stats = prepare.file_stats([remote, local])
     assert calls == [["b/x.jsonl", "b/y.jsonl"]], "one call for every S3 file"
     assert stats == {"s3://b/x.jsonl": (10, 123), "s3://b/y.jsonl": (20, 124), str(tmp_path / "a.txt"): (6, 1_700_000_000)}

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from pipeline import checkpoint, engine as engine_lib
 from pipeline.config import DeepSpeedSection, OptimSection, RunConfig
-from pipeline.config_checks import problems
+from pipeline.config.checks import problems
 
 OPTIM = OptimSection(max_steps=6, micro_batch_size=4, grad_accum=2, lr=1e-2, warmup_steps=2, grad_clip=0.5)
 NUM_ROWS, DIM = 16, 6  # the global batch of one optimizer step, and the toy model's width

@@ -146,11 +146,11 @@ def test_a_padded_vocabulary_changes_nothing_but_the_shapes():
      "deepspeed.offload_optimizer=true with deepspeed.zero_stage=0: offloading needs ZeRO stage 1, 2 or 3"),
 ])
 def test_bad_compute_settings_are_refused_with_one_line(sets, message):
-    """Each before Ray starts (config_checks), one line each: a huge padding would otherwise fail only in the
+    """Each before Ray starts (pipeline/config/checks.py), one line each: a huge padding would otherwise fail only in the
     distill workers, after the teacher stage; a padding that is no power of two aligns nothing."""
-    from pipeline import config_checks
+    from pipeline.config import checks
 
-    problems = config_checks.problems(RunConfig().with_overrides(sets))
+    problems = checks.problems(RunConfig().with_overrides(sets))
     assert len(problems) == 1 and message in problems[0], problems
 
 
@@ -158,24 +158,24 @@ def test_bad_compute_settings_are_refused_with_one_line(sets, message):
                                   {"compute.compile": "default"}, {"compute.compile": "max-autotune"},
                                   {"compute.compile": "reduce-overhead", "scaling.use_gpu": True}])
 def test_good_compute_settings_pass(sets):
-    from pipeline import config_checks
+    from pipeline.config import checks
 
-    assert config_checks.problems(RunConfig().with_overrides(sets)) == []
+    assert checks.problems(RunConfig().with_overrides(sets)) == []
 
 
 def test_a_sweep_over_compute_or_scaling_is_refused_for_what_it_is():
-    from pipeline import config_checks
+    from pipeline.config import checks
 
     space = {"compute.pad_vocab_multiple": {"type": "choice", "values": [0, 64]}}
     cfg = RunConfig().with_overrides({"sweep.space": space})
-    (line,) = config_checks.sweep_problems(cfg) or config_checks.problems(cfg)
+    (line,) = checks.sweep_problems(cfg) or checks.problems(cfg)
     assert "compute.* sets how fast a trial runs, not what it learns: set it for the whole sweep" in line
 
 
 def test_an_invalid_zero_stage_under_ddp_is_one_line():
-    from pipeline import config_checks
+    from pipeline.config import checks
 
-    problems = config_checks.problems(RunConfig().with_overrides({"scaling.strategy": "ddp", "deepspeed.zero_stage": 4}))
+    problems = checks.problems(RunConfig().with_overrides({"scaling.strategy": "ddp", "deepspeed.zero_stage": 4}))
     assert problems == ["deepspeed.zero_stage=4: use 0, 1, 2 or 3"]
 
 

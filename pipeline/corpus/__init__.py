@@ -2,7 +2,8 @@
 
 On the driver:
     sources.py      resolve ``data.sources`` (paths, globs, folders, s3://, hub:, package:) into files by format
-    formats.py      what is inside them, checked before Ray starts: JSON layout, text field, parquet, datasets files
+    formats.py      Group (the files of one format), and what is inside them, checked before Ray starts: JSON
+                    layout, text field, parquet, datasets files
     corpora.py      the ``package:`` corpora, exported once to jsonl
     prepare.py      the cache key and the stage: builds the Ray Data pass, sums its stats into the manifest
     loading.py      train-time loading: the manifest's splits as datasets, held in memory or streamed

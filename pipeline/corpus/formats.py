@@ -1,5 +1,7 @@
 """What is inside the corpus files, checked on the driver before Ray starts (sources.py calls these).
 
+- :class:`Group`: the files of one format, read with one Ray Data reader (sources.py resolves ``data.sources``
+  into groups; readers.py and prepare.py read them).
 - The layout of a ``.json`` file: JSON Lines, one JSON array, or (an error naming the file) one JSON object or
   several values one after another (:func:`json_layout`, from each file's first JSON_PROBE bytes).
 - The text field or column (:func:`check_field`: present, and a string column in parquet and Arrow files), and
@@ -14,16 +16,23 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
 from pipeline import storage
 from pipeline.config import DataSection
 from pipeline.corpus import decoding
 
-if TYPE_CHECKING:
-    from pipeline.corpus.sources import Group
-
 JSON_PROBE = 1 << 16  # bytes of a .json file the driver reads to tell JSON Lines from one JSON document
+
+
+@dataclass
+class Group:
+    """Files of one format, read with one Ray Data reader: what sources.resolve makes of ``data.sources``."""
+
+    format: str  # text | jsonl | json (one JSON array per file) | parquet | arrow (save_to_disk and Hub caches)
+    paths: list[str] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)  # what the user wrote, for the manifest
+    empty: list[str] = field(default_factory=list)  # 0-byte files left out (parquet): counted as files_empty
 
 
 # ---- JSON layout (driver) ---------------------------------------------------------------------------

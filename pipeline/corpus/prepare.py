@@ -19,7 +19,7 @@ import shutil
 
 from pipeline import storage
 from pipeline.config import DataSection
-from pipeline.corpus import data_context, sources
+from pipeline.corpus import data_context, formats, sources
 from pipeline.records import Manifest, SplitInfo
 from pipeline.corpus.readers import STAT_KEYS, file_warnings, read_group, sum_stats, tokenize_and_pack
 from pipeline.corpus.sink import SPLITS, PackedSink
@@ -29,7 +29,7 @@ MANIFEST = "manifest.json"
 
 
 # ---- the cache key ----------------------------------------------------------------------------------
-def file_stats(groups: list[sources.Group]) -> dict[str, tuple[int, int]]:
+def file_stats(groups: list[formats.Group]) -> dict[str, tuple[int, int]]:
     """(size in bytes, modification time) of every input file, by path: one lookup per file (an ``os.stat``, or an
     S3 HEAD, all S3 files in one ``get_file_info`` call), which feeds both the cache key and the readers' byte
     ranges. The time is whole seconds for a local file and nanoseconds for S3, as the cache keys have always held it.
@@ -47,7 +47,7 @@ def file_stats(groups: list[sources.Group]) -> dict[str, tuple[int, int]]:
     return out
 
 
-def _fingerprint(groups: list[sources.Group], stats: dict[str, tuple[int, int]]) -> list:
+def _fingerprint(groups: list[formats.Group], stats: dict[str, tuple[int, int]]) -> list:
     """What identifies the input: every file's path, size and modification time (local or S3)."""
     return [[g.format, p if storage.is_s3(p) else os.path.abspath(p), *stats[p]] for g in groups for p in g.paths]
 
@@ -56,7 +56,7 @@ KEY_FIELDS = ("text_field", "text_separator", "split", "hub_config", "decode_err
               "min_seq_tokens", "max_unk_fraction", "val_fraction", "max_docs", "read_chunk_mb")
 
 
-def cache_key(cfg: DataSection, groups: list[sources.Group], vocab_hash: str, stats: dict[str, tuple[int, int]]) -> str:
+def cache_key(cfg: DataSection, groups: list[formats.Group], vocab_hash: str, stats: dict[str, tuple[int, int]]) -> str:
     """16 hex digits over the input files (``stats``: :func:`file_stats`), the vocabulary and the KEY_FIELDS."""
     payload = {"sources": _fingerprint(groups, stats), "vocab": vocab_hash, "version": 4,
                **{k: getattr(cfg, k) for k in KEY_FIELDS}}
@@ -119,7 +119,7 @@ def prepare(cfg: DataSection, *, data_dir: str, run_root: str, tokenizer_path: s
     return manifest
 
 
-def _write_shards(cfg: DataSection, groups: list[sources.Group], stats: dict[str, tuple[int, int]], tokenizer,
+def _write_shards(cfg: DataSection, groups: list[formats.Group], stats: dict[str, tuple[int, int]], tokenizer,
                   out: str) -> dict:
     """The Ray Data pass: read every group, tokenise and pack, write the parquet shards under ``out``. Returns the
     sink's result: the tasks' stats rows ("stats") and the rows written per split ("rows")."""

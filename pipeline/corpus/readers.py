@@ -15,7 +15,7 @@ import numpy as np
 
 from pipeline import storage
 from pipeline.config import DataSection
-from pipeline.corpus import decoding, packing, sources
+from pipeline.corpus import decoding, formats, packing
 from pipeline.corpus.sink import SPLITS
 from pipeline.corpus.worker_tokenizer import WorkerTokenizer
 
@@ -93,7 +93,7 @@ def read_arrow_files(batch: dict[str, np.ndarray], *, cfg: DataSection):
                 yield decode_column({cfg.text_field: column}, cfg=cfg, file=str(path))
 
 
-def read_group(group: sources.Group, cfg: DataSection, sizes: list[int]):
+def read_group(group: formats.Group, cfg: DataSection, sizes: list[int]):
     """A Ray Data dataset of document rows (see above) over one group's files; ``sizes``: each file's size in bytes
     (prepare.file_stats), for the byte ranges."""
     import ray.data

@@ -28,25 +28,15 @@ import glob
 import os
 import re
 import stat
-from dataclasses import dataclass, field
 
 from pipeline import storage
 from pipeline.config import DataSection
 from pipeline.corpus import corpora, formats
+from pipeline.corpus.formats import Group
 
 # A .json file is JSON Lines unless it is one JSON array ("json", read whole by one task): see formats.json_layout.
 EXTENSIONS = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 _GLOB_CHARS = re.compile(r"[*?\[]")
-
-
-@dataclass
-class Group:
-    """Sources of one format, read with one Ray Data reader."""
-
-    format: str  # text | jsonl | json (one JSON array per file) | parquet | arrow (save_to_disk and Hub caches)
-    paths: list[str] = field(default_factory=list)
-    names: list[str] = field(default_factory=list)  # what the user wrote, for the manifest
-    empty: list[str] = field(default_factory=list)  # 0-byte files left out (parquet): counted as files_empty
 
 
 # ---- resolution (driver) ----------------------------------------------------------------------------

@@ -7,8 +7,8 @@ import json
 import os
 import time
 
-from pipeline import config_checks, storage, tracking
-from pipeline.config import RunConfig, flatten
+from pipeline import storage, tracking
+from pipeline.config import RunConfig, flatten, sweep_checks
 from pipeline.records import SweepParent, TrainRecord, TrialConfig
 from pipeline.stages.store import finished, read_record, write_record
 from pipeline.stages.training import TRAIN_SECTIONS, datasets, lineage, manifest_path, replicated, run_name
@@ -23,7 +23,7 @@ def run(cfg: RunConfig, *, cluster_cpus: float) -> TrainRecord:
     if not cfg.sweep.space:
         raise ValueError("sweep.space is empty: declare at least one parameter, e.g. loss.temperature: {type: choice, values: [1, 2, 4]}")
     driver.check_batches(cfg, manifest, cfg.optim)
-    for sample in config_checks.probe_samples(cfg):  # a sampled micro-batch size must fit the data too
+    for sample in sweep_checks.probe_samples(cfg):  # a sampled micro-batch size must fit the data too
         try:
             trial_cfg = cfg.with_overrides(sample)
             driver.check_batches(trial_cfg, manifest, trial_cfg.optim)

@@ -14,8 +14,8 @@ import numbers
 
 from pyarrow import fs as pafs
 
-from pipeline import checkpoint, config_checks, progress, registry, runtime, storage, tracking
-from pipeline.config import RunConfig
+from pipeline import checkpoint, progress, registry, runtime, storage, tracking
+from pipeline.config import RunConfig, checks, sweep_checks
 from pipeline.records import Candidate, TrialConfig
 from pipeline.train import driver
 
@@ -66,7 +66,7 @@ def trial_fn(config: dict, datasets: dict) -> None:
     trial = TrialConfig.from_dict(config["trial"], where="the sweep's param_space")
     overrides = overrides_from_sample(config["sample"])
     cfg = RunConfig.from_dict(trial.cfg).with_overrides(overrides)
-    config_checks.validate(cfg, check_sweep=False)  # the driver probed the space; this is the sampled point
+    checks.validate(cfg, check_sweep=False)  # the driver probed the space; this is the sampled point
     trial_id = ray.tune.get_context().get_trial_id()
     tracking.setup(cfg.run.root, cfg.tracking.experiment, uri=trial.tracking_uri)
     import mlflow
@@ -120,7 +120,7 @@ def run(cfg: RunConfig, trial: TrialConfig, *, datasets: dict, cluster_cpus: flo
 def max_steps(cfg: RunConfig) -> int:
     """The longest trial's steps: the config's, or the largest ``optim.max_steps`` the space can sample."""
     spec = cfg.sweep.space.get("optim.max_steps")
-    return max([cfg.optim.max_steps, *(int(v) for v in config_checks.probe_values(spec))] if spec else [cfg.optim.max_steps])
+    return max([cfg.optim.max_steps, *(int(v) for v in sweep_checks.probe_values(spec))] if spec else [cfg.optim.max_steps])
 
 
 def scheduler(cfg: RunConfig):

@@ -1,6 +1,6 @@
 """From YAML and ``--set`` values to typed config sections: strict, one error per problem.
 
-pipeline/config_yaml.py reads the text (an unquoted scalar stays a :class:`config_yaml.Plain`); :func:`build`
+pipeline/config/yaml_reader.py reads the text (an unquoted scalar stays a :class:`yaml_reader.Plain`); :func:`build`
 turns the mapping into a frozen dataclass tree, reading each value by the type its field declares: a text
 field takes the text (``run.name: off`` is the run "off"), a number field reads ``1e-4`` or ``1_000``, an
 integer field takes ``1e3`` as 1000 and refuses ``2.5``, a boolean field reads true/false and yes/no/on/off.
@@ -8,7 +8,7 @@ An unknown key, a value of the wrong type, a non-finite number or one that under
 ``ValueError`` that names the dotted key and says what it expects. :func:`parse_overrides` and
 :func:`set_dotted` apply ``--set a.b=value`` overrides (and Tune samples) to a config's dict.
 
-This module knows dataclasses and type hints, not the sections themselves (pipeline/config.py).
+This module knows dataclasses and type hints, not the sections themselves (pipeline/config/tree.py).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import types
 import typing
 from typing import Any
 
-from pipeline import config_yaml
+from pipeline.config import yaml_reader
 
 _EXAMPLE = {int: " (e.g. 1000 or 1e3)", float: " (e.g. 0.001 or 1e-3)"}
 _KIND = {int: "an integer", float: "a number", bool: "true or false", str: "text"}
@@ -51,7 +51,7 @@ def _coerce(tp, value: Any, path: str):
     if dataclasses.is_dataclass(tp):
         return build(tp, value, path)
     if tp is Any:
-        return config_yaml.resolve(value)
+        return yaml_reader.resolve(value)
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(tp):
@@ -68,8 +68,8 @@ def _coerce(tp, value: Any, path: str):
     if origin is dict:
         if not isinstance(value, dict):
             raise ValueError(f"{path}: expected a mapping, got {shown(value)}")
-        return config_yaml.resolve(dict(value))
-    if isinstance(value, config_yaml.Plain):
+        return yaml_reader.resolve(dict(value))
+    if isinstance(value, yaml_reader.Plain):
         return _from_text(tp, str(value), path)
     if tp in (int, float, bool) and isinstance(value, str):
         return _from_text(tp, value, path)  # a quoted "3e-4" or "true"
@@ -89,15 +89,15 @@ def _from_text(tp, text: str, path: str):
     if tp is str:
         return text
     if tp is bool:
-        value = config_yaml.parse_bool(text)
+        value = yaml_reader.parse_bool(text)
     else:
-        value = config_yaml.parse_number(text)
+        value = yaml_reader.parse_number(text)
         if tp is int and isinstance(value, float) and value.is_integer():
             value = int(value)  # max_steps: 1e4
         elif tp is float and isinstance(value, int):
             value = float(value)
     if not isinstance(value, tp):
-        if tp is not bool and config_yaml.underflows(text):
+        if tp is not bool and yaml_reader.underflows(text):
             raise ValueError(f"{path}: {text!r} underflows to 0.0 in double precision: write the value you mean")
         raise ValueError(f"{path}: expected {_KIND[tp]}{_EXAMPLE.get(tp, '')}, got {text!r}")
     if tp is float and not math.isfinite(value):
@@ -108,7 +108,7 @@ def _from_text(tp, text: str, path: str):
 def shown(value: Any) -> str:
     """How a message names a value: its kind and its repr ("an integer 3", "the text 'off'", "nothing (an
     empty value)" for a key given no value)."""
-    if value is None or (isinstance(value, config_yaml.Plain) and not value.strip()):
+    if value is None or (isinstance(value, yaml_reader.Plain) and not value.strip()):
         return "nothing (an empty value)"
     if isinstance(value, str):
         return f"the text {str(value)!r}"
@@ -127,11 +127,11 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if not sep or not key.strip():
             raise ValueError(f"override {item!r} must look like section.key=value, e.g. loss.temperature=4")
         try:
-            parsed = config_yaml.load(value, source=f"--set {item}")
+            parsed = yaml_reader.load(value, source=f"--set {item}")
         except ValueError:
-            parsed = config_yaml.Plain(value)
+            parsed = yaml_reader.Plain(value)
         if isinstance(parsed, (dict, list)) and not value.lstrip().startswith(("{", "[")):
-            parsed = config_yaml.Plain(value)  # `run.name=exp: v2` is text; a mapping or list is written {…} or […]
+            parsed = yaml_reader.Plain(value)  # `run.name=exp: v2` is text; a mapping or list is written {…} or […]
         out[key.strip()] = parsed
     return out
 
@@ -152,7 +152,7 @@ def set_dotted(raw: dict, dotted: str, value: Any) -> None:
             raise ValueError(f"unknown config key {'.'.join(parts[: i + 1])!r} in override {dotted!r}")
         node = node[part]
     if not isinstance(node, dict) or parts[-1] not in node:
-        raise ValueError(f"unknown config key {dotted!r}; see the sections in pipeline/config.py")
+        raise ValueError(f"unknown config key {dotted!r}; see the sections in pipeline/config/tree.py")
     node[parts[-1]] = value
 
 

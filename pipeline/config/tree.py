@@ -1,27 +1,26 @@
-"""One typed config tree for every stage: the sections, :class:`RunConfig` and :func:`load_config`.
+"""The typed config tree: every section, :class:`RunConfig` (the whole run) and :func:`flatten`.
 
 Precedence, written down once: dataclass defaults < YAML file < CLI ``--set a.b=v`` < Tune sample.
 
 Every section is a frozen, keyword-only dataclass, and each component receives only its own section
 (``build_student(cfg.student, ...)``); each field's comment gives its unit and meaning. Steps are optimizer
 steps throughout (one step = ``grad_accum`` micro-batches on every worker); sizes are rows (packed sequences
-of ``data.max_seq_len`` tokens), tokens, MiB (2**20 bytes) or GiB (2**30 bytes). The loader is strict
-(pipeline/config_build.py): an unknown key or a value of the wrong type is an error that names the key and
-says what was expected. Semantic checks live in pipeline/config_checks.py (:func:`validate`), which collects
-every problem and raises one ``ValueError``; YAML is read by pipeline/config_yaml.py (text stays text, ``1e-4``
-is a number, a repeated key is an error).
+of ``data.max_seq_len`` tokens), tokens, MiB (2**20 bytes) or GiB (2**30 bytes). The builder is strict
+(pipeline/config/build.py): an unknown key or a value of the wrong type is an error that names the key and
+says what was expected. A YAML file becomes a validated RunConfig in pipeline/config/load.py
+(:func:`~pipeline.config.load.load_config`); semantic checks live in pipeline/config/checks.py
+(:func:`~pipeline.config.checks.validate`), which collects every problem and raises one ``ValueError``; YAML
+is read by pipeline/config/yaml_reader.py (text stays text, ``1e-4`` is a number, a repeated key is an error).
+This module imports nothing of the loader or the checks.
 """
-
 from __future__ import annotations
 
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from pipeline import config_yaml
-from pipeline.config_build import build, parse_overrides, set_dotted, shown
+from pipeline.config.build import build, set_dotted
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -181,11 +180,12 @@ class CheckpointSection:
 
 
 @dataclass(frozen=True, kw_only=True)
-class EvalSection:
-    """Held-out evaluation in the training loop (pipeline/train/worker.py): every evaluation is a report to Ray
-    Train and Tune, so it is where ASHA can stop a trial and what the registry ranks by."""
+class ValidationSection:
+    """Held-out validation during training (pipeline/train/worker.py), under the YAML key ``eval``; not the
+    downstream ``evaluate`` stage (:class:`EvaluateSection`). Every validation is a report to Ray Train and Tune,
+    so it is where ASHA can stop a trial and what the registry ranks by."""
 
-    every_steps: int = 50  # optimizer steps between held-out evaluations (every checkpoint evaluates too)
+    every_steps: int = 50  # optimizer steps between held-out validations (every checkpoint validates too)
     max_batches: int = 8  # validation batches per worker, each optim.micro_batch_size rows, masked with a fixed seed
 
 
@@ -282,7 +282,7 @@ class RunConfig:
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)  # ZeRO and precision of every training stage
     compute: ComputeSection = field(default_factory=ComputeSection)  # compile, vocabulary padding: distill and sweep
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)  # checkpoints of every training stage
-    eval: EvalSection = field(default_factory=EvalSection)  # held-out evaluation of every training stage
+    eval: ValidationSection = field(default_factory=ValidationSection)  # held-out validation of every training stage
     scaling: ScalingSection = field(default_factory=ScalingSection)  # workers of every training run and sweep trial
     sweep: SweepSection = field(default_factory=SweepSection)  # the sweep stage's search space and ASHA
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)  # the evaluate stage's downstream tasks
@@ -293,7 +293,7 @@ class RunConfig:
     @classmethod
     def from_dict(cls, raw: dict) -> "RunConfig":
         """Build from a nested dict (parsed YAML, or :meth:`to_dict`'s output), strictly: ValueError names an
-        unknown key or a value of the wrong type (pipeline/config_build.py)."""
+        unknown key or a value of the wrong type (pipeline/config/build.py)."""
         return build(cls, raw, path="")
 
     def to_dict(self) -> dict:
@@ -328,62 +328,6 @@ class RunConfig:
     def cache_dir(self) -> str:
         """<run.root>/cache: downloaded models and tokenizers (hub, s3://, package:), shared by the runs of a root."""
         return os.path.join(self.run.root, "cache")
-
-
-def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> RunConfig:
-    """Load a YAML run config, apply ``a.b=value`` overrides, resolve paths, and validate.
-
-    Raises one ValueError naming the file for: a missing or empty file, a YAML syntax error (with its line), a
-    key given twice, an unknown key, a value of the wrong type, and every semantic problem of :func:`validate`.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"--config {path} is a folder: pass a YAML file in it, e.g. --config configs/tiny.yaml")
-    if not path.is_file():
-        raise ValueError(f"config file {path} does not exist: pass --config configs/tiny.yaml or another YAML")
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}): save it as "
-                         "UTF-8") from None
-    raw = config_yaml.load(text, source=str(path))
-    if not isinstance(raw, (dict, list)):
-        raw = config_yaml.resolve(raw)  # "---" alone is an empty document too
-    if raw is None:
-        raise ValueError(f"{path} is empty: a config names its run and the settings it changes, e.g. copy "
-                         "configs/tiny.yaml and edit it (an empty file would silently run every default)")
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: the top level must be a mapping of sections (run:, data:, …), got {shown(raw)}")
-    sets = parse_overrides(overrides or [])
-    if not (isinstance(raw.get("run"), dict) and "name" in raw["run"]) and "run.name" not in sets:
-        raise ValueError(f"{path} does not set run.name: give every config its own run name (run: {{name: my-run}}, "
-                         "or --set run.name=my-run), so its records and checkpoints don't land in another run's folder")
-    try:
-        cfg = RunConfig.from_dict(raw)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
-    cfg = resolve_paths(cfg.with_overrides(sets))
-    validate(cfg)
-    return cfg
-
-
-def resolve_paths(cfg: RunConfig) -> RunConfig:
-    """Make local paths absolute, so that Ray workers and `ray job submit` see the same folders."""
-    paths = {"run.root": cfg.run.root, "run.storage": cfg.run.storage, "data.output": cfg.data.output,
-             "evaluate.glue_dir": cfg.evaluate.glue_dir}
-    local = {k: os.path.abspath(os.path.expanduser(v)) for k, v in paths.items() if v and not _is_remote(v)}
-    return cfg.with_overrides(local)
-
-
-def validate(cfg: RunConfig) -> None:
-    """Collect every semantic problem and raise one ValueError with a fix for each (pipeline/config_checks.py)."""
-    from pipeline import config_checks
-
-    config_checks.validate(cfg)
-
-
-def _is_remote(path: str) -> bool:
-    return "://" in path
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:

@@ -6,37 +6,22 @@ no result (a row length below the minimum row, no validation split, a sweep of n
 position table of the model that will see them, the names MLflow's registry accepts, and every configuration
 a sweep can produce. What needs files or a model (the teacher's vocabulary, its MLM head, a writable run
 folder) is checked by pipeline/preflight.py.
+
+The per-section checks and :func:`problems` are here, with :func:`sweep_problems` (each probe sample of the
+space judged as a whole trial config); each space entry on its own and the probe samples are checked in
+pipeline/config/sweep_checks.py, and the metric tables come from pipeline/config/metrics.py.
 """
 
 from __future__ import annotations
 
-import itertools
-import math
 import os
 import re
-from typing import Any
 
-from pipeline.config import RunConfig
-from pipeline.config_build import set_dotted
+from pipeline.config.metrics import EVAL_METRICS, LOSS_METRICS, VAL_METRICS
+from pipeline.config.sweep_checks import probe_samples, space_entry_problems
+from pipeline.config.tree import RunConfig
+from pipeline.evaluate import specs
 
-# Sweeps may vary how the student trains; the corpus, the teacher and the run's plumbing are shared by every
-# trial, so a sampled value there would be silently ignored or would break the shared prepared data.
-SWEEPABLE_SECTIONS = ("loss", "optim", "masking", "student", "deepspeed", "eval", "checkpoint")
-MAX_SWEEP_COMBINATIONS = 512
-# What the loop reports, and which way is better: selection and ASHA may use these (pipeline/train/worker.py, pipeline/train/tasks.py).
-VAL_METRICS = {"val/mlm_loss": "min", "val/perplexity": "min", "val/mlm_acc": "max", "val/teacher_agreement": "max"}
-LOSS_METRICS = {"loss/total": "min", "loss/ce": "min", "loss/mlm": "min", "loss/cos": "min", "loss/mse": "min"}
-# The evaluate stage's downstream metrics (pipeline/evaluate/): every one is better when higher.
-EVAL_METRICS = {"eval/macro": "max"}
-
-
-def metric_mode(metric: str, mode: str = "auto") -> str:
-    """The better direction of ``metric``: ``mode`` when it is min or max, else by its family (val/ and loss/ as
-    listed above; eval/*, accuracies and correlations: max; anything else: min)."""
-    if mode in ("min", "max"):
-        return mode
-    known = {**VAL_METRICS, **LOSS_METRICS, **EVAL_METRICS}
-    return known.get(metric, "max" if metric.startswith("eval/") else "min")
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -247,74 +232,13 @@ def _sweep(cfg: RunConfig) -> list[str]:
     if sw.trial_driver_cpus <= 0:
         p.append("sweep.trial_driver_cpus must be > 0: Ray refuses a trial that asks for 0 CPU (use 0.01)")
     for key, spec in sw.space.items():
-        p.extend(_space_entry(key, spec))
+        p.extend(space_entry_problems(key, spec))
     return p
-
-
-def _space_entry(key: Any, spec: Any) -> list[str]:
-    if not isinstance(key, str):
-        return [f"sweep.space key {key!r}: name a config setting, e.g. loss.temperature"]
-    kinds = {"choice": ("values",), "grid": ("values",), "uniform": ("low", "high"), "loguniform": ("low", "high")}
-    if not isinstance(spec, dict) or spec.get("type") not in kinds:
-        return [f"sweep.space.{key}: give a mapping with type one of {sorted(kinds)}, e.g. {{type: choice, values: [1, 2]}}"]
-    extra = sorted(set(spec) - {"type", *kinds[spec["type"]]})
-    problems = [f"sweep.space.{key}: type {spec['type']} needs {k}" for k in kinds[spec["type"]] if k not in spec]
-    if extra:
-        problems.append(f"sweep.space.{key}: unknown field(s) {extra} for type {spec['type']}")
-    try:
-        set_dotted(RunConfig().to_dict(), key, None)
-    except ValueError as e:
-        return [*problems, f"sweep.space.{key}: {e}"]
-    section = key.split(".")[0]
-    if section in ("compute", "scaling"):
-        problems.append(f"sweep.space.{key}: {section}.* sets how fast a trial runs, not what it learns: set it for the "
-                        f"whole sweep; sweep keys of {', '.join(SWEEPABLE_SECTIONS)}")
-    elif section not in SWEEPABLE_SECTIONS:
-        problems.append(f"sweep.space.{key}: the {section} section is shared by every trial (the prepared "
-                        f"corpus, the teacher, the run's plumbing); sweep keys of {', '.join(SWEEPABLE_SECTIONS)}")
-    if problems:
-        return problems
-    if spec["type"] in ("choice", "grid"):
-        if not isinstance(spec["values"], list) or not spec["values"]:
-            return [f"sweep.space.{key}: values must be a non-empty list, e.g. [1.0, 2.0]"]
-        return []
-    low, high = spec["low"], spec["high"]
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (low, high)):
-        return [f"sweep.space.{key}: low and high must be finite numbers, got {low!r} and {high!r}"]
-    if not low < high:
-        return [f"sweep.space.{key}: low={low} must be < high={high}"]
-    if spec["type"] == "loguniform" and low <= 0:
-        return [f"sweep.space.{key}: loguniform needs low > 0, got {low}"]
-    return []
-
-
-def probe_values(spec: dict) -> list:
-    """Values that stand for everything a space entry can produce: every choice, or both ends and the middle of
-    a range (the middle catches a range over an integer setting, which Tune would sample as a float)."""
-    if spec["type"] in ("choice", "grid"):
-        return list(spec["values"])
-    low, high = spec["low"], spec["high"]
-    mid = math.sqrt(low * high) if spec["type"] == "loguniform" else (low + high) / 2
-    return [float(low), mid, float(high)]
-
-
-def probe_samples(cfg: RunConfig):
-    """Sampled overrides that stand for the space: each key's probe values alone (the others at the config's
-    values), then every combination of them up to MAX_SWEEP_COMBINATIONS."""
-    space = cfg.sweep.space
-    keys = list(space)
-    for key in keys:
-        for value in probe_values(space[key]):
-            yield {key: value}
-    if len(keys) > 1:
-        combos = itertools.product(*(probe_values(space[k]) for k in keys))
-        for combo in itertools.islice(combos, MAX_SWEEP_COMBINATIONS):
-            yield dict(zip(keys, combo))
 
 
 def sweep_problems(cfg: RunConfig) -> list[str]:
     """Validate the trial configs the sweep space can produce (every combination of the probe values, up to
-    MAX_SWEEP_COMBINATIONS of them), before the first trial starts."""
+    MAX_SWEEP_COMBINATIONS of them, pipeline/config/sweep_checks.py), before the first trial starts."""
     found: dict[str, str] = {}
     for sample in probe_samples(cfg):
         try:
@@ -329,8 +253,8 @@ def sweep_problems(cfg: RunConfig) -> list[str]:
 
 def _tracking(cfg: RunConfig) -> list[str]:
     """Registry names and aliases against MLflow's own rules (its validators), plus ours."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.utils import validation
+    from mlflow.exceptions import MlflowException  # deferred: importing pipeline.config must not import MLflow
+    from mlflow.utils import validation  # deferred: the same (the math imports pipeline.config, test_layering.py)
 
     t, p = cfg.tracking, []
     checks = [
@@ -375,8 +299,6 @@ def _tracking(cfg: RunConfig) -> list[str]:
 
 def _eval_metrics(cfg: RunConfig) -> dict[str, str]:
     """eval/macro and each configured task's eval/<task>/score and metrics (every one better when higher)."""
-    from pipeline.evaluate import specs
-
     try:
         tasks = specs.parse_all(cfg.evaluate.tasks)
     except ValueError:
@@ -385,8 +307,6 @@ def _eval_metrics(cfg: RunConfig) -> dict[str, str]:
 
 
 def _evaluate(cfg: RunConfig) -> list[str]:
-    from pipeline.evaluate import specs
-
     e, p = cfg.evaluate, []
     try:
         tasks = specs.parse_all(e.tasks)

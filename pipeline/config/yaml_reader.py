@@ -5,7 +5,7 @@ PyYAML implements YAML 1.1, whose implicit typing bites ML configs: ``1e-4`` is 
 appears twice silently keeps the second value. Here:
 
 - every *plain* (unquoted) scalar is kept as :class:`Plain`, the text exactly as typed; the config builder
-  decides what it means from the field's type (pipeline/config_build.py ``_coerce``): a text field takes the
+  decides what it means from the field's type (pipeline/config/build.py ``_coerce``): a text field takes the
   text, a number field parses it (``1e-4``, ``1_000``, ``2.0e-3``), a bool field takes true/false (and
   yes/no/on/off, which cannot mean anything else there);
 - where no type is declared (``sweep.space``, ``student.layer_map``), :func:`resolve` applies the YAML 1.2
