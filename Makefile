@@ -18,7 +18,7 @@ TORCH_SOURCE ?= $(if $(filter cpu,$(TORCH)),$(TORCH_CPU_SOURCE),$(if $(filter py
 UV_INSTALL = $(BIN)/uv pip install --python $(BIN)/python --compile-bytecode
 CONFIG  ?= configs/tiny.yaml
 
-# Ray's token authentication (README, "Ray's token"): a local Ray makes ~/.ray/auth_token if it is missing.
+# Ray's token authentication (docs/scaling.md, "Ray's token"): a local Ray makes ~/.ray/auth_token if it is missing.
 export RAY_AUTH_MODE ?= token
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export RAY_USAGE_STATS_ENABLED ?= 0

@@ -27,7 +27,10 @@ tables beside the paper's, and where they agree). ``--smoke`` runs the same code
 with a handful of steps, one seed and the evaluate stage's probe mode instead of fine-tuning (the test suite
 runs it); its files go to the smoke run's folder.
 
-    python benchmarks/paper_tables.py --config configs/teacher-minilm.yaml
+    python benchmarks/paper_tables.py --config configs/teacher-minilm.yaml --docs benchmarks/RESULTS.md
+
+``--docs`` replaces the block between the paper-tables markers of each file named (benchmarks/RESULTS.md, where
+measured figures live); a file without the markers is refused before any work.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -214,16 +218,27 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+BEGIN, END = "<!-- paper-tables:begin -->", "<!-- paper-tables:end -->"
+
+
+def missing_markers(paths: list[str]) -> list[str]:
+    """The files of ``paths`` that do not exist or lack the BEGIN and END markers (the tables are measured
+    figures: they go only where a block already waits for them, such as benchmarks/RESULTS.md)."""
+    out = []
+    for path in paths:
+        text = Path(path).read_text() if os.path.isfile(path) else ""
+        if BEGIN not in text or END not in text:
+            out.append(path)
+    return out
+
+
 def replace_block(path: str, block: str) -> None:
-    """Put ``block`` between the ``<!-- paper-tables:begin -->`` and ``end`` markers of ``path`` (appended once)."""
-    begin, end = "<!-- paper-tables:begin -->", "<!-- paper-tables:end -->"
+    """Put ``block`` between the BEGIN and END markers of ``path``; ValueError if it has none."""
+    if missing_markers([path]):
+        raise ValueError(f"{path} has no {BEGIN} … {END} block")
     with open(path) as f:
         text = f.read()
-    new = f"{begin}\n{block}\n{end}"
-    if begin in text and end in text:
-        text = text[: text.index(begin)] + new + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + new + "\n"
+    text = text[: text.index(BEGIN)] + f"{BEGIN}\n{block}\n{END}" + text[text.index(END) + len(END):]
     with open(path, "w") as f:
         f.write(text)
 
@@ -235,9 +250,14 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny models and a handful of steps: the code path only")
     ap.add_argument("--out", default="benchmarks/paper-tables.json")
     ap.add_argument("--markdown", default="benchmarks/paper-tables.md")
-    ap.add_argument("--docs", nargs="*", default=[], help="files whose paper-tables block to replace (RESULTS.md, README.md)")
+    ap.add_argument("--docs", nargs="*", default=[],
+                    help="files whose paper-tables block to replace: benchmarks/RESULTS.md (each must hold the markers)")
     ap.add_argument("--render", action="store_true", help="only write --markdown and --docs again from the --out JSON")
     args = ap.parse_args(argv)
+    if unmarked := missing_markers(args.docs):
+        print(f"error: --docs {' '.join(unmarked)}: no {BEGIN} … {END} block there; the tables go to "
+              "benchmarks/RESULTS.md", file=sys.stderr)
+        return 2
     if args.render:
         return render(args)
     t_start = time.perf_counter()

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Pass EC2's spot interruption notice on to Ray, as a drain of this node with reason PREEMPTION and the notice's
-# deadline: Ray Train's workers then see it through ray.train.get_preemption_info() and checkpoint at once (README,
-# "With ray up on AWS"). Started in the background on every worker node by cluster/aws-gpu.yaml; on an on-demand
-# node the notice never comes. Polls the instance metadata service (IMDSv2) every SPOT_POLL_S seconds.
+# deadline: Ray Train's workers then see it through ray.train.get_preemption_info() and checkpoint at once
+# (docs/scaling.md, "Failures: lost nodes and spot preemption"). Started in the background on every worker node by
+# cluster/aws-gpu.yaml; on an on-demand node the notice never comes. Polls the instance metadata service (IMDSv2)
+# every SPOT_POLL_S seconds.
 set -uo pipefail
 IMDS=${IMDS_ENDPOINT:-http://169.254.169.254}
 POLL=${SPOT_POLL_S:-5}

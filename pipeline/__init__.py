@@ -1,1 +1,1 @@
-"""distil: DistilBERT-style distillation of BERT-family teachers on Ray (see README.md, "How the code fits together")."""
+"""distil: DistilBERT-style distillation of BERT-family teachers on Ray (see docs/architecture.md)."""

@@ -16,9 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # The e2e job sends these to the tracking server (basic auth, which it ignores): the secrets scan looks for them.
 TRACKING_CREDENTIALS = {"MLFLOW_TRACKING_USERNAME": "distil-e2e", "MLFLOW_TRACKING_PASSWORD": "distil-test-password-3e8a"}
 
-# Ray's token authentication, as README's "Ray's token" says: on, with the token in a file that RAY_AUTH_TOKEN_PATH
-# names (this session's own, whatever ~/.ray holds). Every Ray the tests start (the session's, each job's embedded
-# one, the multi-node cluster's nodes) and every `ray` command reads it from there.
+# Ray's token authentication, as docs/scaling.md's "Ray's token" says: on, with the token in a file that
+# RAY_AUTH_TOKEN_PATH names (this session's own, whatever ~/.ray holds). Every Ray the tests start (the session's,
+# each job's embedded one, the multi-node cluster's nodes) and every `ray` command reads it from there.
 RAY_TOKEN_PATH = os.path.join(tempfile.mkdtemp(prefix="distil-ray-token-"), "auth_token")
 with open(os.open(RAY_TOKEN_PATH, os.O_WRONLY | os.O_CREAT, 0o600), "w") as _f:
     _f.write(secrets.token_hex(32))

@@ -65,7 +65,7 @@ def test_a_tokenizer_larger_than_the_embedding_table_is_refused_before_writing(t
 
 def test_the_registered_student_serves_a_300_word_input_without_arguments(tokenizer, tmp_path, monkeypatch):
     """Registered in the transformers flavor: pyfunc predict (what `mlflow models serve` runs) truncates by
-    default; a plain transformers pipeline call never truncates, so the README tells users to pass truncation."""
+    default; a plain transformers pipeline call never truncates, so docs/tracking.md tells users to pass truncation."""
     import mlflow
 
     from pipeline import registry, tracking

@@ -52,3 +52,31 @@ def test_gpu_mfu_compiled_variant_trains_through_the_ddp_engine_on_cpu():
     out = _run("--smoke", "--variants", "ours_ddp_compile")
     (r,) = out["results"]
     assert r["variant"] == "ours_ddp_compile" and r["tokens_per_s"] > 0
+
+
+def _paper_tables(monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("paper_tables", ROOT / "benchmarks" / "paper_tables.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "paper_tables", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_paper_tables_write_only_between_the_markers_of_the_files_named(tmp_path, monkeypatch, capsys):
+    """The tables are measured figures: --docs replaces an existing marked block (benchmarks/RESULTS.md) and
+    refuses a file without one before any work, rather than appending the tables to it (to README.md, say)."""
+    paper_tables = _paper_tables(monkeypatch)
+    begin, end = paper_tables.BEGIN, paper_tables.END
+    marked = tmp_path / "RESULTS.md"
+    marked.write_text(f"# Results\n\n{begin}\nold tables\n{end}\n\nafter\n")
+    paper_tables.replace_block(str(marked), "new tables")
+    assert marked.read_text() == f"# Results\n\n{begin}\nnew tables\n{end}\n\nafter\n"
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# distil\n")
+    args = ["--render", "--out", str(tmp_path / "none.json"), "--docs", str(marked), str(readme)]
+    assert paper_tables.main(args) == 2
+    assert "README.md: no <!-- paper-tables:begin -->" in capsys.readouterr().err
+    assert readme.read_text() == "# distil\n"

@@ -107,7 +107,7 @@ def test_every_node_type_names_its_instance_profile_and_the_head_may_pass_only_t
     assert all(profiles.values()), f"every node type names a profile (Ray's default is the head's only): {profiles}"
     head = profiles.pop(cfg["head_node_type"])
     assert head not in profiles.values(), "the workers do not get the head's EC2 rights"
-    # README names each role as its profile; the head may hand exactly those roles to the instances it starts.
+    # docs/scaling.md names each role as its profile; the head may hand exactly those roles to the instances it starts.
     passable = {s["Resource"].rsplit("/", 1)[1] for s in _policy(HEAD_POLICY) if s["Action"] == ["iam:PassRole"]}
     assert passable == set(profiles.values()), (passable, profiles)
 
@@ -153,8 +153,8 @@ def mocked_aws(monkeypatch):
     aws_utils.client_cache.cache_clear()
 
 
-def _readme_security_group(ec2, vpc_id: str) -> str:
-    """The group README has the user create: SSH from their CIDR, all traffic between the cluster's nodes."""
+def _documented_security_group(ec2, vpc_id: str) -> str:
+    """The group docs/scaling.md has the user create: SSH from their CIDR, all traffic between the cluster's nodes."""
     sg = ec2.create_security_group(GroupName="distil-gpu-ssh", Description="distil", VpcId=vpc_id)["GroupId"]
     ec2.authorize_security_group_ingress(GroupId=sg, IpPermissions=[
         {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": USER_CIDR}]},
@@ -183,10 +183,10 @@ def test_rays_bootstrap_keeps_the_users_group_and_opens_ssh_to_their_cidr_only(m
 
     ec2 = boto3.client("ec2")
     vpc = ec2.describe_vpcs(Filters=[{"Name": "isDefault", "Values": ["true"]}])["Vpcs"][0]["VpcId"]
-    sg = _readme_security_group(ec2, vpc)
+    sg = _documented_security_group(ec2, vpc)
     before = {g["GroupId"] for g in ec2.describe_security_groups()["SecurityGroups"]}
     cfg = _cluster()
-    for node_type in cfg["available_node_types"].values():  # README's step: the group's id for the placeholder
+    for node_type in cfg["available_node_types"].values():  # docs/scaling.md's step: the group's id for the placeholder
         assert node_type["node_config"]["SecurityGroupIds"] == [SG_PLACEHOLDER]
         node_type["node_config"]["SecurityGroupIds"] = [sg]
     cfg = _bootstrap_network(cfg)
@@ -214,7 +214,7 @@ def test_ray_up_stops_before_launching_while_the_group_placeholder_is_unset(mock
 
 
 def test_the_iam_policies_are_valid_and_create_the_named_profiles(mocked_aws):
-    """README's IAM commands, through boto3 against moto, which validates each policy document's grammar."""
+    """docs/scaling.md's IAM commands, through boto3 against moto, which validates each policy document's grammar."""
     import boto3
 
     iam = boto3.client("iam")

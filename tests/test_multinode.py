@@ -45,7 +45,7 @@ def cluster(tmp_path_factory):
     # Node death is noticed after health_check_failure_threshold missed checks: 3 × 1 s here instead of 5 × 3 s.
     # Ray Train polls the nodes' drain state every 5 s by default: 1 s here, so a preemption warning arrives early.
     # Token authentication on (conftest.py: RAY_AUTH_MODE=token, RAY_AUTH_TOKEN_PATH): the head, every node, the
-    # `ray job submit` below and the jobs' drivers all read the one token, as README's local flow does.
+    # `ray job submit` below and the jobs' drivers all read the one token, as docs/stages.md's local flow does.
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
            "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
            "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "1"}
