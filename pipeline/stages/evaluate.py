@@ -18,7 +18,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from pipeline import assets, registry, tracking
+from pipeline import assets, models, registry, tracking
 from pipeline.config import RunConfig, flatten
 from pipeline.evaluate import loaders, report, specs, units
 from pipeline.records import EvaluateRecord
@@ -181,7 +181,7 @@ def _table3(cfg: RunConfig, chosen: list[units.Model], t1: dict, data: dict) -> 
         if m.is_teacher or m.key == best:
             encoder, _ = assets.load_for_downstream(assets.resolve_local(m.uri, cfg.cache_dir))
             encoder.eval()
-            measured.append({"model": m.key, "is_teacher": m.is_teacher, "params": assets.count_parameters(encoder),
+            measured.append({"model": m.key, "is_teacher": m.is_teacher, "params": models.count_parameters(encoder),
                              "seconds": report.dev_pass_seconds(encoder, rows)})
     return report.table3(measured, task, n)
 

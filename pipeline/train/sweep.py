@@ -9,8 +9,10 @@ A trial whose metric is not finite (NaN, ±inf) is stopped at once and is never 
 
 from __future__ import annotations
 
+import importlib
 import math
 import numbers
+import sys
 
 from pyarrow import fs as pafs
 
@@ -19,6 +21,9 @@ from pipeline.config import RunConfig, checks, sweep_checks
 from pipeline.records import Candidate, TrialConfig
 from pipeline.train import driver
 
+# Tune keeps the Tuner, ASHA included, pickled in <sweep>/tuner.pkl, with references to the module that made it; a
+# sweep saved before a module moved is restored with the old name pointing at the new place (old name → new).
+MOVED_MODULES = {"pipeline.sweep": "pipeline.train.sweep"}
 KEY_SEP = "__"  # Tune flattens config keys on "/", and we keep dots out of its way too
 
 
@@ -97,6 +102,7 @@ def run(cfg: RunConfig, trial: TrialConfig, *, datasets: dict, cluster_cpus: flo
         # The same sweep was started before (the driver crashed, or the job is resubmitted): finished trials keep
         # their results, unfinished and errored ones resume from their latest checkpoints.
         print(f"[distil] restoring sweep {name} from {storage.join(cfg.storage_path, name)}", flush=True)
+        alias_moved_modules()
         tuner = tune.Tuner.restore(storage.join(cfg.storage_path, name), trainable=trainable, resume_unfinished=True,
                                    resume_errored=True, storage_filesystem=fs)
     else:
@@ -157,6 +163,13 @@ def scheduler(cfg: RunConfig):
 
 def _is_finite(value) -> bool:
     return registry.finite_score(value) is not None
+
+
+def alias_moved_modules() -> None:
+    """Make each old module name of :data:`MOVED_MODULES` import as its new module (in ``sys.modules``), so that
+    unpickling a sweep saved by an earlier layout finds what it references."""
+    for old, new in MOVED_MODULES.items():
+        sys.modules.setdefault(old, importlib.import_module(new))
 
 
 def is_restorable(cfg: RunConfig, name: str) -> bool:
