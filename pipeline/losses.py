@@ -57,8 +57,8 @@ def ce_loss(
     return kl_sum * temperature**2 / _norm(normalizer, s_NV.shape[0])
 
 
-# Elements per chunk: small on CPU so a chunk's passes stay in cache (16 rows of a 30k vocabulary measured
-# fastest here), large on GPU so kernel launches stay few.
+# Elements per chunk: small on CPU so a chunk's passes stay in cache (16 rows of a 30k
+# vocabulary), large on GPU so kernel launches stay few.
 CE_CHUNK_ELEMS = {"cpu": 2**19, "cuda": 2**26}
 
 

@@ -2,7 +2,7 @@
 
 Each worker rebuilds its RunConfig from the :class:`~pipeline.records.WorkerConfig` it is passed; nothing
 crosses the Ray boundary as a global. Per optimizer step a worker draws ``grad_accum`` micro-batches, lets the
-task prepare them (masking seeded by run seed, rank and step), all-reduces the task's supervised counts so that
+task prepare them (masks seeded by run seed and step, and by rank where each rank holds its own stream), all-reduces the task's supervised counts so that
 every unit weighs the same (pipeline/losses.py), then runs ``engine.backward(loss)`` on each and
 ``engine.step()``. The loop owns the engine, the data position and RNG, checkpoints and resume, the numerics
 guard, timing, the progress line and reporting; the task owns the models and the math.
