@@ -15,9 +15,10 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.corpus import corpora, packing
-from pipeline.evaluate import loaders, metrics, report, specs
+from pipeline.config import tasks as specs
+from pipeline.evaluate import loaders, metrics, report
 from pipeline.evaluate.loaders import Sources
-from pipeline.evaluate.specs import Examples
+from pipeline.evaluate.loaders import Examples
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -570,7 +571,7 @@ def test_a_named_task_takes_its_own_fine_tuning_recipe():
     from pipeline.config import RunConfig
     from pipeline.evaluate import units
     from pipeline.evaluate.loaders import TaskData
-    from pipeline.evaluate.specs import Examples
+    from pipeline.evaluate.loaders import Examples
 
     spec = specs.parse({"task": "glue:rte", "epochs": 5, "lr": 3e-5, "batch_size": 16, "max_seq_len": 256})
     assert (spec.name, spec.source, spec.text_pair_field, spec.epochs, spec.lr) == ("rte", "glue", "sentence2", 5.0, 3e-5)

@@ -9,7 +9,8 @@ The package, by module (each imports only those listed before it, and none impor
 - ``tree``: the sections (one frozen dataclass per concern, each field documented), :class:`RunConfig` and
   :func:`flatten`.
 - ``metrics``: metric names and their better direction (``metric_mode``, ``VAL_METRICS``, ``LOSS_METRICS``,
-  ``EVAL_METRICS``).
+  ``EVAL_METRICS``), and the metrics a downstream task may be scored by (``TASK_METRICS``).
+- ``tasks``: what each ``evaluate.tasks`` entry names (``parse``, ``parse_all``, :class:`~pipeline.config.tasks.TaskSpec`).
 - ``sweep_checks``: each ``sweep.space`` entry's checks, ``probe_values``, ``probe_samples``,
   ``SWEEPABLE_SECTIONS``, ``MAX_SWEEP_COMBINATIONS``.
 - ``checks``: semantic checks, ``validate()`` (one ``ValueError`` listing every problem), ``problems()``,

@@ -20,7 +20,7 @@ import re
 from pipeline.config.metrics import EVAL_METRICS, LOSS_METRICS, VAL_METRICS
 from pipeline.config.sweep_checks import probe_samples, space_entry_problems
 from pipeline.config.tree import RunConfig
-from pipeline.evaluate import specs
+from pipeline.config import tasks as task_specs
 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -300,7 +300,7 @@ def _tracking(cfg: RunConfig) -> list[str]:
 def _eval_metrics(cfg: RunConfig) -> dict[str, str]:
     """eval/macro and each configured task's eval/<task>/score and metrics (every one better when higher)."""
     try:
-        tasks = specs.parse_all(cfg.evaluate.tasks)
+        tasks = task_specs.parse_all(cfg.evaluate.tasks)
     except ValueError:
         return dict(EVAL_METRICS)  # reported by _evaluate
     return {**EVAL_METRICS, **{f"eval/{t.name}/score": "max" for t in tasks}}  # what the stage reports per student
@@ -309,7 +309,7 @@ def _eval_metrics(cfg: RunConfig) -> dict[str, str]:
 def _evaluate(cfg: RunConfig) -> list[str]:
     e, p = cfg.evaluate, []
     try:
-        tasks = specs.parse_all(e.tasks)
+        tasks = task_specs.parse_all(e.tasks)
     except ValueError as err:
         return [str(err)]
     if not (e.candidates == "all" or (isinstance(e.candidates, int) and not isinstance(e.candidates, bool) and e.candidates >= 1)):

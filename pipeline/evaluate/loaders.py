@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from pipeline.corpus import packing
 from pipeline.corpus.corpora import rotten_tomatoes_rows
-from pipeline.evaluate.specs import Examples, TaskSpec
+from pipeline.config.tasks import TaskSpec
 
 # GLUE's original TSVs: the file's column for each HF field (CoLA: positions, it has no header row).
 GLUE_DIRS = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "stsb": "STS-B", "qqp": "QQP", "mnli": "MNLI",
@@ -41,6 +41,19 @@ GLUE_COLUMNS = {
     "wnli": {"sentence1": "sentence1", "sentence2": "sentence2", "label": "label"},
 }
 GLUE_DEV_FILES = {"validation_matched": "dev_matched.tsv", "validation_mismatched": "dev_mismatched.tsv"}
+
+
+@dataclass
+class Examples:
+    """One split of a task: texts (and pairs), labels as class ids (or floats for regression)."""
+
+    texts: list[str]
+    labels: list
+    pairs: list[str] | None = None
+    class_names: tuple[str, ...] = ()  # a datasets ClassLabel's names, in id order
+
+    def __len__(self) -> int:
+        return len(self.texts)
 
 
 @dataclass(frozen=True, kw_only=True)

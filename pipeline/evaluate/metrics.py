@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-METRICS = ("accuracy", "f1", "mcc", "pearson", "spearman")
+from pipeline.config.metrics import TASK_METRICS as METRICS
 
 
 def compute(metric: str, predictions, labels) -> float:

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 from pipeline import assets, models, registry, tracking
 from pipeline.config import RunConfig, flatten
-from pipeline.evaluate import loaders, report, specs, units
+from pipeline.config import tasks as task_specs
+from pipeline.evaluate import loaders, report, units
 from pipeline.records import EvaluateRecord
 from pipeline.stages.store import load_record, optional, record_path, write_record
 from pipeline.train import driver
@@ -106,7 +107,7 @@ def load_tasks(cfg: RunConfig) -> dict[str, loaders.TaskData]:
                           dev_fraction=e.dev_fraction, max_train_examples=e.max_train_examples,
                           max_dev_examples=e.max_dev_examples)
     out = {}
-    for spec in specs.parse_all(e.tasks):
+    for spec in task_specs.parse_all(e.tasks):
         out[spec.name] = loaders.load(spec, src)
         d = out[spec.name]
         print(f"[distil] evaluate: task {spec.name}: {len(d.train)} train, {len(d.dev)} dev examples, "

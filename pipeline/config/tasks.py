@@ -1,4 +1,4 @@
-"""Downstream task specifications: what ``evaluate.tasks`` names, checked before any model is fine-tuned.
+"""What each entry of ``evaluate.tasks`` names (the downstream tasks), parsed and checked at load time.
 
 An entry of ``evaluate.tasks`` is one of
 - ``glue:<task>``: one of the nine GLUE tasks (Wang et al. 2019), read from the Hub (``nyu-mll/glue``) or, when
@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.evaluate.metrics import METRICS
+from pipeline.config.metrics import TASK_METRICS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -172,10 +172,10 @@ def _named(text: str) -> TaskSpec:
 def _checked(spec: TaskSpec) -> TaskSpec:
     if spec.kind not in KINDS:
         raise ValueError(f"evaluate.tasks: task {spec.name!r}: kind must be one of {KINDS}, got {spec.kind!r}")
-    bad = [m for m in spec.metrics if m not in METRICS]
+    bad = [m for m in spec.metrics if m not in TASK_METRICS]
     if bad or not spec.metrics:
         raise ValueError(f"evaluate.tasks: task {spec.name!r}: metrics {list(spec.metrics)} must be a non-empty list of "
-                         f"{', '.join(METRICS)}")
+                         f"{', '.join(TASK_METRICS)}")
     fitting = ("pearson", "spearman") if spec.regression else ("accuracy", "f1", "mcc")
     if unfit := [m for m in spec.metrics if m not in fitting]:
         raise ValueError(f"evaluate.tasks: task {spec.name!r}: {unfit} do not score a {spec.kind} task; use "
@@ -195,16 +195,3 @@ def parse_all(entries: list) -> list[TaskSpec]:
     if dup := sorted({n for n in names if names.count(n) > 1}):
         raise ValueError(f"evaluate.tasks: task name(s) {dup} given twice: each task's metrics are eval/<name>/…")
     return specs
-
-
-@dataclass
-class Examples:
-    """One split of a task: texts (and pairs), labels as class ids (or floats for regression)."""
-
-    texts: list[str]
-    labels: list
-    pairs: list[str] | None = None
-    class_names: tuple[str, ...] = ()  # a datasets ClassLabel's names, in id order
-
-    def __len__(self) -> int:
-        return len(self.texts)
