@@ -114,7 +114,7 @@ def tfidf_scores(data: dict) -> dict[str, float]:
     from sklearn.linear_model import LogisticRegression, Ridge
     from sklearn.pipeline import make_pipeline
 
-    from pipeline.evaluate import metrics
+    from pipeline import glue_metrics as metrics
 
     out = {}
     for name, d in data.items():

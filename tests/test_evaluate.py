@@ -16,7 +16,8 @@ import pytest
 from pipeline.config import load_config
 from pipeline.corpus import corpora, packing
 from pipeline.config import tasks as specs
-from pipeline.evaluate import loaders, metrics, report
+from pipeline import glue_metrics as metrics
+from pipeline.evaluate import loaders, report
 from pipeline.evaluate.loaders import Sources
 from pipeline.evaluate.loaders import Examples
 

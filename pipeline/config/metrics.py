@@ -9,7 +9,7 @@ VAL_METRICS = {"val/mlm_loss": "min", "val/perplexity": "min", "val/mlm_acc": "m
 LOSS_METRICS = {"loss/total": "min", "loss/ce": "min", "loss/mlm": "min", "loss/cos": "min", "loss/mse": "min"}
 # The evaluate stage's downstream metrics (pipeline/evaluate/): every one is better when higher.
 EVAL_METRICS = {"eval/macro": "max"}
-# The metrics a downstream task may be scored by (pipeline/evaluate/metrics.py computes them; GLUE's choices).
+# The metrics a downstream task may be scored by (pipeline/glue_metrics.py computes them; GLUE's choices).
 TASK_METRICS = ("accuracy", "f1", "mcc", "pearson", "spearman")
 
 

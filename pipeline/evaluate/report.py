@@ -12,7 +12,7 @@ from __future__ import annotations
 import statistics
 import time
 
-from pipeline.evaluate import metrics
+from pipeline import glue_metrics as metrics
 
 
 def table1(results: list[dict], models: list, tasks: list[str]) -> dict:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pipeline import assets, runtime, storage
 from pipeline.config import RunConfig
 from pipeline.corpus import data_context
-from pipeline.evaluate import metrics
+from pipeline import glue_metrics as metrics
 from pipeline.evaluate.loaders import TaskData
 from pipeline.train import driver
 

@@ -5,7 +5,7 @@ The model is Hugging Face's own head on the evaluated encoder (``BertForSequence
 ``run_glue``). The loss is the cross-entropy (or squared error) summed over the examples of a micro-batch and
 divided by the global example count of the step (pipeline/losses.py's normalisation). Evaluation gathers one
 prediction per dev example into fixed slots (3 × N_dev sums: prediction, label, seen), so the all-reduce of the
-loop yields every prediction and the metrics are GLUE's (pipeline/evaluate/metrics.py), not an average of
+loop yields every prediction and the metrics are GLUE's (pipeline/glue_metrics.py), not an average of
 per-batch values.
 
 The task's settings come in ``WorkerConfig.extra``: ``model_uri``, ``task``, ``num_labels``, ``regression``,
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from pipeline import assets, flops
 from pipeline.batches import digest
 from pipeline.config import OptimSection
-from pipeline.evaluate import metrics
+from pipeline import glue_metrics as metrics
 from pipeline.train.tasks.base import Task, WorkerContext
 
 
