@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import validation_sides_elsewhere
 
 from pipeline.config import load_config
 from pipeline.corpus import corpora, packing
@@ -409,6 +410,8 @@ def test_rotten_tomatoes_dev_is_the_prepare_stages_validation_split():
         if clean and not packing.is_validation(clean, 0.05):
             distilled.add(clean)
     assert not distilled & set(data.dev.texts)
+    # ... and the prepare stage's workers, other processes, hold every dev document out as well
+    assert all(validation_sides_elsewhere(data.dev.texts, 0.05))
     plots = {packing.clean_text(t) for t, c in rows if c == "plot"}
     assert not plots & (set(data.dev.texts) | set(data.train.texts))
     assert 0.03 < len(data.dev) / (len(data.dev) + len(data.train)) < 0.07
@@ -432,8 +435,9 @@ def test_no_dev_document_was_distilled_on_even_with_lines_cut_short():
 
 def test_rotten_tomatoes_not_distilled_on_uses_dev_fraction():
     data = loaders.load(specs.parse("package:rotten_tomatoes"), Sources(dev_fraction=0.2))
-    assert all(packing.is_validation(t, 0.2) for t in data.dev.texts)
-    assert not any(packing.is_validation(t, 0.2) for t in data.train.texts)
+    # the split as other processes make it: the driver's split must be every worker's
+    sides = validation_sides_elsewhere(data.dev.texts + data.train.texts, 0.2)
+    assert sides == [True] * len(data.dev) + [False] * len(data.train)
     assert 0.17 < len(data.dev) / (len(data.dev) + len(data.train)) < 0.23
 
 
@@ -449,8 +453,8 @@ def test_bbc_news_has_five_topics_and_dev_fraction_in_dev(bbc):
     # articles per topic folder (business 510, entertainment 386, politics 417, sports 511, tech 401), by `ls | wc -l`
     assert Counter(bbc.train.labels + bbc.dev.labels) == {0: 510, 1: 386, 2: 417, 3: 511, 4: 401}
     assert abs(len(bbc.dev) / 2225 - 0.2) < 0.03  # binomial sd 0.0085
-    assert all(packing.is_validation(t, 0.2) for t in bbc.dev.texts)
-    assert not any(packing.is_validation(t, 0.2) for t in bbc.train.texts)
+    sides = validation_sides_elsewhere(bbc.dev.texts + bbc.train.texts, 0.2)  # as other processes split
+    assert sides == [True] * len(bbc.dev) + [False] * len(bbc.train)
 
 
 def test_max_examples_give_that_many_the_same_each_call(bbc):
