@@ -208,13 +208,24 @@ def test_the_pipeline_job_checks_the_teacher_and_layer_map_before_ray(tmp_path, 
 
 
 @pytest.mark.parametrize("job, missing", [("jobs.teacher", "prepare"), ("jobs.distill", "prepare"),
-                                          ("jobs.sweep", "prepare")])
+                                          ("jobs.sweep", "prepare"), ("jobs.distill", "teacher"),
+                                          ("jobs.sweep", "teacher")])
 def test_a_stage_run_before_its_inputs_exist_stops_before_ray(tmp_path, job, missing):
-    """Out of order (no prepared corpus in run.root): one line naming the missing record and the job to run, and no
-    Ray started for it."""
+    """Out of order (no prepared corpus in run.root, or a prepared corpus but no teacher): one line naming the
+    missing record and the job to run, and no Ray started for it."""
+    import json
     import subprocess
     import sys
 
+    from pipeline.records import Manifest, PrepareRecord, SplitInfo
+
+    if missing == "teacher":  # the prepare stage ran: only the teacher's record is missing
+        split = SplitInfo(path="/d/train", num_sequences=10, num_tokens=900)
+        manifest = Manifest(key="k", path="/d", sources=[], tokenizer="t", vocab_hash="h", vocab_size=30,
+                            max_seq_len=128, counts={}, file_counts={}, token_counts=[0, 1], splits={"train": split})
+        (tmp_path / "tiny" / "stages").mkdir(parents=True)
+        (tmp_path / "tiny" / "stages" / "prepare.json").write_text(
+            json.dumps(PrepareRecord(manifest=manifest, seconds=1.0).to_dict()))
     proc = subprocess.run([sys.executable, "-m", job, "--config", "configs/tiny.yaml", "--set", f"run.root={tmp_path}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0, proc.stdout[-2000:] + proc.stderr[-2000:]
