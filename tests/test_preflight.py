@@ -144,19 +144,30 @@ def test_a_teacher_without_readable_weights_is_one_line(tmp_path, tokenizer):
         preflight.check(_cfg(tmp_path, teacher))
 
 
-def test_an_unreachable_tracking_server_is_one_line_within_seconds(tmp_path):
+def test_an_unreachable_tracking_server_is_one_line_after_one_bounded_connection_attempt(tmp_path, monkeypatch):
+    """Fail fast: one connection attempt, under a timeout, then the error; not MLflow's own retries with backoff
+    (minutes), nor a connect that waits on the OS default."""
     import socket
-    import time
 
-    from pipeline import tracking
+    from pipeline import runtime, tracking
 
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    t0 = time.monotonic()
+    attempts = []  # the timeout each connection attempt to the server ran under
+    connect = socket.socket.connect
+
+    def counted(sock, address):
+        if tuple(address[:2]) == ("127.0.0.1", port):
+            attempts.append(sock.gettimeout())
+        return connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", counted)
     with pytest.raises(ValueError, match=rf"cannot reach the MLflow tracking server http://127.0.0.1:{port}"):
         tracking.setup(str(tmp_path), "x", uri=f"http://127.0.0.1:{port}")
-    assert time.monotonic() - t0 < 30
+    assert len(attempts) == 1, f"{len(attempts)} connection attempts: the check must not retry"
+    fail_fast = float(runtime.WORKER_TRACKING_ENV["MLFLOW_HTTP_REQUEST_TIMEOUT"])  # the workers' per-request bound
+    assert attempts[0] is not None and attempts[0] <= fail_fast, f"the attempt's timeout: {attempts[0]}"
     with pytest.raises(ValueError, match=r"tracking store file://.* cannot be used"):
         tracking.setup(str(tmp_path), "x", uri=f"file://{tmp_path}/mlruns")
 
