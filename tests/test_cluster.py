@@ -77,7 +77,7 @@ def test_aws_gpu_cluster_passes_rays_own_validation():
 def test_validation_catches_a_broken_cluster_file():
     cfg = _cluster()
     cfg["head_node_type"] = "no-such-type"
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="`head_node_type` must be one of `available_node_types`"):
         _validate(cfg)
 
 
@@ -208,9 +208,13 @@ def test_a_provider_security_group_alone_would_still_open_ssh_to_the_world(mocke
     assert (22, "0.0.0.0/0") in ingress and (22, USER_CIDR) in ingress, ingress
 
 
-def test_ray_up_stops_before_launching_while_the_group_placeholder_is_unset(mocked_aws):
-    with pytest.raises(AssertionError):  # "Failed to detect a security group with id equal to any of ..."
+def test_ray_up_stops_before_launching_while_the_group_placeholder_is_unset(mocked_aws, capsys):
+    """Ray's check raises an AssertionError without a message (cli_logger.doassert) after printing which check
+    fired: that print says it is the security-group lookup, not another of Ray's bootstrap assertions."""
+    with pytest.raises(AssertionError):
         _bootstrap_network(_cluster())
+    out, err = capsys.readouterr()
+    assert "Failed to detect a security group with id equal to any of the configured SecurityGroupIds" in out + err
 
 
 def test_the_iam_policies_are_valid_and_create_the_named_profiles(mocked_aws):
@@ -231,7 +235,9 @@ def test_the_iam_policies_are_valid_and_create_the_named_profiles(mocked_aws):
     iam.put_role_policy(RoleName=head, PolicyName="distil-autoscaler", PolicyDocument=HEAD_POLICY.read_text())
     for role in profiles:
         assert iam.get_instance_profile(InstanceProfileName=role)["InstanceProfile"]["Roles"][0]["RoleName"] == role
-    with pytest.raises(Exception, match="MalformedPolicyDocument"):  # the validation does bite
+    from botocore.exceptions import ClientError
+
+    with pytest.raises(ClientError, match="MalformedPolicyDocument"):  # the validation does bite
         iam.put_role_policy(RoleName=head, PolicyName="broken", PolicyDocument=json.dumps(
             {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3GetObject", "Resource": "*"}]}))
 
