@@ -2,7 +2,7 @@
 
 - The math (losses, masking, models, step, flops) imports no Ray, DeepSpeed or MLflow, not even indirectly.
 - Jobs (jobs/*.py) import only the library's entry points, pipeline.cli and pipeline.stages, and no private name.
-- Only pipeline/engine.py imports DeepSpeed at module level; only the train package's worker imports ray.train.
+- Only pipeline/engine.py imports DeepSpeed at module level.
 """
 
 import ast
