@@ -567,10 +567,12 @@ def test_the_spot_notice_becomes_a_ray_drain_that_rays_cli_accepts_with_reason_p
            "SPOT_POLL_S": "0.1", "RAY_BIN": str(recording_ray), "RAY_ADDRESS": ray_head["address"],
            "RAY_AUTH_TOKEN_PATH": os.environ["RAY_AUTH_TOKEN_PATH"], "RAY_USAGE_STATS_ENABLED": "0"}
     try:
-        proc = subprocess.run(["bash", str(CLUSTER / "spot-notice.sh")], env=env, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(["bash", str(CLUSTER / "spot-notice.sh")], env=env, capture_output=True, text=True,
+                              timeout=120)
     finally:
         server.shutdown()
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]  # ray drain-node parsed it; the head accepted
+    # exit code 0: the installed `ray drain-node` parsed the command and the head accepted the drain
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert asked["notice"] == 3 and asked["tokens"] == 3  # polled until the notice, with an IMDSv2 token each time
     mode, *args = (tmp_path / "called").read_text().split("\0")[:-1]
     assert mode == "token" and args[:3] == ["drain-node", "--reason", "DRAIN_NODE_REASON_PREEMPTION"]

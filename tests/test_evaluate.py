@@ -755,7 +755,8 @@ def test_several_given_models_are_evaluated_and_two_with_one_key_are_refused(tmp
     assert [m.key for m in chosen] == ["a", "b"]
     assert [m.key for m in stage.models_to_evaluate(cfg, given=a)] == ["a"]
     words = ["good", "fine", "great", "bad", "awful", "poor"]
-    train, dev = ("text,label\n" + "".join(f"{words[i % 6]} film {i},{int(i % 6 < 3)}\n" for i in range(n)) for n in (24, 12))
+    train, dev = ("text,label\n" + "".join(f"{words[i % 6]} film {i},{int(i % 6 < 3)}\n" for i in range(n))
+                  for n in (24, 12))
     spec = _files(tmp_path, train, dev)
     data = loaders.load(spec, Sources(cache_dir=str(tmp_path / "cache")))
     table = units.tokenize(data, tokenizer, units.max_seq_len(cfg, spec))
