@@ -155,6 +155,8 @@ def measure(variant: Variant, seq_len: int, batch: int, *, steps: int, warmup: i
     optim = OptimSection(max_steps=warmup + steps + 3, micro_batch_size=batch, lr=1e-4, warmup_steps=1)
     teacher, trained, real_vocab = _build(variant, shape, vocab, device, precision, optim)
     run = _step_fn(variant, teacher, trained, LossSection(), precision, device)
+    module = trained[0] if variant.hf else trained.module
+    before = [p.detach().to("cpu", copy=True) for p in module.parameters() if p.requires_grad]  # did it train?
     gen = torch.Generator(device=device)
     sync = torch.cuda.synchronize if use_gpu else (lambda: None)
     for i in range(warmup):
@@ -171,14 +173,16 @@ def measure(variant: Variant, seq_len: int, batch: int, *, steps: int, warmup: i
         with open(profile, "a") as f:
             f.write(f"# {variant.name}: seq_len {seq_len}, batch {batch}, 3 steps\n{table}\n")
     tokens_per_s = batch * seq_len * steps / seconds
-    module = trained[0] if variant.hf else trained.module
+    trainable = [p.detach().cpu() for p in module.parameters() if p.requires_grad]
+    moved = sum(not torch.equal(b, a) for b, a in zip(before, trainable, strict=True))
     # Model FLOPs of the real vocabulary: padding columns are work, not model FLOPs.
     per_token = flops.step_flops_per_token(_with_vocab(module.config, real_vocab), _with_vocab(teacher.config, real_vocab),
                                            seq_len=seq_len, mask_prob=0.15)
     out = {"variant": variant.name, "seq_len": seq_len, "batch": batch, "tokens_per_s": round(tokens_per_s, 1),
            "model_tflops_per_s": round(tokens_per_s * per_token / 1e12, 6), "kernels_per_step": kernels,
-           "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if use_gpu else None}
-    del trained, teacher, run
+           "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if use_gpu else None,
+           "trainable_tensors": len(before), "tensors_moved": moved}
+    del trained, teacher, run, module, before, trainable
     if use_gpu:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)

@@ -145,6 +145,22 @@ def run_until_killed(cmd: list[str], env: dict, ray_dir: Path, log_path: Path, *
     return trials
 
 
+def validation_sides_elsewhere(texts: list[str], fraction: float) -> list[bool]:
+    """``packing.is_validation(text, fraction)`` of each text as two fresh Python processes compute it, under two
+    different hash seeds (as the prepare stage's Ray workers and the evaluate stage's driver do): a split that
+    depended on the process (Python's salted ``hash()``) would put a document on both sides."""
+    code = ("import json, sys; from pipeline.corpus.packing import is_validation; texts, f = json.load(sys.stdin); "
+            "print(json.dumps([is_validation(t, f) for t in texts]))")
+    sides = []
+    for seed in ("1", "2"):
+        proc = subprocess.run([sys.executable, "-c", code], input=json.dumps([list(texts), fraction]), cwd=ROOT,
+                              env={**os.environ, "PYTHONHASHSEED": seed}, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        sides.append(json.loads(proc.stdout))
+    assert sides[0] == sides[1], "two processes put the same documents on different sides of the split"
+    return sides[0]
+
+
 @pytest.fixture(autouse=True)
 def _isolate_mlflow_uri():
     """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; keep one test's store from leaking into the next."""

@@ -48,10 +48,12 @@ def test_gpu_mfu_refuses_an_unknown_variant_by_name():
 
 def test_gpu_mfu_compiled_variant_trains_through_the_ddp_engine_on_cpu():
     """compute.compile's path: teacher encoder, head and student compiled in place, the student then wrapped by the
-    ddp engine, the vocabulary padded to 64; its steps run (their equality with eager is test_step_static's)."""
+    ddp engine, the vocabulary padded to 64; its steps train the student: every trainable tensor moved (their
+    equality with eager is test_step_static's)."""
     out = _run("--smoke", "--variants", "ours_ddp_compile")
     (r,) = out["results"]
     assert r["variant"] == "ours_ddp_compile" and r["tokens_per_s"] > 0
+    assert r["trainable_tensors"] > 0 and r["tensors_moved"] == r["trainable_tensors"], r
 
 
 def _paper_tables(monkeypatch):

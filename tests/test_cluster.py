@@ -77,7 +77,7 @@ def test_aws_gpu_cluster_passes_rays_own_validation():
 def test_validation_catches_a_broken_cluster_file():
     cfg = _cluster()
     cfg["head_node_type"] = "no-such-type"
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="`head_node_type` must be one of `available_node_types`"):
         _validate(cfg)
 
 
@@ -208,9 +208,13 @@ def test_a_provider_security_group_alone_would_still_open_ssh_to_the_world(mocke
     assert (22, "0.0.0.0/0") in ingress and (22, USER_CIDR) in ingress, ingress
 
 
-def test_ray_up_stops_before_launching_while_the_group_placeholder_is_unset(mocked_aws):
-    with pytest.raises(AssertionError):  # "Failed to detect a security group with id equal to any of ..."
+def test_ray_up_stops_before_launching_while_the_group_placeholder_is_unset(mocked_aws, capsys):
+    """Ray's check raises an AssertionError without a message (cli_logger.doassert) after printing which check
+    fired: that print says it is the security-group lookup, not another of Ray's bootstrap assertions."""
+    with pytest.raises(AssertionError):
         _bootstrap_network(_cluster())
+    out, err = capsys.readouterr()
+    assert "Failed to detect a security group with id equal to any of the configured SecurityGroupIds" in out + err
 
 
 def test_the_iam_policies_are_valid_and_create_the_named_profiles(mocked_aws):
@@ -231,7 +235,9 @@ def test_the_iam_policies_are_valid_and_create_the_named_profiles(mocked_aws):
     iam.put_role_policy(RoleName=head, PolicyName="distil-autoscaler", PolicyDocument=HEAD_POLICY.read_text())
     for role in profiles:
         assert iam.get_instance_profile(InstanceProfileName=role)["InstanceProfile"]["Roles"][0]["RoleName"] == role
-    with pytest.raises(Exception, match="MalformedPolicyDocument"):  # the validation does bite
+    from botocore.exceptions import ClientError
+
+    with pytest.raises(ClientError, match="MalformedPolicyDocument"):  # the validation does bite
         iam.put_role_policy(RoleName=head, PolicyName="broken", PolicyDocument=json.dumps(
             {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3GetObject", "Resource": "*"}]}))
 
@@ -490,32 +496,98 @@ def _imds(notice_after: int, seconds_left: int):
             if asked["notice"] <= notice_after:
                 return self._send(404, "")
             when = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=seconds_left)
-            self._send(200, json.dumps({"action": "terminate", "time": when.strftime("%Y-%m-%dT%H:%M:%SZ")}))
+            asked["body"] = json.dumps({"action": "terminate", "time": when.strftime("%Y-%m-%dT%H:%M:%SZ")})
+            self._send(200, asked["body"])
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, asked
 
 
-def test_the_spot_notice_becomes_a_ray_drain_with_reason_preemption_and_its_deadline(tmp_path):
+@pytest.fixture
+def ray_head():
+    """A Ray head of its own (the spot notice drains it), started as the cluster starts one (`ray start --head`,
+    token auth from conftest's RAY_AUTH_TOKEN_PATH), stopped by ending its own processes (found by its temp dir),
+    not `ray stop`, which would stop every Ray on the machine. Not --block: that would stop the GCS as soon as the
+    drained head's raylet exits, and the GCS is where the test reads what the drain recorded."""
+    import shutil
     import subprocess
+    import sys
+    import tempfile
+    import time
+
+    import psutil
+    import servers
+    from ray._raylet import GcsClient
+
+    ray = Path(sys.executable).parent / "ray"
+    temp = tempfile.mkdtemp(prefix="distil-spot-")  # short: Ray's socket paths must fit 107 characters
+    port = servers.free_port()
+    ports = [f"--{name}={servers.free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                            "runtime-env-agent-port", "metrics-export-port")]
+    address = f"127.0.0.1:{port}"
+    try:
+        start = subprocess.run([str(ray), "start", "--head", f"--port={port}", "--num-cpus=0",
+                                "--node-ip-address=127.0.0.1", "--include-dashboard=false", "--disable-usage-stats",
+                                f"--object-store-memory={100 * 2**20}", f"--temp-dir={temp}", *ports],
+                               capture_output=True, text=True, timeout=180)
+        assert start.returncode == 0, start.stdout[-3000:] + start.stderr[-3000:]
+        nodes = GcsClient(address=address).get_all_node_info(timeout=60)
+        assert [n.state for n in nodes.values()] == [next(iter(nodes.values())).ALIVE], nodes
+        yield {"address": address, "ray": ray}
+    finally:
+        for proc in psutil.process_iter(["cmdline"]):  # this head's processes: their command lines name its temp dir
+            if any(temp in a for a in proc.info["cmdline"] or ()):
+                try:
+                    proc.kill()
+                except psutil.NoSuchProcess:
+                    pass
+        time.sleep(0.5)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_the_spot_notice_becomes_a_ray_drain_that_rays_cli_accepts_with_reason_preemption_and_its_deadline(
+        tmp_path, ray_head):
+    """The script's command runs through the installed `ray drain-node` (its own argument parsing, e.g. a required
+    --reason-message) against a real head, which must accept the drain and record its reason and message; a
+    wrapper in front of it records the arguments for the deadline."""
+    import os
+    import subprocess
+    import time
+
+    from ray._raylet import GcsClient
 
     server, asked = _imds(notice_after=2, seconds_left=120)
-    fake_ray = tmp_path / "ray"
-    fake_ray.write_text(f'#!/usr/bin/env bash\necho "$RAY_AUTH_MODE $*" > {tmp_path / "called"}\n')
-    fake_ray.chmod(0o755)
+    recording_ray = tmp_path / "ray"
+    recording_ray.write_text(f'#!/usr/bin/env bash\nprintf "%s\\0" "$RAY_AUTH_MODE" "$@" > {tmp_path / "called"}\n'
+                             f'exec {ray_head["ray"]} "$@"\n')
+    recording_ray.chmod(0o755)
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "IMDS_ENDPOINT": f"http://127.0.0.1:{server.server_port}",
-           "SPOT_POLL_S": "0.1", "RAY_BIN": str(fake_ray)}
+           "SPOT_POLL_S": "0.1", "RAY_BIN": str(recording_ray), "RAY_ADDRESS": ray_head["address"],
+           "RAY_AUTH_TOKEN_PATH": os.environ["RAY_AUTH_TOKEN_PATH"], "RAY_USAGE_STATS_ENABLED": "0"}
     try:
-        proc = subprocess.run(["bash", str(CLUSTER / "spot-notice.sh")], env=env, capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(["bash", str(CLUSTER / "spot-notice.sh")], env=env, capture_output=True, text=True,
+                              timeout=120)
     finally:
         server.shutdown()
-    assert proc.returncode == 0, proc.stderr
+    # exit code 0: the installed `ray drain-node` parsed the command and the head accepted the drain
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert asked["notice"] == 3 and asked["tokens"] == 3  # polled until the notice, with an IMDSv2 token each time
-    mode, *args = (tmp_path / "called").read_text().split()
+    mode, *args = (tmp_path / "called").read_text().split("\0")[:-1]
     assert mode == "token" and args[:3] == ["drain-node", "--reason", "DRAIN_NODE_REASON_PREEMPTION"]
     deadline = int(args[args.index("--deadline-remaining-seconds") + 1])
     assert 110 <= deadline <= 121, deadline
+    # The head recorded the drain as the script asked for it: a preemption, with the notice in its message (set
+    # when the drained node, idle here, leaves the cluster, which it does at once).
+    gcs = GcsClient(address=ray_head["address"])
+    for _ in range(120):
+        (node,) = gcs.get_all_node_info(timeout=30).values()
+        if node.death_info.reason_message:
+            break
+        time.sleep(0.5)
+    assert node.death_info.reason_message == f"EC2 spot interruption notice ({asked['body']})"
+    assert node.death_info.Reason.Name(node.death_info.reason) == "AUTOSCALER_DRAIN_PREEMPTED"
 
 
 def test_every_worker_node_starts_the_spot_notice_watcher_from_the_mounted_script():

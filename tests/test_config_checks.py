@@ -1,4 +1,4 @@
-"""Bad and surprising config input: each case has the behaviour a user expects (issues #14 and #17)."""
+"""Bad and surprising config input: each case has the behaviour a user expects."""
 
 import math
 from pathlib import Path

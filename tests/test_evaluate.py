@@ -1,4 +1,4 @@
-"""The evaluate stage's pure parts (issue #12): GLUE's metrics against hand-computed values, the task loaders on
+"""The evaluate stage's pure parts: GLUE's metrics against hand-computed values, the task loaders on
 tiny folders in GLUE's original TSV layout, bad task specs as one ValueError each, the packaged offline sets and
 their overlap rule, tokenisation, and the paper's Tables 1 and 3. No Ray cluster, no network."""
 
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import validation_sides_elsewhere
 
 from pipeline.config import load_config
 from pipeline.corpus import corpora, packing
@@ -306,9 +307,12 @@ def test_config_checks_of_the_evaluate_section(tmp_path):
     assert f"evaluate.glue_dir='{missing}' is not a folder" in line
     # the same settings that are fine: a folder that exists; val/mlm_loss without tasks; a glue_dir no task uses
     tiny, ok = ROOT / "configs" / "tiny.yaml", [f"run.root={tmp_path}"]
-    assert load_config(tiny, [*ok, "evaluate.tasks=[glue:mrpc]", f"evaluate.glue_dir={tmp_path}"])
-    assert load_config(tiny, [*ok, "evaluate.tasks=[]", "tracking.select_metric=val/mlm_loss"])
-    assert load_config(tiny, [*ok, f"evaluate.glue_dir={missing}"])
+    glue = load_config(tiny, [*ok, "evaluate.tasks=[glue:mrpc]", f"evaluate.glue_dir={tmp_path}"]).evaluate
+    assert (glue.tasks, glue.glue_dir) == (["glue:mrpc"], str(tmp_path))
+    none = load_config(tiny, [*ok, "evaluate.tasks=[]", "tracking.select_metric=val/mlm_loss"])
+    assert (none.evaluate.tasks, none.tracking.select_metric) == ([], "val/mlm_loss")
+    unused = load_config(tiny, [*ok, f"evaluate.glue_dir={missing}"]).evaluate
+    assert (unused.tasks, unused.glue_dir) == (["package:rotten_tomatoes"], str(missing))
     assert load_config(tiny, [*ok, "evaluate.candidates=2"]).evaluate.candidates == 2
 
 
@@ -411,6 +415,8 @@ def test_rotten_tomatoes_dev_is_the_prepare_stages_validation_split():
         if clean and not packing.is_validation(clean, 0.05):
             distilled.add(clean)
     assert not distilled & set(data.dev.texts)
+    # ... and the prepare stage's workers, other processes, hold every dev document out as well
+    assert all(validation_sides_elsewhere(data.dev.texts, 0.05))
     plots = {packing.clean_text(t) for t, c in rows if c == "plot"}
     assert not plots & (set(data.dev.texts) | set(data.train.texts))
     assert 0.03 < len(data.dev) / (len(data.dev) + len(data.train)) < 0.07
@@ -434,8 +440,9 @@ def test_no_dev_document_was_distilled_on_even_with_lines_cut_short():
 
 def test_rotten_tomatoes_not_distilled_on_uses_dev_fraction():
     data = loaders.load(specs.parse("package:rotten_tomatoes"), Sources(dev_fraction=0.2))
-    assert all(packing.is_validation(t, 0.2) for t in data.dev.texts)
-    assert not any(packing.is_validation(t, 0.2) for t in data.train.texts)
+    # the split as other processes make it: the driver's split must be every worker's
+    sides = validation_sides_elsewhere(data.dev.texts + data.train.texts, 0.2)
+    assert sides == [True] * len(data.dev) + [False] * len(data.train)
     assert 0.17 < len(data.dev) / (len(data.dev) + len(data.train)) < 0.23
 
 
@@ -451,8 +458,8 @@ def test_bbc_news_has_five_topics_and_dev_fraction_in_dev(bbc):
     # articles per topic folder (business 510, entertainment 386, politics 417, sports 511, tech 401), by `ls | wc -l`
     assert Counter(bbc.train.labels + bbc.dev.labels) == {0: 510, 1: 386, 2: 417, 3: 511, 4: 401}
     assert abs(len(bbc.dev) / 2225 - 0.2) < 0.03  # binomial sd 0.0085
-    assert all(packing.is_validation(t, 0.2) for t in bbc.dev.texts)
-    assert not any(packing.is_validation(t, 0.2) for t in bbc.train.texts)
+    sides = validation_sides_elsewhere(bbc.dev.texts + bbc.train.texts, 0.2)  # as other processes split
+    assert sides == [True] * len(bbc.dev) + [False] * len(bbc.train)
 
 
 def test_max_examples_give_that_many_the_same_each_call(bbc):
@@ -623,8 +630,25 @@ def test_bad_evaluate_settings_stop_at_the_config(tmp_path, override, match):
 
 
 def test_a_tasks_score_may_select_the_champion(tmp_path):
+    """The config takes one task's score as the selection metric, and the register stage's choice (the evaluate
+    record's metrics joined to the candidates, then registry.choose) follows it: the student best on that task,
+    not the one best on eval/macro or val/mlm_loss."""
+    from pipeline import registry
+    from pipeline.stages import register
+    from pipeline.records import Candidate, EvaluateRecord
+
     cfg = load_config("configs/tiny.yaml", [f"run.root={tmp_path}", "tracking.select_metric=eval/rotten_tomatoes/score"])
     assert cfg.tracking.select_metric == "eval/rotten_tomatoes/score"
+    candidates = [Candidate(source="distill", checkpoint="/c/a", metrics={"val/mlm_loss": 1.0}),
+                  Candidate(source="sweep trial 1", checkpoint="/c/b", metrics={"val/mlm_loss": 3.0}),
+                  Candidate(source="sweep trial 2", checkpoint="/c/c", metrics={"val/mlm_loss": 2.0})]
+    scores = {"/c/a": {"eval/macro": 0.9, "eval/rotten_tomatoes/score": 0.6},  # best macro and best val/mlm_loss
+              "/c/b": {"eval/macro": 0.5, "eval/rotten_tomatoes/score": 0.8},  # best on the task
+              "/c/c": {"eval/macro": 0.7, "eval/rotten_tomatoes/score": 0.7}}
+    evaluated = EvaluateRecord(name="e", models=[], results=[], table1={}, table3={}, markdown="", metrics=scores,
+                               seconds=1.0)
+    champion = registry.choose(register.with_eval_metrics(candidates, evaluated), cfg.tracking)
+    assert champion.checkpoint == "/c/b" and champion.metrics["eval/rotten_tomatoes/score"] == 0.8
 
 
 def _files(tmp_path, train: str, dev: str, ext: str = "csv"):
@@ -712,14 +736,38 @@ def test_a_save_to_disk_folder_and_parquet_files_are_task_sources(tmp_path):
 
 
 def test_several_given_models_are_evaluated_and_two_with_one_key_are_refused(tmp_path):
-    from pipeline.config import load_config
+    """Two given models (tiny encoders of their own) are each evaluated: each one's probe unit, as the stage's Ray
+    task runs it (units._probe_unit, called here without Ray), scores it on the task, and Table 1 has a macro score
+    for each."""
+    from pipeline import assets, models as models_lib
+    from pipeline.config import TeacherSection, load_config
     from pipeline.evaluate import units
     from pipeline.stages import evaluate as stage
 
     cfg = load_config("configs/tiny.yaml", [f"run.root={tmp_path}"])  # no teacher stage ran: the given models only
-    a = units.Model(key="a", source="distill a", uri=str(tmp_path / "a"))
-    b = units.Model(key="b", source="distill b", uri=str(tmp_path / "b"))
-    assert [m.key for m in stage.models_to_evaluate(cfg, given=[a, b])] == ["a", "b"]
+    assert cfg.evaluate.mode == "probe"
+    tokenizer = assets.load_tokenizer(cfg.data.tokenizer, cfg.cache_dir)
+    shape = TeacherSection(num_layers=1, hidden_size=16, num_heads=2, intermediate_size=32, max_position_embeddings=64)
+    given = []
+    for key, seed in (("a", 1), ("b", 2)):
+        encoder = models_lib.build_teacher_for_pretraining(shape, vocab_size=len(tokenizer),
+                                                           pad_token_id=tokenizer.pad_token_id, seed=seed)
+        uri = assets.export_model(encoder, tokenizer, str(tmp_path / key))
+        given.append(units.Model(key=key, source=f"distill {key}", uri=uri))
+    a, b = given
+    chosen = stage.models_to_evaluate(cfg, given=[a, b])
+    assert [m.key for m in chosen] == ["a", "b"]
     assert [m.key for m in stage.models_to_evaluate(cfg, given=a)] == ["a"]
+    words = ["good", "fine", "great", "bad", "awful", "poor"]
+    train, dev = ("text,label\n" + "".join(f"{words[i % 6]} film {i},{int(i % 6 < 3)}\n" for i in range(n))
+                  for n in (24, 12))
+    spec = _files(tmp_path, train, dev)
+    data = loaders.load(spec, Sources(cache_dir=str(tmp_path / "cache")))
+    table = units.tokenize(data, tokenizer, units.max_seq_len(cfg, spec))
+    results = [r for m in chosen for r in units._probe_unit(cfg.to_dict(), m, table, spec)]
+    assert sorted((r["model"], r["task"]) for r in results) == [("a", "t"), ("b", "t")]
+    assert all(0.0 <= r["scores"]["score"] <= 1.0 for r in results), results
+    t1 = report.table1(results, chosen, ["t"])
+    assert [(r["model"], r["macro"] is not None) for r in t1["rows"]] == [("a", True), ("b", True)]
     with pytest.raises(ValueError, match=r"two models to evaluate share a key \(\['a', 'a'\]\)"):
         stage.models_to_evaluate(cfg, given=[a, a])

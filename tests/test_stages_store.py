@@ -66,13 +66,36 @@ def test_a_damaged_record_that_a_later_stage_needs_is_one_clear_error(tmp_path):
         store.read_record(cfg, "prepare", needed_by="distill")
 
 
-def test_each_training_stage_requires_the_records_it_reads(tmp_path):
-    """store.require_inputs: the prepare record for the teacher; prepare, then teacher, for distill and sweep."""
+def _input_records() -> dict:
+    """A record each of the stages that others read (their content is not what require_inputs checks)."""
+    from pipeline.records import Manifest, PrepareRecord, SplitInfo, TeacherRecord
+
+    split = SplitInfo(path="/d/train", num_sequences=10, num_tokens=900)
+    manifest = Manifest(key="k", path="/d", sources=[], tokenizer="t", vocab_hash="h", vocab_size=30, max_seq_len=128,
+                        counts={}, file_counts={}, token_counts=[0, 1], splits={"train": split})
+    return {"prepare": PrepareRecord(manifest=manifest, seconds=1.0),
+            "teacher": TeacherRecord(teacher_uri="/t/hf_model", metrics={}, seconds=0.0)}
+
+
+def test_each_training_stage_requires_each_record_it_reads(tmp_path):
+    """store.require_inputs: the prepare record for the teacher; prepare and teacher for distill and sweep. Each
+    record a stage reads is removed in turn, the others in place: the error names that one; with all in place, none."""
     from pipeline.config import RunConfig
 
     cfg = RunConfig().with_overrides({"run.root": str(tmp_path)})
-    assert store.INPUTS == {"teacher": ("prepare",), "distill": ("prepare", "teacher"), "sweep": ("prepare", "teacher")}
-    for stage in store.INPUTS:
-        with pytest.raises(ValueError, match=f"the {stage} stage needs the prepare stage's output"):
-            store.require_inputs(cfg, stage)
+    needs = {"teacher": ("prepare",), "distill": ("prepare", "teacher"), "sweep": ("prepare", "teacher")}
+    assert store.INPUTS == needs
+    records = _input_records()
+    for stage, inputs in needs.items():
+        for missing in inputs:
+            for name, record in records.items():
+                store.write_record(cfg, name, record)
+            Path(store.record_path(cfg, missing)).unlink()
+            with pytest.raises(ValueError, match=f"the {stage} stage needs the {missing} stage's output"):
+                store.require_inputs(cfg, stage)
+        for name, record in records.items():
+            store.write_record(cfg, name, record)
+        store.require_inputs(cfg, stage)  # everything it reads is there
+    for name in records:
+        Path(store.record_path(cfg, name)).unlink()
     store.require_inputs(cfg, "prepare")  # nothing before it

@@ -1,5 +1,6 @@
 """A tracking server that goes down mid-run costs no metrics and never blocks training."""
 
+import threading
 import time
 
 import pytest
@@ -35,10 +36,27 @@ def test_metrics_logged_during_a_server_outage_arrive_after_it_returns(tmp_path)
         assert logger.pending == 0
 
         servers.stop(server)  # the server dies mid-run
-        t0 = time.perf_counter()
-        for step in (4, 5, 6):
-            logger.log({"loss/total": 10.0 - step}, step)
-        assert time.perf_counter() - t0 < 0.5, "logging must not wait for the server"
+        # The sender thread is held inside its call to the dead server: logging must still return, from the
+        # training thread, without calling the server itself.
+        send, in_send, release, callers = logger._client.log_batch, threading.Event(), threading.Event(), []
+
+        def held_send(*args, **kwargs):
+            callers.append(threading.current_thread())
+            if threading.current_thread() is logger._thread:
+                in_send.set()
+                release.wait()
+            return send(*args, **kwargs)
+
+        logger._client.log_batch = held_send
+        logger.log({"loss/total": 6.0}, 4)
+        assert in_send.wait(30), "the sender thread never tried to send"
+        training = threading.Thread(target=lambda: [logger.log({"loss/total": 10.0 - s}, s) for s in (5, 6)])
+        training.start()
+        training.join(30)
+        blocked = training.is_alive()
+        release.set()
+        assert not blocked, "log() waited for the sender, which was stuck on the server"
+        assert set(callers) == {logger._thread}, "only the sender thread calls the server"
         time.sleep(3)
         assert logger.failures >= 1 and logger.pending == 3, "held, not dropped"
 

@@ -22,7 +22,7 @@ def run(cfg: RunConfig, *, stages: tuple[str, ...] = ("distill", "sweep"), candi
     """
     t0 = time.perf_counter()
     evaluated = optional(cfg, "evaluate")
-    scored = _with_eval_metrics([candidate] if candidate else _candidates(cfg, stages), evaluated)
+    scored = with_eval_metrics([candidate] if candidate else _candidates(cfg, stages), evaluated)
     best = scored[0] if candidate else registry.choose(scored, cfg.tracking)
     model_dir = best.model_dir or registry.local_model_dir(driver.model_uri(best.checkpoint), cfg.cache_dir)
     lineage = {"source": best.source, "checkpoint": best.checkpoint, "git_sha": tracking.git_sha()}
@@ -53,7 +53,7 @@ def _candidates(cfg: RunConfig, stages: tuple[str, ...]) -> list[Candidate]:
     return candidates
 
 
-def _with_eval_metrics(candidates: list[Candidate], evaluated: EvaluateRecord | None) -> list[Candidate]:
+def with_eval_metrics(candidates: list[Candidate], evaluated: EvaluateRecord | None) -> list[Candidate]:
     """The candidates with the evaluate stage's eval/* metrics of their checkpoint added (eval/macro, …)."""
     if evaluated is None:
         return candidates
