@@ -213,6 +213,29 @@ def test_a_job_resubmitted_after_its_driver_died_mid_sweep_skips_what_finished_a
     assert min(logged) <= min(killed[first]["checkpoints"]) and max(logged) == 12, "both halves in one nested run"
 
 
+def test_every_trial_run_ends_as_its_trial_did_with_its_tags_and_its_id_in_the_record(e2e_run):
+    """MLflow shows how each sweep trial ended, even though Tune ends a trial ASHA stops by killing its process:
+    a trial that ran all its steps is FINISHED with its checkpoint tag, one the scheduler stopped is KILLED with a
+    tag saying where, none is left RUNNING or FAILED; each candidate in the sweep record names its trial's run."""
+    mlflow = _mlflow(e2e_run)
+    runs = mlflow.search_runs(experiment_names=["distil-tiny"], output_format="list")
+    (parent,) = [r for r in runs if r.info.run_name == "sweep" and r.info.start_time <= e2e_run["finished_at_ms"]]
+    nested = {r.data.tags["trial_id"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert nested and {r.info.status for r in nested.values()} <= {"FINISHED", "KILLED"}, \
+        {t: r.info.status for t, r in nested.items()}
+    for trial_id, r in nested.items():
+        step = max(m.step for m in mlflow.MlflowClient().get_metric_history(r.info.run_id, "loss/total"))
+        if r.info.status == "FINISHED":
+            assert step == 12 and r.data.tags["checkpoint"], (trial_id, step, r.data.tags)
+        else:
+            assert step < 12 and f"at step {step} of 12" in r.data.tags["distil.stopped_early"], (trial_id, r.data.tags)
+    candidates = e2e_run["records"]["sweep"]["candidates"]
+    by_trial = {c["source"].split()[2]: c for c in candidates}
+    assert by_trial and all(c["run_id"] == nested[t].info.run_id for t, c in by_trial.items()), candidates
+    assert all(nested[t].info.status == "FINISHED" and nested[t].data.tags["checkpoint"] == c["checkpoint"]
+               for t, c in by_trial.items())
+
+
 def test_the_run_prints_progress_lines_and_not_rays_internal_reports(e2e_run):
     """What a user reads: one progress line per log step per training stage, Ray's per-report dicts gone."""
     log = e2e_run["killed_log"] + e2e_run["stdout"]

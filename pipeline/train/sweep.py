@@ -120,7 +120,36 @@ def run(cfg: RunConfig, trial: TrialConfig, *, datasets: dict, cluster_cpus: flo
                                       callbacks=[progress.trial_end_lines(metric=cfg.sweep.metric, total=cfg.optim.max_steps)]),
         )
     results = tuner.fit()
-    return candidates(results, cfg)
+    return candidates(results, cfg, run_ids=close_trial_runs(results, cfg, parent_run_id=trial.parent_run_id))
+
+
+def close_trial_runs(results, cfg: RunConfig, *, parent_run_id: str) -> dict[str, str]:
+    """End each trial's nested MLflow run as the trial ended, whatever became of the process that opened it: Tune
+    ends a trial that ASHA stops (early, or at its last rung) by killing the trial's actor, which leaves the run
+    RUNNING, or FAILED when the process exits. FINISHED for a trial that ran all its steps (with its ``checkpoint``
+    tag), KILLED with a ``distil.stopped_early`` tag saying where for one the scheduler stopped, FAILED for one
+    that raised. Returns {trial id: run id} for :func:`candidates`."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    out = {}
+    for r in results:
+        metrics = r.metrics or {}
+        trial_id = metrics.get("trial_id")
+        run_id = trial_id and tracking.find_nested_run(parent_run_id, tags={"trial_id": trial_id})
+        if not run_id:
+            continue  # a trial that failed before its first report: Tune's own error says why
+        out[trial_id] = run_id
+        steps = cfg.with_overrides(overrides_from_sample(r.config["sample"])).optim.max_steps
+        step = int(metrics.get("step", 0))
+        status = "FAILED" if r.error else "FINISHED" if step >= steps else "KILLED"
+        if status == "KILLED":
+            client.set_tag(run_id, "distil.stopped_early", f"the scheduler (ASHA on {cfg.sweep.metric}) stopped it "
+                                                           f"at step {step} of {steps}")
+        if status == "FINISHED" and "checkpoint_path" in metrics:
+            client.set_tag(run_id, "checkpoint", driver.checkpoint_uri(metrics["checkpoint_path"], cfg.storage_path))
+        client.set_terminated(run_id, status)
+    return out
 
 
 def max_steps(cfg: RunConfig) -> int:
@@ -179,9 +208,10 @@ def is_restorable(cfg: RunConfig, name: str) -> bool:
     return tune.Tuner.can_restore(storage.join(cfg.storage_path, name), storage_filesystem=storage.pyarrow_filesystem(cfg.storage_path))
 
 
-def candidates(results, cfg: RunConfig) -> list:
+def candidates(results, cfg: RunConfig, *, run_ids: dict[str, str] | None = None) -> list:
     """One registry candidate per trial that ended with a checkpoint (ASHA-stopped trials may not), best first
-    by ``cfg.sweep.metric``; trials whose score is not a finite number come last (the registry never picks them)."""
+    by ``cfg.sweep.metric``; trials whose score is not a finite number come last (the registry never picks them).
+    ``run_ids``: each trial's MLflow run ({trial id: run id}), recorded in its candidate."""
     out = []
     for r in results:
         metrics = r.metrics or {}
@@ -198,7 +228,8 @@ def candidates(results, cfg: RunConfig) -> list:
             continue
         overrides = overrides_from_sample(r.config["sample"])
         out.append(Candidate(source=f"sweep trial {metrics.get('trial_id', '?')} {overrides}", checkpoint=uri,
-                             metrics=_numeric_metrics(metrics), overrides=overrides))
+                             metrics=_numeric_metrics(metrics), overrides=overrides,
+                             run_id=(run_ids or {}).get(metrics.get("trial_id"))))
     return registry.ranked(out, cfg.sweep.metric, cfg.sweep.mode)
 
 
