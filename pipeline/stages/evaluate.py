@@ -29,8 +29,10 @@ from pipeline.train import driver
 
 def check_tasks(cfg: RunConfig) -> None:
     """Load every ``evaluate.tasks`` entry's examples once (no Ray): a missing file or field, an unreachable dataset
-    or bad labels stop a pipeline job at its start, not after training. ValueError names the task and the fix."""
-    load_tasks(cfg)
+    or bad labels stop a pipeline job at its start, not after training. ValueError names the task and the fix.
+    One line names the tasks checked; their sizes are printed when the stage loads them again to run."""
+    data = load_tasks(cfg, announce=False)
+    print(f"[distil] evaluate: {len(data)} task(s) checked before training: {', '.join(data)}", flush=True)
 
 
 def make_plan(cfg: RunConfig, *, model=None) -> Plan:
@@ -98,8 +100,9 @@ def stage_name(cfg: RunConfig, chosen: list[units.Model]) -> str:
     return f"{cfg.run.name}-eval-{units.settings_hash(cfg)}-{models_hash}"
 
 
-def load_tasks(cfg: RunConfig) -> dict[str, loaders.TaskData]:
-    """Every configured task's examples, before any fine-tuning: one ValueError for the first that cannot load."""
+def load_tasks(cfg: RunConfig, *, announce: bool = True) -> dict[str, loaders.TaskData]:
+    """Every configured task's examples, before any fine-tuning: one ValueError for the first that cannot load.
+    ``announce``: print one line per task (its train and dev sizes, its classes)."""
     e = cfg.evaluate
     src = loaders.Sources(glue_dir=e.glue_dir, cache_dir=os.path.join(cfg.cache_dir, "datasets"),
                           distill_sources=tuple(cfg.data.sources), val_fraction=cfg.data.val_fraction,
@@ -110,8 +113,9 @@ def load_tasks(cfg: RunConfig) -> dict[str, loaders.TaskData]:
     for spec in task_specs.parse_all(e.tasks):
         out[spec.name] = loaders.load(spec, src)
         d = out[spec.name]
-        print(f"[distil] evaluate: task {spec.name}: {len(d.train)} train, {len(d.dev)} dev examples, "
-              f"{'regression' if spec.regression else f'{d.num_labels} classes'}", flush=True)
+        if announce:
+            print(f"[distil] evaluate: task {spec.name}: {len(d.train)} train, {len(d.dev)} dev examples, "
+                  f"{'regression' if spec.regression else f'{d.num_labels} classes'}", flush=True)
     return out
 
 
