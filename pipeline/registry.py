@@ -42,7 +42,13 @@ def choose(candidates: list[Candidate], cfg: TrackingSection) -> Candidate:
             f"no candidate has a finite {cfg.select_metric} ({values}): every run diverged or overflowed; lower "
             "optim.lr or use deepspeed.precision=bf16, then run distill or sweep again"
         )
-    return ranked(finite, cfg.select_metric, metric_mode(cfg.select_metric, cfg.select_mode))[0]
+    best = ranked(finite, cfg.select_metric, metric_mode(cfg.select_metric, cfg.select_mode))
+    tied = [c.source for c in best[1:] if c.metrics[cfg.select_metric] == best[0].metrics[cfg.select_metric]]
+    if tied:  # the sort is stable: the first in the given order (distill, then the sweep's best first) wins
+        print(f"[distil] register: {best[0].source} and {', '.join(tied)} tie on {cfg.select_metric} = "
+              f"{best[0].metrics[cfg.select_metric]:.6g}; chose the first in candidate order (distill, then the sweep's "
+              "trials best first)", flush=True)
+    return best[0]
 
 
 def finite_score(value) -> float | None:

@@ -547,7 +547,8 @@ def test_table1_medians_ranges_macro_and_retention():
     assert teacher["retention"] == pytest.approx(100.0)
     assert student["retention"] == pytest.approx(100 * 0.71 / 0.76)  # 93.42 %
     md = report.table1_markdown(t1)
-    assert "| teacher (teacher) | 82.0 (80.0–84.0) | 70.0 (60.0–75.0) | 76.0 | 100.0 % |" in md
+    assert md.startswith("Table 1: dev scores ×100, median over seeds (min–max)\n")
+    assert "| teacher | 82.0 (80.0–84.0) | 70.0 (60.0–75.0) | 76.0 | 100.0 % |" in md
     assert "| distill | 76.0 (74.0–78.0) | 66.0 (50.0–68.0) | 71.0 | 93.4 % |" in md
 
 
@@ -557,6 +558,9 @@ def test_table1_without_a_task_or_a_teacher():
     assert student["macro"] is None and student["retention"] is None and "mrpc" not in student["tasks"]
     md = report.table1_markdown(report.table1(partial, _models(), ["rt", "mrpc"]))
     assert "| distill | 76.0 (74.0–78.0) | — | — | — |" in md
+    one_seed = [r for r in _results() if r["seed"] == 0]
+    md = report.table1_markdown(report.table1(one_seed, _models(), ["rt", "mrpc"]))
+    assert md.startswith("Table 1: dev scores ×100, one seed\n") and "–" not in md.split("\n", 3)[3]
     only_student = report.table1(_results(), _models()[1:], ["rt", "mrpc"])["rows"]
     assert only_student[0]["macro"] == pytest.approx(0.71) and only_student[0]["retention"] is None
 
@@ -571,7 +575,9 @@ def test_table3_ratios():
     assert student["params_ratio"] == pytest.approx(0.6) and student["time_ratio"] == pytest.approx(0.4)
     md = report.table3_markdown(t3)
     assert "400 dev examples of rt" in md
-    assert "| teacher (teacher) | 40.00 | 10.00 | 1.00 | 1.00 |" in md
+    assert "| teacher | 40.00 | 10.00 | 1.00 | 1.00 |" in md
+    t3["rows"][0]["model"] = "bert-base"  # a teacher under its own name is marked as the teacher
+    assert "| bert-base (teacher) | 40.00 | 10.00 | 1.00 | 1.00 |" in report.table3_markdown(t3)
     assert "| distill | 24.00 | 4.00 | 0.60 | 0.40 |" in md
 
 

@@ -194,3 +194,13 @@ def test_asha_runs_to_the_longest_budget_a_sweep_samples(tmp_path):
     cfg = load_config(CONFIG, [f"run.root={tmp_path}", "sweep.space={optim.max_steps: {type: choice, values: [60, 120]}}"])
     assert sweep.max_steps(cfg) == 120 and sweep.scheduler(cfg)._max_t == 120
     assert sweep.max_steps(load_config(CONFIG, [f"run.root={tmp_path}"])) == 60
+
+
+def test_a_tie_picks_the_first_candidate_and_says_so(capsys):
+    cfg = TrackingSection(select_metric="val/mlm_loss")
+    tied = _candidates(6.0, 5.0, 5.0)
+    assert registry.choose(tied, cfg).source == "run 1"
+    out = capsys.readouterr().out
+    assert "run 1 and run 2 tie on val/mlm_loss = 5; chose the first in candidate order" in out
+    registry.choose(_candidates(6.0, 5.0, 4.0), cfg)
+    assert "tie" not in capsys.readouterr().out

@@ -37,7 +37,9 @@ def table1(results: list[dict], models: list, tasks: list[str]) -> dict:
 def table1_markdown(t1: dict) -> str:
     """Table 1 as a markdown table (scores ×100, as the paper prints them)."""
     head = "| model | " + " | ".join(t1["tasks"]) + " | macro | retention |"
-    lines = ["Table 1: dev scores ×100, median over seeds (min–max)", "", head,
+    seeds = max((v["seeds"] for r in t1["rows"] for v in r["tasks"].values()), default=1)
+    what = "median over seeds (min–max)" if seeds > 1 else "one seed"
+    lines = [f"Table 1: dev scores ×100, {what}", "", head,
              "|---" * (len(t1["tasks"]) + 3) + "|"]
     for r in t1["rows"]:
         cells = []
@@ -47,9 +49,14 @@ def table1_markdown(t1: dict) -> str:
                          if v["seeds"] > 1 else f"{100 * v['median']:.1f}")
         macro = "—" if r["macro"] is None else f"{100 * r['macro']:.1f}"
         ret = "—" if r["retention"] is None else f"{r['retention']:.1f} %"
-        name = f"{r['model']} (teacher)" if r["is_teacher"] else r["model"]
+        name = _label(r)
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {macro} | {ret} |")
     return "\n".join(lines)
+
+
+def _label(row: dict) -> str:
+    """A row's model, marked when it is the teacher under another name (a teacher named teacher needs no mark)."""
+    return f"{row['model']} (teacher)" if row["is_teacher"] and row["model"] != "teacher" else row["model"]
 
 
 def dev_pass_seconds(model, rows: list[list[int]]) -> float:
@@ -87,7 +94,7 @@ def table3_markdown(t3: dict) -> str:
     for r in t3["rows"]:
         ratios = (f"{r['params_ratio']:.2f} | {r['time_ratio']:.2f}" if "params_ratio" in r
                   else "1.00 | 1.00" if r["is_teacher"] else "— | —")  # no teacher evaluated: no ratio
-        name = f"{r['model']} (teacher)" if r["is_teacher"] else r["model"]
+        name = _label(r)
         lines.append(f"| {name} | {r['params_m']:.2f} | {r['seconds']:.2f} | {ratios} |")
     return "\n".join(lines)
 
