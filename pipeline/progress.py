@@ -25,7 +25,7 @@ MODES = ("lines", "bar")
 
 # pipeline.stages.training.run_name: "<run.name>-<stage>-<8 hex>", and a sweep trial's TorchTrainer adds "-<Tune trial id>".
 _RUN_NAME = re.compile(r"-(teacher|distill|sweep)-[0-9a-f]{8}(?:-(?P<trial>.+))?$")
-# pipeline/evaluate/stage.py stage_name + "-<model>-<task>-s<seed>": one fine-tuning unit of the evaluate stage.
+# pipeline/stages/evaluate.py stage_name + "-<model>-<task>-s<seed>": one fine-tuning unit of the evaluate stage.
 _UNIT_NAME = re.compile(r"-eval-[0-9a-f]{8}-[0-9a-f]{6}-(?P<unit>.+)$")
 
 

@@ -9,7 +9,7 @@ from, and the switch that quiets it:
   ``ray.train.RunConfig(logging_config=LoggingConfig("WARNING"))`` (pipeline/train/driver.py, :func:`train_log_level`);
   its ``Reporting training result N: TrainingReport(...)`` lines, whose logger that setting misses, by their
   logger's level in each worker (:func:`quiet_worker_logs`).
-- Ray Tune's status tables and per-trial config tables: ``tune.RunConfig(verbose=0)`` (pipeline/sweep.py,
+- Ray Tune's status tables and per-trial config tables: ``tune.RunConfig(verbose=0)`` (pipeline/train/sweep.py,
   :func:`tune_verbosity`); a trial's error is still printed.
 - Ray's own driver logger ("Started a local Ray instance"): ``ray.init(logging_level=WARNING)``; the dashboard's
   address is printed once by us instead.

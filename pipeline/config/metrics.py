@@ -4,7 +4,7 @@ tables; the registry (pipeline/registry.py) ranks students by :func:`metric_mode
 
 from __future__ import annotations
 
-# What the loop reports, and which way is better: selection and ASHA may use these (pipeline/train/worker.py, pipeline/train/tasks.py).
+# What the loop reports, and which way is better: selection and ASHA may use these (pipeline/train/worker.py, pipeline/train/tasks/).
 VAL_METRICS = {"val/mlm_loss": "min", "val/perplexity": "min", "val/mlm_acc": "max", "val/teacher_agreement": "max"}
 LOSS_METRICS = {"loss/total": "min", "loss/ce": "min", "loss/mlm": "min", "loss/cos": "min", "loss/mse": "min"}
 # The evaluate stage's downstream metrics (pipeline/evaluate/): every one is better when higher.

@@ -25,7 +25,7 @@ from pipeline.config.build import build, set_dotted
 
 @dataclass(frozen=True, kw_only=True)
 class RunSection:
-    """Where the run lives and which Ray it uses: read by every job and stage (pipeline/cli.py, stages.py,
+    """Where the run lives and which Ray it uses: read by every job and stage (pipeline/cli.py, pipeline/stages/,
     runtime.py)."""
 
     name: str = "tiny"  # the run's folder under root and the prefix of its Ray Train/Tune run names ([A-Za-z0-9._-])
@@ -160,7 +160,7 @@ class DeepSpeedSection:
 
 @dataclass(frozen=True, kw_only=True)
 class ComputeSection:
-    """How the distillation step computes on its device (pipeline/train/tasks.py, models.py): distill and sweep."""
+    """How the distillation step computes on its device (pipeline/train/tasks/distill.py, models.py): distill and sweep."""
 
     # torch.compile of student and teacher: none (off) | default | reduce-overhead (CUDA graphs) | max-autotune
     compile: str = "none"
@@ -215,7 +215,7 @@ class FaultsSection:
 
 @dataclass(frozen=True, kw_only=True)
 class SweepSection:
-    """The sweep stage's Ray Tune search with ASHA (pipeline/sweep.py); each trial is one distillation run."""
+    """The sweep stage's Ray Tune search with ASHA (pipeline/train/sweep.py); each trial is one distillation run."""
 
     num_samples: int = 2  # trials sampled from the space (with grid entries: per grid point)
     # dotted name -> {type: choice|grid, values} | {type: uniform|loguniform, low, high}; keys of the loss, optim,
