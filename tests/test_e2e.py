@@ -133,7 +133,13 @@ def test_the_champion_carries_a_model_card_and_lineage_tags(e2e_run):
     mlflow = _mlflow(e2e_run)
     v = mlflow.MlflowClient().get_model_version_by_alias("e2e-student", "champion")
     card = v.description
-    assert "| parameters |" in card and "CPU latency" in card and "## Config" in card
+    assert "| parameters |" in card and "CPU latency" in card and "## How good" in card and "## Settings" in card
+    # A card a person reads: the settings in a few lines, the whole config as an artifact of the register run.
+    assert "```json" not in card and len(card.splitlines()) < 80, card
+    (register,) = [r for r in mlflow.search_runs(experiment_names=["distil-tiny"], output_format="list")
+                   if r.info.run_name == "register" and r.data.params.get("checkpoint") == v.tags["distil.checkpoint"]][:1]
+    config = json.loads(mlflow.artifacts.load_text(f"{register.info.artifact_uri}/config.json"))
+    assert config["run"]["name"] == "e2e" and f"T={config['loss']['temperature']}" in card
     student_params, teacher_params = [int(x.replace(",", "")) for x in card.split("| parameters | ")[1].split(" |")[:2]]
     assert 0 < student_params < teacher_params
     for tag in ("teacher", "teacher.hash", "data.manifest_hash", "data.manifest_key", "git_sha", "distil.checkpoint"):

@@ -204,3 +204,23 @@ def test_a_tie_picks_the_first_candidate_and_says_so(capsys):
     assert "run 1 and run 2 tie on val/mlm_loss = 5; chose the first in candidate order" in out
     registry.choose(_candidates(6.0, 5.0, 4.0), cfg)
     assert "tie" not in capsys.readouterr().out
+
+
+def test_the_model_card_is_a_page_a_person_reads():
+    """What the student is and how to load it, how good, how fast, the settings in a few lines, lineage; the whole
+    config is an artifact of the register run, not pasted into the card."""
+    from transformers import DistilBertConfig, DistilBertForMaskedLM
+
+    student = DistilBertForMaskedLM(DistilBertConfig(vocab_size=1100, dim=32, n_layers=1, n_heads=2, hidden_dim=64,
+                                                     max_position_embeddings=128))
+    config = {"loss": {"temperature": 2.0, "alpha_ce": 5.0, "alpha_mlm": 2.0, "alpha_cos": 1.0},
+              "student": {"layer_map": "alternate", "init": "teacher"}, "optim": {"max_steps": 60, "lr": 5e-4,
+              "micro_batch_size": 8, "grad_accum": 1}, "data": {"max_seq_len": 64}, "run": {"name": "x" * 5000}}
+    metrics = {"val/mlm_loss": 7.25, "eval/macro": 0.61, "eval/rt/score": 0.61, "perf/mfu": 0.01, "resume/from_step": 0}
+    card = registry.model_card(name="s", model=student, metrics=metrics, lineage={"git_sha": "abc"}, config=config)
+    sections = [line for line in card.splitlines() if line.startswith("## ")]
+    assert sections == ["## How good", "## How fast and how small", "## Settings", "## Lineage"]
+    assert "| eval/macro | 0.61 |" in card and "| val/mlm_loss | 7.25 |" in card and "| eval/rt/score | 0.61 |" in card
+    assert "perf/mfu" not in card and "xxxxx" not in card and "```" not in card
+    assert "- loss: T=2.0, α_ce=5.0, α_mlm=2.0, α_cos=1.0" in card and f"`{registry.CONFIG_ARTIFACT}`" in card
+    assert len(card.splitlines()) < 40

@@ -41,6 +41,10 @@ def run(cfg: RunConfig, *, stages: tuple[str, ...] = ("distill", "sweep"), candi
                                lineage=lineage, config=(ckpt_config or {}).get("config"),
                                evaluation=evaluated.markdown if evaluated else None)
     with tracking.stage_run("register", params={"chosen": best.source, "checkpoint": best.checkpoint}, tags=lineage):
+        if ckpt_config and ckpt_config.get("config"):
+            import mlflow
+
+            mlflow.log_dict(ckpt_config["config"], registry.CONFIG_ARTIFACT)
         reg = registry.register(cfg.tracking, model_dir=model_dir, checkpoint=best.checkpoint, metrics=best.metrics,
                                 tags=lineage, description=card)
     return write_record(cfg, "register", RegisterRecord(**reg, chosen=best, seconds=time.perf_counter() - t0))
