@@ -777,3 +777,35 @@ def test_several_given_models_are_evaluated_and_two_with_one_key_are_refused(tmp
     assert [(r["model"], r["macro"] is not None) for r in t1["rows"]] == [("a", True), ("b", True)]
     with pytest.raises(ValueError, match=r"two models to evaluate share a key \(\['a', 'a'\]\)"):
         stage.models_to_evaluate(cfg, given=[a, a])
+
+
+def test_the_scores_plot_labels_its_bars_shows_the_majority_and_keeps_the_legend_off_them():
+    t1 = report.table1(_results(), _models(), ["rt", "mrpc"])
+    fig = report.scores_figure(t1, {"rt": 0.5, "mrpc": 0.4})
+    (ax,) = fig.axes
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["rt", "mrpc", "macro"]
+    labels = [t.get_text() for t in ax.texts]
+    assert len(labels) == 2 * 3 and "82.0" in labels  # each bar carries its value ×100 (the teacher's median on rt)
+    lines = [seg[0][1] for c in ax.collections for seg in c.get_segments()]
+    assert lines == [0.5, 0.4]  # one dashed line per task, across that task's bars
+    assert [c.get_label() for c in ax.collections][0] == "majority class"  # named once in the legend
+    low, _ = ax.get_ylim()
+    assert 0.2 < low < 0.4  # starts near the lowest value shown, so a few points' difference is visible
+    assert ax.get_legend().get_bbox_to_anchor().bounds[0] > ax.get_window_extent().x1 - 1  # beside the axes
+    one = report.scores_figure(report.table1(_results(), _models(), ["rt"]))
+    assert [t.get_text() for t in one.axes[0].get_xticklabels()] == ["rt"]  # no macro bar repeating one task
+
+
+def test_the_loss_plot_gives_each_term_its_own_panel():
+    fig = report.loss_figure({"loss/total": [(1, 15.0), (2, 14.0)], "loss/ce": [(1, 0.01), (2, 0.005)],
+                              "loss/cos": [(1, 0.03), (2, 0.02)], "loss/mlm": []})
+    assert [ax.get_ylabel() for ax in fig.axes] == ["loss/ce", "loss/cos", "loss/total"]
+    assert fig.axes[0].get_ylim()[1] < 0.02  # L_ce on its own scale, not flattened under the total's
+
+
+def test_the_majority_baseline_is_the_score_of_always_answering_the_common_class():
+    from pipeline.evaluate.loaders import TaskData
+
+    data = TaskData(spec=specs.parse("glue:sst2"), train=Examples(texts=["a"] * 3, labels=[1, 1, 0]),
+                    dev=Examples(texts=["b"] * 4, labels=[1, 0, 0, 0]), label_names=["neg", "pos"])
+    assert report.majority_baseline(data) == pytest.approx(0.25)  # accuracy of always 1

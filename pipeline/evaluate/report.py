@@ -99,42 +99,65 @@ def table3_markdown(t3: dict) -> str:
     return "\n".join(lines)
 
 
-def scores_figure(t1: dict):
-    """Grouped bars: per task (and macro), each model's median dev score."""
+def majority_baseline(data) -> float:
+    """The task score (pipeline/glue_metrics.py) of always answering the training set's most common class, or its
+    mean for regression, on the dev set of ``data`` (a loaders.TaskData): what a model that learned nothing scores."""
+    train, dev = data.train.labels, data.dev.labels
+    guess = sum(train) / len(train) if data.spec.regression else max(set(train), key=train.count)
+    return metrics.scores(data.spec.metrics, [guess] * len(dev), dev)["score"]
+
+
+def scores_figure(t1: dict, baselines: dict[str, float] | None = None):
+    """Grouped bars: per task (and the macro-score when there are several tasks), each model's median dev score,
+    its value on the bar; ``baselines`` ({task: score}), e.g. the majority class's share of the dev set, drawn as
+    a dashed line across the task's bars. The y-range starts near the lowest value shown, so that differences of
+    a few points are visible; the legend sits beside the plot, not over the bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = [*t1["tasks"], "macro"]
-    fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(groups) + 2), 3.2))
+    tasks, baselines = list(t1["tasks"]), baselines or {}
+    groups = [*tasks, "macro"] if len(tasks) > 1 else tasks
+    fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(groups) + 3), 3.2))
     width = 0.8 / max(len(t1["rows"]), 1)
+    shown = []
     for i, r in enumerate(t1["rows"]):
-        values = [r["tasks"].get(t, {}).get("median", 0.0) for t in t1["tasks"]] + [r["macro"] or 0.0]
-        ax.bar([g + i * width for g in range(len(groups))], values, width, label=r["model"])
+        values = [r["tasks"].get(t, {}).get("median", 0.0) for t in tasks] + ([r["macro"] or 0.0] if len(groups) > len(tasks) else [])
+        bars = ax.bar([g + i * width for g in range(len(groups))], values, width, label=r["model"])
+        ax.bar_label(bars, labels=[f"{100 * v:.1f}" for v in values], fontsize=7)
+        shown += values
+    for g, task in enumerate(tasks):
+        if task in baselines:
+            ax.hlines(baselines[task], g - width / 2, g + 0.8 - width / 2, colors="gray", linestyles="dashed",
+                      label="majority class" if g == 0 or not any(t in baselines for t in tasks[:g]) else None)
+            shown.append(baselines[task])
+    if shown:
+        low, high = min(shown), max(shown)
+        ax.set_ylim(max(0.0, low - 0.1 * max(high - low, 0.1)), min(1.0, high + 0.15 * max(high - low, 0.1)) + 0.02)
     ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], groups)
     ax.set_ylabel("dev score (median over seeds)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     return fig
 
 
 def loss_figure(history: dict[str, list[tuple[int, float]]]):
-    """The distill run's loss curves: {metric: [(step, value), …]} as lines against the step."""
+    """The distill run's loss curves, {metric: [(step, value), …]}: one panel per term, each on its own scale, so
+    that a small term (L_ce at T=2, L_cos) is as visible as the total."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    for name, points in sorted(history.items()):
-        if points:
-            steps, values = zip(*sorted(points))
-            ax.plot(steps, values, label=name)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    if any(history.values()):
-        ax.legend(fontsize=7)
+    terms = [(name, points) for name, points in sorted(history.items()) if points]
+    fig, axes = plt.subplots(max(len(terms), 1), 1, figsize=(5, 1.6 * max(len(terms), 1) + 0.6), sharex=True,
+                             squeeze=False)
+    for ax, (name, points) in zip(axes[:, 0], terms):
+        steps, values = zip(*sorted(points))
+        ax.plot(steps, values)
+        ax.set_ylabel(name, fontsize=8)
+    axes[-1, 0].set_xlabel("optimizer step")
     fig.tight_layout()
     return fig
 

@@ -150,7 +150,8 @@ def _score(cfg: RunConfig, plan: Plan, *, cluster_cpus: float) -> dict:
     markdown = report.table1_markdown(t1) + "\n\n" + report.table3_markdown(t3)
     mlflow.log_text(markdown, "evaluation/tables.md")
     mlflow.log_dict({"table1": t1, "table3": t3, "results": results}, "evaluation/tables.json")
-    mlflow.log_figure(report.scores_figure(t1), "evaluation/scores.png")
+    baselines = {t: report.majority_baseline(d) for t, d in data.items()}
+    mlflow.log_figure(report.scores_figure(t1, baselines), "evaluation/scores.png")
     _log_loss_curves(cfg)
     per_model = _metrics(t1)
     mlflow.log_metrics({f"eval/{m}/{k.removeprefix('eval/')}": v for m, ms in per_model.items() for k, v in ms.items()})
