@@ -132,7 +132,7 @@ def model_card(*, name: str, model, teacher=None, metrics: dict, lineage: dict, 
     lines += ["| metric | value |", "|---|---|", *(f"| {k} | {v:.4g} |" for k, v in shown), "",
               "Every metric of the run: the register run in MLflow."]
     if evaluation:
-        lines += ["", evaluation]
+        lines += ["", "### Downstream evaluation", "", evaluation]
     lines += ["", "## How fast and how small", "", "| | student | teacher | student / teacher |", "|---|---|---|---|"]
     if teacher is not None:
         t_params, t_ms = models.count_parameters(teacher), cpu_latency_ms(teacher)

@@ -335,7 +335,7 @@ def test_the_champion_is_the_student_with_the_best_downstream_macro_score(e2e_ru
     assert reg["chosen"]["checkpoint"] == expected, (reg["chosen"]["checkpoint"], scored)
     assert reg["chosen"]["metrics"]["eval/macro"] == best
     v = _mlflow(e2e_run).MlflowClient().get_model_version_by_alias("e2e-student", "champion")
-    assert "## Downstream evaluation" in v.description and "Table 1: dev scores" in v.description
+    assert "\n### Downstream evaluation\n" in v.description and "Table 1: dev scores" in v.description
     assert v.tags["distil.metric.eval/macro"] == str(best)
 
 

@@ -224,3 +224,6 @@ def test_the_model_card_is_a_page_a_person_reads():
     assert "perf/mfu" not in card and "xxxxx" not in card and "```" not in card
     assert "- loss: T=2.0, α_ce=5.0, α_mlm=2.0, α_cos=1.0" in card and f"`{registry.CONFIG_ARTIFACT}`" in card
     assert len(card.splitlines()) < 40
+    with_tables = registry.model_card(name="s", model=student, metrics=metrics, lineage={}, config=None,
+                                      evaluation="Table 1: dev scores ×100, one seed")
+    assert "## How good" in with_tables and "\n### Downstream evaluation\n\nTable 1: dev scores" in with_tables
