@@ -127,11 +127,12 @@ def scores_figure(t1: dict, baselines: dict[str, float] | None = None):
         bars = ax.bar([g + i * width for g in range(len(groups))], values, width, label=r["model"])
         ax.bar_label(bars, labels=[f"{100 * v:.1f}" for v in values], fontsize=7)
         shown += values
+    label = "majority class"  # named once in the legend
     for g, task in enumerate(tasks):
         if task in baselines:
-            ax.hlines(baselines[task], g - width / 2, g + 0.8 - width / 2, colors="gray", linestyles="dashed",
-                      label="majority class" if g == 0 or not any(t in baselines for t in tasks[:g]) else None)
+            ax.hlines(baselines[task], g - width / 2, g + 0.8 - width / 2, colors="gray", linestyles="dashed", label=label)
             shown.append(baselines[task])
+            label = None
     if shown:
         low, high = min(shown), max(shown)
         ax.set_ylim(max(0.0, low - 0.1 * max(high - low, 0.1)), min(1.0, high + 0.15 * max(high - low, 0.1)) + 0.02)
