@@ -107,6 +107,26 @@ def test_an_override_yaml_cannot_parse_is_taken_as_the_text_typed(value):
     assert RunConfig().with_overrides(parse_overrides([f"tracking.experiment={value}"])).tracking.experiment == value
 
 
+@pytest.mark.parametrize("value", ["distil student #2", "#2", "run #2 (ablation)", "a # b #c", "&team run", "*star",
+                                   "'quoted' #2", "x\n#y"])
+def test_an_override_with_a_hash_is_taken_as_typed_not_cut_at_a_yaml_comment(tmp_path, value):
+    cfg = _load(tmp_path, "run: {name: run-x}\n", [f"tracking.experiment={value}"])
+    assert cfg.tracking.experiment == value
+    assert RunConfig().with_overrides(parse_overrides([f"tracking.experiment= {value} "])).tracking.experiment == value
+
+
+def test_a_hash_in_a_list_override_is_kept_when_quoted_and_refused_whole_when_yaml_would_drop_it():
+    cfg = RunConfig().with_overrides(parse_overrides(['data.sources=[a.txt, "b #2.txt"]', 'tracking.experiment="x #2"']))
+    assert cfg.data.sources == ["a.txt", "b #2.txt"] and cfg.tracking.experiment == "x #2"
+    for value in ("[a.txt, b #2.txt]", "[a.txt, b.txt] #2", "[a.txt] #"):
+        with pytest.raises(ValueError) as e:
+            RunConfig().with_overrides(parse_overrides([f"data.sources={value}"]))
+        assert len(str(e.value).splitlines()) == 1
+        assert f"data.sources: expected a list, got the text {value!r}" in str(e.value) and "quote" in str(e.value)
+    with pytest.raises(ValueError, match=r"optim.lr: expected a number .*got '1e-4 #2'"):
+        RunConfig().with_overrides(parse_overrides(["optim.lr=1e-4 #2"]))
+
+
 def test_an_unparseable_override_for_a_number_is_one_clear_error():
     with pytest.raises(ValueError, match=r"optim.lr: expected a number .*'\[1e-4'"):
         RunConfig().with_overrides(parse_overrides(["optim.lr=[1e-4"]))

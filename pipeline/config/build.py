@@ -62,12 +62,12 @@ def _coerce(tp, value: Any, path: str):
         raise ValueError(f"{path}: {value!r} does not match {tp}")
     if origin is list:
         if not isinstance(value, list):
-            raise ValueError(f"{path}: expected a list, got {shown(value)}; write [a, b], or [] for none")
+            raise ValueError(f"{path}: expected a list, got {shown(value)}; write [a, b], or [] for none{_hash_hint(value)}")
         (arg,) = typing.get_args(tp)
         return [_coerce(arg, v, f"{path}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ValueError(f"{path}: expected a mapping, got {shown(value)}")
+            raise ValueError(f"{path}: expected a mapping, got {shown(value)}{_hash_hint(value)}")
         return yaml_reader.resolve(dict(value))
     if isinstance(value, yaml_reader.Plain):
         return _from_text(tp, str(value), path)
@@ -82,6 +82,14 @@ def _coerce(tp, value: Any, path: str):
     if tp is float and not math.isfinite(value):
         raise ValueError(f"{path}: expected a finite number, got {value!r}")
     return value
+
+
+def _hash_hint(value: Any) -> str:
+    """For text that was meant as a list or mapping but holds a YAML comment: how to keep the ``#``."""
+    if isinstance(value, str) and yaml_reader.has_comment(value):
+        return (" (YAML reads ' #' as the start of a comment: quote an item that holds a '#', e.g. [a, \"b #2\"], and "
+                "write nothing after the closing bracket)")
+    return ""
 
 
 def _from_text(tp, text: str, path: str):
@@ -118,22 +126,33 @@ def shown(value: Any) -> str:
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["a.b=v", …]`` to ``{"a.b": v}``; each value is read as YAML typed by the field that receives it
-    (``optim.lr=1e-4`` is a number, ``run.name=off`` the text off), and taken as the text typed when it is no
-    valid YAML."""
+    """``["a.b=v", …]`` to ``{"a.b": v}``: everything after the first ``=`` is the value, read by the field that
+    receives it (``optim.lr=1e-4`` is a number, ``run.name=off`` the text off). An unquoted value is the text as
+    typed (its outer spaces aside): YAML's comments, anchors and line folding do not apply, so
+    ``tracking.experiment=distil student #2`` keeps its ``#2``. A quoted value is YAML's string, and one written
+    ``[…]`` or ``{…}`` a list or mapping; either followed by a comment, and any value YAML cannot read, is the text
+    typed (so a list field refuses it, quoting it whole)."""
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"override {item!r} must look like section.key=value, e.g. loss.temperature=4")
-        try:
-            parsed = yaml_reader.load(value, source=f"--set {item}")
-        except ValueError:
-            parsed = yaml_reader.Plain(value)
-        if isinstance(parsed, (dict, list)) and not value.lstrip().startswith(("{", "[")):
-            parsed = yaml_reader.Plain(value)  # `run.name=exp: v2` is text; a mapping or list is written {…} or […]
-        out[key.strip()] = parsed
+        out[key.strip()] = _override_value(value, item)
     return out
+
+
+def _override_value(value: str, item: str) -> Any:
+    try:
+        parsed = yaml_reader.load(value, source=f"--set {item}")
+    except ValueError:
+        return yaml_reader.Plain(value.strip())
+    typed_as_text = (
+        isinstance(parsed, yaml_reader.Plain)  # plain text: as typed, not as YAML folds it
+        or (parsed is None and value.strip())  # "#2": all comment
+        or (isinstance(parsed, (dict, list)) and not value.lstrip().startswith(("{", "[")))  # `exp: v2` is text
+        or yaml_reader.has_comment(value)  # `[a, b] #2`, `"x" #2`: YAML would drop the #2
+    )
+    return yaml_reader.Plain(value.strip()) if typed_as_text else parsed
 
 
 def set_dotted(raw: dict, dotted: str, value: Any) -> None:

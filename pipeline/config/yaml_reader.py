@@ -98,6 +98,16 @@ def _fix(problem: str) -> str:
     return ": check the indentation and quoting on that line (YAML)"
 
 
+def has_comment(text: str) -> bool:
+    """Whether YAML reads part of ``text`` as a comment and drops it: a ``#`` outside every token YAML scans (one
+    after a space or at the start, outside quotes). False for text YAML cannot scan."""
+    try:
+        spans = [(t.start_mark.index, t.end_mark.index) for t in yaml.scan(text, Loader=_Loader)]
+    except yaml.YAMLError:
+        return False
+    return any(c == "#" and not any(a <= i < b for a, b in spans) for i, c in enumerate(text))
+
+
 def resolve(value: Any) -> Any:
     """YAML 1.2 core typing for values with no declared type; recurses into lists and mappings."""
     if isinstance(value, dict):
