@@ -62,7 +62,8 @@ def _coerce(tp, value: Any, path: str):
         raise ValueError(f"{path}: {value!r} does not match {tp}")
     if origin is list:
         if not isinstance(value, list):
-            raise ValueError(f"{path}: expected a list, got {shown(value)}; write [a, b], or [] for none{_hash_hint(value)}")
+            raise ValueError(f"{path}: expected a list, got {shown(value)}; write [a, b], or [] for none"
+                             f"{_hash_hint(value)}")
         (arg,) = typing.get_args(tp)
         return [_coerce(arg, v, f"{path}[{i}]") for i, v in enumerate(value)]
     if origin is dict:

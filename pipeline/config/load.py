@@ -124,14 +124,14 @@ def _expand(text: str, key: str, problems: list[str]) -> str:
         braced = m.group("braced")
         name = m.group("name") if braced is None else braced
         if braced is not None and not (m.group(0).endswith("}") and _NAME.fullmatch(braced)):
-            problems.append(f"{key}: {m.group(0)!r} in {written!r} is not a variable: write ${{NAME}} or $NAME (letters, "
-                            "digits and _; no defaults such as ${NAME:-x}), or $$ for a literal $")
+            problems.append(f"{key}: {m.group(0)!r} in {written!r} is not a variable: write ${{NAME}} or $NAME "
+                            "(letters, digits and _; no defaults such as ${NAME:-x}), or $$ for a literal $")
             return m.group(0)
         value = os.environ.get(name)
         if not value:
-            problems.append(f"{key}: the environment variable {name} in {written!r} "
-                            f"{'is empty' if value == '' else 'is not set'}: export {name}=… before the job starts, or "
-                            "write the path out ($$ for a literal $)")
+            state = "is empty" if value == "" else "is not set"
+            problems.append(f"{key}: the environment variable {name} in {written!r} {state}: export {name}=… before "
+                            "the job starts, or write the path out ($$ for a literal $)")
             return m.group(0)
         return value
 
