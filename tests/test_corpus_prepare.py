@@ -5,9 +5,10 @@ import os
 
 import numpy as np
 import pytest
+from test_corpus_compression import compress
 
 from pipeline.config import DataSection
-from pipeline.corpus import decoding, formats, sources
+from pipeline.corpus import decoding, formats, ranges, sources
 from pipeline.corpus.packing import clean_document
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,8 +70,8 @@ def test_byte_ranges_read_every_line_exactly_once_whatever_the_cut_points(tmp_pa
 
     def read(chunk):
         docs, counts = [], {}
-        for a, b in decoding.byte_ranges(len(data), chunk):
-            d, c = decoding.read_range(str(path), a, b, len(data), fs=None, fmt=fmt, separator="line", text_field="text", errors="replace")
+        for a, b in ranges.byte_ranges(len(data), chunk):
+            d, c = ranges.read_range(str(path), a, b, len(data), fs=None, fmt=fmt, separator="line", text_field="text", errors="replace")
             docs += d
             for k, v in c.items():
                 counts[k] = counts.get(k, 0) + v
@@ -83,13 +84,13 @@ def test_byte_ranges_read_every_line_exactly_once_whatever_the_cut_points(tmp_pa
 def test_a_binary_file_cut_into_ranges_is_skipped_by_every_range_and_counted_once(tmp_path):
     data = b"\x89PNG\r\n\x1a\n\x00\x00" + b"\n".join(b"line %d" % i for i in range(2000))
     (tmp_path / "x.txt").write_bytes(data)
-    results = [decoding.read_range(str(tmp_path / "x.txt"), a, b, len(data), fs=None, fmt="text", separator="line",
-                                   text_field="text", errors="replace") for a, b in decoding.byte_ranges(len(data), 1000)]
+    results = [ranges.read_range(str(tmp_path / "x.txt"), a, b, len(data), fs=None, fmt="text", separator="line",
+                                 text_field="text", errors="replace") for a, b in ranges.byte_ranges(len(data), 1000)]
     assert len(results) > 10 and [r for r in results if r != ([], {})] == [([], {"files_binary": 1})]
     (tmp_path / "empty.txt").write_bytes(b"")
-    assert decoding.byte_ranges(0, 1000) == [(0, 0)]
-    assert decoding.read_range(str(tmp_path / "empty.txt"), 0, 0, 0, fs=None, fmt="text", separator="line", text_field="text",
-                               errors="replace") == ([], {"files_empty": 1})
+    assert ranges.byte_ranges(0, 1000) == [(0, 0)]
+    assert ranges.read_range(str(tmp_path / "empty.txt"), 0, 0, 0, fs=None, fmt="text", separator="line", text_field="text",
+                             errors="replace") == ([], {"files_empty": 1})
 
 
 # ---- resolution: errors at the edge, before Ray ------------------------------------------------------
@@ -270,6 +271,20 @@ def messy_corpus(tmp_path_factory):
     (files / "mac.txt").write_bytes(b"\r".join(_sentence(i).encode() for i in range(720, 724)))  # old-Mac line ends
     (files / "array.json").write_text(json.dumps([{"text": _sentence(i)} for i in range(730, 735)], indent=2))
     (files / "specials.txt").write_text("a post about bert: the [MASK] token, then [SEP] and [CLS] and even [PAD] appear in this text.\n")
+    # Compressed, as public corpora ship: by the name inside (.txt.gz, .jsonl.zst, …) or by magic bytes alone.
+    jsonl = lambda ids: "".join(json.dumps({"text": _sentence(i)}) + "\n" for i in ids).encode()
+    (files / "reviews.txt.gz").write_bytes(compress("\n".join(_sentence(i) for i in range(1000, 1010)).encode(), "gzip"))
+    (files / "part-0.jsonl.gz").write_bytes(compress(jsonl(range(1010, 1030)), "gzip"))
+    (files / "dump.jsonl.zst").write_bytes(compress(jsonl(range(1030, 1045)), "zstd"))
+    (files / "notes.txt.bz2").write_bytes(compress("\n".join(_sentence(i) for i in range(1045, 1050)).encode(), "bz2"))
+    (files / "feed.txt.xz").write_bytes(compress("\n".join(_sentence(i) for i in range(1050, 1056)).encode(), "xz"))
+    (files / "array.json.gz").write_bytes(compress(json.dumps([{"text": _sentence(i)} for i in range(1056, 1060)]).encode(), "gzip"))
+    (files / "gzipped.txt").write_bytes(compress("\n".join(_sentence(i) for i in range(1060, 1067)).encode(), "gzip"))
+    (files / "empty.txt.gz").write_bytes(compress(b"", "gzip"))
+    (files / "blob.txt.zst").write_bytes(compress(b"\x89PNG\r\n\x1a\n\x00\x00" + os.urandom(4096), "zstd"))
+    # A download cut short: the first gzip member's 8 whole lines are read, the cut line after them is not.
+    cut = compress(b"x" * 3000 + b" a line the cut goes through", "gzip")
+    (files / "cut.jsonl.gz").write_bytes(compress(jsonl(range(1070, 1078)), "gzip") + cut[: len(cut) // 2])
     datasets.Dataset.from_dict({"text": [_sentence(i) for i in range(800, 900)]}).save_to_disk(str(d / "saved"))
     hub = d / "hub_like"  # load_dataset on a local folder: the same code path as a Hub id
     hub.mkdir()
@@ -297,19 +312,22 @@ def test_every_format_is_read_and_every_bad_input_is_counted(messy_manifest):
     cfg, root, m = messy_manifest
     c = m.counts
     assert {g["format"] for g in m.sources} == {"text", "jsonl", "json", "parquet", "arrow"}
-    assert c["files_empty"] == 1 and c["files_binary"] == 1
+    assert c["files_empty"] == 2 and c["files_binary"] == 2 and c["files_compressed_damaged"] == 1
     assert c["docs_undecodable_replaced"] == 1 and c["docs_undecodable_skipped"] == 0
     assert c["lines_bad_json"] == 1 and c["lines_capped"] == 1
     assert c["records_missing_field"] == 1  # the parquet null
     # lines.txt 300 + blocks.txt 200 lines (line mode) + docs.jsonl 200 + parquet 101 + latin1 2 + huge_line 2
     # + utf16 3 + mac 4 + array.json 5 + specials 1 + saved 100 + hub 50
-    assert c["docs_in"] == 300 + 200 + 200 + 101 + 2 + 2 + 3 + 4 + 5 + 1 + 100 + 50
+    # + compressed: reviews 10, part-0 20, dump 15, notes 5, feed 6, array.json.gz 4, gzipped.txt 7, cut 8
+    assert c["docs_in"] == 300 + 200 + 200 + 101 + 2 + 2 + 3 + 4 + 5 + 1 + 100 + 50 + (10 + 20 + 15 + 5 + 6 + 4 + 7 + 8)
     assert c["docs_empty"] == 1  # the parquet blank
     # Each file that lost or changed data is named with its counts (the driver prints one warning per file).
     named = {os.path.basename(f): v for f, v in m.file_counts.items()}
     assert named == {"empty.txt": {"files_empty": 1}, "image.txt": {"files_binary": 1}, "latin1.txt": {"docs_undecodable_replaced": 1},
                      "docs.jsonl": {"lines_bad_json": 1}, "huge_line.txt": {"lines_capped": 1},
-                     "docs.parquet": {"records_missing_field": 1}}
+                     "docs.parquet": {"records_missing_field": 1}, "empty.txt.gz": {"files_empty": 1},
+                     "blob.txt.zst": {"files_binary": 1}, "cut.jsonl.gz": {"files_compressed_damaged": 1}}
+    assert sorted(os.path.basename(f) for g in m.sources if g["format"] == "json" for f in g["files"]) == ["array.json", "array.json.gz"]
 
 
 def test_manifest_holds_vocab_hash_token_counts_and_sizes(messy_manifest):
@@ -324,6 +342,7 @@ def test_manifest_holds_vocab_hash_token_counts_and_sizes(messy_manifest):
     assert counts[101] == on_disk["splits"]["train"]["num_sequences"], "one [CLS] per packed row"
     assert counts[103] == 0, "specials.txt spells [MASK], [CLS], [PAD]: text, never the special ids"
     from transformers import AutoTokenizer
+
     from pipeline import assets
 
     tok = AutoTokenizer.from_pretrained(assets.resolve_local(cfg.tokenizer, str(root / "cache")))
@@ -396,15 +415,30 @@ def test_s3_sources_globs_and_output_on_a_real_s3_server(tracking_server, ray_se
         s3.put_object(Bucket="corpus", Key=f"wiki/shard-{shard}.jsonl", Body=body.encode())
     s3.put_object(Bucket="corpus", Key="wiki/README.md", Body=b"not matched by the glob")
     s3.put_object(Bucket="corpus", Key="books/a.txt", Body="\n\n".join(_sentence(i, 30) for i in range(500, 560)).encode())
+    # Compressed objects, each larger than a 4 KB range: one task reads each whole, also the one whose name does not
+    # say it is compressed; a JSON array is found inside its .gz; a cut one is counted, after its whole lines.
+    jsonl = lambda ids: "".join(json.dumps({"text": _sentence(i, 150)}) + "\n" for i in ids).encode()
+    s3.put_object(Bucket="corpus", Key="dumps/part-0.jsonl.gz", Body=compress(jsonl(range(600, 700)), "gzip"))
+    s3.put_object(Bucket="corpus", Key="dumps/dump.jsonl.zst", Body=compress(jsonl(range(700, 800)), "zstd"))
+    s3.put_object(Bucket="corpus", Key="dumps/misnamed.jsonl", Body=compress(jsonl(range(800, 900)), "xz"))
+    s3.put_object(Bucket="corpus", Key="dumps/array.json.bz2",
+                  Body=compress(json.dumps([_sentence(i) for i in range(900, 910)]).encode(), "bz2"))
+    cut = compress(b"y" * 5000, "gzip")
+    s3.put_object(Bucket="corpus", Key="dumps/cut.jsonl.gz", Body=compress(jsonl(range(910, 930)), "gzip") + cut[:20])
+    assert all(s3.head_object(Bucket="corpus", Key=f"dumps/{k}")["ContentLength"] > 4096
+               for k in ("part-0.jsonl.gz", "dump.jsonl.zst", "misnamed.jsonl"))
     # 4 KB ranges: each jsonl shard (~25 KB) is read by several tasks, through the filesystem the driver built.
-    cfg = DataSection(sources=["s3://corpus/wiki/*.jsonl", "s3://corpus/books/"], text_separator="blank_line",
-                      max_seq_len=64, output="s3://corpus/prepared", read_chunk_mb=4 / 1024)
+    cfg = DataSection(sources=["s3://corpus/wiki/*.jsonl", "s3://corpus/books/", "s3://corpus/dumps/"],
+                      text_separator="blank_line", max_seq_len=64, output="s3://corpus/prepared", read_chunk_mb=4 / 1024)
     from pipeline import storage
     from pipeline.corpus import loading
 
     m = _prepare(cfg, tmp_path)
-    assert m.counts["docs_in"] == 300 + 60
-    assert [g["files"] for g in m.sources] == [[f"s3://corpus/wiki/shard-{i}.jsonl" for i in range(3)], ["s3://corpus/books/a.txt"]]
+    assert m.counts["docs_in"] == 300 + 60 + (100 + 100 + 100 + 10 + 20)
+    assert m.counts["files_compressed_damaged"] == 1 and m.file_counts == {"s3://corpus/dumps/cut.jsonl.gz": {"files_compressed_damaged": 1}}
+    dumps = [f"s3://corpus/dumps/{n}" for n in ("cut.jsonl.gz", "dump.jsonl.zst", "misnamed.jsonl", "part-0.jsonl.gz")]
+    assert [g["files"] for g in m.sources] == [[f"s3://corpus/wiki/shard-{i}.jsonl" for i in range(3)] + dumps,
+                                               ["s3://corpus/books/a.txt"], ["s3://corpus/dumps/array.json.bz2"]]
     assert m.path.startswith("s3://corpus/prepared/")
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="corpus", Prefix="prepared/")["Contents"]]
     assert any(k.endswith("manifest.json") for k in keys)
@@ -432,8 +466,8 @@ def test_preview_batches_are_exactly_what_rank_0_trained_on(e2e_run, ray_session
     import re
 
     import pyarrow.parquet as pq
-
     from conftest import E2E_OVERRIDES
+
     from jobs import preview_batches
 
     args = ["--config", os.path.join(ROOT, "configs/tiny.yaml"), "--set", f"run.root={e2e_run['root']}"]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import DataSection
-from pipeline.corpus import decoding, formats, readers, sources, worker_tokenizer
+from pipeline.corpus import decoding, formats, ranges, readers, sources, worker_tokenizer
 from pipeline.corpus.packing import clean_document
 
 EXAMPLE = "a post about bert: the [MASK] token, then [SEP] and [CLS] and even [PAD] appear in this text."
@@ -99,7 +99,7 @@ def test_a_json_array_is_read_whole(body):
     assert formats.json_layout(body.encode()[:40], whole=False, text_field="text") == "json", "cut by the probe"
     docs, counts = decoding.decode_file(body.encode(), fmt="json", separator="line", text_field="text", errors="replace")
     assert docs == [r["text"] for r in RECORDS] and counts == {}
-    assert not decoding.splittable("json", "line"), "a byte range would cut the array"
+    assert not ranges.splittable("json", "line"), "a byte range would cut the array"
 
 
 def test_json_arrays_of_strings_and_bad_items_and_bad_files_are_counted():
@@ -148,7 +148,7 @@ def test_resolve_sorts_json_arrays_from_json_lines(tmp_path):
     cfg = DataSection(sources=["unused"])
     for name in ("a.json", "b.json"):
         path, size = str(tmp_path / name), os.path.getsize(tmp_path / name)
-        rows = readers.read_ranges({"path": [path], "start": [0], "end": [size], "size": [size]}, fmt="json", cfg=cfg, fs=None)
+        (rows,) = readers.read_ranges({"path": [path], "start": [0], "end": [size], "size": [size]}, fmt="json", cfg=cfg, fs=None)
         assert list(rows["text"]) == [r["text"] for r in RECORDS], name
 
 
@@ -168,9 +168,9 @@ def test_utf16_and_utf32_with_a_byte_order_mark_read_like_utf8(tmp_path, encodin
     # Byte ranges: a wide file cannot be cut at byte offsets; its first range reads it whole, the others nothing.
     path = tmp_path / "wide.txt"
     path.write_bytes(wide)
-    ranges = [decoding.read_range(str(path), a, b, len(wide), fs=None, fmt=fmt, separator=separator, text_field="text",
-                                  errors="replace") for a, b in decoding.byte_ranges(len(wide), 7)]
-    assert ranges[0] == utf8 and all(r == ([], {}) for r in ranges[1:])
+    parts = [ranges.read_range(str(path), a, b, len(wide), fs=None, fmt=fmt, separator=separator, text_field="text",
+                               errors="replace") for a, b in ranges.byte_ranges(len(wide), 7)]
+    assert parts[0] == utf8 and all(r == ([], {}) for r in parts[1:])
 
 
 def test_a_bad_utf16_unit_costs_only_its_document():
@@ -201,8 +201,8 @@ def test_old_mac_cr_line_ends_split_lines_and_blocks(tmp_path):
     assert len(whole[0]) == 600
     for chunk in (1, 5, 100, 4000):
         docs = []
-        for a, b in decoding.byte_ranges(len(mixed), chunk):
-            docs += decoding.read_range(str(tmp_path / "mixed.txt"), a, b, len(mixed), fs=None, fmt="text", separator="line",
+        for a, b in ranges.byte_ranges(len(mixed), chunk):
+            docs += ranges.read_range(str(tmp_path / "mixed.txt"), a, b, len(mixed), fs=None, fmt="text", separator="line",
                                         text_field="text", errors="replace")[0]
         assert docs == whole[0], chunk
     # A long CR-ended line is cut on its own, not together with its neighbours.
@@ -223,8 +223,9 @@ def test_each_file_that_loses_data_is_named_in_one_warning(tmp_path, hf_tokenize
         (tmp_path / name).write_bytes(body)
         paths.append(str(tmp_path / name))
     cfg = DataSection(sources=["unused"], max_line_chars=200)
-    rows = [readers.read_ranges({"path": [p], "start": [0], "end": [os.path.getsize(p)], "size": [os.path.getsize(p)]},
-                             fmt="jsonl" if p.endswith(".jsonl") else "text", cfg=cfg, fs=None) for p in paths]
+    rows = [block for p in paths for block in readers.read_ranges(
+        {"path": [p], "start": [0], "end": [os.path.getsize(p)], "size": [os.path.getsize(p)]},
+        fmt="jsonl" if p.endswith(".jsonl") else "text", cfg=cfg, fs=None)]
     batch = {k: np.concatenate([r[k] for r in rows]) for k in ("text", "event", "n", "file")}
     out = list(readers.tokenize_and_pack(batch, tokenizer=worker_tokenizer.WorkerTokenizer.of(hf_tokenizer), cfg=cfg))
     totals, _, by_file = readers.sum_stats([out[-1]["stats"][0]], len(hf_tokenizer))

@@ -58,7 +58,8 @@ class DataSection:
 
     # Paths, globs, folders, s3:// URIs, hub:NAME (a Hub dataset) or package:NAME (a corpus shipped in a package)
     sources: Annotated[list[str], PATH] = field(default_factory=lambda: ["package:rotten_tomatoes"])
-    # auto (by file extension) | text | jsonl | parquet | hf_disk (a datasets.save_to_disk folder).
+    # auto (by file extension, after a .gz/.bz2/.xz/.zst suffix) | text | jsonl | parquet | hf_disk (a
+    # datasets.save_to_disk folder). Compressed files (gzip, bz2, xz, zstd) are read by their magic bytes.
     # A source "hub:NAME" is a Hub dataset read with datasets.load_dataset (hub_config, split).
     format: str = "auto"
     text_field: str = "text"  # jsonl field, parquet column or datasets column that holds a document's text

@@ -2,6 +2,7 @@
 
 On the driver:
     sources.py      resolve ``data.sources`` (paths, globs, folders, s3://, hub:, package:) into files by format
+    compression.py  gzip, bz2, xz and zstd files, told by their magic bytes: decompressed streams, first bytes
     formats.py      Group (the files of one format), and what is inside them, checked before Ray starts: JSON
                     layout, text field, parquet, datasets files
     corpora.py      the ``package:`` corpora, exported once to jsonl
@@ -9,7 +10,9 @@ On the driver:
     loading.py      train-time loading: the manifest's splits as datasets, held in memory or streamed
     data_context.py Ray Data options scoped to a block (progress bars, order)
 In Ray Data tasks:
-    readers.py      files → documents (decoding.py), then the tokenize-and-pack batch function and its stats rows
+    readers.py      files → documents (ranges.py, decoding.py), then the tokenize-and-pack batch function and its
+                    stats rows
+    ranges.py       a file's bytes: byte ranges of a large file, one decompressed stream of a compressed one
     decoding.py     bytes → documents, counting what is skipped (encodings, line ends, JSON)
     worker_tokenizer.py  the tokenizer the tasks encode with (the driver builds it)
     packing.py      pure batch functions: clean, split by hash, pack into rows (no Ray)

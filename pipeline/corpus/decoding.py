@@ -1,8 +1,9 @@
-"""Corpus decoding: the bytes of one file (or one byte range of it) → documents and the counts of what was skipped.
+"""Corpus decoding: the bytes of one file (or one part of it) → documents and the counts of what was skipped.
 
-What runs where: everything here but :func:`head_text` runs inside Ray Data tasks (readers.py calls
-:func:`read_range` and :func:`decode_value`); the driver resolves and checks the sources first (sources.py and
-formats.py, which read the first bytes of a file with :func:`head_text`). Nothing here raises on bad content: empty or binary
+What runs where: everything here but :func:`head_text` runs inside Ray Data tasks (ranges.py reads a file's bytes,
+a byte range or a decompressed part, and hands them to :func:`decode_file` or :func:`decode_records`; readers.py
+calls :func:`decode_value`); the driver resolves and checks the sources first (sources.py and formats.py, which
+read the first bytes of a file with :func:`head_text`). Nothing here raises on bad content: empty or binary
 files, undecodable bytes and bad JSON are counted skips, decided per file in :func:`decode_file`, so that one bad
 file never fails a long run.
 
@@ -16,12 +17,11 @@ import codecs
 import json
 import re
 
-from pipeline import storage
-
 _BLANK_LINE = re.compile(rb"\n(?:[ \t\f\v]*\n)+")
 _LINE_END = re.compile(rb"\r\n?")  # CRLF and old-Mac CR, normalised to LF before splitting
 _SURROGATE = re.compile("[\ud800-\udfff]")  # undecodable bytes (surrogateescape) or a lone \\uD800 escape in JSON
 BINARY_PROBE = 8192  # a NUL byte in a file's first 8 KiB marks it binary (unless a UTF-16/32 byte-order mark leads)
+BOM = b"\xef\xbb\xbf"  # UTF-8's byte-order mark, dropped from the start of a file
 
 
 # ---- decoding (Ray Data tasks) -----------------------------------------------------------------------
@@ -40,7 +40,7 @@ def decode_file(data: bytes, *, fmt: str, separator: str, text_field: str, error
         data = to_utf8(data[bom:], encoding)
     elif b"\x00" in data[:BINARY_PROBE]:
         return [], {"files_binary": 1}
-    if data.startswith(_BOM):
+    if data.startswith(BOM):
         data = data[3:]
     if not data.strip():
         return [], {"files_empty": 1}
@@ -214,6 +214,24 @@ def _split_unicode_breaks(texts: list[str], separator: str) -> list[str]:
     return out
 
 
+def complete_records(data: bytes, *, fmt: str, separator: str) -> bytes:
+    """The start of a file cut at damage, down to the records that end before the cut: the lines before the last
+    line end, the blocks before the last blank line (``blank_line`` text), nothing of a JSON array. UTF-16/32 (a
+    byte-order mark) is transcoded to UTF-8 first, and line ends become LF."""
+    encoding, bom = wide_encoding(data)
+    if encoding:
+        data = to_utf8(data[bom:], encoding)
+    if fmt == "json":
+        return b""
+    data = _LINE_END.sub(b"\n", data)
+    if fmt == "text" and separator == "blank_line":
+        last = None
+        for last in _BLANK_LINE.finditer(data):
+            pass
+        return data[:last.start()] if last else b""
+    return data[:data.rfind(b"\n") + 1]
+
+
 def record_texts(records: list, *, text_field: str, errors: str, counts: dict[str, int]) -> list[str]:
     """The texts of parsed JSON records (an object's ``text_field``, or a string); adds the bad ones to ``counts``.
 
@@ -269,71 +287,7 @@ def head_text(head: bytes) -> str:
     encoding, bom = wide_encoding(head)
     if encoding:
         return head[bom:].decode(encoding, errors="replace")
-    return head.removeprefix(_BOM).decode("utf-8", errors="replace")
-
-
-# ---- byte ranges: a large line-separated file is read by several tasks ---------------------------------
-def splittable(fmt: str, separator: str) -> bool:
-    """Files of one record per line can be cut at any newline; blank-line blocks and JSON arrays are read whole."""
-    return fmt == "jsonl" or (fmt == "text" and separator == "line")
-
-
-def byte_ranges(size: int, chunk: int) -> list[tuple[int, int]]:
-    """[start, end) ranges that cover a file of ``size`` bytes, ``chunk`` bytes each (one for an empty file)."""
-    return [(s, min(s + chunk, size)) for s in range(0, size, chunk)] or [(0, 0)]
-
-
-def read_range(path: str, start: int, end: int, size: int, *, fs, fmt: str, separator: str, text_field: str,
-               errors: str) -> tuple[list[str], dict[str, int]]:
-    """The documents of the lines that *start* in bytes [start, end) of a file, and their counts.
-
-    A line belongs to the range in which it starts (it may run past ``end``), so the ranges of a file together
-    read every line exactly once, whatever the cut points. A range of the whole file is :func:`decode_file`.
-    A binary file is skipped by every range and counted by the first; the first range strips a UTF-8 BOM, and
-    reads a UTF-16/32 file (a byte-order mark) whole while the others read nothing. Lines end in LF, CRLF or CR;
-    a range is cut after an LF, so a file of CR-only line ends is read by its first range.
-    ``fs`` is the pyarrow filesystem built on the driver (None for local paths).
-    """
-    with _open(path, fs) as f:
-        if start == 0 and end >= size:
-            return decode_file(f.read(), fmt=fmt, separator=separator, text_field=text_field, errors=errors)
-        head = f.read(BINARY_PROBE)
-        if wide_encoding(head)[0]:  # UTF-16/32 cannot be cut at a byte offset: the first range reads it whole
-            if start:
-                return [], {}
-            f.seek(0)
-            return decode_file(f.read(), fmt=fmt, separator=separator, text_field=text_field, errors=errors)
-        if b"\x00" in head:
-            return [], ({"files_binary": 1} if start == 0 else {})
-        begin = 0 if start == 0 else _next_newline(f, start - 1, size) + 1
-        if begin >= end:
-            return [], {}
-        stop = _next_newline(f, end - 1, size) + 1
-        f.seek(begin)
-        data = f.read(stop - begin)
-    if start == 0 and data.startswith(_BOM):
-        data = data[3:]
-    return decode_records(data, fmt=fmt, separator=separator, text_field=text_field, errors=errors)
-
-
-_BOM = b"\xef\xbb\xbf"
-_SCAN = 1 << 20
-
-
-def _open(path: str, fs):
-    return fs.open_input_file(storage.fs_path(path)) if fs is not None else open(path, "rb")
-
-
-def _next_newline(f, offset: int, size: int) -> int:
-    """The position of the first newline at or after ``offset`` (``size`` - 1 when there is none)."""
-    while offset < size:
-        f.seek(offset)
-        buf = f.read(min(_SCAN, size - offset))
-        i = buf.find(b"\n")
-        if i >= 0:
-            return offset + i
-        offset += len(buf)
-    return size - 1
+    return head.removeprefix(BOM).decode("utf-8", errors="replace")
 
 
 def decode_value(value, errors: str) -> tuple[str | None, str | None]:

@@ -6,8 +6,12 @@
   several values one after another (:func:`json_layout`, from each file's first JSON_PROBE bytes).
 - The text field or column (:func:`check_field`: present, and a string column in parquet and Arrow files), and
   parquet's magic bytes (:func:`drop_empty_parquet`, which also sets 0-byte parquet files aside).
+- What a file of no known format holds (:func:`content_kind`: text, parquet or neither), so that an error advises
+  only a fix that reads it.
 - The Arrow files of a ``datasets`` ``save_to_disk`` folder (:func:`is_saved_dataset`,
   :func:`saved_dataset_arrow_files`) and of a Hub dataset's cache (:func:`hub_arrow_files`).
+
+Compressed files (compression.py) are looked into decompressed, whatever their names.
 
 Each problem is one ValueError that names the file and the fix; decoding.py judges the rest inside the tasks.
 """
@@ -20,7 +24,7 @@ from dataclasses import dataclass, field
 
 from pipeline import storage
 from pipeline.config import DataSection
-from pipeline.corpus import decoding
+from pipeline.corpus import compression, decoding
 
 JSON_PROBE = 1 << 16  # bytes of a .json file the driver reads to tell JSON Lines from one JSON document
 
@@ -39,13 +43,12 @@ class Group:
 def json_arrays(paths: list[str], text_field: str) -> list[str]:
     """The .json files among ``paths`` that are one JSON array; raise one ValueError naming every .json file that
     is a single JSON document of another shape. Reads the first JSON_PROBE bytes of each (in parallel, for S3)."""
-    named = [p for p in paths if p.lower().endswith(".json")]
+    named = [p for p in paths if compression.inner_name(p).lower().endswith(".json")]
     if not named:
         return []
 
     def head(path: str) -> bytes:
-        with storage.open_input(path) as f:
-            return f.read(JSON_PROBE + 1)
+        return compression.read_head(path, JSON_PROBE + 1)
 
     with ThreadPoolExecutor(min(16, len(named))) as pool:
         heads = list(pool.map(head, named))
@@ -170,15 +173,14 @@ def check_field(group: Group, text_field: str) -> None:
     else:  # jsonl: the first record that parses
         names = None
         for p in group.paths[:20]:
-            with storage.open_input(p) as f:
-                for line in decoding.head_text(f.read(1 << 20)).splitlines()[:100]:
-                    try:
-                        record = decoding.loads(line)
-                    except ValueError:
-                        continue
-                    if isinstance(record, dict):
-                        names = list(record)
-                        break
+            for line in decoding.head_text(compression.read_head(p, 1 << 20)).splitlines()[:100]:
+                try:
+                    record = decoding.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict):
+                    names = list(record)
+                    break
             if names is not None:
                 break
         if names is None:
@@ -206,8 +208,26 @@ def drop_empty_parquet(group: Group) -> None:
         if head != b"PAR1" or tail != b"PAR1":
             bad.append(p)
     if bad:
+        kinds = {content_kind(p) for p in bad[:20]}
+        fix = ("they hold text: name them for what they hold (.txt, .jsonl, .jsonl.gz, …) or set data.format"
+               if kinds == {"text"} else "they are compressed parquet: decompress them (parquet compresses inside "
+               "the file)" if kinds == {"parquet"} else "check the files: they hold neither parquet nor text")
         raise ValueError(f"data.sources: not parquet files (no PAR1 magic bytes): {', '.join(bad[:3])}"
-                         f"{'…' if len(bad) > 3 else ''}: check the files, or data.format if they are not parquet")
+                         f"{'…' if len(bad) > 3 else ''}: {fix}")
+
+
+def content_kind(path: str) -> str:
+    """What a local or S3 file holds, from its first bytes (decompressed: compression.read_head): "parquet" (PAR1),
+    "text" (no NUL byte in the first 8 KiB, or a UTF-16/32 byte-order mark; an empty file too), else "binary"
+    (an image, an archive, a document format): what data.format cannot read. A file that cannot be read is
+    taken for text: the readers will say what is wrong with it."""
+    try:
+        head = compression.read_head(path, decoding.BINARY_PROBE)
+    except OSError:
+        return "text"
+    if head.startswith(b"PAR1"):
+        return "parquet"
+    return "text" if decoding.wide_encoding(head)[0] or b"\x00" not in head else "binary"
 
 
 # ---- datasets: save_to_disk folders and Hub datasets -------------------------------------------------

@@ -19,7 +19,7 @@ import shutil
 
 from pipeline import storage
 from pipeline.config import DataSection
-from pipeline.corpus import data_context, formats, sources
+from pipeline.corpus import compression, data_context, formats, sources
 from pipeline.records import Manifest, SplitInfo
 from pipeline.corpus.readers import STAT_KEYS, file_warnings, read_group, sum_stats, tokenize_and_pack
 from pipeline.corpus.sink import SPLITS, PackedSink
@@ -86,6 +86,11 @@ def prepare(cfg: DataSection, *, data_dir: str, run_root: str, tokenizer_path: s
     except ValueError as e:  # damaged (written last: the shards beside it are from an interrupted attempt) or old
         print(f"[distil] prepare: {e}; preparing again", flush=True)
         cached = None
+    if cached and (unread := compressed_skips(cached)):
+        print(f"[distil] prepare: note: {unread[0]}{f' and {len(unread) - 1} more' if len(unread) > 1 else ''} "
+              "were skipped as binary when this corpus was prepared, and are compressed files, which are read now: "
+              "preparing again", flush=True)
+        cached = None
     if cached:
         for line in file_warnings(cached.file_counts, cfg):  # the data is still missing: say so again
             print(f"[distil] prepare: {line}", flush=True)
@@ -117,6 +122,25 @@ def prepare(cfg: DataSection, *, data_dir: str, run_root: str, tokenizer_path: s
                         counts=counts, file_counts=by_file, token_counts=train_counts.tolist(), splits=splits)
     storage.write_json(storage.join(out, MANIFEST), manifest.to_dict())
     return manifest
+
+
+def compressed_skips(manifest: Manifest) -> list[str]:
+    """The files a manifest counts as binary that are compressed (gzip, bz2, xz, zstd magic bytes), when it was
+    written before compressed files were read (its counts lack ``files_compressed_damaged``): the same cache key
+    would otherwise keep a corpus prepared without them. A file that cannot be opened is left to the readers."""
+    if "files_compressed_damaged" in manifest.counts:
+        return []
+    out = []
+    for file, counts in sorted(manifest.file_counts.items()):
+        if counts.get("files_binary"):
+            try:
+                with storage.open_input(file) as f:
+                    head = f.read(compression.MAGIC_BYTES)
+            except OSError:
+                continue
+            if compression.codec(head):
+                out.append(file)
+    return out
 
 
 def _write_shards(cfg: DataSection, groups: list[formats.Group], stats: dict[str, tuple[int, int]], tokenizer,

@@ -1,8 +1,9 @@
 """The prepare stage's Ray Data tasks: readers that turn files into documents, and the tokenize-and-pack batch
 function with the stats rows it emits.
 
-The readers (:func:`read_group` wires them on the driver) decode bytes with decoding.py; :func:`tokenize_and_pack`
-cleans, splits, encodes (worker_tokenizer.py) and packs (packing.py) one block at a time. Both count what they skip
+The readers (:func:`read_group` wires them on the driver) read bytes with ranges.py (byte ranges, compressed
+streams) and decode them with decoding.py; :func:`tokenize_and_pack` cleans, splits, encodes (worker_tokenizer.py)
+and packs (packing.py) one block at a time. Both count what they skip
 or change, by reason and by file; the driver adds the counts up (:func:`sum_stats`) into the manifest and names each
 file that lost data (:func:`file_warnings`).
 """
@@ -15,7 +16,7 @@ import numpy as np
 
 from pipeline import storage
 from pipeline.config import DataSection
-from pipeline.corpus import decoding, formats, packing
+from pipeline.corpus import compression, decoding, formats, packing, ranges
 from pipeline.corpus.sink import SPLITS
 from pipeline.corpus.worker_tokenizer import WorkerTokenizer
 
@@ -44,19 +45,15 @@ def _capped(docs: list[str], max_line_chars: int) -> tuple[list[str], int]:
     return out, capped
 
 
-def read_ranges(batch: dict[str, np.ndarray], *, fmt: str, cfg: DataSection, fs) -> dict[str, np.ndarray]:
-    """Byte ranges of text, jsonl or json files → documents (see decoding.read_range)."""
-    docs, events = [], {}
+def read_ranges(batch: dict[str, np.ndarray], *, fmt: str, cfg: DataSection, fs):
+    """Byte ranges of text, jsonl or json files → blocks of document rows, one per part that ranges.read_parts
+    reads (a compressed file yields several, so that it never sits whole in one block)."""
     for path, start, end, size in zip(batch["path"], batch["start"], batch["end"], batch["size"]):
-        file = f"s3://{path}" if fs is not None else str(path)
-        d, c = decoding.read_range(str(path), int(start), int(end), int(size), fs=fs, fmt=fmt, separator=cfg.text_separator,
-                                   text_field=cfg.text_field, errors=cfg.decode_errors)
-        d, c["lines_capped"] = _capped(d, cfg.max_line_chars)
-        docs.extend(d)
-        for k, v in c.items():
-            if v:
-                events[k, file] = events.get((k, file), 0) + v
-    return _rows(docs, events)
+        file = str(path)  # as the group lists it: a local path or an s3:// URI
+        for d, c in ranges.read_parts(file, int(start), int(end), int(size), fs=fs, fmt=fmt,
+                                      separator=cfg.text_separator, text_field=cfg.text_field, errors=cfg.decode_errors):
+            d, c["lines_capped"] = _capped(d, cfg.max_line_chars)
+            yield _rows(d, {(k, file): v for k, v in c.items() if v})
 
 
 def decode_column(batch: dict[str, np.ndarray], *, cfg: DataSection, file: str = "", scheme: str = "") -> dict[str, np.ndarray]:
@@ -103,14 +100,16 @@ def read_group(group: formats.Group, cfg: DataSection, sizes: list[int]):
     if group.format in ("text", "jsonl", "json"):
         # Raw bytes, decoded by our own code: a bad byte, a binary file or a bad JSON line is a counted skip
         # instead of a reader exception deep inside a Ray task. A file of one record per line larger than
-        # data.read_chunk_mb is cut into byte ranges, each read by its own task; a JSON array is read whole.
+        # data.read_chunk_mb is cut into byte ranges, each read by its own task; a JSON array is read whole, and
+        # so is a compressed file (one range when its name says so; by another name, its first range reads it).
         chunk = max(1, int(cfg.read_chunk_mb * 2**20))
-        split = decoding.splittable(group.format, cfg.text_separator)
+        split = ranges.splittable(group.format, cfg.text_separator)
         items = [{"path": p, "start": a, "end": b, "size": size}
                  for p, size in zip(group.paths, sizes)
-                 for a, b in (decoding.byte_ranges(size, chunk) if split else [(0, size)])]
-        ranges = ray.data.from_items(items, override_num_blocks=len(items))  # one range per block, so per task
-        return ranges.map_batches(read_ranges, batch_size=1, fn_kwargs={"fmt": group.format, "cfg": cfg, "fs": fs})
+                 for a, b in (ranges.byte_ranges(size, chunk) if split and not compression.named_compressed(p)
+                              else [(0, size)])]
+        blocks = ray.data.from_items(items, override_num_blocks=len(items))  # one range per block, so per task
+        return blocks.map_batches(read_ranges, batch_size=1, fn_kwargs={"fmt": group.format, "cfg": cfg, "fs": fs})
     if group.format == "parquet":
         # include_paths: a "path" column, so that a skip or a cut line is counted against its file.
         ds = ray.data.read_parquet(paths, columns=[cfg.text_field], filesystem=fs, include_paths=cfg.text_field != "path")
@@ -186,12 +185,12 @@ def _tokenize_and_pack(batch, tokenizer: WorkerTokenizer, cfg: DataSection, coun
 
 
 # Every count the manifest reports, by reason. Documents: read, empty after cleaning, lines cut to
-# data.max_line_chars. Skips: empty and binary files, documents with undecodable bytes (replaced or skipped),
-# bad JSON lines, JSON-array files that do not parse, records without the text field. Packed rows dropped: too
-# short, too many [UNK].
-STAT_KEYS = ("docs_in", "docs_empty", "lines_capped", "files_empty", "files_binary", "docs_undecodable_replaced",
-             "docs_undecodable_skipped", "lines_bad_json", "files_bad_json", "records_missing_field",
-             "seq_dropped_short_sequence", "seq_dropped_unk_heavy")
+# data.max_line_chars. Skips: empty and binary files, compressed files cut short or damaged (what came before the
+# damage is read), documents with undecodable bytes (replaced or skipped), bad JSON lines, JSON-array files that
+# do not parse, records without the text field. Packed rows dropped: too short, too many [UNK].
+STAT_KEYS = ("docs_in", "docs_empty", "lines_capped", "files_empty", "files_binary", "files_compressed_damaged",
+             "docs_undecodable_replaced", "docs_undecodable_skipped", "lines_bad_json", "files_bad_json",
+             "records_missing_field", "seq_dropped_short_sequence", "seq_dropped_unk_heavy")
 
 
 def _stats_row(counts: dict[str, int], by_file: dict[str, dict[str, int]], token_ids: np.ndarray, token_counts: np.ndarray,
@@ -229,6 +228,8 @@ def sum_stats(payloads, vocab_size: int) -> tuple[dict[str, int], np.ndarray, di
 _LOSSES = {
     "files_binary": "skipped as binary (a NUL byte in its first 8 KiB and no UTF-16/32 byte-order mark)",
     "files_empty": "empty: nothing read",
+    "files_compressed_damaged": ("compressed data cut short or damaged: the complete records before the damage were "
+                                 "read, the rest of the file is lost (download it again)"),
     "files_bad_json": "parses neither as one JSON array nor as JSON Lines: skipped",
     "lines_bad_json": "{n} JSON line{s} or array item{s} that did not parse (bad JSON, or nested too deep) skipped",
     "records_missing_field": "{n} record{s} without a string {field!r} (or null values) skipped",

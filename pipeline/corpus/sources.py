@@ -8,11 +8,14 @@ A source in ``data.sources`` is one of:
 - ``hub:NAME``: a Hub dataset, loaded with ``datasets.load_dataset(NAME, data.hub_config, split=data.split)``;
 - ``package:NAME``: a corpus shipped inside an installed package (corpora.py).
 
-A path that exists as named is read as that path, whatever characters it holds (``corpus [v2]/a.txt``); it is
-a glob only when nothing has that exact name (:func:`plan_path`).
+A file's format is its extension, after a compression suffix (``part-0.jsonl.gz`` is JSON Lines); a compressed
+file is read by its magic bytes whatever its name (compression.py). A path that exists as named is read as that
+path, whatever characters it holds (``corpus [v2]/a.txt``); it is a glob only when nothing has that exact name
+(:func:`plan_path`).
 
 Everything that can be checked before Ray starts is checked here or in formats.py, with one clear error per
-problem: a missing path, a glob that matches nothing, an unreadable bucket, a file type we cannot read, a missing
+problem: a missing path, a glob that matches nothing, an unreadable bucket, a file type we cannot read (the
+advice depends on what it holds: :func:`_unknown_files`), a compressed parquet file, a missing
 field or column (or a parquet/Arrow text column that is not a string), a ``.json`` file that is one JSON document
 but not an array of records, a FIFO, socket or device (:func:`_regular`), a ``save_to_disk`` folder with a broken
 marker file. Folders: see :func:`walk_folder` (symlinks followed once, ``.``/``_`` names skipped). Problems inside
@@ -28,10 +31,11 @@ import glob
 import os
 import re
 import stat
+from concurrent.futures import ThreadPoolExecutor
 
 from pipeline import storage
 from pipeline.config import DataSection
-from pipeline.corpus import corpora, formats
+from pipeline.corpus import compression, corpora, formats
 from pipeline.corpus.formats import Group
 
 # A .json file is JSON Lines unless it is one JSON array ("json", read whole by one task): see formats.json_layout.
@@ -230,20 +234,52 @@ def _by_format(paths: list[str], cfg: DataSection, src: str) -> dict[str, list[s
     if cfg.format not in ("auto", "hf_disk"):
         out = {cfg.format: paths}
     else:
-        out, unknown = {}, []
+        out, unknown, packed = {}, [], []
         for p in paths:
-            fmt = EXTENSIONS.get(os.path.splitext(p)[1].lower())
+            inner = compression.inner_name(p)
+            fmt = EXTENSIONS.get(os.path.splitext(inner)[1].lower())
             if fmt is None:
                 unknown.append(p)
+            elif fmt == "parquet" and inner != p:
+                packed.append(p)
             else:
                 out.setdefault(fmt, []).append(p)
-        if unknown:
-            raise ValueError(
-                f"data.sources: {src!r} holds files of unknown type ({', '.join(os.path.basename(u) for u in unknown[:3])}"
-                f"{'…' if len(unknown) > 3 else ''}): name them .txt/.jsonl/.json/.parquet, narrow the glob, or set data.format"
-            )
+        problems = [_unknown_files(unknown, src)] if unknown else []
+        if packed:
+            problems.append(f"data.sources: {src!r} holds compressed parquet files ({_names(packed)}): decompress them "
+                            "(parquet compresses inside the file, and its reader needs the file as it is)")
+        if problems:
+            raise ValueError("\n".join(problems))
     arrays = formats.json_arrays(out.get("jsonl", []), cfg.text_field)
     if arrays:
         out["jsonl"] = [p for p in out["jsonl"] if p not in arrays]
         out["json"] = arrays
     return {fmt: ps for fmt, ps in out.items() if ps}
+
+
+LOOKED_INTO = 100  # files of unknown type whose content an error looks into (S3: one request each)
+
+
+def _unknown_files(unknown: list[str], src: str) -> str:
+    """The error for files of no known extension, advising what reads them: a name, or ``data.format``, for files
+    that hold text or parquet; for the others (images, archives), leaving them out, since data.format would read
+    them as binary and skip them."""
+    looked = unknown[:LOOKED_INTO]
+    with ThreadPoolExecutor(min(16, len(looked))) as pool:
+        kinds = list(pool.map(formats.content_kind, looked))
+    readable = [p for p, k in zip(looked, kinds) if k != "binary"] + unknown[LOOKED_INTO:]
+    binary = [p for p, k in zip(looked, kinds) if k == "binary"]
+    lines = []
+    if readable:
+        lines.append(f"data.sources: {src!r} holds files of unknown type ({_names(readable)}): name them for what "
+                     "they hold (.txt, .jsonl, .json, .parquet; compressed too, .jsonl.gz, .txt.zst, …), narrow the "
+                     "glob, or set data.format to read every file of the source as that format")
+    if binary:
+        lines.append(f"data.sources: {src!r} holds files that are neither text nor parquet ({_names(binary)}): leave "
+                     "them out (move them, or narrow the glob); compressed text is read, gzip, bz2, xz or zstd")
+    return "\n".join(lines)
+
+
+def _names(paths: list[str]) -> str:
+    more = f", and {len(paths) - 3} more" if len(paths) > 3 else ""
+    return ", ".join(os.path.basename(p) for p in paths[:3]) + more
