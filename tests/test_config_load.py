@@ -177,7 +177,7 @@ def test_an_unset_variable_in_a_path_is_one_line_naming_it_and_the_key(tmp_path,
     assert lines[1].startswith("data.output: the environment variable EMPTY in '$EMPTY/out' is empty")
     assert lines[2].startswith("teacher.source: '~no-such-user-here/bert' starts with ~no-such-user-here, and this "
                                "machine has no user")
-    assert lines[3].startswith("evaluate.glue_dir: '${NOPE:-/glue}' in '${NOPE:-/glue}' is not a variable: write ${NAME}")
+    assert lines[3].startswith("evaluate.glue_dir: '${NOPE:-/glue}' is not a variable: write ${NAME}")
     assert not list(tmp_path.glob("$*")) and not (tmp_path / "runs").exists()
     cfg = load_config(p, ["run.root=/tmp/a$$b/price$.txt"])  # $$ is a literal $; a $ before no name stays
     assert cfg.run.root == "/tmp/a$b/price$.txt"

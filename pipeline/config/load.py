@@ -124,7 +124,8 @@ def _expand(text: str, key: str, problems: list[str]) -> str:
         braced = m.group("braced")
         name = m.group("name") if braced is None else braced
         if braced is not None and not (m.group(0).endswith("}") and _NAME.fullmatch(braced)):
-            problems.append(f"{key}: {m.group(0)!r} in {written!r} is not a variable: write ${{NAME}} or $NAME "
+            where = f" in {written!r}" if m.group(0) != written else ""
+            problems.append(f"{key}: {m.group(0)!r}{where} is not a variable: write ${{NAME}} or $NAME "
                             "(letters, digits and _; no defaults such as ${NAME:-x}), or $$ for a literal $")
             return m.group(0)
         value = os.environ.get(name)
