@@ -540,9 +540,9 @@ def test_table1_medians_ranges_macro_and_retention():
              {"model": "trial-x", "task": "rt", "seed": 0, "scores": {"score": 0.0}}]
     t1 = report.table1(_results(noise), _models(), ["rt", "mrpc"])
     teacher, student = t1["rows"]
-    assert teacher["tasks"]["rt"] == pytest.approx({"median": 0.82, "min": 0.80, "max": 0.84, "seeds": 3})
-    assert teacher["tasks"]["mrpc"] == pytest.approx({"median": 0.70, "min": 0.60, "max": 0.75, "seeds": 3})
-    assert student["tasks"]["mrpc"] == pytest.approx({"median": 0.66, "min": 0.50, "max": 0.68, "seeds": 3})
+    assert teacher["tasks"]["rt"] == pytest.approx({"median": 0.82, "min": 0.80, "max": 0.84, "seeds": 3, "at_chance": False})
+    assert teacher["tasks"]["mrpc"] == pytest.approx({"median": 0.70, "min": 0.60, "max": 0.75, "seeds": 3, "at_chance": False})
+    assert student["tasks"]["mrpc"] == pytest.approx({"median": 0.66, "min": 0.50, "max": 0.68, "seeds": 3, "at_chance": False})
     assert teacher["macro"] == pytest.approx((0.82 + 0.70) / 2) and student["macro"] == pytest.approx((0.76 + 0.66) / 2)
     assert teacher["retention"] == pytest.approx(100.0)
     assert student["retention"] == pytest.approx(100 * 0.71 / 0.76)  # 93.42 %
@@ -550,6 +550,32 @@ def test_table1_medians_ranges_macro_and_retention():
     assert md.startswith("Table 1: dev scores ×100, median over seeds (min–max)\n")
     assert "| teacher | 82.0 (80.0–84.0) | 70.0 (60.0–75.0) | 76.0 | 100.0 % |" in md
     assert "| distill | 76.0 (74.0–78.0) | 66.0 (50.0–68.0) | 71.0 | 93.4 % |" in md
+
+
+def test_chance_level_is_two_binomial_standard_errors_above_the_majority_class():
+    assert report.chance_level(0.578, 400) == pytest.approx(0.578 + 2 * (0.578 * 0.422 / 400) ** 0.5)  # 0.6274
+    assert report.chance_level(0.5, 10_000) == pytest.approx(0.51)
+    assert report.chance_level(0.0, 50) == 0.0  # MCC's or a regression's constant guess: any signal is above it
+
+
+def test_table1_claims_no_retention_from_a_teacher_at_chance():
+    # the demo's old teacher: 61.8 on a 400-example dev set whose majority class is 57.8 %
+    results = [{"model": "teacher", "task": "rt", "seed": 0, "scores": {"score": 0.618}},
+               {"model": "distill", "task": "rt", "seed": 0, "scores": {"score": 0.608}}]
+    chance = {"rt": report.chance_level(0.578, 400)}
+    t1 = report.table1(results, _models(), ["rt"], chance)
+    assert t1["teacher_at_chance"] and [r["retention"] for r in t1["rows"]] == [None, None]
+    md = report.table1_markdown(t1)
+    assert "| teacher | 61.8 ≈ chance | 61.8 | — |" in md and "no retention is claimed" in md
+    # a teacher clear of chance keeps its retention; a student at chance is marked but still has a ratio
+    results[0]["scores"]["score"] = 0.80
+    t1 = report.table1(results, _models(), ["rt"], chance)
+    assert not t1["teacher_at_chance"] and t1["rows"][1]["retention"] == pytest.approx(76.0)
+    md = report.table1_markdown(t1)
+    assert "| distill | 60.8 ≈ chance | 60.8 | 76.0 % |" in md and "no retention is claimed" not in md
+    assert "within two standard errors" in md
+    # without chance levels nothing is judged
+    assert not report.table1(results, _models(), ["rt"])["rows"][1]["tasks"]["rt"]["at_chance"]
 
 
 def test_table1_without_a_task_or_a_teacher():

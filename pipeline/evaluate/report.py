@@ -9,15 +9,28 @@ BERT-base, 410 s for DistilBERT), teacher and student, with the ratios.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 
 from pipeline import glue_metrics as metrics
 
 
-def table1(results: list[dict], models: list, tasks: list[str]) -> dict:
-    """{"tasks": [...], "rows": [{model, source, is_teacher, tasks: {task: {median, min, max, seeds}}, macro,
-    retention}]}; retention (in %) against the teacher's macro, None without a teacher row."""
+def chance_level(baseline: float, dev_size: int) -> float:
+    """The score below which a model is indistinguishable from always answering the majority class: the baseline
+    plus two binomial standard errors of a share measured on ``dev_size`` examples, 2·sqrt(b(1−b)/n) (for 400
+    examples and b = 0.58, about +0.05). A heuristic for accuracy-like scores in [0, 1]; ``baseline`` as
+    majority_baseline returns it."""
+    b = min(max(baseline, 0.0), 1.0)
+    return baseline + 2 * math.sqrt(b * (1 - b) / max(dev_size, 1))
+
+
+def table1(results: list[dict], models: list, tasks: list[str], chance: dict[str, float] | None = None) -> dict:
+    """{"tasks": [...], "rows": [{model, source, is_teacher, tasks: {task: {median, min, max, seeds, at_chance}},
+    macro, retention, at_chance}], "teacher_at_chance"}; retention (in %) against the teacher's macro, None without
+    a teacher row and None when the teacher scores at chance on every task (``chance``: {task: chance_level},
+    None: not judged), since a ratio of two chance scores says nothing."""
+    chance = chance or {}
     rows = []
     for m in models:
         per_task = {}
@@ -25,13 +38,18 @@ def table1(results: list[dict], models: list, tasks: list[str]) -> dict:
             values = [r["scores"]["score"] for r in results if r["model"] == m.key and r["task"] == t and "score" in r["scores"]]
             if values:
                 med, lo, hi = metrics.median_and_range(values)
-                per_task[t] = {"median": med, "min": lo, "max": hi, "seeds": len(values)}
+                per_task[t] = {"median": med, "min": lo, "max": hi, "seeds": len(values),
+                               "at_chance": t in chance and med <= chance[t]}
         macro = metrics.macro({t: v["median"] for t, v in per_task.items()}) if len(per_task) == len(tasks) else None
-        rows.append({"model": m.key, "source": m.source, "is_teacher": m.is_teacher, "tasks": per_task, "macro": macro})
+        at_chance = bool(per_task) and all(v["at_chance"] for v in per_task.values())
+        rows.append({"model": m.key, "source": m.source, "is_teacher": m.is_teacher, "tasks": per_task, "macro": macro,
+                     "at_chance": at_chance})
     teacher = next((r for r in rows if r["is_teacher"] and r["macro"]), None)
+    teacher_at_chance = bool(teacher and teacher["at_chance"])
     for r in rows:
-        r["retention"] = 100 * r["macro"] / teacher["macro"] if teacher and r["macro"] is not None else None
-    return {"tasks": tasks, "rows": rows}
+        r["retention"] = (100 * r["macro"] / teacher["macro"] if teacher and not teacher_at_chance and r["macro"] is not None
+                          else None)
+    return {"tasks": tasks, "rows": rows, "teacher_at_chance": teacher_at_chance}
 
 
 def table1_markdown(t1: dict) -> str:
@@ -45,12 +63,18 @@ def table1_markdown(t1: dict) -> str:
         cells = []
         for t in t1["tasks"]:
             v = r["tasks"].get(t)
-            cells.append("—" if v is None else f"{100 * v['median']:.1f} ({100 * v['min']:.1f}–{100 * v['max']:.1f})"
-                         if v["seeds"] > 1 else f"{100 * v['median']:.1f}")
+            cell = ("—" if v is None else f"{100 * v['median']:.1f} ({100 * v['min']:.1f}–{100 * v['max']:.1f})"
+                    if v["seeds"] > 1 else f"{100 * v['median']:.1f}")
+            cells.append(cell + (" ≈ chance" if v and v.get("at_chance") else ""))
         macro = "—" if r["macro"] is None else f"{100 * r['macro']:.1f}"
         ret = "—" if r["retention"] is None else f"{r['retention']:.1f} %"
         name = _label(r)
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {macro} | {ret} |")
+    if any(v.get("at_chance") for r in t1["rows"] for v in r["tasks"].values()):
+        lines += ["", "≈ chance: within two standard errors of always answering the majority class on this dev set."]
+    if t1.get("teacher_at_chance"):
+        lines.append("The teacher scores at chance on every task, so no retention is claimed: train the teacher "
+                     "longer, or give evaluate.mode: finetune more examples.")
     return "\n".join(lines)
 
 

@@ -145,12 +145,13 @@ def _score(cfg: RunConfig, plan: Plan, *, cluster_cpus: float) -> dict:
     else:
         todo = [units.Unit(model=m, task=t, seed=s, name=f"{name}-{m.key}-{t}-s{s}") for m in chosen for t in data for s in seeds]
         results = units.run_finetune(cfg, todo, tables, data, cluster_cpus=cluster_cpus, out_dir=out_dir)
-    t1 = report.table1(results, chosen, list(data))
+    baselines = {t: report.majority_baseline(d) for t, d in data.items()}
+    chance = {t: report.chance_level(baselines[t], len(d.dev.labels)) for t, d in data.items()}
+    t1 = report.table1(results, chosen, list(data), chance)
     t3 = _table3(cfg, chosen, t1, data)
     markdown = report.table1_markdown(t1) + "\n\n" + report.table3_markdown(t3)
     mlflow.log_text(markdown, "evaluation/tables.md")
     mlflow.log_dict({"table1": t1, "table3": t3, "results": results}, "evaluation/tables.json")
-    baselines = {t: report.majority_baseline(d) for t, d in data.items()}
     mlflow.log_figure(report.scores_figure(t1, baselines), "evaluation/scores.png")
     _log_loss_curves(cfg)
     per_model = _metrics(t1)
