@@ -65,4 +65,4 @@ gpu-bundle: install
 		annotated-types==0.8.0 typing-inspection==0.4.5
 
 clean:
-	rm -rf runs .cache
+	rm -rf runs .cache mlruns mlartifacts  # mlruns, mlartifacts: MLflow's defaults when MLFLOW_TRACKING_URI is unset

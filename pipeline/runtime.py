@@ -97,6 +97,12 @@ def configure_output(*, verbose: bool) -> dict[str, str]:
         os.environ.setdefault(k, v)
     if not sys.stdout.isatty():
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # no colour codes in a log file
+        # Ray colours some lines whatever the output is (the "[repeated 2x across cluster]" note of its log
+        # deduplication): colorama's wrapper strips ANSI codes from a stream that is not a terminal.
+        import ray  # noqa: F401  (Ray ships colorama in its thirdparty_files, which importing Ray puts on sys.path)
+        import colorama
+
+        colorama.init(strip=True)
     if verbose:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
         return env

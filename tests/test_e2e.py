@@ -248,6 +248,7 @@ def test_the_run_prints_progress_lines_and_not_rays_internal_reports(e2e_run):
     for stage in ("teacher", "distill", "sweep trial"):
         assert re.search(rf"\[distil\] {stage}[ \w]* +step +\d+/\d+ \( *\d+%\) \| loss [0-9.]+ .*tok/s \| ETA", log), stage
     assert "Reporting training result" not in log and "TrainingReport(" not in log
+    assert "TensorBoard" not in log and "\x1b[" not in log  # no hint at a command that is not installed; no colour codes
     # The tasks' sizes once, when the evaluate stage loads them (the check before training says only that it checked).
     assert e2e_run["stdout"].count("[distil] evaluate: task rotten_tomatoes:") == 1
 

@@ -37,3 +37,21 @@ def test_a_sweep_saved_before_its_module_moved_restores_with_its_scheduler():
     lines = out.stdout.splitlines()
     assert lines[0] == "without the alias: No module named 'pipeline.sweep'"  # the file does reference the old place
     assert lines[-1] == "a NaN result: STOP"  # ASHA as the old code built it, working: a NaN trial stops at once
+
+
+def test_tunes_tensorboard_hint_only_where_tensorboard_is_installed(monkeypatch):
+    # Tune adds its TensorBoard logger (and prints "To visualize your results with TensorBoard, run: ...") whenever
+    # tensorboardX imports; this stack has tensorboardX but not the tensorboard command.
+    import importlib.util
+    import os
+
+    from pipeline.train import sweep as sweep_lib
+
+    env = sweep_lib.AUTO_LOGGERS_ENV
+    monkeypatch.delenv(env, raising=False)
+    with sweep_lib._tensorboard_hint_only_with_tensorboard():
+        assert os.environ.get(env) == ("1" if importlib.util.find_spec("tensorboard") is None else None)
+    assert env not in os.environ
+    monkeypatch.setenv(env, "0")  # the user's own choice stands
+    with sweep_lib._tensorboard_hint_only_with_tensorboard():
+        assert os.environ[env] == "0"

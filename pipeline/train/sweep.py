@@ -9,8 +9,10 @@ A trial whose metric is not finite (NaN, ±inf) is stopped at once and is never 
 
 from __future__ import annotations
 
-import importlib
+import contextlib
+import importlib.util
 import math
+import os
 import numbers
 import sys
 
@@ -91,6 +93,7 @@ def run(cfg: RunConfig, trial: TrialConfig, *, datasets: dict, cluster_cpus: flo
     """Run the sweep ``trial.sweep_name`` (or restore it); returns one :class:`~pipeline.records.Candidate` per
     trial that finished with a checkpoint, best first."""
     from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     concurrency = max_concurrent_trials(cfg, cluster_cpus)
     # with_parameters puts the datasets in the object store once, for every trial.
@@ -117,10 +120,31 @@ def run(cfg: RunConfig, trial: TrialConfig, *, datasets: dict, cluster_cpus: flo
             # one line says how each trial ended.
             run_config=tune.RunConfig(name=name, storage_path=cfg.storage_path, storage_filesystem=fs,
                                       verbose=runtime.tune_verbosity(),
-                                      callbacks=[progress.trial_end_lines(metric=cfg.sweep.metric, total=cfg.optim.max_steps)]),
+                                      callbacks=[progress.trial_end_lines(metric=cfg.sweep.metric, total=cfg.optim.max_steps),
+                                                 CSVLoggerCallback(), JsonLoggerCallback()]),
         )
-    results = tuner.fit()
+    with _tensorboard_hint_only_with_tensorboard():
+        results = tuner.fit()
     return candidates(results, cfg, run_ids=close_trial_runs(results, cfg, parent_run_id=trial.parent_run_id))
+
+
+@contextlib.contextmanager
+def _tensorboard_hint_only_with_tensorboard():
+    """Tune adds its TensorBoard logger whenever tensorboardX imports (it comes with Ray's dependencies) and then
+    prints "To visualize your results with TensorBoard, run: tensorboard --logdir ..." although the tensorboard
+    command is not installed. Without tensorboard, Tune's automatic loggers are turned off for the fit and its CSV
+    and JSON loggers are added back by hand (the same per-trial files as before, without the hint)."""
+    if importlib.util.find_spec("tensorboard") is not None or os.environ.get(AUTO_LOGGERS_ENV) is not None:
+        yield
+        return
+    os.environ[AUTO_LOGGERS_ENV] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop(AUTO_LOGGERS_ENV, None)
+
+
+AUTO_LOGGERS_ENV = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
 
 
 def close_trial_runs(results, cfg: RunConfig, *, parent_run_id: str) -> dict[str, str]:
