@@ -75,6 +75,12 @@ def test_sweep_ran_two_trials_as_nested_mlflow_runs(e2e_run):
     assert distill.data.params["loss.alpha_ce"] == "5.0"
     history = mlflow.tracking.MlflowClient().get_metric_history(distill.info.run_id, "loss/ce")
     assert len(history) >= 2, "rank 0 logged the loss over steps"
+    # the metrics tab holds curves only: the final values and the stage's time are tags
+    for stage in ("teacher", "distill"):
+        run = by_name[stage][0]
+        assert not [k for k in run.data.metrics if k.startswith("final")], (stage, sorted(run.data.metrics))
+        assert float(run.data.tags["final.val/mlm_loss"]) == pytest.approx(run.data.metrics["val/mlm_loss"], rel=1e-4)
+        assert float(run.data.tags["stage_seconds"]) > 0 and run.data.tags["checkpoint"]
 
 
 def test_registered_champion_loads_as_a_fill_mask_pipeline(e2e_run):

@@ -101,9 +101,11 @@ def numeric(metrics: dict | None) -> dict:
 
 
 def log_final(metrics: dict, seconds: float, ckpt: str) -> None:
-    """Log a training stage's final metrics (``final/<name>``), its duration and its checkpoint tag to MLflow."""
+    """Tag a training stage's MLflow run with its final values (``final.<name>``), its duration in seconds
+    (``stage_seconds``) and its checkpoint. Tags, not metrics: a metric logged once is a one-point bar chart that
+    MLflow's metrics tab would show beside (and, sorted by name, before) the curves, and each curve's last value
+    is already the run's metric value in the runs list."""
     import mlflow
 
-    final = {f"final/{k}": v for k, v in metrics.items() if "/" in k}
-    mlflow.log_metrics({**final, "time/stage_s": seconds})
-    mlflow.set_tag("checkpoint", ckpt)
+    final = {f"final.{k}": f"{v:.6g}" for k, v in metrics.items() if "/" in k}
+    mlflow.set_tags({**final, "stage_seconds": f"{seconds:.1f}", "checkpoint": ckpt})
