@@ -4,6 +4,11 @@ A source is ``package:NAME`` (an asset a Python package ships), a local folder, 
 ``s3://`` (downloaded into the run's cache). :func:`load_tokenizer` checks that the tokenizer is a fast one
 with [CLS]/[SEP]/[MASK]; :func:`export_model` writes the standard Hugging Face folder (config, safetensors,
 tokenizer) that ``AutoModelForMaskedLM`` and ``pipeline("fill-mask")`` load, and that the registry logs.
+
+A model and its tokenizer have exactly as many vocabulary rows as the tokenizer has ids
+(:func:`fit_vocab`): a table with more rows (NVIDIA's BERT checkpoints have 30,528 for 30,522 tokens, as does any
+export with ``pad_to_multiple_of``) is cut to the tokenizer's, so a fill-mask pipeline cannot predict an id that
+decodes to nothing; one with fewer is refused.
 Teachers are loaded and checked in pipeline/teachers.py; the student is built in pipeline/models.py.
 """
 
@@ -14,7 +19,7 @@ import os
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from pipeline import storage
+from pipeline import models, storage
 
 
 def resolve_local(source: str, cache_root: str) -> str:
@@ -116,21 +121,38 @@ def checkpoint_keys(path: str) -> list[str] | None:
     return None
 
 
+def tokenizer_rows(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The vocabulary rows a model needs for ``tokenizer``: one per id, from 0 to its largest (``len(tokenizer)``
+    for a WordPiece vocabulary without gaps)."""
+    return max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1)
+
+
+def fit_vocab(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, *, what: str = "the model") -> torch.nn.Module:
+    """``model`` itself when its vocabulary has exactly :func:`tokenizer_rows` rows; a copy cut to them when it
+    has more (:func:`pipeline.models.cut_vocab`: embeddings, the MLM decoder's weight and bias, ``config.vocab_size``;
+    the rows past the tokenizer's ids were never an input and must never be an output). Raises ValueError, one
+    line naming ``what``, when it has fewer: ids past its last row have no embedding."""
+    rows, needed = model.get_input_embeddings().num_embeddings, tokenizer_rows(tokenizer)
+    if rows < needed:
+        raise ValueError(f"the tokenizer has {needed:,} tokens but {what} has {rows:,} embedding rows: ids past "
+                         f"{rows - 1} have no embedding; use the tokenizer it was trained with")
+    return models.unpadded(model, needed)
+
+
 def export_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: str) -> str:
     """A standard HF directory (config, safetensors, tokenizer) for AutoModelForMaskedLM and pipeline().
 
-    The model and its tokenizer agree: the saved tokenizer's ``model_max_length`` is at most the model's
+    The model and its tokenizer agree: the saved model has exactly the tokenizer's vocabulary rows
+    (:func:`fit_vocab`: a copy cut to them when the model has more, a vocabulary padded for speed or a teacher's
+    padded table inherited), and the saved tokenizer's ``model_max_length`` is at most the model's
     ``max_position_embeddings`` (BERT and DistilBERT have no position offset), so that ``truncation=True``
     (``pipeline("fill-mask", ...)(text, tokenizer_kwargs={"truncation": True})``) cuts a long input to what
-    the model can take; the caller's tokenizer is left unchanged. Raises ValueError, before writing anything,
-    when the tokenizer has more tokens than the model's embedding table has rows.
+    the model can take; the caller's model and tokenizer are left unchanged. Raises ValueError, before writing
+    anything, when the tokenizer has more tokens than the model's embedding table has rows.
     """
     import copy
 
-    num_rows = model.get_input_embeddings().num_embeddings
-    if len(tokenizer) > num_rows:
-        raise ValueError(f"the tokenizer has {len(tokenizer):,} tokens but the model's embedding table has {num_rows:,} "
-                         f"rows: ids past {num_rows - 1} have no embedding; export it with the tokenizer it was trained with")
+    model = fit_vocab(model, tokenizer)
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions is not None and not tokenizer.model_max_length <= positions:
         tokenizer = copy.deepcopy(tokenizer)

@@ -134,15 +134,27 @@ def mask_padded_logits(model: torch.nn.Module, real_vocab: int) -> None:
 
 
 def unpadded(model: torch.nn.Module, real_vocab: int) -> torch.nn.Module:
-    """``model`` itself when it has ``real_vocab`` rows, else a copy cut back to them (for export: a padded table
-    is a training detail, not part of the model)."""
+    """``model`` itself when it has ``real_vocab`` rows, else a copy cut back to them (:func:`cut_vocab`; for
+    export: a padded table is a training detail, not part of the model)."""
     import copy
 
     if model.get_input_embeddings().num_embeddings == real_vocab:
         return model
     out = copy.deepcopy(model)
-    out.resize_token_embeddings(real_vocab, mean_resizing=False)
+    cut_vocab(out, real_vocab)
     return out
+
+
+def cut_vocab(model: torch.nn.Module, num_rows: int) -> None:
+    """Cut a BERT or DistilBERT masked LM's vocabulary to its first ``num_rows`` rows in place: the word
+    embeddings, the tied MLM decoder's weight and its bias, and ``config.vocab_size`` (transformers'
+    ``resize_token_embeddings``). The logits of the rows cut are gone, so no id past ``num_rows - 1`` can be
+    predicted. Raises ValueError when the model has fewer rows (growing the table would add untrained rows)."""
+    rows = model.get_input_embeddings().num_embeddings
+    if rows < num_rows:
+        raise ValueError(f"cannot cut a vocabulary of {rows:,} rows to {num_rows:,}: it has fewer")
+    if rows > num_rows:
+        model.resize_token_embeddings(num_rows, mean_resizing=False)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -7,6 +7,9 @@
 - A score that is not a finite number (NaN, ±inf: a diverged run, an overflow) never wins: not in the choice,
   not against a champion, not as the first champion. A finite score beats a champion whose score is not.
 - Registration is idempotent: a checkpoint that is already a version is not registered again.
+- A registered model has exactly its tokenizer's vocabulary rows (:func:`load_student`): a folder exported with
+  more (padded to a multiple, or by an older distil) is registered cut to them, so the served fill-mask model
+  cannot predict an id its tokenizer cannot decode; one with fewer is refused.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import math
 import numbers
 import os
 
-from pipeline import models, storage
+from pipeline import assets, models, storage
 from pipeline.config import TrackingSection
 from pipeline.config.metrics import metric_mode
 from pipeline.records import Candidate
@@ -160,9 +163,21 @@ def _settings_lines(config: dict) -> list[str]:
             f" × {optim.get('grad_accum')} accumulation, data.max_seq_len {config.get('data', {}).get('max_seq_len')}"]
 
 
+def load_student(model_dir: str):
+    """(model, tokenizer) of an exported fill-mask folder, the model with exactly the tokenizer's vocabulary rows
+    (:func:`pipeline.assets.fit_vocab`). Raises ValueError naming the folder when it has fewer rows."""
+    import transformers
+
+    model = transformers.AutoModelForMaskedLM.from_pretrained(model_dir)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    return assets.fit_vocab(model, tokenizer, what=f"the model in {model_dir}"), tokenizer
+
+
 def register(cfg: TrackingSection, *, model_dir: str, checkpoint: str, metrics: dict, tags: dict,
              description: str | None = None) -> dict:
-    """Log the model in the transformers flavor and register it; returns name, version, alias and URI."""
+    """Log the model in the transformers flavor, with exactly its tokenizer's vocabulary rows (:func:`load_student`),
+    and register it; returns name, version, alias and URI. ValueError for a model with fewer rows than its
+    tokenizer, or without ``cfg.select_metric``."""
     import mlflow
     import torch
     import transformers
@@ -178,8 +193,7 @@ def register(cfg: TrackingSection, *, model_dir: str, checkpoint: str, metrics: 
         return {"name": cfg.model_name, "version": str(existing.version), "aliases": aliases, "new": False,
                 "uri": f"models:/{cfg.model_name}/{existing.version}"}
 
-    model = transformers.AutoModelForMaskedLM.from_pretrained(model_dir)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    model, tokenizer = load_student(model_dir)
     info = mlflow.transformers.log_model(
         transformers_model={"model": model, "tokenizer": tokenizer},
         name="student",

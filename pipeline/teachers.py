@@ -4,7 +4,9 @@ Only BERT-family masked LMs are supported today (``SUPPORTED_TEACHERS``). A teac
 masked-LM head (an encoder-only ``BertModel`` would teach the student a random head), enough positions for
 ``data.max_seq_len`` and the vocabulary of ``data.tokenizer``. :func:`check_teacher` finds these problems from
 the teacher's config, tensor names and tokenizer files without building the model (preflight); :func:`load_teacher`
-loads it frozen for the workers. No Ray, DeepSpeed or MLflow here.
+loads it frozen for the workers, its vocabulary cut to the tokenizer's rows: a table with more rows than the
+tokenizer has ids (NVIDIA's BERT checkpoints: 30,528 rows for 30,522 tokens) would give the extra ids logits, and
+probability mass in L_ce that the student would learn to put on ids no text has. No Ray, DeepSpeed or MLflow here.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer, BertForMaskedLM, PreTrainedTokenizerBase
 
+from pipeline import models
 from pipeline.assets import checkpoint_keys, local_or_error, quiet_from_pretrained, resolve_local
 
 SUPPORTED_TEACHERS = ("bert",)
@@ -21,11 +24,14 @@ SUPPORTED_TEACHERS = ("bert",)
 MLM_HEAD_PREFIX = "cls.predictions."
 
 
-def load_teacher(source: str, *, cache_root: str, dtype: str = "fp32") -> BertForMaskedLM:
+def load_teacher(source: str, *, cache_root: str, dtype: str = "fp32", num_tokens: int | None = None) -> BertForMaskedLM:
     """Load a pretrained masked-LM teacher (hub id, local directory or s3://), frozen and in eval mode.
 
-    Raises ValueError for a folder without config.json, a model that is not BERT, and a checkpoint without
-    trained masked-LM head weights (an encoder-only ``BertModel``: its head would be random).
+    ``num_tokens`` (the tokenizer's rows, pipeline.assets.tokenizer_rows): a vocabulary with more rows is cut to
+    them in place (:func:`pipeline.models.cut_vocab`), so that its logits cover exactly the tokenizer's ids.
+    Raises ValueError for a folder without config.json, a model that is not BERT, a checkpoint without trained
+    masked-LM head weights (an encoder-only ``BertModel``: its head would be random), and a vocabulary with fewer
+    rows than ``num_tokens``.
     """
     path = resolve_local(source, cache_root)
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
@@ -39,15 +45,18 @@ def load_teacher(source: str, *, cache_root: str, dtype: str = "fp32") -> BertFo
     missing_head = sorted(k for k in info["missing_keys"] if k.startswith(MLM_HEAD_PREFIX))
     if missing_head:
         raise ValueError(_no_head_message(source, f"{len(missing_head)} head weights missing, e.g. {missing_head[0]}"))
+    if num_tokens is not None:
+        _fit_vocab(model, num_tokens, f"teacher {source!r}")
     model.requires_grad_(False).eval()
     return model.to(torch.bfloat16) if dtype == "bf16" else model
 
 
 def teacher_from_encoder(source: str, *, cache_root: str, vocab_size: int, max_seq_len: int, seed: int):
     """The start of continued MLM pre-training (``teacher.init_from``): a pretrained BERT encoder (package:NAME,
-    a folder, a hub id, s3://) with a new masked-LM head whose decoder is tied to the word embeddings, as BERT's.
-    Returns (model, one line naming the new and the left-out tensors). ValueError for a model that is not BERT,
-    a vocabulary smaller than the tokenizer's (``vocab_size``) or fewer positions than ``max_seq_len``."""
+    a folder, a hub id, s3://) with a new masked-LM head whose decoder is tied to the word embeddings, as BERT's,
+    its vocabulary cut to the tokenizer's ``vocab_size`` rows when it has more. Returns (model, one line naming the
+    new and the left-out tensors). ValueError for a model that is not BERT, a vocabulary smaller than the
+    tokenizer's (``vocab_size``) or fewer positions than ``max_seq_len``."""
     torch.manual_seed(seed)  # the new head's initialisation
     path = resolve_local(source, cache_root)
     from transformers import AutoConfig
@@ -62,7 +71,18 @@ def teacher_from_encoder(source: str, *, cache_root: str, vocab_size: int, max_s
     if model.config.max_position_embeddings < max_seq_len:
         raise ValueError(f"teacher.init_from {source!r} has {model.config.max_position_embeddings} positions, fewer than "
                          f"data.max_seq_len={max_seq_len}")
+    models.cut_vocab(model, vocab_size)
     return model, line
+
+
+def _fit_vocab(model: BertForMaskedLM, num_tokens: int, what: str) -> None:
+    """Cut ``model``'s vocabulary to ``num_tokens`` rows in place; ValueError (one line) when it has fewer."""
+    rows = model.get_input_embeddings().num_embeddings
+    if rows < num_tokens:
+        raise ValueError(f"data.tokenizer has {num_tokens:,} tokens but {what}'s vocabulary has {rows:,} rows: ids past "
+                         f"{rows - 1} would index beyond its embedding table; set data.tokenizer to the teacher's own "
+                         "tokenizer")
+    models.cut_vocab(model, num_tokens)
 
 
 def _no_head_message(source: str, what: str) -> str:

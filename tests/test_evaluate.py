@@ -226,6 +226,129 @@ def test_a_missing_glue_file_or_column_is_one_error(tmp_path):
         _load_glue(tmp_path, "sst2")
 
 
+# ---- rows that cannot be read whole (QQP's public train.tsv has rows with too few fields) ------------------------
+QQP_HEADER = ["id", "qid1", "qid2", "question1", "question2", "is_duplicate"]
+QQP_TRAIN = [["0", "1", "2", 'What is "AI"?', "What is AI?", "1"],
+             ["1", "3", "4", "How do I cook rice", "0"],  # line 3: a question lost, 5 fields
+             ["2", "5", "6", "Why is the sky blue?", "What makes\tthe sky blue?", "1"],  # line 4: a tab inside, 7 fields
+             ["3", "7", "8", "Is it raining?", "Is the sun out?", "0"],
+             ["4", "9", "10", "Who won?", "Who lost?", ""]]  # line 6: no label
+QQP_DEV = [["5", "11", "12", "Can cats swim?", "Do cats swim?", "1"], ["6", "13", "14", "Is tea hot?", "Is ice cold?", "0"]]
+
+
+def _qqp(tmp_path, train=QQP_TRAIN, dev=QQP_DEV):
+    _tsv(tmp_path / "QQP" / "train.tsv", QQP_HEADER, train)
+    _tsv(tmp_path / "QQP" / "dev.tsv", QQP_HEADER, dev)
+    return specs.parse("glue:qqp")
+
+
+def test_glue_rows_of_the_wrong_width_are_left_out_of_train_and_counted(tmp_path):
+    data = loaders.load(_qqp(tmp_path), Sources(glue_dir=str(tmp_path)))
+    assert data.train.texts == ['What is "AI"?', "Is it raining?"]
+    assert data.train.pairs == ["What is AI?", "Is the sun out?"] and data.train.labels == [1, 0]
+    # the wider row is never read into shifted columns: neither "What makes" as a question nor "the sky blue?" a label
+    assert data.train.bad_rows == ["line 3: 5 fields, the header has 6", "line 4: 7 fields, the header has 6",
+                                   "line 6: no label"]
+    assert data.train.origin == str(tmp_path / "QQP" / "train.tsv")
+    assert len(data.dev) == 2 and data.dev.bad_rows == []
+
+
+def test_a_glue_dev_file_that_loses_rows_is_refused_unless_skipping_is_asked(tmp_path):
+    short = QQP_DEV + [["7", "15", "16", "Where is Rome?", "1"], ["8", "17", "18", "A?", "B?", "0", "extra"]]
+    spec = _qqp(tmp_path, dev=short)
+    with pytest.raises(ValueError) as info:
+        loaders.load(spec, Sources(glue_dir=str(tmp_path)))
+    message = str(info.value)
+    assert "\n" not in message
+    assert message == (f"task qqp: {tmp_path / 'QQP' / 'dev.tsv'} has 2 row(s) that cannot be read whole (line 4: 5 "
+                       "fields, the header has 6; line 5: 7 fields, the header has 6); a dev score without them would "
+                       "not be the task's score: fix the file, or set evaluate.skip_bad_rows=all to leave them out "
+                       "(counted in the stage's output and MLflow run)")
+    data = loaders.load(spec, Sources(glue_dir=str(tmp_path), skip_bad_rows="all"))
+    assert data.dev.texts == ["Can cats swim?", "Is tea hot?"] and len(data.dev.bad_rows) == 2
+    with pytest.raises(ValueError, match=r"train.tsv has 3 row\(s\).*set evaluate.skip_bad_rows=train"):
+        loaders.load(spec, Sources(glue_dir=str(tmp_path), skip_bad_rows="none"))
+
+
+def test_a_cola_sentence_with_a_tab_is_not_cut(tmp_path):
+    """CoLA has no header: its rows have 4 fields, and a fifth (a tab inside the sentence) sets the row aside."""
+    train = [["gj04", "1", "", "They left."], ["gj04", "0", "*", "Left\tthey."], ["gj04", "0", "*", "Him left."]]
+    _tsv(tmp_path / "CoLA" / "train.tsv", None, train)
+    _tsv(tmp_path / "CoLA" / "dev.tsv", None, [["bc01", "1", "", "Bill left."]])
+    data = _load_glue(tmp_path, "cola")
+    assert data.train.texts == ["They left.", "Him left."]
+    assert data.train.bad_rows == ["line 2: 5 fields, GLUE's CoLA rows have 4"]
+
+
+def test_a_csv_task_file_sets_aside_rows_of_the_wrong_width_and_empty_cells(tmp_path):
+    src = Sources(cache_dir=str(tmp_path / "cache"))
+    train = 'text,label\n"good, really",pos\nbad,neg,extra\n"she said ""hi""",pos\nlonely\n,neg\nmeh,neg\n'
+    data = loaders.load(_files(tmp_path, train, "text,label\nfine,pos\n"), src)
+    assert data.train.texts == ["good, really", 'she said "hi"', "meh"] and data.train.labels == [1, 1, 0]
+    assert data.train.bad_rows == ["line 3: 3 fields, the header has 2", "line 5: 1 field, the header has 2",
+                                   "line 6: no text"]
+    with pytest.raises(ValueError, match=r"dev.csv has 1 row\(s\) that cannot be read whole \(line 3: no label\); "
+                                         r"a dev score.*evaluate.skip_bad_rows=all"):
+        loaders.load(_files(tmp_path, train, "text,label\nfine,pos\nok,\n"), src)
+
+
+def test_a_csv_task_file_with_a_stray_quote_is_refused_naming_the_line(tmp_path):
+    """Read leniently, the quote on line 3 would swallow the rows after it into one field."""
+    spec = _files(tmp_path, 'text,label\ngood,1\n"wow,0\nbad,0\nfine,1\n', "text,label\nok,1\n")
+    with pytest.raises(ValueError, match=r"train.csv line 3: unexpected end of data: a quote inside a CSV field must "
+                                         r"be doubled"):
+        loaders.load(spec, Sources(cache_dir=str(tmp_path / "cache")))
+    spec = _files(tmp_path, 'text,label\ngood,1\n"a" b,0\nfine,0\n', "text,label\nok,1\n")
+    with pytest.raises(ValueError, match=r"train.csv line 3: ',' expected after '\"'"):
+        loaders.load(spec, Sources(cache_dir=str(tmp_path / "cache")))
+
+
+def test_a_tsv_task_file_reads_quotes_as_text(tmp_path):
+    """A .tsv task file is read as GLUE's are, quoting off: an unbalanced quote is a character, not a field's start."""
+    spec = _files(tmp_path, 'text\tlabel\n"wow\t1\nbad\t0\nsaid "hi" twice\t1\n', 'text\tlabel\n"ok"\t1\n', "tsv")
+    data = loaders.load(spec, Sources(cache_dir=str(tmp_path / "cache")))
+    assert data.train.texts == ['"wow', "bad", 'said "hi" twice'] and data.dev.texts == ['"ok"']
+    assert data.train.bad_rows == []
+
+
+def test_a_jsonl_record_without_its_label_is_a_bad_row(tmp_path):
+    train = [{"text": "good", "label": "pos"}, {"text": "bad"}, {"text": None, "label": "neg"}, {"text": "meh", "label": "neg"}]
+    data = _file_task(tmp_path, train, [{"text": "fine", "label": "pos"}], ext="jsonl")
+    assert data.train.texts == ["good", "meh"] and data.train.bad_rows == ["row 1: no label (null)", "row 2: no text (null)"]
+    with pytest.raises(ValueError, match=r"dev.jsonl has 1 row\(s\) that cannot be read whole \(row 1: no label"):
+        _file_task(tmp_path, train, [{"text": "fine", "label": "pos"}, {"text": "odd"}], ext="jsonl")
+
+
+def test_a_task_file_that_is_not_utf8_is_one_error(tmp_path):
+    spec = _files(tmp_path, "text,label\ngood,1\nbad,0\n", "text,label\nok,1\n")
+    (tmp_path / "train.csv").write_bytes("text,label\ncaf\xe9,1\nbad,0\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"train.csv is not UTF-8 text \(near line .*\): save it as UTF-8"):
+        loaders.load(spec, Sources(cache_dir=str(tmp_path / "cache")))
+
+
+def test_a_regression_label_written_as_nan_and_a_dev_file_left_empty_are_errors(tmp_path):
+    src = Sources(cache_dir=str(tmp_path / "cache"))
+    spec = _files(tmp_path, "text,score\na,0.5\nb,nan\nc,2\n", "text,score\nd,1.5\n")
+    regression = specs.parse({"name": "t", "train_file": spec.train_file, "dev_file": spec.dev_file,
+                              "label_field": "score", "kind": "regression"})
+    with pytest.raises(ValueError, match=r"a regression task needs finite labels; train has 1 that are nan"):
+        loaders.load(regression, src)
+    spec = _files(tmp_path, "text,label\na,1\nb,0\n", "text,label\nfine\nok,\n")
+    with pytest.raises(ValueError, match=r"2 train and 0 dev examples \(0 train and 2 dev rows could not be read whole\)"):
+        loaders.load(spec, Sources(cache_dir=str(tmp_path / "cache"), skip_bad_rows="all"))
+
+
+def test_skip_bad_rows_is_checked_and_only_a_setting_off_the_default_changes_the_evaluation(tmp_path):
+    from pipeline.evaluate import units
+
+    assert "evaluate.skip_bad_rows='dev': use one of ['all', 'none', 'train']" in _config_error(
+        tmp_path, "evaluate.skip_bad_rows=dev")
+    tiny = ROOT / "configs" / "tiny.yaml"
+    plain, strict = (load_config(tiny, [f"run.root={tmp_path}", *extra]) for extra in ([], ["evaluate.skip_bad_rows=none"]))
+    assert plain.evaluate.skip_bad_rows == "train" and strict.evaluate.skip_bad_rows == "none"
+    assert units.settings_hash(plain) != units.settings_hash(strict)
+
+
 # ---- bad task specs: one ValueError each ---------------------------------------------------------------------
 @pytest.mark.parametrize("entry,message", [
     ("glue:mrcp", r"unknown GLUE task 'glue:mrcp'; known: glue:cola, glue:sst2, glue:mrpc, .*glue:wnli"),
@@ -698,8 +821,8 @@ def test_a_tsv_task_file_is_read_with_tabs_and_csv_ids_stay_ids(tmp_path):
 def test_empty_cells_and_mixed_formats_and_a_one_class_sample_are_errors(tmp_path):
     src = Sources(cache_dir=str(tmp_path / "cache"))
     spec = _files(tmp_path, "text,label\na,1\nb,\nc,0\n", "text,label\nd,1\n")
-    with pytest.raises(ValueError, match=r"1 train example\(s\) have no text or no label"):
-        loaders.load(spec, src)
+    with pytest.raises(ValueError, match=r"train.csv has 1 row\(s\) that cannot be read whole \(line 3: no label\)"):
+        loaders.load(spec, Sources(cache_dir=str(tmp_path / "cache"), skip_bad_rows="none"))
     (tmp_path / "dev.jsonl").write_text('{"text": "d", "label": 1}\n')
     mixed = specs.parse({"name": "t", "train_file": str(tmp_path / "train.csv"), "dev_file": str(tmp_path / "dev.jsonl")})
     with pytest.raises(ValueError, match="must be of one format"):

@@ -55,6 +55,7 @@ def _choices(cfg: RunConfig) -> list[str]:
         "sweep.mode": (cfg.sweep.mode, {"min", "max"}),
         "tracking.select_mode": (cfg.tracking.select_mode, {"auto", "min", "max"}),
         "evaluate.mode": (cfg.evaluate.mode, {"finetune", "probe"}),
+        "evaluate.skip_bad_rows": (cfg.evaluate.skip_bad_rows, set(task_specs.SKIP_BAD_ROWS)),
         "compute.compile": (cfg.compute.compile, {"none", "default", "reduce-overhead", "max-autotune"}),
     }
     return [f"{key}={value!r}: use one of {sorted(allowed)}" for key, (value, allowed) in choose.items() if value not in allowed]

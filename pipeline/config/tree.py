@@ -265,6 +265,9 @@ class EvaluateSection:
     epochs: float = 3.0  # passes over the training examples; a task's own epochs win (MRPC, WNLI: 5)
     max_train_examples: int = 0  # training examples per task, a fixed sample; 0 means all
     max_dev_examples: int = 0  # dev examples per task, a fixed sample; 0 means all
+    # rows that cannot be read whole (a wrong field count, an empty label): left out of train (counted) and refused in
+    # dev (train); refused anywhere (none); left out of both (all): a dev score then is not over the whole dev set
+    skip_bad_rows: str = "train"
     dev_fraction: float = 0.2  # packaged sets not distilled on: the share held out as dev, by document hash
     workers_per_unit: int = 1  # Ray Train workers of each (model, task, seed) fine-tuning run
     speed_examples: int = 0  # dev examples timed at batch size 1 on CPU for Table 3; 0 means the whole dev set

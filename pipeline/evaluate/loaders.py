@@ -10,21 +10,30 @@
   as a pre-trained model sees its pre-training corpus. BBC News is split by the same hash at
   ``evaluate.dev_fraction``.
 
+**Rows that cannot be read whole** (a TSV or CSV row with more or fewer fields than the header, an empty cell or a
+null where a text or the label belongs) are never read into shifted columns: each is set aside with its line (or
+row) and why. ``evaluate.skip_bad_rows`` decides what happens to them (``tasks.SKIP_BAD_ROWS``): by default a train
+file loses them, counted, and a dev file that has any is refused, since a dev score over part of the dev set is no
+longer the task's. The counts travel with the examples (:attr:`Examples.bad_rows`), for the stage's output and run.
+Delimited files (GLUE's TSVs with quoting off, a task's .csv or .tsv) are read by pipeline/evaluate/delimited.py.
+
 Every error is one ValueError naming the task and the fix: a missing field, an unreachable dataset, labels in dev
-that train lacks.
+that train lacks, a dev file with rows that cannot be read whole.
 """
 
 from __future__ import annotations
 
 import csv
 import importlib.util
+import math
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pipeline.corpus import packing
 from pipeline.corpus.corpora import rotten_tomatoes_rows
-from pipeline.config.tasks import TaskSpec
+from pipeline.config.tasks import SKIP_BAD_ROWS, TaskSpec
+from pipeline.evaluate import delimited
 
 # GLUE's original TSVs: the file's column for each HF field (CoLA: positions, it has no header row).
 GLUE_DIRS = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "stsb": "STS-B", "qqp": "QQP", "mnli": "MNLI",
@@ -41,6 +50,7 @@ GLUE_COLUMNS = {
     "wnli": {"sentence1": "sentence1", "sentence2": "sentence2", "label": "label"},
 }
 GLUE_DEV_FILES = {"validation_matched": "dev_matched.tsv", "validation_mismatched": "dev_mismatched.tsv"}
+GLUE_WIDTHS = {"cola": 4}  # fields of a row of a headerless file: CoLA's source, label, original mark, sentence
 
 
 @dataclass
@@ -51,6 +61,8 @@ class Examples:
     labels: list
     pairs: list[str] | None = None
     class_names: tuple[str, ...] = ()  # a datasets ClassLabel's names, in id order
+    origin: str = ""  # where the examples were read: a file's path, or a dataset's split
+    bad_rows: list[str] = field(default_factory=list)  # rows of ``origin`` not read: "line 12: 4 fields, the header has 6"
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -68,6 +80,7 @@ class Sources:
     dev_fraction: float = 0.2
     max_train_examples: int = 0  # 0: all; otherwise a fixed (seed 0) sample
     max_dev_examples: int = 0
+    skip_bad_rows: str = "train"  # evaluate.skip_bad_rows: a key of pipeline.config.tasks.SKIP_BAD_ROWS
 
 
 @dataclass
@@ -86,17 +99,23 @@ class TaskData:
 
 
 def load(spec: TaskSpec, src: Sources) -> TaskData:
-    """The task's train and dev examples, labels as ids (floats for regression), sliced as configured."""
+    """The task's train and dev examples, labels as ids (floats for regression), sliced as configured.
+
+    Rows that cannot be read whole are left out of a split that ``src.skip_bad_rows`` allows, and stay listed in
+    its :attr:`Examples.bad_rows`; in another split they are a ValueError naming the file, the first such lines
+    and the setting."""
     if spec.source == "glue":
         train, dev = _glue_folder(spec, src.glue_dir) if src.glue_dir else _glue_hub(spec, src.cache_dir)
     elif spec.source.startswith("package:"):
         train, dev = _packaged(spec, src)
     else:
         train, dev = _dataset(spec, src.cache_dir)
-    train, dev = _complete(spec, train, "train"), _complete(spec, dev, "dev")
+    train, dev = _screened(spec, train, "train", src.skip_bad_rows), _screened(spec, dev, "dev", src.skip_bad_rows)
     train, dev = _sample(train, src.max_train_examples), _sample(dev, src.max_dev_examples)
     if not len(train) or not len(dev):
-        raise ValueError(f"task {spec.name}: {len(train)} train and {len(dev)} dev examples: both splits need some")
+        lost = f" ({len(train.bad_rows)} train and {len(dev.bad_rows)} dev rows could not be read whole)" if (
+            train.bad_rows or dev.bad_rows) else ""
+        raise ValueError(f"task {spec.name}: {len(train)} train and {len(dev)} dev examples{lost}: both splits need some")
     if not spec.regression and len({str(v) for v in train.labels}) < 2:
         raise ValueError(f"task {spec.name}: the training examples hold one class only: raise evaluate.max_train_examples "
                          "or check label_field")
@@ -107,14 +126,17 @@ def load(spec: TaskSpec, src: Sources) -> TaskData:
     return data
 
 
-def _complete(spec: TaskSpec, ex: Examples, where: str) -> Examples:
-    """The split with no missing text or label: a null (an empty csv cell, a JSON null) is an error naming how many."""
-    missing = sum(1 for i in range(len(ex)) if ex.texts[i] is None or ex.labels[i] is None
-                  or (ex.pairs is not None and ex.pairs[i] is None) or ex.labels[i] != ex.labels[i])
-    if missing:
-        raise ValueError(f"task {spec.name}: {missing} {where} example(s) have no text or no label (empty cells or "
-                         "nulls): fill or drop them")
-    return ex
+def _screened(spec: TaskSpec, ex: Examples, split: str, policy: str) -> Examples:
+    """The split itself when it lost no row, or when ``policy`` lets this split leave them out; else ValueError."""
+    if not ex.bad_rows or split in SKIP_BAD_ROWS[policy]:
+        return ex
+    n, shown = len(ex.bad_rows), "; ".join(ex.bad_rows[:3]) + ("; …" if len(ex.bad_rows) > 3 else "")
+    why = ("a dev score without them would not be the task's score" if split == "dev" else
+           "evaluate.skip_bad_rows=none refuses them")
+    allow = "all" if split == "dev" else "train"
+    raise ValueError(f"task {spec.name}: {ex.origin} has {n:,} row(s) that cannot be read whole ({shown}); {why}: "
+                     f"fix the file, or set evaluate.skip_bad_rows={allow} to leave them out (counted in the "
+                     "stage's output and MLflow run)")
 
 
 # ---- GLUE ------------------------------------------------------------------------------------------------
@@ -140,25 +162,28 @@ def _glue_folder(spec: TaskSpec, glue_dir: str):
 
 
 def _tsv(spec: TaskSpec, path: str) -> Examples:
-    """One GLUE TSV file: fields by header name (by position for CoLA); rows of the wrong width are skipped."""
-    if not os.path.isfile(path):
-        raise ValueError(f"task {spec.name}: {path} does not exist: evaluate.glue_dir must hold GLUE's task folders "
-                         f"({GLUE_DIRS[spec.glue]}/train.tsv, {GLUE_DIRS[spec.glue]}/{os.path.basename(path)})")
+    """One GLUE TSV file: fields by header name (by position for CoLA, which has no header row), quoting off. A row
+    of another width than the header's (CoLA: 4) or with an empty label is set aside in ``bad_rows``."""
     columns = GLUE_COLUMNS[spec.glue]
-    # utf-8-sig: MRPC's files start with a byte-order mark (GLUE's script copies msr_paraphrase_*.txt's header)
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    header = None if isinstance(columns["label"], int) else rows.pop(0) if rows else []
-    index = {}
-    for hf_field, col in columns.items():
-        if header is not None and col not in header:
-            raise ValueError(f"task {spec.name}: {path} has no column {col!r} (its header: {header})")
-        index[hf_field] = col if header is None else header.index(col)
-    width = len(header) if header is not None else max(index.values()) + 1
-    good = [r for r in rows if len(r) >= width]
-    pair = spec.text_pair_field
-    return Examples(texts=[r[index[spec.text_field]] for r in good], labels=[r[index["label"]] for r in good],
-                    pairs=[r[index[pair]] for r in good] if pair else None)
+    wanted = [spec.text_field] + ([spec.text_pair_field] if spec.text_pair_field else []) + ["label"]
+    positional = isinstance(columns["label"], int)
+    rows = delimited.records(path, delimiter="\t", quoting=csv.QUOTE_NONE, task=spec.name)
+    if positional:
+        index, width, what = {f: columns[f] for f in wanted}, GLUE_WIDTHS[spec.glue], f"GLUE's {GLUE_DIRS[spec.glue]} rows have"
+    else:
+        header = next(rows, (0, []))[1]
+        if absent := [columns[f] for f in wanted if columns[f] not in header]:
+            raise ValueError(f"task {spec.name}: {path} has no column {absent[0]!r} (its header: {header})")
+        index, width, what = {f: header.index(columns[f]) for f in wanted}, len(header), "the header has"
+    values, bad = delimited.columns(rows, index, width, what, required=("label",))
+    return _examples(values, wanted, path, bad)
+
+
+def _examples(values: dict[str, list], wanted: list[str], origin: str, bad: list[str]) -> Examples:
+    """Examples from cells by field (``wanted``: the text field, the pair field when there is one, the label's)."""
+    pair = wanted[1] if len(wanted) == 3 else None
+    return Examples(texts=values[wanted[0]], labels=values[wanted[-1]], pairs=values[pair] if pair else None,
+                    origin=origin, bad_rows=bad)
 
 
 # ---- any dataset or files -------------------------------------------------------------------------------
@@ -171,6 +196,8 @@ def _dataset(spec: TaskSpec, cache_dir: str):
             if _builder(spec.dev_file, spec.name) != (builder, options):
                 raise ValueError(f"task {spec.name}: train_file and dev_file must be of one format "
                                  f"({os.path.basename(spec.train_file)}, {os.path.basename(spec.dev_file)})")
+            if builder == "csv":  # read here: datasets' csv builder (pandas) fills a short row with nulls, uncounted
+                return _delimited(spec, spec.train_file, **options), _delimited(spec, spec.dev_file, **options)
             ds = datasets.load_dataset(builder, data_files={"train": spec.train_file, "dev": spec.dev_file},
                                        cache_dir=cache_dir or None, **options)
             return _from_columns(spec, ds["train"], spec.train_file), _from_columns(spec, ds["dev"], spec.dev_file)
@@ -192,13 +219,30 @@ def _dataset(spec: TaskSpec, cache_dir: str):
 
 
 def _builder(path: str, name: str) -> tuple[str, dict]:
-    """The datasets builder of a file, by extension, and its options (a .tsv is csv with tabs)."""
+    """The datasets builder of a file, by extension, and its options (a .tsv is csv with tabs and no quoting)."""
     ext = path.lower().rsplit(".", 1)[-1]
-    builders = {"csv": ("csv", {}), "tsv": ("csv", {"delimiter": "\t"}), "jsonl": ("json", {}), "json": ("json", {}),
-                "parquet": ("parquet", {})}
+    builders = {"csv": ("csv", {"delimiter": ",", "quoting": csv.QUOTE_MINIMAL}),
+                "tsv": ("csv", {"delimiter": "\t", "quoting": csv.QUOTE_NONE}), "jsonl": ("json", {}),
+                "json": ("json", {}), "parquet": ("parquet", {})}
     if ext not in builders:
         raise ValueError(f"task {name}: {path}: train_file/dev_file must be .csv, .tsv, .jsonl/.json or .parquet")
     return builders[ext]
+
+
+def _delimited(spec: TaskSpec, path: str, *, delimiter: str, quoting: int) -> Examples:
+    """A task's .csv or .tsv file: a header row naming the fields, then one example per row. A row of another width
+    than the header, or with an empty cell in a wanted field (what pandas reads as a missing value), is set aside."""
+    rows = delimited.records(path, delimiter=delimiter, quoting=quoting, task=spec.name)
+    header = next(rows, (0, []))[1]
+    wanted = [spec.text_field] + ([spec.text_pair_field] if spec.text_pair_field else []) + [spec.label_field]
+    if missing := [f for f in wanted if f not in header]:
+        raise ValueError(f"task {spec.name}: {path} has no field(s) {missing} (it has {header}): set text_field, "
+                         "text_pair_field and label_field")
+    values, bad = delimited.columns(rows, {f: header.index(f) for f in wanted}, len(header), "the header has",
+                                    required=tuple(wanted))
+    out = _examples(values, wanted, path, bad)
+    out.labels = [delimited.number_or_text(v) for v in out.labels]
+    return out
 
 
 def _from_columns(spec: TaskSpec, table, where: str) -> Examples:
@@ -213,11 +257,20 @@ def _from_columns(spec: TaskSpec, table, where: str) -> Examples:
     class_names = tuple(getattr(label_feature, "names", ()) or ())
     if class_names:  # a ClassLabel: its names in id order (MRPC's id 1 is "equivalent", F1's positive class)
         labels = [class_names[i] if isinstance(i, int) and 0 <= i < len(class_names) else i for i in labels]
-    # A csv column of class ids with an empty cell is read as floats: 1.0 is class 1 (the empty cell is refused later).
+    # A column of class ids with a null is read as floats: 1.0 is class 1 (the row with the null is set aside).
     labels = [int(v) if isinstance(v, float) and v.is_integer() else v for v in labels]
     text = lambda col: [None if t is None else str(t) for t in table[col]]  # noqa: E731 -- a null stays a null
-    return Examples(texts=text(spec.text_field), labels=labels, class_names=class_names,
-                    pairs=text(spec.text_pair_field) if spec.text_pair_field else None)
+    texts, pairs = text(spec.text_field), text(spec.text_pair_field) if spec.text_pair_field else None
+    keep, bad = [], []
+    for i in range(len(texts)):
+        absent = [name for name, v in ((spec.text_field, texts[i]), (spec.text_pair_field, pairs[i] if pairs else ""),
+                                       (spec.label_field, labels[i])) if v is None or v != v]  # v != v: NaN
+        if absent:
+            bad.append(f"row {i}: no {absent[0]} (null)")
+        else:
+            keep.append(i)
+    return Examples(texts=[texts[i] for i in keep], labels=[labels[i] for i in keep], class_names=class_names,
+                    pairs=[pairs[i] for i in keep] if pairs is not None else None, origin=where, bad_rows=bad)
 
 
 # ---- packaged offline sets -------------------------------------------------------------------------------
@@ -263,6 +316,9 @@ def _labelled(spec: TaskSpec, train: Examples, dev: Examples) -> TaskData:
             except (TypeError, ValueError):
                 raise ValueError(f"task {spec.name}: a regression task needs numeric labels; {where} has "
                                  f"{next(v for v in part.labels if not _is_number(v))!r}") from None
+            if bad := [v for v in part.labels if not math.isfinite(v)]:
+                raise ValueError(f"task {spec.name}: a regression task needs finite labels; {where} has {len(bad)} "
+                                 f"that are {bad[0]} (a missing value written as nan?): fix or drop those rows")
         return TaskData(spec=spec, train=train, dev=dev, label_names=[])
     names = list(spec.label_names or train.class_names) or sorted({str(v) for v in train.labels}, key=_natural)
     index = {n: i for i, n in enumerate(names)}
@@ -285,7 +341,8 @@ def _sample(ex: Examples, limit: int) -> Examples:
         return ex
     keep = sorted(random.Random(0).sample(range(len(ex)), limit))
     return Examples(texts=[ex.texts[i] for i in keep], labels=[ex.labels[i] for i in keep],
-                    pairs=[ex.pairs[i] for i in keep] if ex.pairs is not None else None)
+                    pairs=[ex.pairs[i] for i in keep] if ex.pairs is not None else None, origin=ex.origin,
+                    bad_rows=ex.bad_rows)
 
 
 def _one_line(e: Exception) -> str:

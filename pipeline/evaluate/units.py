@@ -92,7 +92,10 @@ def max_seq_len(cfg: RunConfig, spec) -> int:
 
 def settings_hash(cfg: RunConfig) -> str:
     """8 hex digits over what shapes every unit's result: the evaluate section, the tokenizer and the seed."""
-    shaping = {"evaluate": cfg.to_dict()["evaluate"], "tokenizer": cfg.data.tokenizer, "seed": cfg.run.seed,
+    evaluate = cfg.to_dict()["evaluate"]
+    if evaluate["skip_bad_rows"] == "train":  # the default is left out: it keeps the hashes of earlier evaluations
+        del evaluate["skip_bad_rows"]
+    shaping = {"evaluate": evaluate, "tokenizer": cfg.data.tokenizer, "seed": cfg.run.seed,
                "precision": cfg.deepspeed.precision, "sources": cfg.data.sources, "val_fraction": cfg.data.val_fraction,
                "max_line_chars": cfg.data.max_line_chars}
     if cfg.scaling.strategy != "deepspeed":  # only when set: the default keeps the hashes of earlier evaluations

@@ -61,6 +61,7 @@ def run(cfg: RunConfig, *, cluster_cpus: float, model=None, plan=None) -> Evalua
         return dataclasses.replace(plan.earlier, skipped=True)
     params = {**flatten({"evaluate": cfg.to_dict()["evaluate"]}), "evaluate.models": ", ".join(m.key for m in plan.models)}
     with tracking.stage_run("evaluate", params=params):
+        log_task_data(plan.data)
         out = _score(cfg, plan, cluster_cpus=cluster_cpus)
     return write_record(cfg, "evaluate", EvaluateRecord(
         name=plan.name, models=[dataclasses.asdict(m) for m in plan.models], seconds=time.perf_counter() - t0, **out))
@@ -108,15 +109,49 @@ def load_tasks(cfg: RunConfig, *, announce: bool = True) -> dict[str, loaders.Ta
                           distill_sources=tuple(cfg.data.sources), val_fraction=cfg.data.val_fraction,
                           max_line_chars=cfg.data.max_line_chars,
                           dev_fraction=e.dev_fraction, max_train_examples=e.max_train_examples,
-                          max_dev_examples=e.max_dev_examples)
+                          max_dev_examples=e.max_dev_examples, skip_bad_rows=e.skip_bad_rows)
     out = {}
     for spec in task_specs.parse_all(e.tasks):
         out[spec.name] = loaders.load(spec, src)
         d = out[spec.name]
         if announce:
             print(f"[distil] evaluate: task {spec.name}: {len(d.train)} train, {len(d.dev)} dev examples, "
-                  f"{'regression' if spec.regression else f'{d.num_labels} classes'}", flush=True)
+                  f"{'regression' if spec.regression else f'{d.num_labels} classes'}{_left_out(d)}", flush=True)
     return out
+
+
+def _left_out(d: loaders.TaskData) -> str:
+    """"; rows left out: train.tsv 3 (line 12: 4 fields, the header has 6; …), dev.tsv 0", or "" when none were."""
+    if not (d.train.bad_rows or d.dev.bad_rows):
+        return ""
+    parts = [f"{os.path.basename(ex.origin) or split} {len(ex.bad_rows):,}"
+             + (f" ({'; '.join(ex.bad_rows[:2])}{'; …' if len(ex.bad_rows) > 2 else ''})" if ex.bad_rows else "")
+             for split, ex in (("train", d.train), ("dev", d.dev))]
+    return "; rows left out: " + ", ".join(parts)
+
+
+def task_data_metrics(data: dict[str, loaders.TaskData]) -> dict[str, float]:
+    """Per task, the examples read and the rows of its files left out (evaluate.skip_bad_rows), as metrics of the
+    stage's run: ``data/<task>/num_{train,dev}_examples`` and ``data/<task>/num_{train,dev}_rows_left_out``."""
+    out = {}
+    for task, d in data.items():
+        for split, ex in (("train", d.train), ("dev", d.dev)):
+            out[f"data/{task}/num_{split}_examples"] = float(len(ex))
+            out[f"data/{task}/num_{split}_rows_left_out"] = float(len(ex.bad_rows))
+    return out
+
+
+def log_task_data(data: dict[str, loaders.TaskData]) -> None:
+    """Log :func:`task_data_metrics` to the active MLflow run and, when rows were left out, every one of them (file,
+    line and why) as ``evaluation/rows_left_out.json``."""
+    import mlflow
+
+    mlflow.log_metrics(task_data_metrics(data))
+    left_out = {task: {split: {"file": ex.origin, "rows": ex.bad_rows} for split, ex in (("train", d.train), ("dev", d.dev))
+                       if ex.bad_rows}
+                for task, d in data.items() if d.train.bad_rows or d.dev.bad_rows}
+    if left_out:
+        mlflow.log_dict(left_out, "evaluation/rows_left_out.json")
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from pipeline import checkpoint as checkpoint_lib, registry, storage, teachers, tracking
+from pipeline import assets, checkpoint as checkpoint_lib, registry, storage, teachers, tracking
 from pipeline.config import RunConfig
 from pipeline.records import Candidate, EvaluateRecord, RegisterRecord
 from pipeline.stages.store import load_record, optional, write_record
@@ -25,6 +25,7 @@ def run(cfg: RunConfig, *, stages: tuple[str, ...] = ("distill", "sweep"), candi
     scored = with_eval_metrics([candidate] if candidate else _candidates(cfg, stages), evaluated)
     best = scored[0] if candidate else registry.choose(scored, cfg.tracking)
     model_dir = best.model_dir or registry.local_model_dir(driver.model_uri(best.checkpoint), cfg.cache_dir)
+    student, tokenizer = registry.load_student(model_dir)  # refused here, before the stage's run, if it does not fit
     lineage = {"source": best.source, "checkpoint": best.checkpoint, "git_sha": tracking.git_sha()}
     teacher_model = None
     prepare_rec, teacher_rec = optional(cfg, "prepare"), optional(cfg, "teacher")
@@ -32,10 +33,8 @@ def run(cfg: RunConfig, *, stages: tuple[str, ...] = ("distill", "sweep"), candi
         lineage.update(manifest_tags(prepare_rec.manifest))
     if teacher_rec:
         lineage.update(teacher_tags(teacher_rec.teacher_uri, cfg.cache_dir))
-        teacher_model = teachers.load_teacher(teacher_rec.teacher_uri, cache_root=cfg.cache_dir)
-    import transformers
-
-    student = transformers.AutoModelForMaskedLM.from_pretrained(model_dir)
+        teacher_model = teachers.load_teacher(teacher_rec.teacher_uri, cache_root=cfg.cache_dir,
+                                              num_tokens=assets.tokenizer_rows(tokenizer))  # sizes without padded rows
     ckpt_config = storage.read_json(storage.join(best.checkpoint, checkpoint_lib.CONFIG_FILE)) if best.model_dir is None else None
     card = registry.model_card(name=cfg.tracking.model_name, model=student, teacher=teacher_model, metrics=best.metrics,
                                lineage=lineage, config=(ckpt_config or {}).get("config"),

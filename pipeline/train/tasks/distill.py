@@ -38,14 +38,14 @@ class DistillTask(MaskedLMTask):
         return self.ctx.cfg.optim
 
     def build(self) -> torch.nn.Module:
-        """The student, from a teacher padded to ``compute.pad_vocab_multiple`` rows (the student inherits the padded
-        table); with ``compute.compile`` the teacher's encoder and head and the student are compiled in place
-        (``nn.Module.compile``: their state_dict keys, checkpoints and exports do not change)."""
-        cfg, vocab = self.ctx.cfg, len(self.ctx.tokenizer)
-        self.teacher = teachers.load_teacher(self.ctx.work.teacher_uri, cache_root=cfg.cache_dir,
-                                           dtype=cfg.teacher.dtype).to(self.ctx.device)
-        if self.teacher.config.vocab_size < vocab:
-            raise ValueError(f"teacher vocab ({self.teacher.config.vocab_size}) is smaller than the tokenizer's ({vocab})")
+        """The student, from a teacher cut to the tokenizer's rows (its own padded rows, as NVIDIA's 30,528 for
+        30,522 tokens, would be logits for ids no text has) and then padded to ``compute.pad_vocab_multiple`` rows
+        with −inf logits (the student inherits the padded table; export cuts it back); with ``compute.compile`` the
+        teacher's encoder and head and the student are compiled in place (``nn.Module.compile``: their state_dict
+        keys, checkpoints and exports do not change)."""
+        cfg = self.ctx.cfg
+        self.teacher = teachers.load_teacher(self.ctx.work.teacher_uri, cache_root=cfg.cache_dir, dtype=cfg.teacher.dtype,
+                                             num_tokens=assets.tokenizer_rows(self.ctx.tokenizer)).to(self.ctx.device)
         self.real_vocab = models.pad_vocab(self.teacher, cfg.compute.pad_vocab_multiple)
         student = models.build_student(cfg.student, self.teacher, seed=cfg.run.seed)
         models.mask_padded_logits(student, self.real_vocab)  # a random-init student has no −inf bias to copy
@@ -53,9 +53,6 @@ class DistillTask(MaskedLMTask):
             for module in (self.teacher.bert, self.teacher.cls, student):
                 module.compile(mode=cfg.compute.compile)
         return student
-
-    def export(self, model, out_dir: str) -> str:
-        return assets.export_model(models.unpadded(model, self.real_vocab), self.ctx.tokenizer, out_dir)
 
     def _teacher(self):
         return self.teacher
