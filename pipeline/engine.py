@@ -51,8 +51,9 @@ def build_ds_config(ds: DeepSpeedSection, optim: OptimSection, *, world_size: in
                 "total_num_steps": optim.max_steps,
                 "warmup_min_lr": 0.0,
                 "warmup_max_lr": optim.lr,
-                # DeepSpeed refuses 0 ("must be a positive integer"): no warmup is its minimum, one step
-                "warmup_num_steps": max(1, min(optim.warmup_steps, optim.max_steps - 1)),
+                # DeepSpeed refuses 0 ("must be a positive integer"): no warmup is its minimum, one step (which it
+                # stretches to 2, WarmupDecay). A warmup as long as the run is refused by the config's checks.
+                "warmup_num_steps": max(1, optim.warmup_steps),
                 "warmup_type": "linear",
             },
         },

@@ -1,6 +1,7 @@
 """Bad and surprising config input: each case has the behaviour a user expects."""
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -42,11 +43,11 @@ def test_scientific_notation_is_a_number_wherever_one_is_expected(tmp_path, type
 
 
 def test_numbers_inside_lists_and_sweep_spaces_and_integer_fields(tmp_path):
-    cfg = _load(tmp_path, "run: {name: t}\noptim: {betas: [9e-1, 9.8e-1], max_steps: 1e3, warmup_steps: 1_000}\n"
+    cfg = _load(tmp_path, "run: {name: t}\noptim: {betas: [9e-1, 9.8e-1], max_steps: 1e3, warmup_steps: 1_00}\n"
                           "sweep: {space: {optim.lr: {type: loguniform, low: 1e-5, high: 1e-3}}}\n")
     assert cfg.optim.betas == [0.9, 0.98]
     assert cfg.optim.max_steps == 1000 and isinstance(cfg.optim.max_steps, int)
-    assert cfg.optim.warmup_steps == 1000
+    assert cfg.optim.warmup_steps == 100
     assert cfg.sweep.space["optim.lr"] == {"type": "loguniform", "low": 1e-5, "high": 1e-3}
     assert _load(tmp_path, "run: {name: t}\noptim: {micro_batch_size: 008}\n").optim.micro_batch_size == 8  # not octal
 
@@ -246,7 +247,7 @@ def test_probe_values_cover_both_ends_and_the_middle():
 
 
 def test_yaml_anchors_and_merge_keys_still_work(tmp_path):
-    cfg = _load(tmp_path, "run: {name: t}\noptim: &o {lr: 1e-4, max_steps: 7}\nteacher_optim:\n  <<: *o\n  max_steps: 9\n")
+    cfg = _load(tmp_path, "run: {name: t}\noptim: &o {lr: 1e-4, max_steps: 7, warmup_steps: 2}\nteacher_optim:\n  <<: *o\n  max_steps: 9\n")
     assert (cfg.teacher_optim.lr, cfg.teacher_optim.max_steps, cfg.optim.max_steps) == (1e-4, 9, 7)
 
 
@@ -324,21 +325,88 @@ def test_an_override_that_yaml_reads_as_a_mapping_is_the_text_typed_unless_writt
         RunConfig().with_overrides(parse_overrides(["optim.lr="]))
 
 
-@pytest.mark.parametrize("warmup,max_steps", [(0, 100), (10, 1), (0, 1)])
+@pytest.mark.parametrize("warmup,max_steps", [(0, 100), (0, 1), (59, 60), (1, 2)])
 def test_no_warmup_and_a_one_step_run_give_a_schedule_deepspeed_accepts(warmup, max_steps):
-    """optim.warmup_steps=0 is valid config, and DeepSpeed's WarmupDecayLR refuses warmup_num_steps=0."""
+    """optim.warmup_steps=0 is valid config, and DeepSpeed's WarmupDecayLR refuses warmup_num_steps=0; the longest
+    warmup the checks accept reaches DeepSpeed as it is."""
     import torch
     from deepspeed.runtime.lr_schedules import WarmupDecayLR
 
     from pipeline import engine
 
     optim = RunConfig().optim.__class__(warmup_steps=warmup, max_steps=max_steps)
+    assert checks.problems(RunConfig(optim=optim)) == []
     ds = engine.build_ds_config(RunConfig().deepspeed, optim, world_size=1, use_gpu=False)
     params = ds["scheduler"]["params"]
-    assert params["warmup_num_steps"] == 1
+    assert params["warmup_num_steps"] == max(warmup, 1) and params["total_num_steps"] == max_steps
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=optim.lr)
     WarmupDecayLR(opt, total_num_steps=params["total_num_steps"], warmup_num_steps=params["warmup_num_steps"],
                   warmup_max_lr=params["warmup_max_lr"])
+
+
+# ---- two settings that must agree: refused at load time, never clamped or left to a library -----------------
+@pytest.mark.parametrize("section", ["optim", "teacher_optim"])
+@pytest.mark.parametrize("warmup,max_steps", [(600, 60), (60, 60), (10, 1), (1, 1)])
+def test_a_warmup_as_long_as_the_run_is_refused_naming_both_keys(tmp_path, section, warmup, max_steps):
+    """The schedule used to cut such a warmup to max_steps − 1 without a word."""
+    with pytest.raises(ValueError) as e:
+        _load(tmp_path, "run: {name: t}\n", [f"{section}.warmup_steps={warmup}", f"{section}.max_steps={max_steps}"])
+    (line,) = str(e.value).splitlines()[1:]
+    assert line == (f"  - {section}.warmup_steps={warmup} >= {section}.max_steps={max_steps}: the learning rate warms up "
+                    f"over at most max_steps − 1 = {max_steps - 1} steps and then decays to 0 by the last; lower "
+                    f"{section}.warmup_steps (e.g. {max_steps // 10}) or raise {section}.max_steps")
+
+
+@pytest.mark.parametrize("space,sample", [
+    ("optim.warmup_steps: {type: choice, values: [5, 80]}", "optim.warmup_steps=80"),
+    ("optim.warmup_steps: {type: grid, values: [5, 60]}", "optim.warmup_steps=60"),
+    ("optim.max_steps: {type: choice, values: [60, 8]}", "optim.max_steps=8"),
+])
+def test_a_warmup_a_sweep_can_make_as_long_as_its_trial_is_refused(tmp_path, space, sample):
+    with pytest.raises(ValueError) as e:
+        _load(tmp_path, f"run: {{name: t}}\noptim: {{max_steps: 60, warmup_steps: 10}}\nsweep:\n  space:\n    {space}\n")
+    assert f"sweep.space can produce a trial with {sample}: optim.warmup_steps=" in str(e.value)
+    assert ">= optim.max_steps=" in str(e.value)
+
+
+@pytest.mark.parametrize("sets,message", [
+    (["sweep.grace_period=100", "optim.max_steps=60"], "sweep.grace_period=100 > optim.max_steps=60: ASHA lets a trial"),
+    (["sweep.grace_period=61", "optim.max_steps=60", "optim.warmup_steps=6"], "sweep.grace_period=61 > optim.max_steps=60"),
+    (["sweep.grace_period=100", "optim.max_steps=200",
+      "sweep.space={optim.max_steps: {type: choice, values: [200, 60]}}"],
+     "sweep.space can produce a trial with optim.max_steps=60: sweep.grace_period=100 > optim.max_steps=60"),
+    (["sweep.grace_period=100", "optim.max_steps=200",
+      "sweep.space={optim.max_steps: {type: grid, values: [50, 400]}}"],
+     "sweep.space can produce a trial with optim.max_steps=50: sweep.grace_period=100 > optim.max_steps=50"),
+])
+def test_a_grace_period_beyond_a_trials_steps_is_refused_at_load_time(tmp_path, sets, message):
+    """Ray's ASHA asserted grace_period <= max_t only when the sweep stage built it, after prepare, teacher and
+    distill had run; and a trial shorter than the grace period could never be stopped early."""
+    with pytest.raises(ValueError, match=re.escape(message)) as e:
+        _load(tmp_path, "run: {name: t}\n", sets)
+    assert "lower sweep.grace_period" in str(e.value) and "or raise optim.max_steps" in str(e.value)
+
+
+@pytest.mark.parametrize("sets", [["sweep.grace_period=60", "optim.max_steps=60"],
+                                  ["sweep.grace_period=100", "optim.max_steps=100",
+                                   "sweep.space={optim.max_steps: {type: choice, values: [100, 400]}}"]])
+def test_every_grace_period_the_checks_accept_builds_asha(tmp_path, sets):
+    from pipeline.train import sweep
+
+    cfg = _load(tmp_path, "run: {name: t}\n", sets)
+    assert sweep.scheduler(cfg)._max_t >= cfg.sweep.grace_period  # Ray's own assertion passed
+
+
+@pytest.mark.parametrize("sets,message", [
+    (["faults.fail_at_step=500"], "faults.fail_at_step=500 comes after the last step of every training run "
+                                  "(optim.max_steps=100, teacher_optim.max_steps=100)"),
+    (["faults.fail_at_step=-3"], "faults.fail_at_step=-3: use 0 (never) or a step of the run"),
+])
+def test_a_rehearsed_failure_that_could_never_happen_is_refused(tmp_path, sets, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _load(tmp_path, "run: {name: t}\n", sets)
+    assert _load(tmp_path, "run: {name: t}\n", ["faults.fail_at_step=150", "teacher_optim.max_steps=150",
+                                                  "teacher_optim.warmup_steps=10"]).faults.fail_at_step == 150
 
 
 def test_an_empty_section_and_a_null_list_say_what_to_write(tmp_path):

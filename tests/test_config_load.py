@@ -29,7 +29,7 @@ def test_distilbert_base_is_the_papers_recipe():
 
 def test_cli_override_wins_over_yaml(tmp_path):
     p = tmp_path / "c.yaml"
-    p.write_text("run: {name: t}\nloss: {temperature: 3.0}\noptim: {max_steps: 7}\n")
+    p.write_text("run: {name: t}\nloss: {temperature: 3.0}\noptim: {max_steps: 7, warmup_steps: 1}\n")
     cfg = load_config(p, ["loss.temperature=4", "student.layer_map=[0, 3]"])
     assert cfg.loss.temperature == 4.0 and isinstance(cfg.loss.temperature, float)
     assert cfg.optim.max_steps == 7

@@ -168,6 +168,11 @@ def _optim(cfg: RunConfig) -> list[str]:
         if o.lr <= 0 or o.warmup_steps < 0 or o.weight_decay < 0 or o.eps <= 0 or o.grad_clip < 0:
             p.append(f"{name}: lr and eps must be > 0, warmup_steps, weight_decay and grad_clip >= 0 (got lr={o.lr}, "
                      f"eps={o.eps}, warmup_steps={o.warmup_steps}, weight_decay={o.weight_decay}, grad_clip={o.grad_clip})")
+        if o.warmup_steps >= o.max_steps >= 1 and o.warmup_steps:  # else the schedule would cut it short silently
+            p.append(f"{name}.warmup_steps={o.warmup_steps} >= {name}.max_steps={o.max_steps}: the learning rate "
+                     f"warms up over at most max_steps − 1 = {o.max_steps - 1} steps and then decays to 0 by the last; "
+                     f"lower {name}.warmup_steps (e.g. {o.max_steps // 10}) or "
+                     f"raise {name}.max_steps")
         if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
             p.append(f"{name}.betas={o.betas}: give two values in [0, 1), e.g. [0.9, 0.98]")
         w = cfg.scaling.num_workers
@@ -187,6 +192,13 @@ def _optim(cfg: RunConfig) -> list[str]:
                  "(30,522 → 30,528 rows)")
     if cfg.compute.compile == "reduce-overhead" and not cfg.scaling.use_gpu:
         p.append("compute.compile=reduce-overhead needs a GPU (it captures CUDA graphs): use default on CPU, or none")
+    fail, longest = cfg.faults.fail_at_step, max(cfg.optim.max_steps, cfg.teacher_optim.max_steps)
+    if fail > longest >= 1:
+        p.append(f"faults.fail_at_step={fail} comes after the last step of every training run (optim.max_steps="
+                 f"{cfg.optim.max_steps}, teacher_optim.max_steps={cfg.teacher_optim.max_steps}), so no failure "
+                 "would be rehearsed: use a step within a run, or 0 for none")
+    elif fail < 0:
+        p.append(f"faults.fail_at_step={fail}: use 0 (never) or a step of the run")
     if cfg.checkpoint.every_steps < 1 or cfg.eval.every_steps < 1:
         p.append("checkpoint.every_steps and eval.every_steps must be >= 1")
     if cfg.checkpoint.keep < 1 or cfg.eval.max_batches < 1:
@@ -230,6 +242,11 @@ def _sweep(cfg: RunConfig) -> list[str]:
                  "jobs.pipeline --skip-sweep instead)")
     if sw.grace_period < 1 or sw.max_concurrent < 0:
         p.append(f"sweep.grace_period={sw.grace_period} must be >= 1 and sweep.max_concurrent={sw.max_concurrent} >= 0")
+    elif sw.grace_period > cfg.optim.max_steps >= 1:  # Ray's ASHA asserts grace_period <= max_t, once the sweep starts
+        p.append(f"sweep.grace_period={sw.grace_period} > optim.max_steps={cfg.optim.max_steps}: ASHA lets a trial run "
+                 "grace_period steps before it may stop it, so no trial could be stopped early (and Ray refuses a "
+                 "grace period beyond the longest trial); lower sweep.grace_period, e.g. to "
+                 f"{max(cfg.optim.max_steps // 4, 1)}, or raise optim.max_steps")
     if sw.trial_driver_cpus <= 0:
         p.append("sweep.trial_driver_cpus must be > 0: Ray refuses a trial that asks for 0 CPU (use 0.01)")
     for key, spec in sw.space.items():

@@ -155,7 +155,9 @@ class OptimSection:
     micro_batch_size: int = 16  # rows per worker per forward/backward (optim's is also the validation batch size)
     grad_accum: int = 1  # micro-batches accumulated per worker per optimizer step
     lr: float = 5e-4  # peak learning rate after warmup (AdamW), per optimizer step
-    warmup_steps: int = 10  # optimizer steps of linear warmup from 0 to lr (at most max_steps − 1)
+    # optimizer steps of linear warmup from 0 to lr, fewer than max_steps (DeepSpeed's WarmupDecayLR warms up over
+    # at least 2 steps, the first at lr 0, so 0, 1 and 2 give the same schedule)
+    warmup_steps: int = 10
     weight_decay: float = 0.01  # AdamW's decoupled weight decay; none on biases and LayerNorm weights
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])  # AdamW's (β1, β2), each in [0, 1)
     eps: float = 1e-6  # AdamW's ε, added to the denominator
@@ -225,7 +227,9 @@ class ScalingSection:
 class FaultsSection:
     """Rehearse a failure in the training loop (pipeline/train/worker.py), to test recovery."""
 
-    fail_at_step: int = 0  # rank 0 raises after this optimizer step, once (not after a resume); 0 means never
+    # rank 0 raises after this optimizer step of each training run that reaches it, once (not after a resume);
+    # 0 means never
+    fail_at_step: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -239,7 +243,7 @@ class SweepSection:
     metric: str = "val/mlm_loss"  # the held-out metric ASHA stops trials by and the sweep ranks them by
     mode: str = "min"  # min | max: the better direction of metric
     # Optimizer steps a trial runs before ASHA may stop it (its time unit is the reported "step"); rungs sit at
-    # grace_period × 2^k steps, judged at the evaluations (eval.every_steps)
+    # grace_period × 2^k steps, judged at the evaluations (eval.every_steps); at most every optim.max_steps sampled
     grace_period: int = 1
     max_concurrent: int = 0  # trials at once at most; 0 means derived from the cluster's CPUs and the scaling section
     trial_driver_cpus: float = 0.01  # logical CPUs Ray reserves for each trial's driver (which runs its TorchTrainer)
