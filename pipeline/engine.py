@@ -32,12 +32,18 @@ def resolve_precision(ds: DeepSpeedSection, *, use_gpu: bool) -> str:
 
 
 def build_ds_config(ds: DeepSpeedSection, optim: OptimSection, *, world_size: int, use_gpu: bool) -> dict:
-    """The DeepSpeed JSON config. global batch = world_size × micro-batch × accumulation."""
+    """The DeepSpeed JSON config. global batch = world_size × micro-batch × accumulation.
+
+    ZeRO-Offload keeps the optimizer given to :func:`initialize` (torch's AdamW) rather than DeepSpeed's
+    compiled CPU Adam, which DeepSpeed would otherwise demand with a ZeRORuntimeException in every worker:
+    ``zero_force_ds_cpu_optimizer`` is off."""
     precision = resolve_precision(ds, use_gpu=use_gpu)
     zero: dict = {"stage": ds.zero_stage}
-    if ds.zero_stage > 0 and ds.offload_optimizer:
+    offload = ds.zero_stage > 0 and ds.offload_optimizer
+    if offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
     return {
+        **({"zero_force_ds_cpu_optimizer": False} if offload else {}),
         "train_batch_size": world_size * optim.micro_batch_size * optim.grad_accum,
         "train_micro_batch_size_per_gpu": optim.micro_batch_size,
         "gradient_accumulation_steps": optim.grad_accum,

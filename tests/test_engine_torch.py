@@ -1,6 +1,7 @@
 """The plain-PyTorch engine (``scaling.strategy: ddp``) keeps DeepSpeed's contract, without Ray: the LR schedule
 step by step, accumulation, exact resume through checkpoint.py, bf16 autocast, the config checks, and on 2 gloo
-ranks DDP ≡ one big batch ≡ DeepSpeed ZeRO-2 (tests/test_engine.py runs it under Ray Train)."""
+ranks DDP ≡ one big batch ≡ DeepSpeed ZeRO-2 (tests/test_engine.py runs it under Ray Train); and
+``deepspeed.offload_optimizer`` training the same weights as ZeRO without it."""
 
 import os
 
@@ -203,3 +204,36 @@ def test_two_ranks_under_ddp_match_one_big_batch_and_zero2(tmp_path):
         assert lrs == lrs_one, name
         for k, v in params.items():
             torch.testing.assert_close(v, params_one[k], atol=atol, rtol=0, msg=f"{name} {k}")
+
+
+def _offloaded(rank: int, init_file: str, out_dir: str) -> None:
+    """One rank: 3 steps of ZeRO-2, then with the optimizer state offloaded to CPU memory."""
+    os.environ["LOCAL_RANK"] = "0"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
+    import deepspeed
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # as engine.initialize does on CPU
+    out = {}
+    for stage, offload in ((2, False), (2, True)):
+        ds = engine_lib.build_ds_config(DeepSpeedSection(zero_stage=stage, offload_optimizer=offload), OPTIM,
+                                        world_size=1, use_gpu=False)
+        engine = engine_lib.initialize(Toy(), ds, OPTIM, use_gpu=False)
+        lrs = _train(engine, 3)
+        with engine_lib.gathered_module(engine):
+            out[(stage, offload)] = (_params(engine), lrs)
+    torch.save(out, os.path.join(out_dir, "offloaded.pt"))
+    dist.destroy_process_group()
+
+
+def test_an_offloaded_optimizer_trains_the_same_weights_as_zero_without_it(tmp_path):
+    """DeepSpeed refused ZeRO-Offload with our optimizer (a ZeRORuntimeException asking for its compiled CPU Adam)
+    in every worker, after the earlier stages had run: the setting the config accepts must train."""
+    mp.spawn(_offloaded, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=1, join=True)
+    out = torch.load(tmp_path / "offloaded.pt", weights_only=True)
+    params, lrs = out[(2, False)]
+    for key in ((2, True),):
+        assert out[key][1] == lrs, key
+        for k, v in out[key][0].items():
+            torch.testing.assert_close(v, params[k], atol=1e-6, rtol=0, msg=f"{key} {k}")
+        assert any(not torch.equal(v, Toy().state_dict()[k]) for k, v in out[key][0].items())  # it trained
