@@ -342,7 +342,7 @@ def run(cfg, args, t_start: float) -> int:
         write_tables(result, args)
         print(json.dumps({"benchmark": "paper_tables", "wall_s": result["wall_s"], **result["verdicts"]}))
 
-    return cli.main_guard(body)
+    return cli.main_guard(body, cfg, job="paper_tables")
 
 
 def _model_uri(candidate) -> str:

@@ -8,7 +8,7 @@ from pipeline.stages import distill, store
 
 
 def main(argv=None) -> int:
-    cfg, _ = cli.parse(__doc__, argv)
+    cfg, _ = cli.parse(__doc__, argv, job="distill")
 
     def run():
         store.require_inputs(cfg, "distill")  # before Ray starts
@@ -16,7 +16,7 @@ def main(argv=None) -> int:
         (c,) = record.candidates
         print(json.dumps({"stage": "distill", "checkpoint": c.checkpoint, "metrics": c.metrics}))
 
-    return cli.main_guard(run)
+    return cli.main_guard(run, cfg, job="distill")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ def _flags(parser):
 
 
 def main(argv=None) -> int:
-    cfg, args = cli.parse(__doc__, argv, extra=_flags)
+    cfg, args = cli.parse(__doc__, argv, extra=_flags, job="evaluate")
 
     def run():
         cli.start(cfg, with_ray=False)  # the models and the tasks' data are checked before Ray starts
@@ -33,7 +33,7 @@ def main(argv=None) -> int:
         print(json.dumps({"stage": "evaluate", "models": [m["key"] for m in record.models],
                           "macro": {r["model"]: r["macro"] for r in record.table1["rows"]}}))
 
-    return cli.main_guard(run)
+    return cli.main_guard(run, cfg, job="evaluate")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ def _stage_names(parser):
 
 
 def main(argv=None) -> int:
-    cfg, args = cli.parse(__doc__, argv, extra=_stage_names)
+    cfg, args = cli.parse(__doc__, argv, extra=_stage_names, job="pipeline")
 
     def run():
         cli.start(cfg, with_ray=False, check_teacher=True)
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
             times[name] = (time.perf_counter() - t, record.skipped)
         print(cli.summary(cfg, times, time.perf_counter() - t0))
 
-    return cli.main_guard(run)
+    return cli.main_guard(run, cfg, job="pipeline")
 
 
 if __name__ == "__main__":

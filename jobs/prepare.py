@@ -8,7 +8,7 @@ from pipeline.stages import prepare
 
 
 def main(argv=None) -> int:
-    cfg, _ = cli.parse(__doc__, argv)
+    cfg, _ = cli.parse(__doc__, argv, job="prepare")
 
     def run():
         cli.start(cfg)
@@ -17,7 +17,7 @@ def main(argv=None) -> int:
         print(json.dumps({"stage": "prepare", "cached": m.cached, "path": m.path, "counts": m.counts,
                           "splits": {k: v.num_sequences for k, v in m.splits.items()}}))
 
-    return cli.main_guard(run)
+    return cli.main_guard(run, cfg, job="prepare")
 
 
 if __name__ == "__main__":

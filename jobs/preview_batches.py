@@ -22,7 +22,7 @@ def _flags(parser):
 
 
 def main(argv=None) -> int:
-    cfg, args = cli.parse(__doc__, argv, extra=_flags)
+    cfg, args = cli.parse(__doc__, argv, extra=_flags, job="preview_batches")
     if args.num_batches < 1:
         print("error: --num-batches must be at least 1", file=sys.stderr)
         return 2
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
             pq.write_table(table, args.out)
             print(json.dumps({"out": args.out, "rows": table.num_rows, "columns": table.column_names}))
 
-    return cli.main_guard(run)
+    return cli.main_guard(run, cfg, job="preview_batches")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ def _flags(parser):
 
 
 def main(argv=None) -> int:
-    cfg, args = cli.parse(__doc__, argv, extra=_flags)
+    cfg, args = cli.parse(__doc__, argv, extra=_flags, job="register")
 
     def run():
         candidate = cli.hand_candidate(checkpoint=args.checkpoint, model_dir=args.model_dir, metric_pairs=args.metric)
@@ -30,7 +30,7 @@ def main(argv=None) -> int:
         print(json.dumps({"stage": "register", "uri": record.uri, "version": record.version, "new": record.new,
                           "aliases": record.aliases}))
 
-    return cli.main_guard(run)
+    return cli.main_guard(run, cfg, job="register")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from pipeline.stages import sweep, store
 
 
 def main(argv=None) -> int:
-    cfg, _ = cli.parse(__doc__, argv)
+    cfg, _ = cli.parse(__doc__, argv, job="sweep")
 
     def run():
         store.require_inputs(cfg, "sweep")  # before Ray starts
@@ -16,7 +16,7 @@ def main(argv=None) -> int:
         print(json.dumps({"stage": "sweep", "trials": [{"overrides": c.overrides, "metrics": c.metrics}
                                                         for c in record.candidates]}))
 
-    return cli.main_guard(run)
+    return cli.main_guard(run, cfg, job="sweep")
 
 
 if __name__ == "__main__":

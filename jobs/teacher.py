@@ -8,14 +8,14 @@ from pipeline.stages import teacher, store
 
 
 def main(argv=None) -> int:
-    cfg, _ = cli.parse(__doc__, argv)
+    cfg, _ = cli.parse(__doc__, argv, job="teacher")
 
     def run():
         store.require_inputs(cfg, "teacher")  # before Ray starts
         record = teacher.run(cfg, cluster_cpus=cli.start(cfg))
         print(json.dumps({"stage": "teacher", "teacher_uri": record.teacher_uri, "metrics": record.metrics}))
 
-    return cli.main_guard(run)
+    return cli.main_guard(run, cfg, job="teacher")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""What the job entrypoints (jobs/) share: the arguments, the config, Ray, MLflow, a readable failure, and what
-jobs print (the pipeline's summary, a hand-given candidate, previewed batches).
+"""What the job entrypoints (jobs/) share: the arguments, the config, Ray, MLflow, a readable failure (one line,
+the traceback in a log file: :func:`main_guard`), and what jobs print (the pipeline's summary, a hand-given
+candidate, previewed batches).
 
 Jobs import only this module and the stages (pipeline/stages/); tests/test_layering.py holds them to it.
 """
@@ -7,8 +8,11 @@ Jobs import only this module and the stages (pipeline/stages/); tests/test_layer
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import sys
+import tempfile
+import traceback
 
 from pipeline import assets, batches, checkpoint as checkpoint_lib, preflight, runtime, storage, tracking
 from pipeline.config import RunConfig, load_config
@@ -20,11 +24,12 @@ from pipeline.stages.training import datasets
 from pipeline.train import driver
 
 
-def parse(description: str, argv: list[str] | None = None, extra=None) -> tuple[RunConfig, argparse.Namespace]:
+def parse(description: str, argv: list[str] | None = None, extra=None, *, job: str = "job") -> tuple[RunConfig, argparse.Namespace]:
     """A job's arguments (``--config``, repeatable ``--set KEY=VALUE``, ``--verbose``, and what ``extra(parser)``
-    adds) and its loaded config. ``--verbose`` sets DISTIL_VERBOSE=1 for this process. Bad arguments or a config
-    that does not load (a ValueError from :func:`pipeline.config.load_config`) exit with status 2 and one
-    ``error: ...`` line (SystemExit, argparse's convention)."""
+    adds) and its loaded config; ``job`` names the job in a failure's line. ``--verbose`` sets DISTIL_VERBOSE=1
+    for this process. Bad arguments or a config that does not load (a ValueError from
+    :func:`pipeline.config.load_config`) exit with status 2 and one ``error: ...`` line (SystemExit, argparse's
+    convention); any other exception while loading exits with status 1 and :func:`report_failure`'s line."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", required=True, help="a YAML run config, e.g. configs/tiny.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -41,6 +46,8 @@ def parse(description: str, argv: list[str] | None = None, extra=None) -> tuple[
         cfg = load_config(args.config, args.overrides)
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")
+    except Exception as e:  # noqa: BLE001 -- one line and a log (main_guard), not a traceback
+        parser.exit(1, report_failure(job, e, None) + "\n")
     return cfg, args
 
 
@@ -72,14 +79,111 @@ def start_ray(cfg: RunConfig) -> float:
     return float(runtime.init_ray(cfg.run, env=runtime.configure_output(verbose=verbose), verbose=verbose).get("CPU", 0))
 
 
-def main_guard(fn) -> int:
-    """Run a job; a ValueError (bad input caught at the edge) prints one clear line, not a stack trace."""
+def main_guard(fn, cfg: RunConfig | None = None, *, job: str) -> int:
+    """Run the body ``fn`` of the job ``job`` ("distill") and return its exit status; never a bare traceback.
+
+    - 0 when ``fn`` returns.
+    - 2 for a ValueError (bad input caught at the edge): one ``error: …`` line, the root cause's message when it
+      came back from a Ray task.
+    - 130 for KeyboardInterrupt (Ctrl-C): one line saying that the same command resumes the job.
+    - 1 for any other exception: one line naming the root cause (through Ray's wrappers, :func:`root_cause`)
+      and a log file that holds the whole traceback (:func:`failure_log`: under ``<run.root>/<run.name>/logs/``
+      when ``cfg`` names a local run folder, else a temporary file); ``--verbose`` prints the traceback too.
+    """
     try:
         fn()
+    except KeyboardInterrupt:
+        print(f"[distil] {job} stopped by an interrupt (Ctrl-C): run the same command again to resume it",
+              file=sys.stderr)
+        return 130
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {root_cause(e)}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 -- the job's last word: one line and a log, whatever went wrong
+        print(report_failure(job, e, cfg), file=sys.stderr)
+        return 1
     return 0
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The exception behind Ray's wrappers: a ``RayTaskError``'s cause, a Ray Train ``WorkerGroupError``'s
+    failure of the lowest rank, a ``ControllerError``'s failure, and the ``__cause__`` of any other exception of
+    Ray's own (``ray.data.exceptions.UserCodeException``); ``exc`` itself when it wraps nothing."""
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        failures = getattr(exc, "worker_failures", None)
+        if _from_ray(exc) and isinstance(failures, dict) and failures:
+            inner = failures[min(failures)]
+        elif _from_ray(exc) and isinstance(getattr(exc, "controller_failure", None), BaseException):
+            inner = exc.controller_failure
+        elif _from_ray(exc) and isinstance(getattr(exc, "cause", None), BaseException):
+            inner = exc.cause
+        elif _from_ray(exc) and exc.__cause__ is not None:
+            inner = exc.__cause__
+        else:
+            return exc
+        exc = inner
+    return exc
+
+
+def _from_ray(exc: BaseException) -> bool:
+    return type(exc).__module__.split(".")[0] == "ray"
+
+
+def report_failure(job: str, exc: BaseException, cfg: RunConfig | None) -> str:
+    """The one line a job ends with after an unexpected exception: ``[distil] <job> failed: <Type>: <message>
+    (full traceback: <log>; rerun with --verbose to print it)``. Writes the traceback to :func:`failure_log`
+    first, and prints it to stderr too under ``--verbose``; when no log can be written, the traceback is printed
+    so that it is never lost."""
+    cause = root_cause(exc)
+    lines = str(cause).strip().splitlines()
+    shown = f"{type(cause).__name__}: {lines[0][:300]}" if lines else type(cause).__name__
+    text = "".join(traceback.format_exception(exc))
+    if cause is not exc:
+        text += "\nThe root cause, behind Ray's wrappers:\n" + "".join(traceback.format_exception(cause))
+    log = failure_log(job, cfg, f"distil {job} failed at {_now()}\ncommand: {' '.join(getattr(sys, 'orig_argv', sys.argv))}\n\n{text}")
+    verbose = _verbose()
+    if verbose or log is None:
+        print(text, file=sys.stderr, end="")
+    where = "above" if log is None else f"{'above and in' if verbose else 'in'} {log}"
+    hint = "" if verbose or log is None else "; rerun with --verbose to print it"
+    return f"[distil] {job} failed: {shown} (full traceback {where}{hint})"
+
+
+def failure_log(job: str, cfg: RunConfig | None, text: str) -> str | None:
+    """Write ``text`` to a new log file and return its path: ``<run.root>/<run.name>/logs/<job>-<UTC time>.log``
+    when ``cfg`` names a local run folder that can be written, else a ``distil-<job>-*.log`` in the system's
+    temporary folder (an s3:// run, a config that did not load); None when neither can be written."""
+    name = f"{job}-{_now().replace(':', '').replace('-', '')}"
+    if cfg is not None and not storage.is_s3(cfg.run_dir):
+        try:
+            folder = os.path.join(cfg.run_dir, "logs")
+            os.makedirs(folder, exist_ok=True)
+            path = os.path.join(folder, f"{name}.log")
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(text)
+            return path
+        except OSError:
+            pass  # an unwritable run folder: a temporary file
+    try:
+        fd, path = tempfile.mkstemp(prefix=f"distil-{name}-", suffix=".log")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        return path
+    except OSError:
+        return None
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _verbose() -> bool:
+    try:
+        return runtime.is_verbose()
+    except ValueError:  # a DISTIL_VERBOSE that is no switch: start() reports it; here, show the traceback
+        return True
 
 
 # ---- what jobs print ------------------------------------------------------------------------------------
