@@ -23,6 +23,8 @@ def main(argv=None) -> int:
         cli.start(cfg, with_ray=False, check_teacher=True)
         if cfg.evaluate.tasks:  # the downstream tasks' data, checked before hours of training
             evaluate.check_tasks(cfg)
+        if not args.skip_sweep:  # a space and a grace period the sweep can run with, before the stages ahead of it
+            sweep.check(cfg)
         cpus = cli.start_ray(cfg)
         # None: not run (no sweep with --skip-sweep; without evaluate.tasks the registry selects by a held-out MLM metric)
         runs = {"prepare": lambda: prepare.run(cfg),

@@ -11,7 +11,8 @@ def main(argv=None) -> int:
     cfg, _ = cli.parse(__doc__, argv, job="sweep")
 
     def run():
-        store.require_inputs(cfg, "sweep")  # before Ray starts
+        sweep.check(cfg)  # before Ray starts: a space and a grace period the sweep can run with
+        store.require_inputs(cfg, "sweep")
         record = sweep.run(cfg, cluster_cpus=cli.start(cfg))
         print(json.dumps({"stage": "sweep", "trials": [{"overrides": c.overrides, "metrics": c.metrics}
                                                         for c in record.candidates]}))

@@ -24,7 +24,8 @@ from pipeline.stages.training import datasets
 from pipeline.train import driver
 
 
-def parse(description: str, argv: list[str] | None = None, extra=None, *, job: str = "job") -> tuple[RunConfig, argparse.Namespace]:
+def parse(description: str, argv: list[str] | None = None, extra=None, *,
+          job: str = "job") -> tuple[RunConfig, argparse.Namespace]:
     """A job's arguments (``--config``, repeatable ``--set KEY=VALUE``, ``--verbose``, and what ``extra(parser)``
     adds) and its loaded config; ``job`` names the job in a failure's line. ``--verbose`` sets DISTIL_VERBOSE=1
     for this process. Bad arguments or a config that does not load (a ValueError from
@@ -142,7 +143,8 @@ def report_failure(job: str, exc: BaseException, cfg: RunConfig | None) -> str:
     text = "".join(traceback.format_exception(exc))
     if cause is not exc:
         text += "\nThe root cause, behind Ray's wrappers:\n" + "".join(traceback.format_exception(cause))
-    log = failure_log(job, cfg, f"distil {job} failed at {_now()}\ncommand: {' '.join(getattr(sys, 'orig_argv', sys.argv))}\n\n{text}")
+    command = " ".join(getattr(sys, "orig_argv", sys.argv))
+    log = failure_log(job, cfg, f"distil {job} failed at {_now()}\ncommand: {command}\n\n{text}")
     verbose = _verbose()
     if verbose or log is None:
         print(text, file=sys.stderr, end="")

@@ -238,6 +238,7 @@ def test_the_shipped_sweeps_probe_clean():
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         cfg = load_config(path)
         assert checks.sweep_problems(cfg) == []
+        assert checks.sweep_stage_problems(cfg) == [] or not cfg.sweep.space  # a config with no sweep: --skip-sweep
 
 
 def test_probe_values_cover_both_ends_and_the_middle():
@@ -247,7 +248,8 @@ def test_probe_values_cover_both_ends_and_the_middle():
 
 
 def test_yaml_anchors_and_merge_keys_still_work(tmp_path):
-    cfg = _load(tmp_path, "run: {name: t}\noptim: &o {lr: 1e-4, max_steps: 7, warmup_steps: 2}\nteacher_optim:\n  <<: *o\n  max_steps: 9\n")
+    cfg = _load(tmp_path, "run: {name: t}\noptim: &o {lr: 1e-4, max_steps: 7, warmup_steps: 2}\n"
+                          "teacher_optim:\n  <<: *o\n  max_steps: 9\n")
     assert (cfg.teacher_optim.lr, cfg.teacher_optim.max_steps, cfg.optim.max_steps) == (1e-4, 9, 7)
 
 
@@ -352,9 +354,9 @@ def test_a_warmup_as_long_as_the_run_is_refused_naming_both_keys(tmp_path, secti
     with pytest.raises(ValueError) as e:
         _load(tmp_path, "run: {name: t}\n", [f"{section}.warmup_steps={warmup}", f"{section}.max_steps={max_steps}"])
     (line,) = str(e.value).splitlines()[1:]
-    assert line == (f"  - {section}.warmup_steps={warmup} >= {section}.max_steps={max_steps}: the learning rate warms up "
-                    f"over at most max_steps − 1 = {max_steps - 1} steps and then decays to 0 by the last; lower "
-                    f"{section}.warmup_steps (e.g. {max_steps // 10}) or raise {section}.max_steps")
+    assert line == (f"  - {section}.warmup_steps={warmup} >= {section}.max_steps={max_steps}: the learning rate "
+                    f"warms up over at most max_steps − 1 = {max_steps - 1} steps and then decays to 0 by the last; "
+                    f"lower {section}.warmup_steps (e.g. {max_steps // 10}) or raise {section}.max_steps")
 
 
 @pytest.mark.parametrize("space,sample", [
@@ -364,37 +366,70 @@ def test_a_warmup_as_long_as_the_run_is_refused_naming_both_keys(tmp_path, secti
 ])
 def test_a_warmup_a_sweep_can_make_as_long_as_its_trial_is_refused(tmp_path, space, sample):
     with pytest.raises(ValueError) as e:
-        _load(tmp_path, f"run: {{name: t}}\noptim: {{max_steps: 60, warmup_steps: 10}}\nsweep:\n  space:\n    {space}\n")
+        _load(tmp_path, f"run: {{name: t}}\noptim: {{max_steps: 60, warmup_steps: 10}}\n"
+                        f"sweep:\n  space:\n    {space}\n")
     assert f"sweep.space can produce a trial with {sample}: optim.warmup_steps=" in str(e.value)
     assert ">= optim.max_steps=" in str(e.value)
 
 
 @pytest.mark.parametrize("sets,message", [
-    (["sweep.grace_period=100", "optim.max_steps=60"], "sweep.grace_period=100 > optim.max_steps=60: ASHA lets a trial"),
-    (["sweep.grace_period=61", "optim.max_steps=60", "optim.warmup_steps=6"], "sweep.grace_period=61 > optim.max_steps=60"),
+    (["sweep.grace_period=100", "optim.max_steps=60"],
+     "sweep.grace_period=100 > optim.max_steps=60: ASHA lets a trial"),
+    (["sweep.grace_period=61", "optim.max_steps=60", "optim.warmup_steps=6"],
+     "sweep.grace_period=61 > optim.max_steps=60"),
     (["sweep.grace_period=100", "optim.max_steps=200",
       "sweep.space={optim.max_steps: {type: choice, values: [200, 60]}}"],
      "sweep.space can produce a trial with optim.max_steps=60: sweep.grace_period=100 > optim.max_steps=60"),
     (["sweep.grace_period=100", "optim.max_steps=200",
       "sweep.space={optim.max_steps: {type: grid, values: [50, 400]}}"],
      "sweep.space can produce a trial with optim.max_steps=50: sweep.grace_period=100 > optim.max_steps=50"),
+    (["sweep.space={}"], "sweep.space is empty: declare at least one parameter"),
 ])
-def test_a_grace_period_beyond_a_trials_steps_is_refused_at_load_time(tmp_path, sets, message):
+def test_a_sweep_that_cannot_run_is_refused_by_the_jobs_that_run_it(tmp_path, sets, message):
     """Ray's ASHA asserted grace_period <= max_t only when the sweep stage built it, after prepare, teacher and
-    distill had run; and a trial shorter than the grace period could never be stopped early."""
+    distill had run (a trial shorter than the grace period could never be stopped early either); an empty space
+    was refused there too. Jobs that do not sweep load such a config: a distill run may be short."""
+    from pipeline.stages import sweep
+
+    cfg = _load(tmp_path, "run: {name: t}\nsweep: {space: {loss.temperature: {type: choice, values: [1, 2]}}}\n", sets)
     with pytest.raises(ValueError, match=re.escape(message)) as e:
-        _load(tmp_path, "run: {name: t}\n", sets)
-    assert "lower sweep.grace_period" in str(e.value) and "or raise optim.max_steps" in str(e.value)
+        sweep.check(cfg)
+    assert str(e.value).startswith("the sweep cannot run:\n  - ")
+    assert ("lower sweep.grace_period" in str(e.value) and "or raise optim.max_steps" in str(e.value)
+            or "jobs.pipeline --skip-sweep" in str(e.value))
+
+
+def test_the_pipeline_job_refuses_a_sweep_that_cannot_run_before_any_stage(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "jobs.pipeline", "--config", "configs/tiny.yaml", "--set",
+                           f"run.root={tmp_path}", "--set", "sweep.grace_period=100"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stderr.splitlines() == [
+        "error: the sweep cannot run:",
+        "  - sweep.grace_period=100 > optim.max_steps=60: ASHA lets a trial run grace_period steps before it may stop "
+        "it, so no trial could be stopped early (and Ray refuses a grace period beyond the longest trial); lower "
+        "sweep.grace_period, e.g. to 15, or raise optim.max_steps"]
+    assert "== prepare ==" not in proc.stdout and not (tmp_path / "tiny" / "stages").exists()  # no stage ran
 
 
 @pytest.mark.parametrize("sets", [["sweep.grace_period=60", "optim.max_steps=60"],
                                   ["sweep.grace_period=100", "optim.max_steps=100",
                                    "sweep.space={optim.max_steps: {type: choice, values: [100, 400]}}"]])
 def test_every_grace_period_the_checks_accept_builds_asha(tmp_path, sets):
+    from pipeline.stages import sweep as stage
     from pipeline.train import sweep
 
-    cfg = _load(tmp_path, "run: {name: t}\n", sets)
+    cfg = _load(tmp_path, "run: {name: t}\nsweep: {space: {loss.temperature: {type: choice, values: [1, 2]}}}\n", sets)
+    stage.check(cfg)
     assert sweep.scheduler(cfg)._max_t >= cfg.sweep.grace_period  # Ray's own assertion passed
+
+
+def test_a_run_shorter_than_the_sweeps_grace_period_loads_for_jobs_that_do_not_sweep():
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["optim.max_steps=4", "optim.warmup_steps=2"])
+    assert (cfg.optim.max_steps, cfg.sweep.grace_period) == (4, 20)
 
 
 @pytest.mark.parametrize("sets,message", [

@@ -14,7 +14,7 @@ The package, by module (each imports only those listed before it, and none impor
 - ``sweep_checks``: each ``sweep.space`` entry's checks, ``probe_values``, ``probe_samples``,
   ``SWEEPABLE_SECTIONS``, ``MAX_SWEEP_COMBINATIONS``.
 - ``checks``: semantic checks, ``validate()`` (one ``ValueError`` listing every problem), ``problems()``,
-  ``sweep_problems()``.
+  ``sweep_problems()``, ``sweep_stage_problems()`` (what only a run of the sweep stage meets).
 - ``load``: :func:`load_config` (a YAML file and ``--set`` overrides to a validated RunConfig) and
   ``resolve_paths``.
 

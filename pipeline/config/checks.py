@@ -8,7 +8,8 @@ a sweep can produce. What needs files or a model (the teacher's vocabulary, its 
 folder) is checked by pipeline/preflight.py.
 
 The per-section checks and :func:`problems` are here, with :func:`sweep_problems` (each probe sample of the
-space judged as a whole trial config); each space entry on its own and the probe samples are checked in
+space judged as a whole trial config) and :func:`sweep_stage_problems` (what only a sweep's run meets, checked by
+the jobs that run one); each space entry on its own and the probe samples are checked in
 pipeline/config/sweep_checks.py, and the metric tables come from pipeline/config/metrics.py.
 """
 
@@ -170,9 +171,8 @@ def _optim(cfg: RunConfig) -> list[str]:
                      f"eps={o.eps}, warmup_steps={o.warmup_steps}, weight_decay={o.weight_decay}, grad_clip={o.grad_clip})")
         if o.warmup_steps >= o.max_steps >= 1 and o.warmup_steps:  # else the schedule would cut it short silently
             p.append(f"{name}.warmup_steps={o.warmup_steps} >= {name}.max_steps={o.max_steps}: the learning rate "
-                     f"warms up over at most max_steps − 1 = {o.max_steps - 1} steps and then decays to 0 by the last; "
-                     f"lower {name}.warmup_steps (e.g. {o.max_steps // 10}) or "
-                     f"raise {name}.max_steps")
+                     f"warms up over at most max_steps − 1 = {o.max_steps - 1} steps and then decays to 0 by the "
+                     f"last; lower {name}.warmup_steps (e.g. {o.max_steps // 10}) or raise {name}.max_steps")
         if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
             p.append(f"{name}.betas={o.betas}: give two values in [0, 1), e.g. [0.9, 0.98]")
         w = cfg.scaling.num_workers
@@ -242,11 +242,6 @@ def _sweep(cfg: RunConfig) -> list[str]:
                  "jobs.pipeline --skip-sweep instead)")
     if sw.grace_period < 1 or sw.max_concurrent < 0:
         p.append(f"sweep.grace_period={sw.grace_period} must be >= 1 and sweep.max_concurrent={sw.max_concurrent} >= 0")
-    elif sw.grace_period > cfg.optim.max_steps >= 1:  # Ray's ASHA asserts grace_period <= max_t, once the sweep starts
-        p.append(f"sweep.grace_period={sw.grace_period} > optim.max_steps={cfg.optim.max_steps}: ASHA lets a trial run "
-                 "grace_period steps before it may stop it, so no trial could be stopped early (and Ray refuses a "
-                 "grace period beyond the longest trial); lower sweep.grace_period, e.g. to "
-                 f"{max(cfg.optim.max_steps // 4, 1)}, or raise optim.max_steps")
     if sw.trial_driver_cpus <= 0:
         p.append("sweep.trial_driver_cpus must be > 0: Ray refuses a trial that asks for 0 CPU (use 0.01)")
     for key, spec in sw.space.items():
@@ -257,11 +252,39 @@ def _sweep(cfg: RunConfig) -> list[str]:
 def sweep_problems(cfg: RunConfig) -> list[str]:
     """Validate the trial configs the sweep space can produce (every combination of the probe values, up to
     MAX_SWEEP_COMBINATIONS of them, pipeline/config/sweep_checks.py), before the first trial starts."""
+    return _per_sample(cfg, problems)
+
+
+def sweep_stage_problems(cfg: RunConfig) -> list[str]:
+    """What only a run of the sweep stage meets, one fix-it line each; [] when it can run. The jobs that run the
+    stage check it before anything starts (pipeline/stages/sweep.py ``check``), so that a sweep that cannot run
+    does not fail after prepare, teacher and distill: an empty ``sweep.space``, and a ``sweep.grace_period``
+    above ``optim.max_steps`` or above any ``optim.max_steps`` the space can sample (Ray's ASHA asserts
+    ``grace_period <= max_t`` only when the stage builds it, and a trial shorter than the grace period could
+    never be stopped early). Jobs that do not sweep are not held to it: a distill run may be shorter than the
+    sweep's grace period."""
+    if not cfg.sweep.space:
+        return ["sweep.space is empty: declare at least one parameter, e.g. loss.temperature: {type: choice, values: "
+                "[1, 2, 4]}, or skip the sweep (jobs.pipeline --skip-sweep)"]
+    return _grace(cfg) or _per_sample(cfg, _grace)
+
+
+def _grace(cfg: RunConfig) -> list[str]:
+    grace, steps = cfg.sweep.grace_period, cfg.optim.max_steps
+    if grace <= steps or steps < 1:
+        return []
+    return [f"sweep.grace_period={grace} > optim.max_steps={steps}: ASHA lets a trial run grace_period steps before "
+            "it may stop it, so no trial could be stopped early (and Ray refuses a grace period beyond the longest "
+            f"trial); lower sweep.grace_period, e.g. to {max(steps // 4, 1)}, or raise optim.max_steps"]
+
+
+def _per_sample(cfg: RunConfig, judge) -> list[str]:
+    """``judge``'s problems of each probe sample's trial config (at most 5 distinct ones, each with a sample)."""
     found: dict[str, str] = {}
     for sample in probe_samples(cfg):
         try:
             trial = cfg.with_overrides(sample)
-            message = "; ".join(problems(trial))
+            message = "; ".join(judge(trial))
         except ValueError as e:
             message = str(e)
         if message and message not in found:

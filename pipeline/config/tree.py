@@ -243,7 +243,8 @@ class SweepSection:
     metric: str = "val/mlm_loss"  # the held-out metric ASHA stops trials by and the sweep ranks them by
     mode: str = "min"  # min | max: the better direction of metric
     # Optimizer steps a trial runs before ASHA may stop it (its time unit is the reported "step"); rungs sit at
-    # grace_period × 2^k steps, judged at the evaluations (eval.every_steps); at most every optim.max_steps sampled
+    # grace_period × 2^k steps, judged at the evaluations (eval.every_steps); at most optim.max_steps (and every
+    # optim.max_steps the space samples)
     grace_period: int = 1
     max_concurrent: int = 0  # trials at once at most; 0 means derived from the cluster's CPUs and the scaling section
     trial_driver_cpus: float = 0.01  # logical CPUs Ray reserves for each trial's driver (which runs its TorchTrainer)

@@ -8,20 +8,28 @@ import os
 import time
 
 from pipeline import storage, tracking
-from pipeline.config import RunConfig, flatten, sweep_checks
+from pipeline.config import RunConfig, checks, flatten, sweep_checks
 from pipeline.records import SweepParent, TrainRecord, TrialConfig
 from pipeline.stages.store import finished, read_record, write_record
 from pipeline.stages.training import TRAIN_SECTIONS, datasets, lineage, manifest_path, replicated, run_name
 from pipeline.train import driver, sweep as sweep_lib
 
 
+def check(cfg: RunConfig) -> None:
+    """Raise one ValueError listing what would stop the sweep (:func:`pipeline.config.checks.sweep_stage_problems`:
+    an empty space, a grace period longer than a trial). The jobs that run the stage call it before Ray starts,
+    so that the sweep does not fail after the stages before it."""
+    if problems := checks.sweep_stage_problems(cfg):
+        raise ValueError("the sweep cannot run:\n  - " + "\n  - ".join(problems))
+
+
 def run(cfg: RunConfig, *, cluster_cpus: float) -> TrainRecord:
-    """Ray Tune over ``sweep.space`` (pipeline/train/sweep.py); one candidate per trial with a final checkpoint."""
+    """Ray Tune over ``sweep.space`` (pipeline/train/sweep.py); one candidate per trial with a final checkpoint.
+    ValueError first for what :func:`check` refuses."""
     t0 = time.perf_counter()
+    check(cfg)
     manifest = read_record(cfg, "prepare", needed_by="sweep").manifest
     teacher_uri = read_record(cfg, "teacher", needed_by="sweep").teacher_uri
-    if not cfg.sweep.space:
-        raise ValueError("sweep.space is empty: declare at least one parameter, e.g. loss.temperature: {type: choice, values: [1, 2, 4]}")
     driver.check_batches(cfg, manifest, cfg.optim)
     for sample in sweep_checks.probe_samples(cfg):  # a sampled micro-batch size must fit the data too
         try:
