@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline import assets, checkpoint, models
+from pipeline import assets, checkpoint, cli, models
 from pipeline.config import TeacherSection, load_config
 from pipeline.corpus import loading, prepare
 from pipeline.train import driver
@@ -58,8 +58,12 @@ def _fit(setup, name, *overrides, expect_failure=False, teacher="teacher"):
 
         step = cfg.faults.fail_at_step
         with pytest.raises(ray.train.WorkerGroupError,
-                           match=rf"faults\.fail_at_step={step}: injected failure after step {step}"):
+                           match=rf"faults\.fail_at_step={step}: injected failure after step {step}") as failed:
             driver.fit(cfg, name=name, datasets=setup["datasets"], work=work)
+        # A job's last line names the worker's own exception behind Ray's wrapper, and the log holds the rest.
+        line = cli.report_failure("distill", failed.value, cfg)
+        assert line.startswith(f"[distil] distill failed: RuntimeError: faults.fail_at_step={step}: injected failure "
+                               f"after step {step} (full traceback in {cfg.run_dir}/logs/distill-"), line
         return None
     result = driver.fit(cfg, name=name, datasets=setup["datasets"], work=work)
     assert result.metrics["step"] == STEPS
