@@ -26,6 +26,7 @@ def main(argv=None) -> int:
         if not args.skip_sweep:  # a space and a grace period the sweep can run with, before the stages ahead of it
             sweep.check(cfg)
         cpus = cli.start_ray(cfg)
+        cli.check_cluster(cfg, cpus, sweep=not args.skip_sweep, evaluate=bool(cfg.evaluate.tasks))
         # None: not run (no sweep with --skip-sweep; without evaluate.tasks the registry selects by a held-out MLM metric)
         runs = {"prepare": lambda: prepare.run(cfg),
                 "teacher": lambda: teacher.run(cfg, cluster_cpus=cpus),

@@ -16,12 +16,13 @@ import traceback
 
 from pipeline import assets, batches, checkpoint as checkpoint_lib, preflight, runtime, storage, tracking
 from pipeline.config import RunConfig, load_config
+from pipeline.evaluate import units
 from pipeline.evaluate.units import Model
 from pipeline.records import Candidate
 from pipeline.stages import store
 from pipeline.stages.prepare import prepare_data
 from pipeline.stages.training import datasets
-from pipeline.train import driver
+from pipeline.train import driver, sweep as sweep_lib
 
 
 def parse(description: str, argv: list[str] | None = None, extra=None, *,
@@ -78,6 +79,18 @@ def start_ray(cfg: RunConfig) -> float:
     """Connect to Ray after ``start(cfg, with_ray=False)`` (a job that checks its input first); returns the CPUs."""
     verbose = runtime.is_verbose()
     return float(runtime.init_ray(cfg.run, env=runtime.configure_output(verbose=verbose), verbose=verbose).get("CPU", 0))
+
+
+def check_cluster(cfg: RunConfig, cluster_cpus: float, *, sweep: bool, evaluate: bool) -> None:
+    """Raise ValueError when a run of the stages ahead cannot be placed on the cluster of ``cluster_cpus`` CPUs: a
+    training run's workers (teacher, distill), a sweep trial's (its workers and its driver, with ``sweep``), a
+    fine-tuning unit's (with ``evaluate``). The stages check again when they start; the pipeline job calls this
+    once Ray is up, so that a sweep trial that cannot fit does not fail after prepare, teacher and distill."""
+    driver.check_fits(cfg, cluster_cpus)
+    if sweep:
+        sweep_lib.max_concurrent_trials(cfg, cluster_cpus)
+    if evaluate and cfg.evaluate.mode == "finetune":
+        units.units_at_once(cfg, cluster_cpus)
 
 
 def main_guard(fn, cfg: RunConfig | None = None, *, job: str) -> int:

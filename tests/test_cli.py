@@ -117,3 +117,22 @@ def test_an_interrupt_is_a_clean_one_line_stop(capsys):
     assert cli.main_guard(body, None, job="pipeline") == 130
     assert capsys.readouterr().err == ("[distil] pipeline stopped by an interrupt (Ctrl-C): run the same command "
                                        "again to resume it\n")
+
+
+@pytest.mark.parametrize("sets,cpus,message", [
+    ({"scaling.num_workers": 2, "scaling.cpus_per_worker": 2.0}, 4,
+     "one sweep trial needs 4.01 CPUs (2 workers × 2 + 0.01 for the trial driver) but the cluster has 4"),
+    ({"scaling.num_workers": 3}, 2, "the run needs 3 CPUs (3 workers × 1) but the cluster has 2"),
+    ({"evaluate.workers_per_unit": 4}, 3, "one fine-tuning unit of the evaluate stage needs 4.01 CPUs "
+                                          "(evaluate.workers_per_unit=4 × scaling.cpus_per_worker=1 + 0.01 for its "
+                                          "driver) but the cluster has 3"),
+])
+def test_a_stage_that_cannot_fit_the_cluster_is_found_before_the_first_stage(sets, cpus, message):
+    """The sweep's trials (a driver beside the workers) and the evaluate stage's units were measured against the
+    cluster only when their stage started, after the stages before them; a unit that could not fit waited for
+    workers that never start."""
+    cfg = RunConfig().with_overrides({**sets, "evaluate.tasks": ["package:rotten_tomatoes"]})
+    with pytest.raises(ValueError, match=re.escape(message)):
+        cli.check_cluster(cfg, cpus, sweep=True, evaluate=True)
+    if "sweep" in message:  # without the sweep (--skip-sweep) the same run fits
+        cli.check_cluster(cfg, cpus, sweep=False, evaluate=True)

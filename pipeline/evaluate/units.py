@@ -108,6 +108,29 @@ def results_dir(cfg: RunConfig, stage_name: str) -> str:
     return os.path.join(cfg.run_dir, "evaluate", stage_name)
 
 
+def units_at_once(cfg: RunConfig, cluster_cpus: float) -> int:
+    """How many fine-tuning units fit on the cluster at once: each takes ``evaluate.workers_per_unit`` workers of
+    ``scaling.cpus_per_worker`` CPUs (and one GPU each with ``scaling.use_gpu``), plus 0.01 CPU for its driver task.
+    Raises ValueError when not even one fits: its TorchTrainer would wait for workers that never start."""
+    e, s = cfg.evaluate, cfg.scaling
+    per_unit = e.workers_per_unit * s.cpus_per_worker + 0.01
+    at_once = math.floor((cluster_cpus + 1e-9) / per_unit)
+    if at_once < 1:
+        raise ValueError(f"one fine-tuning unit of the evaluate stage needs {per_unit:g} CPUs (evaluate.workers_per_unit="
+                         f"{e.workers_per_unit} × scaling.cpus_per_worker={s.cpus_per_worker:g} + 0.01 for its driver) but "
+                         f"the cluster has {cluster_cpus:g}: lower evaluate.workers_per_unit or scaling.cpus_per_worker, or "
+                         "raise run.ray_num_cpus for the local Ray")
+    if s.use_gpu:  # 8 GPUs and 1 worker a unit: 8 fine-tunings at once
+        import ray
+
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if gpus < e.workers_per_unit:
+            raise ValueError(f"evaluate.workers_per_unit={e.workers_per_unit} with scaling.use_gpu=true needs as many "
+                             f"GPUs, and the cluster has {gpus:g}: lower evaluate.workers_per_unit or add GPUs")
+        at_once = min(at_once, math.floor(gpus / e.workers_per_unit))
+    return at_once
+
+
 def run_finetune(cfg: RunConfig, units: list[Unit], tables: dict, data: dict[str, TaskData], *, cluster_cpus: float,
                  out_dir: str) -> list[dict]:
     """Run every unit not finished before (its result file in ``out_dir``), as many at once as fit; returns every
@@ -116,11 +139,7 @@ def run_finetune(cfg: RunConfig, units: list[Unit], tables: dict, data: dict[str
 
     done = {u.name: _read_result(out_dir, u) for u in units}
     todo = [u for u in units if done[u.name] is None]
-    per_unit = cfg.evaluate.workers_per_unit * cfg.scaling.cpus_per_worker
-    at_once = max(1, math.floor((cluster_cpus + 1e-9) / (per_unit + 0.01)))
-    if cfg.scaling.use_gpu:  # 8 GPUs and 1 worker a unit: 8 fine-tunings at once
-        gpus = ray.cluster_resources().get("GPU", 0)
-        at_once = max(1, min(at_once, math.floor(gpus / cfg.evaluate.workers_per_unit)))
+    at_once = units_at_once(cfg, cluster_cpus)
     table_refs = {task: ray.put(t) for task, t in tables.items()}  # in the object store once per task
     remote = ray.remote(num_cpus=0.01)(_finetune_unit)
     pending, running = list(todo), {}
