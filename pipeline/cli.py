@@ -147,7 +147,7 @@ def _from_ray(exc: BaseException) -> bool:
 
 def report_failure(job: str, exc: BaseException, cfg: RunConfig | None) -> str:
     """The one line a job ends with after an unexpected exception: ``[distil] <job> failed: <Type>: <message>
-    (full traceback: <log>; rerun with --verbose to print it)``. Writes the traceback to :func:`failure_log`
+    (full traceback in <log>; rerun with --verbose to print it)``. Writes the traceback to :func:`failure_log`
     first, and prints it to stderr too under ``--verbose``; when no log can be written, the traceback is printed
     so that it is never lost."""
     cause = root_cause(exc)
