@@ -68,6 +68,10 @@ def run_folder_problems(cfg: RunConfig) -> list[str]:
             reason = _unwritable(os.path.abspath(os.path.expanduser(folder)))
             if reason:
                 problems.append(f"{key}: cannot write {folder} ({reason}): pick a writable folder, e.g. --set {key}=$HOME/distil-runs")
+    if storage.is_s3(cfg.run.root) and not os.environ.get("MLFLOW_TRACKING_URI"):
+        problems.append(f"run.root={cfg.run.root}: the embedded MLflow store is a sqlite file, which cannot live on S3: "
+                        "set MLFLOW_TRACKING_URI to a tracking server (docs/scaling.md), or keep run.root local and put "
+                        "checkpoints on S3 with run.storage=s3://...")
     return problems
 
 

@@ -105,6 +105,22 @@ def test_an_unwritable_run_root_is_one_clear_line():
         preflight.check(cfg)
 
 
+def test_a_run_root_on_s3_without_a_tracking_server_is_one_line_and_makes_no_local_folder(tmp_path, monkeypatch):
+    # the embedded MLflow store is a sqlite file beside the run: it cannot live on S3 (it used to fail inside
+    # MLflow after making a local folder named "s3:")
+    from jobs import prepare
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = load_config(TINY, ["run.root=s3://bucket/runs"])
+    with pytest.raises(ValueError, match=r"run.root=s3://bucket/runs: the embedded MLflow store .* set MLFLOW_TRACKING_URI"):
+        preflight.check(cfg)
+    assert prepare.main(["--config", str(TINY), "--set", "run.root=s3://bucket/runs"]) == 2
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")  # a server: S3 is fine for the run folder
+    assert not [p for p in preflight.run_folder_problems(cfg) if "MLflow" in p]
+
+
 def test_a_job_with_an_unusable_run_root_prints_one_error_and_exits_2(tmp_path, capsys):
     from jobs import prepare
 
