@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from pipeline import assets, batches, checkpoint as checkpoint_lib, preflight, runtime, storage, tracking
+from pipeline import assets, batches, checkpoint as checkpoint_lib, hold as hold_lib, preflight, runtime, storage, tracking
 from pipeline.config import RunConfig, load_config
 from pipeline.evaluate.units import Model
 from pipeline.records import Candidate
@@ -46,9 +46,10 @@ def parse(description: str, argv: list[str] | None = None, extra=None) -> tuple[
 
 def start(cfg: RunConfig, *, with_ray: bool = True, with_tracking: bool = True,
           check_teacher: bool | None = None) -> float:
-    """Connect to MLflow and Ray (unless told not to); returns the cluster's CPU count. ``check_teacher``: whether
-    preflight checks the tokenizer, the teacher and the layer map (default: when Ray starts here; a job that
-    trains but starts Ray later, after more checks, passes True).
+    """Hold the run folder, connect to MLflow and Ray (unless told not to); returns the cluster's CPU count.
+    ``check_teacher``: whether preflight checks the tokenizer, the teacher and the layer map (default: when Ray
+    starts here; a job that trains but starts Ray later, after more checks, passes True). Raises ValueError (one
+    line) when another live job holds the run folder (pipeline/hold.py).
 
     What the run prints is set up first (pipeline/runtime.py): quiet libraries unless ``--verbose`` or
     ``DISTIL_VERBOSE=1``, a progress bar or lines.
@@ -57,7 +58,10 @@ def start(cfg: RunConfig, *, with_ray: bool = True, with_tracking: bool = True,
     worker_env = runtime.configure_output(verbose=verbose)
 
     # Before Ray or MLflow: the run folders, the tokenizer, a pretrained or init_from teacher and the layer map.
-    preflight.check(cfg, teacher=with_ray if check_teacher is None else check_teacher)
+    preflight.check(cfg, teacher=False)
+    hold(cfg)  # before anything is written under the run folder; main_guard gives it back
+    if with_ray if check_teacher is None else check_teacher:
+        preflight.check(cfg, teacher=True)
 
     if with_tracking:
         tracking.setup(cfg.run.root, cfg.tracking.experiment)
@@ -72,13 +76,23 @@ def start_ray(cfg: RunConfig) -> float:
     return float(runtime.init_ray(cfg.run, env=runtime.configure_output(verbose=verbose), verbose=verbose).get("CPU", 0))
 
 
+def hold(cfg: RunConfig) -> None:
+    """Hold ``cfg``'s run folder for this job until :func:`main_guard` ends it (:func:`start` does it for the job's
+    own config; a job that also writes other runs' folders holds each). Raises pipeline/hold.py's one-line
+    ValueError when another live job holds it."""
+    hold_lib.take(cfg)
+
+
 def main_guard(fn) -> int:
-    """Run a job; a ValueError (bad input caught at the edge) prints one clear line, not a stack trace."""
+    """Run a job; a ValueError (bad input caught at the edge) prints one clear line, not a stack trace. Whatever
+    happens, the job's holds on run folders are given back when it ends."""
     try:
         fn()
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        hold_lib.release_all()
     return 0
 
 
