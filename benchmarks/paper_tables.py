@@ -316,6 +316,7 @@ def run(cfg, args, t_start: float) -> int:
         trained = {}
         for key in STUDENTS:
             scfg = student_config(cfg, key, teacher.teacher_uri)
+            cli.hold(scfg)  # its own run folder: one job at a time there too
             timed(f"prepare {key}", lambda: prepare.run(scfg))
             timed(f"teacher {key}", lambda: teacher_stage.run(scfg, cluster_cpus=cpus))
             trained[key] = timed(f"distill {key}", lambda: distill.run(scfg, cluster_cpus=cpus))

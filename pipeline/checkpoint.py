@@ -23,13 +23,14 @@ bytes that are not text, a directory where a file belongs) it is a reason, never
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import posixpath
 from dataclasses import asdict, dataclass
+
+from pipeline import storage
 
 ENGINE_DIR = "engine"
 ENGINE_TAG = "state"
@@ -303,15 +304,6 @@ def _sha256_local(path: str) -> str:
 
 
 def _write(path: str, payload: dict) -> None:
-    """Write JSON atomically: a temporary name in the same folder, then a rename (a crash leaves no half file)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(payload, f, indent=2, sort_keys=True, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
+    """Write JSON atomically (pipeline/storage.py write_json: a temporary name of its own, then a rename; a crash
+    or a second writer leaves no half file)."""
+    storage.write_json(path, payload)

@@ -14,7 +14,7 @@ import sys
 import tempfile
 import traceback
 
-from pipeline import assets, batches, checkpoint as checkpoint_lib, preflight, runtime, storage, tracking
+from pipeline import assets, batches, checkpoint as checkpoint_lib, hold as hold_lib, preflight, runtime, storage, tracking
 from pipeline.config import RunConfig, load_config
 from pipeline.evaluate import units
 from pipeline.evaluate.units import Model
@@ -55,9 +55,10 @@ def parse(description: str, argv: list[str] | None = None, extra=None, *,
 
 def start(cfg: RunConfig, *, with_ray: bool = True, with_tracking: bool = True,
           check_teacher: bool | None = None) -> float:
-    """Connect to MLflow and Ray (unless told not to); returns the cluster's CPU count. ``check_teacher``: whether
-    preflight checks the tokenizer, the teacher and the layer map (default: when Ray starts here; a job that
-    trains but starts Ray later, after more checks, passes True).
+    """Hold the run folder, connect to MLflow and Ray (unless told not to); returns the cluster's CPU count.
+    ``check_teacher``: whether preflight checks the tokenizer, the teacher and the layer map (default: when Ray
+    starts here; a job that trains but starts Ray later, after more checks, passes True). Raises ValueError (one
+    line) when another live job holds the run folder (pipeline/hold.py).
 
     What the run prints is set up first (pipeline/runtime.py): quiet libraries unless ``--verbose`` or
     ``DISTIL_VERBOSE=1``, a progress bar or lines.
@@ -66,7 +67,10 @@ def start(cfg: RunConfig, *, with_ray: bool = True, with_tracking: bool = True,
     worker_env = runtime.configure_output(verbose=verbose)
 
     # Before Ray or MLflow: the run folders, the tokenizer, a pretrained or init_from teacher and the layer map.
-    preflight.check(cfg, teacher=with_ray if check_teacher is None else check_teacher)
+    preflight.check(cfg, teacher=False)
+    hold(cfg)  # before anything is written under the run folder; main_guard gives it back
+    if with_ray if check_teacher is None else check_teacher:
+        preflight.check(cfg, teacher=True)
 
     if with_tracking:
         tracking.setup(cfg.run.root, cfg.tracking.experiment)
@@ -79,6 +83,13 @@ def start_ray(cfg: RunConfig) -> float:
     """Connect to Ray after ``start(cfg, with_ray=False)`` (a job that checks its input first); returns the CPUs."""
     verbose = runtime.is_verbose()
     return float(runtime.init_ray(cfg.run, env=runtime.configure_output(verbose=verbose), verbose=verbose).get("CPU", 0))
+
+
+def hold(cfg: RunConfig) -> None:
+    """Hold ``cfg``'s run folder for this job until :func:`main_guard` ends it (:func:`start` does it for the job's
+    own config; a job that also writes other runs' folders holds each). Raises pipeline/hold.py's one-line
+    ValueError when another live job holds it."""
+    hold_lib.take(cfg)
 
 
 def check_cluster(cfg: RunConfig, cluster_cpus: float, *, sweep: bool, evaluate: bool) -> None:
@@ -103,6 +114,8 @@ def main_guard(fn, cfg: RunConfig | None = None, *, job: str) -> int:
     - 1 for any other exception: one line naming the root cause (through Ray's wrappers, :func:`root_cause`)
       and a log file that holds the whole traceback (:func:`failure_log`: under ``<run.root>/<run.name>/logs/``
       when ``cfg`` names a local run folder, else a temporary file); ``--verbose`` prints the traceback too.
+
+    Whatever happens, the job's holds on run folders are given back when it ends.
     """
     try:
         fn()
@@ -116,6 +129,8 @@ def main_guard(fn, cfg: RunConfig | None = None, *, job: str) -> int:
     except Exception as e:  # noqa: BLE001 -- the job's last word: one line and a log, whatever went wrong
         print(report_failure(job, e, cfg), file=sys.stderr)
         return 1
+    finally:
+        hold_lib.release_all()
     return 0
 
 

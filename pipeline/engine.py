@@ -17,6 +17,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from pipeline import storage
 from pipeline.config import DeepSpeedSection, OptimSection
 
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
@@ -243,10 +244,9 @@ class TorchEngine:
                  "micro_steps": self.micro_steps, "skipped_steps": self.skipped_steps}
         path = os.path.join(save_dir, tag, self.STATE_FILE)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch.save(state, f"{path}.tmp")
-        os.replace(f"{path}.tmp", path)
-        with open(os.path.join(save_dir, "latest"), "w") as f:
-            f.write(tag)
+        with storage.replacing(path) as tmp:
+            torch.save(state, tmp)
+        storage.write_bytes(os.path.join(save_dir, "latest"), tag.encode())
 
     def load_checkpoint(self, load_dir: str, tag: str | None = None) -> tuple[str | None, dict | None]:
         """Every rank reads rank 0's file; returns (its path, {}) as DeepSpeed returns (path, client state),

@@ -6,7 +6,10 @@
   otherwise the new version gets ``challenger``.
 - A score that is not a finite number (NaN, ±inf: a diverged run, an overflow) never wins: not in the choice,
   not against a champion, not as the first champion. A finite score beats a champion whose score is not.
-- Registration is idempotent: a checkpoint that is already a version is not registered again.
+- Registration is idempotent: a checkpoint that is already a version is not registered again, whatever the
+  timing. On one machine registrations of a model take turns (a file lock); registrars on several machines that
+  both create a version of one checkpoint each look again after creating theirs, and the lowest version number
+  wins: the other registrar deletes its own version before it touches an alias (:func:`keep_first`).
 - A registered model has exactly its tokenizer's vocabulary rows (:func:`load_student`): a folder exported with
   more (padded to a multiple, or by an older distil) is registered cut to them, so the served fill-mask model
   cannot predict an id its tokenizer cannot decode; one with fewer is refused.
@@ -14,9 +17,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import math
 import numbers
 import os
+import tempfile
 
 from pipeline import assets, models, storage
 from pipeline.config import TrackingSection
@@ -187,34 +193,74 @@ def register(cfg: TrackingSection, *, model_dir: str, checkpoint: str, metrics: 
         raise ValueError(f"the model to register has no {cfg.select_metric!r} metric, which tracking.select_metric "
                          f"ranks by: pass it (--metric {cfg.select_metric}=<value>) or register a checkpoint that carries it")
     client = MlflowClient()
-    existing = _version_for_checkpoint(client, cfg.model_name, checkpoint)
-    if existing is not None:
-        aliases = list(existing.aliases)
-        return {"name": cfg.model_name, "version": str(existing.version), "aliases": aliases, "new": False,
-                "uri": f"models:/{cfg.model_name}/{existing.version}"}
+    with _registration_lock(cfg.model_name):
+        existing = _version_for_checkpoint(client, cfg.model_name, checkpoint)
+        if existing is not None:
+            return _reused(cfg.model_name, existing)
 
-    model, tokenizer = load_student(model_dir)
-    info = mlflow.transformers.log_model(
-        transformers_model={"model": model, "tokenizer": tokenizer},
-        name="student",
-        task="fill-mask",
-        # pyfunc predict (and `mlflow models serve`) passes these to every pipeline call: a long input is cut to
-        # the model's window (the exported tokenizer's model_max_length = max_position_embeddings), not a crash.
-        model_config={"tokenizer_kwargs": {"truncation": True}},
-        registered_model_name=cfg.model_name,
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}"],
-    )
-    version = str(info.registered_model_version)
-    score = metrics[cfg.select_metric]
-    version_tags = {CHECKPOINT_TAG: checkpoint, METRIC_TAG_PREFIX + cfg.select_metric: score, **tags}
-    for k, v in version_tags.items():
-        client.set_model_version_tag(cfg.model_name, version, k, str(v))
-    if description:
-        client.update_model_version(cfg.model_name, version, description=description)
-        mlflow.log_text(description, "model_card.md")
-    alias = _move_alias(client, cfg, version, score)
+        model, tokenizer = load_student(model_dir)
+        info = mlflow.transformers.log_model(
+            transformers_model={"model": model, "tokenizer": tokenizer},
+            name="student",
+            task="fill-mask",
+            # pyfunc predict (and `mlflow models serve`) passes these to every pipeline call: a long input is cut to
+            # the model's window (the exported tokenizer's model_max_length = max_position_embeddings), not a crash.
+            model_config={"tokenizer_kwargs": {"truncation": True}},
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}"],
+        )
+        score = metrics[cfg.select_metric]
+        version_tags = {CHECKPOINT_TAG: checkpoint, METRIC_TAG_PREFIX + cfg.select_metric: score, **tags}
+        # The tags go in with the version, in one transaction: a registrar elsewhere that looks after creating its
+        # own version sees this one with its checkpoint, never a version without it (keep_first relies on it).
+        version = str(mlflow.register_model(info.model_uri, cfg.model_name,
+                                            tags={k: str(v) for k, v in version_tags.items()}).version)
+        first = keep_first(client, cfg.model_name, version, checkpoint)
+        if first is not None:
+            return _reused(cfg.model_name, first)
+        if description:
+            client.update_model_version(cfg.model_name, version, description=description)
+            mlflow.log_text(description, "model_card.md")
+        alias = _move_alias(client, cfg, version, score)
     return {"name": cfg.model_name, "version": version, "aliases": [alias], "new": True,
             "uri": f"models:/{cfg.model_name}@{alias}", "version_uri": f"models:/{cfg.model_name}/{version}"}
+
+
+def keep_first(client, name: str, version: str, checkpoint: str):
+    """After creating ``version`` of ``checkpoint``: None when it is the checkpoint's first (lowest-numbered) live
+    version, which keeps it; otherwise another registration of the same checkpoint got there first, so this
+    version is deleted and the first one is returned (an MLflow ``ModelVersion``). Every registrar of one checkpoint
+    decides the same way, whatever the timing: a version's number is assigned after every lower one is stored,
+    with its tags, so the later of two sees the earlier."""
+    first = _version_for_checkpoint(client, name, checkpoint)
+    if first is None or str(first.version) == str(version):
+        return None
+    client.delete_model_version(name, version)
+    print(f"[distil] register: {checkpoint} became version {first.version} of {name} in another registration at the "
+          f"same time; removed the duplicate version {version} and kept {first.version}", flush=True)
+    return first
+
+
+def _reused(name: str, existing) -> dict:
+    return {"name": name, "version": str(existing.version), "aliases": list(existing.aliases), "new": False,
+            "uri": f"models:/{name}/{existing.version}"}
+
+
+@contextlib.contextmanager
+def _registration_lock(name: str, timeout_s: float = 3600.0):
+    """One registration of ``name`` at a time on this machine, per registry: a file lock in the temporary folder
+    named by the registry URI and the model name. Across machines :func:`keep_first` keeps one version per
+    checkpoint instead."""
+    import filelock
+    import mlflow
+
+    digest = hashlib.sha256(f"{mlflow.get_registry_uri()}\n{name}".encode()).hexdigest()[:16]
+    path = os.path.join(tempfile.gettempdir(), f"distil-register-{digest}.lock")
+    try:
+        with filelock.FileLock(path, timeout=timeout_s):
+            yield
+    except filelock.Timeout:
+        raise ValueError(f"another registration of {name} on this machine held {path} for {timeout_s:.0f} s: check "
+                         "for a hung jobs.register or jobs.pipeline, then register again") from None
 
 
 def _move_alias(client, cfg: TrackingSection, version: str, score: float) -> str:
@@ -239,11 +285,17 @@ def _tag_score(tag: str | None) -> float | None:
 
 
 def _version_for_checkpoint(client, name: str, checkpoint: str):
-    try:
-        versions = client.search_model_versions(f"name = '{name}'")
-    except Exception:  # noqa: BLE001 -- no such registered model yet
+    """The lowest-numbered live version of ``name`` tagged with ``checkpoint`` (with its aliases), or None."""
+    found, token = [], None
+    while True:
+        try:
+            page = client.search_model_versions(f"name = '{name}'", page_token=token)
+        except Exception:  # noqa: BLE001 -- no such registered model yet
+            return None
+        found += [v for v in page if v.tags.get(CHECKPOINT_TAG) == checkpoint]
+        token = page.token
+        if not token:
+            break
+    if not found:
         return None
-    for v in versions:
-        if v.tags.get(CHECKPOINT_TAG) == checkpoint:
-            return client.get_model_version(name, v.version)
-    return None
+    return client.get_model_version(name, str(min(int(v.version) for v in found)))

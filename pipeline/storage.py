@@ -7,11 +7,13 @@ serves MLflow and the pipeline alike.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 
@@ -83,24 +85,53 @@ def download_dir(uri: str, cache_root: str) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
         raise ValueError(f"{uri} holds no files: check the bucket and prefix, and AWS_ENDPOINT_URL for S3-compatible stores")
     (tmp / ".complete").write_text(str(count))
-    if local.exists():
-        shutil.rmtree(local)
     local.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, local)  # atomic: a half-finished download is never taken for a cached copy
+    if not done.exists() and local.exists():  # a copy without its marker: broken, never in use
+        shutil.rmtree(local, ignore_errors=True)
+    try:
+        os.replace(tmp, local)  # atomic: a half-finished download is never taken for a cached copy
+    except OSError:
+        if not done.exists():
+            raise
+    if done.exists():  # another job's copy landed first: it may be in use, so keep it and drop this one
+        shutil.rmtree(tmp, ignore_errors=True)
     return str(local)
 
 
-def write_json(path: str, payload: dict) -> None:
-    """Write JSON to a local path or s3:// URI (atomically for local paths)."""
-    text = json.dumps(payload, indent=2, sort_keys=True, default=str)
+@contextlib.contextmanager
+def replacing(path: str):
+    """A temporary path of its own beside the local ``path``, for the caller to write; when the block ends without
+    an exception it replaces ``path`` in one rename (readers see the old file or the new one, never part of one),
+    and the temporary file is removed in any case. The name is unique per call, so writers of one file in other
+    processes or threads never share a temporary file: the last rename wins."""
+    folder, name = os.path.split(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")  # the writer creates it: the usual permissions
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` to a local path (atomically, flushed to disk: :func:`replacing`) or an s3:// URI (one PUT,
+    atomic on S3)."""
     if is_s3(path):
         bucket, key = split_s3(path)
-        s3_client().put_object(Bucket=bucket, Key=key, Body=text.encode())
+        s3_client().put_object(Bucket=bucket, Key=key, Body=data)
         return
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{path}.tmp"
-    Path(tmp).write_text(text)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def write_json(path: str, payload: dict) -> None:
+    """Write JSON to a local path or s3:// URI, atomically whoever else writes it (:func:`write_bytes`)."""
+    write_bytes(path, json.dumps(payload, indent=2, sort_keys=True, default=str).encode())
 
 
 class DamagedFile(ValueError):

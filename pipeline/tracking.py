@@ -92,27 +92,52 @@ def setup(root: str, experiment: str, uri: str | None = None) -> str:
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     uri = uri or tracking_uri(root)
-    if uri.startswith("sqlite:///"):
-        os.makedirs(root, exist_ok=True)
     if uri.startswith(("http://", "https://")):
         _check_reachable(uri)
     mlflow.set_tracking_uri(uri)
-    try:
-        found = mlflow.get_experiment_by_name(experiment)
-    except (mlflow.exceptions.MlflowException, ImportError) as e:  # a store MLflow cannot use (driver, scheme)
-        first = " ".join(str(e).split())[:300]
-        raise ValueError(f"the MLflow tracking store {uri} cannot be used ({type(e).__name__}: {first}): use an "
-                         "http(s) server or sqlite, or unset MLFLOW_TRACKING_URI for the embedded store") from None
-    if found is not None and found.lifecycle_stage == "deleted":
-        raise ValueError(
-            f"the MLflow experiment {experiment!r} was deleted (id {found.experiment_id}, store {uri}): restore it "
-            f"(`mlflow experiments restore --experiment-id {found.experiment_id}` or the UI's trash) or set "
-            "tracking.experiment to another name"
-        )
-    if found is None:
-        mlflow.create_experiment(experiment, artifact_location=artifact_location(root, uri))
+    with _store_lock(uri):
+        try:
+            found = mlflow.get_experiment_by_name(experiment)
+        except (mlflow.exceptions.MlflowException, ImportError) as e:  # a store MLflow cannot use (driver, scheme)
+            first = " ".join(str(e).split())[:300]
+            raise ValueError(f"the MLflow tracking store {uri} cannot be used ({type(e).__name__}: {first}): use an "
+                             "http(s) server or sqlite, or unset MLFLOW_TRACKING_URI for the embedded store") from None
+        if found is not None and found.lifecycle_stage == "deleted":
+            raise ValueError(
+                f"the MLflow experiment {experiment!r} was deleted (id {found.experiment_id}, store {uri}): restore it "
+                f"(`mlflow experiments restore --experiment-id {found.experiment_id}` or the UI's trash) or set "
+                "tracking.experiment to another name"
+            )
+        if found is None:
+            try:
+                mlflow.create_experiment(experiment, artifact_location=artifact_location(root, uri))
+            except mlflow.exceptions.MlflowException as e:
+                if e.error_code != "RESOURCE_ALREADY_EXISTS":  # another job on another machine created it first
+                    raise
     mlflow.set_experiment(experiment)
     return uri
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str, timeout_s: float = 600.0):
+    """For a sqlite store: an exclusive file lock beside the database (``<db>.lock``) while this process opens
+    it, so that one process creates its tables and runs MLflow's migrations, and the others find them done.
+    MLflow's ``SqlAlchemyStore`` checks for its tables and creates them without a lock: two jobs starting on one
+    fresh ``mlflow.db`` otherwise both migrate it, and one fails in alembic. Nothing for a server, which creates
+    its store once at its own start."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import filelock
+
+    path = uri[len("sqlite:///"):]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    try:
+        with filelock.FileLock(f"{path}.lock", timeout=timeout_s):
+            yield
+    except filelock.Timeout:
+        raise ValueError(f"the MLflow store {uri} stayed locked by another job for {timeout_s:.0f} s ({path}.lock): "
+                         "check that no job hangs while it opens the store, then try again") from None
 
 
 def _check_reachable(uri: str, timeout_s: float = 10.0) -> None:

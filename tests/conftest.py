@@ -61,6 +61,15 @@ def ray_session():
 
 
 @pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server (moto) on 127.0.0.1 with an empty bucket "runs"; its endpoint and credentials as
+    the environment a job would have: {"AWS_ENDPOINT_URL": …, "AWS_ACCESS_KEY_ID": …, …}."""
+    proc, endpoint = servers.start_s3(tmp_path_factory.mktemp("s3"), ["runs"])
+    yield {"AWS_ENDPOINT_URL": endpoint, **servers.S3_ENV}
+    servers.stop(proc)
+
+
+@pytest.fixture(scope="session")
 def tracking_server(tmp_path_factory):
     """`mlflow server` on a sqlite backend, its artifacts on a local S3-compatible store: two real processes."""
     import servers

@@ -309,11 +309,10 @@ def test_json_writes_are_atomic(tmp_path, monkeypatch):
     target = tmp_path / "train_state.json"
     checkpoint._write(str(target), {"step": 1})
 
-    def crash(payload, f, **kwargs):
-        f.write('{"step": ')
-        raise KeyboardInterrupt("the process dies mid-write")
+    def crash(fd):
+        raise KeyboardInterrupt("the process dies mid-write, before the rename")
 
-    monkeypatch.setattr(checkpoint.json, "dump", crash)
+    monkeypatch.setattr(os, "fsync", crash)  # pipeline/storage.py write_bytes: after the write, before the rename
     with pytest.raises(KeyboardInterrupt):
         checkpoint._write(str(target), {"step": 2})
     assert json.loads(target.read_text()) == {"step": 1}, "the old file is whole"

@@ -13,6 +13,7 @@ import io
 import json
 import re
 import threading
+import time
 from pathlib import Path
 from urllib.parse import parse_qs, unquote
 from xml.etree import ElementTree
@@ -458,6 +459,14 @@ def test_every_s3_request_of_the_pipelines_storage_code_is_allowed(recorded_s3, 
                  for i in range(2)]
     persisted[1].to_directory(str(tmp_path / "resumed"))
     delete_fs_path(fs, persisted[0].path)
+
+    # Every job: the hold on the run's checkpoints in run.storage (pipeline/hold.py): a lease created, probed,
+    # renewed, and released.
+    from pipeline import hold
+
+    taken = hold.take(cfg.with_overrides({"run.root": str(tmp_path / "head")}), job="policy-check", lease_s=0.4)
+    time.sleep(0.3)
+    taken.release()
 
     # libarrow's S3 client probes a bucket named "$extremelyunlikelytoexist$" and ignores the answer: not ours.
     needed = [n for n in recorder.needed if n[1] != "arn:aws:s3:::$extremelyunlikelytoexist$"]

