@@ -29,6 +29,11 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray Train's controller polls its workers every 2 s by default, and a run's start, each checkpoint's registration
+# and its end wait for a poll: about 4 s of every Ray Train run here, of which the suite has a few dozen. A poll
+# that takes longer is not a failure (a worker is declared dead after RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S).
+# Ray Train hands the setting on to its controller and workers, and the jobs and clusters the tests start inherit it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 # Dummy credentials for the local S3-compatible server, set before Ray starts so that its workers inherit them.
 for _k, _v in servers.S3_ENV.items():
     os.environ.setdefault(_k, _v)
