@@ -114,7 +114,13 @@ def test_an_interrupt_is_a_clean_one_line_stop(capsys):
     def body():
         signal.raise_signal(signal.SIGINT)  # Python's own handler turns it into KeyboardInterrupt
 
-    assert cli.main_guard(body, None, job="pipeline") == 130
+    # A process started in the background (as CI runners start jobs) inherits SIGINT ignored, and Python then
+    # installs no handler of its own: set it, as an interactive terminal has it.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert cli.main_guard(body, None, job="pipeline") == 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert capsys.readouterr().err == ("[distil] pipeline stopped by an interrupt (Ctrl-C): run the same command "
                                        "again to resume it\n")
 

@@ -315,8 +315,12 @@ def test_evaluate_scored_the_teacher_and_every_student_and_logged_both_tables(e2
         score = rows[key]["tasks"]["rotten_tomatoes"]["median"]
         assert 0.5 <= score <= 1.0, (key, score)  # 2 classes: at least the majority class's share
         assert rows[key]["macro"] == pytest.approx(score)
-    assert rows["teacher"]["retention"] == pytest.approx(100.0)
-    assert rows["distill"]["retention"] == pytest.approx(100 * rows["distill"]["macro"] / rows["teacher"]["macro"])
+    assert rec["table1"]["teacher_at_chance"] == rows["teacher"]["tasks"]["rotten_tomatoes"]["at_chance"]
+    if rec["table1"]["teacher_at_chance"]:  # a ratio of two chance scores says nothing: no retention is claimed
+        assert all(r["retention"] is None for r in rows.values())
+    else:
+        assert rows["teacher"]["retention"] == pytest.approx(100.0)
+        assert rows["distill"]["retention"] == pytest.approx(100 * rows["distill"]["macro"] / rows["teacher"]["macro"])
     t3 = {r["model"]: r for r in rec["table3"]["rows"]}
     assert t3["teacher"]["is_teacher"] and len(t3) == 2
     student = next(r for r in t3.values() if not r["is_teacher"])

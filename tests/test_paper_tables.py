@@ -33,9 +33,16 @@ def test_table1_has_the_teacher_the_student_and_three_controls(smoke):
     t1 = {r["model"]: r for r in smoke["out"]["tables"]["table1"]}
     assert set(t1) == {"teacher", "distilled", "mlm_only", "untrained", "tfidf_logreg"}
     tasks = smoke["out"]["tables"]["tasks"]
+    at_chance = smoke["out"]["tables"]["teacher_at_chance"]
     for r in t1.values():
         assert r["macro"] == pytest.approx(sum(r[t] for t in tasks) / len(tasks), abs=0.011)
-        assert r["retention_pct"] == pytest.approx(100 * r["macro"] / t1["teacher"]["macro"], abs=0.06)
+        if at_chance:  # a ratio of two chance scores says nothing: withheld, and the markdown says why
+            assert r["retention_pct"] is None
+        else:
+            assert r["retention_pct"] == pytest.approx(100 * r["macro"] / t1["teacher"]["macro"], abs=0.06)
+    assert ("not judged (the teacher scores at chance)" in smoke["md"]) == at_chance
+    assert smoke["out"]["verdicts"]["retention_ge_95"] is None if at_chance else isinstance(
+        smoke["out"]["verdicts"]["retention_ge_95"], bool)
     assert t1["tfidf_logreg"]["macro"] > 0  # scikit-learn's pipeline was fitted and scored
 
 
