@@ -1,4 +1,4 @@
-"""The whole pipeline in one job: prepare → teacher → distill → sweep → evaluate → register, then a summary.
+"""The whole pipeline in one job: prepare → teacher → distill → sweep → evaluate → register → export, then a summary.
 
 Resubmitting the same command after a crash skips the stages that finished (same settings, checkpoints in
 place), resumes the one that was running (a Ray Train run from its latest checkpoint, a sweep through
@@ -9,7 +9,7 @@ import sys
 import time
 
 from pipeline import cli
-from pipeline.stages import ORDER, distill, evaluate, prepare, register, sweep, teacher
+from pipeline.stages import ORDER, distill, evaluate, export, prepare, register, sweep, teacher
 
 
 def _stage_names(parser):
@@ -33,7 +33,8 @@ def main(argv=None) -> int:
                 "distill": lambda: distill.run(cfg, cluster_cpus=cpus),
                 "sweep": None if args.skip_sweep else lambda: sweep.run(cfg, cluster_cpus=cpus),
                 "evaluate": (lambda: evaluate.run(cfg, cluster_cpus=cpus)) if cfg.evaluate.tasks else None,
-                "register": lambda: register.run(cfg)}
+                "register": lambda: register.run(cfg),
+                "export": (lambda: export.run(cfg)) if cfg.export.formats else None}
         times, t0 = {}, time.perf_counter()
         for name in ORDER:
             if runs[name] is None:

@@ -14,7 +14,8 @@ import sys
 import tempfile
 import traceback
 
-from pipeline import assets, batches, checkpoint as checkpoint_lib, hold as hold_lib, preflight, runtime, storage, tracking
+from pipeline import assets, batches, checkpoint as checkpoint_lib, hold as hold_lib, preflight, registry, runtime, storage
+from pipeline import tracking
 from pipeline.config import RunConfig, load_config
 from pipeline.evaluate import units
 from pipeline.evaluate.units import Model
@@ -239,6 +240,18 @@ def summary(cfg: RunConfig, times: dict[str, tuple[float, bool]], total_s: float
     lines += [
         f"  registered model: {reg.uri}  (version {reg.version})",
         f"    load it: mlflow.transformers.load_model('{reg.uri}')  with MLFLOW_TRACKING_URI={uri}",
+    ]
+    exported = store.load_record(cfg, "export") if cfg.export.formats else None
+    if exported is not None:
+        served = [v for v in exported.variants if v.get("registered")]
+        lines += [f"  served model: {v['registered']['uri']} ({v['format']}, {v['latency_ms']:.1f} ms at batch 1, "
+                  f"{v['drop']:+.2f} points of masked-token accuracy below PyTorch)" for v in served]
+        lines += [f"  not served: {v['reason']}" for v in exported.variants if not v["passed"]]
+        lead = next((v["registered"] for v in served if v["registered"]["aliases"]), None)
+        if lead:
+            lines.append(f"    serve it: source .venv/bin/activate; MLFLOW_TRACKING_URI={uri} mlflow models serve "
+                         f"-m models:/{lead['name']}@{lead['aliases'][0]} --env-manager local -p 5001")
+    lines += [
         f"  MLflow UI:      .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000   → http://127.0.0.1:5000",
         f"  Ray dashboard:  {runtime.dashboard_url()} (while this Ray runs; `ray start --head` keeps one up)",
     ]
@@ -321,22 +334,9 @@ def _check_model_folder(cfg: RunConfig, path: str, *, flag: str) -> None:
 
 
 def registered_model_dir(cfg: RunConfig, uri: str) -> str:
-    """A registered model (``models:/name@alias`` or ``models:/name/version``) downloaded to the run's cache; the
-    folder of its Hugging Face files. ValueError when MLflow does not know it."""
-    import mlflow
-
-    if not uri.startswith("models:/"):
-        raise ValueError(f"--model {uri}: give a registry URI, models:/<name>@<alias> or models:/<name>/<version>")
-    dst = os.path.join(cfg.cache_dir, "registry", uri.removeprefix("models:/").replace("/", "_").replace("@", "_"))
-    try:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst)
-    except Exception as e:  # noqa: BLE001 -- MLflow's errors for an unknown name, alias or version
-        raise ValueError(f"--model {uri}: MLflow cannot find it ({str(e).splitlines()[0][:200]}): check the name and "
-                         "alias (mlflow ui lists the registered models)") from None
-    for folder, _, files in sorted(os.walk(local)):
-        if "config.json" in files and any(f.endswith((".safetensors", ".bin")) for f in files):
-            return folder
-    raise ValueError(f"--model {uri}: no Hugging Face model files (config.json and weights) in what MLflow stored")
+    """A registered model downloaded to the run's cache: the folder of its Hugging Face files
+    (:func:`pipeline.registry.download_model`)."""
+    return registry.download_model(uri, cfg.cache_dir, flag="--model")
 
 
 def preview_batches(cfg: RunConfig, num_batches: int, rows: int) -> list[dict]:

@@ -179,6 +179,22 @@ class RegisterRecord(Record):
 
 
 @dataclass(frozen=True, kw_only=True)
+class ExportRecord(Record):
+    """The export stage's record: the model it exported, every variant's gate figures and registration, and the
+    serving rows of Table 3 (pipeline/stages/export.py)."""
+
+    source: str  # models:/<name>/<version> or a model folder
+    key: str  # the source's checkpoint (or folder): with the format, the registry's idempotency key
+    # one per format: {format, passed, reason, mlm_acc_pct, drop, agreement_pct, max_abs_diff, latency_ms, size_mb,
+    # registered: {name, version, aliases, uri, new} or None}
+    variants: list[dict[str, Any]]
+    reference: dict[str, Any]  # the PyTorch student's (and teacher's) figures on the same inputs
+    markdown: str  # the serving table, as in the summary and the stage's run
+    seconds: float
+    skipped: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
 class SweepParent(Record):
     """The sweep's MLflow parent run, so a restored sweep logs into the run its trials already use."""
 

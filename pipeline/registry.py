@@ -23,6 +23,7 @@ import math
 import numbers
 import os
 import tempfile
+import warnings
 
 from pipeline import assets, models, storage
 from pipeline.config import TrackingSection
@@ -86,6 +87,46 @@ def local_model_dir(model_uri: str, cache_root: str) -> str:
     if not os.path.exists(os.path.join(model_uri, "config.json")):
         raise ValueError(f"{model_uri} is not an exported HF model directory (no config.json)")
     return model_uri
+
+
+def download_model(uri: str, cache_root: str, *, flag: str = "--model") -> str:
+    """A registered model (``models:/name@alias`` or ``models:/name/version``) downloaded under ``cache_root``; the
+    folder of its Hugging Face files. ValueError (naming ``flag``) when MLflow does not know it."""
+    import mlflow
+
+    if not uri.startswith("models:/"):
+        raise ValueError(f"{flag} {uri}: give a registry URI, models:/<name>@<alias> or models:/<name>/<version>")
+    dst = os.path.join(cache_root, "registry", uri.removeprefix("models:/").replace("/", "_").replace("@", "_"))
+    try:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst)
+    except Exception as e:  # noqa: BLE001 -- MLflow's errors for an unknown name, alias or version
+        raise ValueError(f"{flag} {uri}: MLflow cannot find it ({str(e).splitlines()[0][:200]}): check the name and "
+                         "alias (mlflow ui lists the registered models)") from None
+    for folder, _, files in sorted(os.walk(local)):
+        if "config.json" in files and any(f.endswith((".safetensors", ".bin")) for f in files):
+            return folder
+    raise ValueError(f"{flag} {uri}: no Hugging Face model files (config.json and weights) in what MLflow stored")
+
+
+def model_version(uri: str, *, flag: str = "--model"):
+    """The MLflow ``ModelVersion`` of ``models:/name@alias`` or ``models:/name/version``. ValueError (one line,
+    naming ``flag``) for another kind of URI, or a name, alias or version the registry does not hold."""
+    from mlflow.tracking import MlflowClient
+
+    body = uri.removeprefix("models:/") if uri.startswith("models:/") else None
+    if not body or ("@" not in body and "/" not in body):
+        raise ValueError(f"{flag} {uri}: give a registry URI, models:/<name>@<alias> or models:/<name>/<version>")
+    client = MlflowClient()
+    name, alias = body.split("@", 1) if "@" in body else (body.rsplit("/", 1)[0], None)
+    try:
+        if alias is not None:
+            return client.get_model_version_by_alias(name, alias)
+        return client.get_model_version(name, body.rsplit("/", 1)[1])
+    except Exception as e:  # noqa: BLE001 -- MLflow raises a generic MlflowException for each of these
+        known = [m.name for m in client.search_registered_models(max_results=20)]
+        raise ValueError(f"{flag} {uri}: the registry has no such model version ({str(e).splitlines()[0][:160]}); "
+                         f"registered models: {known or 'none'}. Register one first (python -m jobs.register) or "
+                         "give --model-dir") from None
 
 
 def _better(new, old, mode: str) -> bool:
@@ -171,12 +212,24 @@ def _settings_lines(config: dict) -> list[str]:
 
 def load_student(model_dir: str):
     """(model, tokenizer) of an exported fill-mask folder, the model with exactly the tokenizer's vocabulary rows
-    (:func:`pipeline.assets.fit_vocab`). Raises ValueError naming the folder when it has fewer rows."""
+    (:func:`pipeline.assets.fit_vocab`). The tokenizer is the folder's own, or, in a model downloaded from the
+    registry, the transformers flavor's ``components/tokenizer`` beside it. Raises ValueError naming the folder
+    when it has fewer rows, or when no tokenizer with a vocabulary is found."""
     import transformers
 
     model = transformers.AutoModelForMaskedLM.from_pretrained(model_dir)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    tokenizer_dir = model_dir
+    sibling = os.path.join(os.path.dirname(os.path.abspath(model_dir)), "components", "tokenizer")
+    if not any(os.path.exists(os.path.join(model_dir, f)) for f in TOKENIZER_FILES) and os.path.isdir(sibling):
+        tokenizer_dir = sibling  # mlflow.transformers stores the model in model/ and its tokenizer in components/
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    if len(tokenizer) == 0 or tokenizer.mask_token_id is None:
+        raise ValueError(f"{model_dir}: no tokenizer with a vocabulary and a mask token beside the model (looked in "
+                         f"{tokenizer_dir}): save the tokenizer into the folder (tokenizer.save_pretrained)")
     return assets.fit_vocab(model, tokenizer, what=f"the model in {model_dir}"), tokenizer
+
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")  # any one: the folder has its tokenizer
 
 
 def register(cfg: TrackingSection, *, model_dir: str, checkpoint: str, metrics: dict, tags: dict,
@@ -223,6 +276,45 @@ def register(cfg: TrackingSection, *, model_dir: str, checkpoint: str, metrics: 
         alias = _move_alias(client, cfg, version, score)
     return {"name": cfg.model_name, "version": version, "aliases": [alias], "new": True,
             "uri": f"models:/{cfg.model_name}@{alias}", "version_uri": f"models:/{cfg.model_name}/{version}"}
+
+
+def registered_version(name: str, key: str):
+    """The version of ``name`` registered for ``key`` (a checkpoint, or an export's checkpoint#format), or None."""
+    from mlflow.tracking import MlflowClient
+
+    return _version_for_checkpoint(MlflowClient(), name, key)
+
+
+def register_served(*, name: str, key: str, model_code: str, artifacts: dict[str, str], input_example,
+                    pip_requirements: list[str], tags: dict, description: str, aliases: list[str]) -> dict:
+    """Log a text-in MLflow pyfunc (``model_code``: a models-from-code file; ``artifacts``: name → local path) and
+    register it as a version of ``name`` keyed by ``key`` (tag :data:`CHECKPOINT_TAG`), with ``tags``, the model
+    card ``description`` and every alias in ``aliases`` moved to it. Idempotent like :func:`register`: a key
+    registered before returns that version, and simultaneous registrations keep one version.
+
+    Returns {name, version, aliases, uri, new}."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    with _registration_lock(name):
+        existing = _version_for_checkpoint(client, name, key)
+        if existing is not None:
+            return _reused(name, existing)
+        with warnings.catch_warnings():  # MLflow's advice to type-hint predict: the served model takes several shapes
+            warnings.filterwarnings("ignore", message=".*type hints to the `predict` method")
+            info = mlflow.pyfunc.log_model(name="served", python_model=model_code, artifacts=artifacts,
+                                           input_example=input_example, pip_requirements=pip_requirements)
+        version = str(mlflow.register_model(info.model_uri, name,
+                                            tags={k: str(v) for k, v in {CHECKPOINT_TAG: key, **tags}.items()}).version)
+        first = keep_first(client, name, version, key)
+        if first is not None:
+            return _reused(name, first)
+        client.update_model_version(name, version, description=description)
+        for alias in aliases:
+            client.set_registered_model_alias(name, alias, version)
+    return {"name": name, "version": version, "aliases": list(aliases), "new": True,
+            "uri": f"models:/{name}/{version}"}
 
 
 def keep_first(client, name: str, version: str, checkpoint: str):

@@ -50,6 +50,7 @@ QUIET_ENV = {
     "MLFLOW_LOGGING_LEVEL": "WARNING",
     "RAY_DATA_LOG_LEVEL": "WARNING",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # "Downloading artifacts" bars of every registry download
 }
 # The variable `ray job submit` gives the driver: the submitted job's config, runtime_env included.
 _JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"

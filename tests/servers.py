@@ -23,9 +23,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, timeout_s: float = 120) -> None:
+def wait_http(url: str, timeout_s: float = 120, *, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    """Wait until ``url`` answers; with ``proc``, fail at once (with ``log``'s tail) when that server exits first."""
     deadline = time.time() + timeout_s
     while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-3000:] if log else ""
+            raise RuntimeError(f"the server for {url} exited ({proc.returncode}) before it answered:\n{tail}")
         try:
             with urllib.request.urlopen(url, timeout=5):
                 return

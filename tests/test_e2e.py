@@ -20,9 +20,9 @@ def _mlflow(e2e_run):
 
 
 def test_every_stage_wrote_its_record_and_the_summary_is_printed(e2e_run):
-    assert set(e2e_run["records"]) == {"prepare", "teacher", "distill", "sweep", "evaluate", "register"}
+    assert set(e2e_run["records"]) == {"prepare", "teacher", "distill", "sweep", "evaluate", "register", "export"}
     out = e2e_run["stdout"]
-    for stage in ("prepare", "teacher", "distill", "sweep", "evaluate", "register", "total"):
+    for stage in ("prepare", "teacher", "distill", "sweep", "evaluate", "register", "export", "total"):
         assert f"    {stage}" in out
     assert "Table 1: dev scores" in out and "Table 3: size and CPU inference time" in out
     assert "models:/e2e-student@champion" in out and "mlflow ui" in out and "Ray dashboard" in out
@@ -218,7 +218,7 @@ def test_a_job_resubmitted_after_its_driver_died_mid_sweep_skips_what_finished_a
     runs = mlflow.search_runs(experiment_names=["distil-tiny"], output_format="list")
     runs = [r for r in runs if r.info.start_time <= e2e_run["finished_at_ms"]]  # other tests register by hand later
     top = sorted(r.info.run_name for r in runs if "mlflow.parentRunId" not in r.data.tags)
-    assert top == ["distill", "evaluate", "prepare", "register", "sweep", "teacher"], top
+    assert top == ["distill", "evaluate", "export", "prepare", "register", "sweep", "teacher"], top
     (parent,) = [r for r in runs if r.info.run_name == "sweep"]
     assert parent.info.status == "FINISHED"
     nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
@@ -393,3 +393,125 @@ def test_evaluate_fine_tunes_a_model_given_by_folder_with_ray_train(e2e_run, tmp
     assert 0.0 <= unit["scores"]["accuracy"] <= 1.0
     assert "finetune rotten_tomatoes: DistilBertForSequenceClassification" in proc.stdout + proc.stderr
     assert not list((tmp_path / "ft" / "ray").glob(f"{rec['name']}-*/checkpoint_*")), "a unit's checkpoints are deleted"
+
+
+# ---- the export stage (pipeline/stages/export.py) ---------------------------------------------------------------
+def test_the_champion_is_exported_gated_and_registered_as_a_text_in_model(e2e_run):
+    rec = e2e_run["records"]["export"]
+    reg = e2e_run["records"]["register"]
+    assert rec["source"] == f"models:/e2e-student/{reg['version']}" and rec["key"] == reg["chosen"]["checkpoint"]
+    variants = {v["format"]: v for v in rec["variants"]}
+    assert list(variants) == ["onnx", "onnx-int8"]
+    fp32, int8 = variants["onnx"], variants["onnx-int8"]
+    assert fp32["max_abs_diff"] < 1e-3 and fp32["agreement_pct"] > 99.0 and abs(fp32["drop"]) < 0.5
+    assert int8["size_mb"] < 0.6 * fp32["size_mb"]
+    student = rec["reference"]["student"]
+    for v in variants.values():  # the gate's arithmetic, whatever the figures
+        assert v["drop"] == pytest.approx(student["mlm_acc_pct"] - v["mlm_acc_pct"])
+        assert v["passed"] == (v["drop"] <= 1.0) and (v["registered"] is not None) == v["passed"]
+        assert (v["reason"] is None) == v["passed"]
+    # the fastest variant that passed carries the source's alias
+    passing = sorted((v for v in variants.values() if v["passed"]), key=lambda v: v["latency_ms"])
+    assert passing[0]["registered"]["aliases"] == ["champion"]
+    assert "| teacher | PyTorch fp32 |" in rec["markdown"] and "| student | ONNX Runtime int8 |" in rec["markdown"]
+    assert "served model: models:/e2e-student-onnx/" in e2e_run["stdout"]
+
+    mlflow = _mlflow(e2e_run)
+    version = mlflow.MlflowClient().get_model_version_by_alias("e2e-student-onnx", "champion")
+    assert version.tags["distil.source"] == rec["source"] and version.tags["distil.format"] == passing[0]["format"]
+    assert "mlflow models serve" in version.description
+    served = mlflow.pyfunc.load_model("models:/e2e-student-onnx@champion")
+    (fills,) = served.predict(["the movie was [MASK] ."])
+    assert len(fills) == 5 and all(set(f) == {"score", "token", "token_str", "sequence"} for f in fills)
+    assert sorted((f["score"] for f in fills), reverse=True) == [f["score"] for f in fills]
+
+
+def test_mlflow_models_serve_answers_text_with_the_served_model(e2e_run, tmp_path):
+    import sys
+    import urllib.request
+
+    import servers
+
+    # As docs/serving.md says: with the environment activated (its bin/ first on PATH: MLflow starts uvicorn by name)
+    port, log = servers.free_port(), tmp_path / "serve.log"
+    venv_bin = str(Path(sys.executable).parent)
+    env = {**e2e_run["env"], "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}"}
+    proc = servers.start(["mlflow", "models", "serve", "-m", "models:/e2e-student-onnx@champion", "--env-manager",
+                          "local", "-h", "127.0.0.1", "-p", str(port)], log, env=env)
+    try:
+        servers.wait_http(f"http://127.0.0.1:{port}/ping", timeout_s=180, proc=proc, log=log)
+        body = json.dumps({"inputs": ["the movie was [MASK] .", "a [MASK] film"]}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                     headers={"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(req, timeout=60).read())
+    finally:
+        servers.stop(proc)
+    expected = _mlflow(e2e_run).pyfunc.load_model("models:/e2e-student-onnx@champion").predict(
+        ["the movie was [MASK] .", "a [MASK] film"])
+    got = answer["predictions"]
+    assert [[f["token_str"] for f in fills] for fills in got] == [[f["token_str"] for f in fills] for fills in expected]
+
+
+def test_a_resubmitted_export_reuses_its_versions(e2e_run):
+    import subprocess
+    import sys
+
+    from conftest import E2E_OVERRIDES, ROOT
+
+    cmd = [sys.executable, "-m", "jobs.export", "--config", "configs/tiny.yaml", "--set", f"run.root={e2e_run['root']}"]
+    for o in E2E_OVERRIDES:
+        cmd += ["--set", o]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=e2e_run["env"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (line,) = [x for x in proc.stdout.splitlines() if x.startswith('{"stage": "export"')]
+    out = json.loads(line)
+    assert out["skipped"] is True
+    before = {v["format"]: (v["registered"] or {}).get("uri") for v in e2e_run["records"]["export"]["variants"]}
+    assert {v["format"]: v["uri"] for v in out["variants"]} == before
+
+
+def test_an_int8_export_that_loses_accuracy_is_not_registered(e2e_run, tmp_path, monkeypatch, capsys):
+    """A deliberately damaged int8 file (its word embeddings shuffled, as a bad conversion would leave them): the
+    gate measures the loss, the variant is not registered, and the stage says by how much it failed."""
+    import shutil
+
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from conftest import E2E_OVERRIDES, ROOT
+    from pipeline.config import load_config
+    from pipeline.serve import onnx_export
+    from pipeline.stages import export
+
+    real_quantize = onnx_export.quantize_int8
+
+    def damaged_quantize(src, dst):
+        real_quantize(src, dst)
+        graph = onnx.load(dst)
+        for t in graph.graph.initializer:
+            rows = numpy_helper.to_array(t)
+            if rows.ndim == 2 and rows.shape[0] > 30000:  # the word embeddings (30,522 rows)
+                t.CopyFrom(numpy_helper.from_array(rows[np.random.default_rng(0).permutation(len(rows))], t.name))
+        onnx.save(graph, dst)
+        return dst
+
+    monkeypatch.setattr(onnx_export, "quantize_int8", damaged_quantize)
+    _mlflow(e2e_run)
+    cfg = load_config(str(ROOT / "configs" / "tiny.yaml"),
+                      [*E2E_OVERRIDES, f"run.root={tmp_path}", "run.name=damaged", "export.latency_runs=2"])
+    (tmp_path / "damaged" / "stages").mkdir(parents=True)
+    shutil.copy(e2e_run["root"] / "e2e" / "stages" / "prepare.json", tmp_path / "damaged" / "stages")
+    model_dir = tmp_path / "student"
+    shutil.copytree(Path(e2e_run["records"]["register"]["chosen"]["checkpoint"]) / "hf_model", model_dir)
+    for k, v in e2e_run["env"].items():
+        monkeypatch.setenv(k, v)
+    from pipeline import tracking
+
+    tracking.setup(str(tmp_path), "distil-tiny")
+    rec = export.run(cfg, model_dir=str(model_dir))
+    fp32, int8 = rec.variants
+    assert fp32["passed"] and fp32["registered"]["aliases"] == ["challenger"]  # a folder is never the champion
+    assert not int8["passed"] and int8["registered"] is None and int8["drop"] > 1.0
+    assert f"onnx-int8 loses {int8['drop']:.2f} points of masked-token accuracy" in capsys.readouterr().out
+    assert "refused: −" in rec.markdown

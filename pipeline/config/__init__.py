@@ -32,6 +32,7 @@ from pipeline.config.tree import (
     DataSection,
     DeepSpeedSection,
     EvaluateSection,
+    ExportSection,
     FaultsSection,
     LossSection,
     MaskingSection,
@@ -48,7 +49,7 @@ from pipeline.config.tree import (
 )
 
 __all__ = [
-    "CheckpointSection", "ComputeSection", "DataSection", "DeepSpeedSection", "EvaluateSection", "FaultsSection",
+    "CheckpointSection", "ComputeSection", "DataSection", "DeepSpeedSection", "EvaluateSection", "ExportSection", "FaultsSection",
     "LossSection", "MaskingSection", "OptimSection", "RunConfig", "RunSection", "ScalingSection", "StudentSection",
     "SweepSection", "TeacherSection", "TrackingSection", "ValidationSection", "flatten", "load_config",
 ]

@@ -279,6 +279,21 @@ class EvaluateSection:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ExportSection:
+    """The export stage (pipeline/stages/export.py, pipeline/serve/): ONNX Runtime variants of the registered student,
+    each checked against PyTorch and on the prepared validation split before it is registered as
+    ``<tracking.model_name>-onnx``."""
+
+    formats: list[str] = field(default_factory=list)  # onnx (fp32) | onnx-int8 (int8 weights); empty: no export stage
+    max_drop: float = 1.0  # points of masked-token accuracy a variant may lose against PyTorch and still be registered
+    parity_atol: float = 1e-3  # largest |Δ logit| between ONNX Runtime fp32 and PyTorch on the gate's inputs
+    eval_rows: int = 256  # packed validation rows the quality gate scores (the split's first)
+    latency_seq_len: int = 128  # tokens of the batch-1 latency measurement (the model's window at most)
+    latency_runs: int = 30  # timed batch-1 calls per model; the tables report the median
+    threads: int = 1  # CPU threads of every timed model (torch and ONNX Runtime alike) and of the served model
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrackingSection:
     """MLflow: the experiment every stage logs to (pipeline/tracking.py), the training loop's logging interval,
     and the registry's choice of student (pipeline/registry.py)."""
@@ -312,6 +327,7 @@ class RunConfig:
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)  # the evaluate stage's downstream tasks
     faults: FaultsSection = field(default_factory=FaultsSection)  # failure rehearsal in every training stage
     tracking: TrackingSection = field(default_factory=TrackingSection)  # MLflow for every stage; the register stage
+    export: ExportSection = field(default_factory=ExportSection)  # the export stage's ONNX Runtime variants
 
     # ---- construction -------------------------------------------------------------------------------
     @classmethod

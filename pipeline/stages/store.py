@@ -11,13 +11,23 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from pipeline import checkpoint as checkpoint_lib, storage
+from pipeline import checkpoint as checkpoint_lib
+from pipeline import storage
 from pipeline.config import RunConfig
-from pipeline.records import (EvaluateRecord, PrepareRecord, Record, RecordError, RegisterRecord, TeacherRecord,
-                              TrainRecord)
+from pipeline.records import (
+    EvaluateRecord,
+    ExportRecord,
+    PrepareRecord,
+    Record,
+    RecordError,
+    RegisterRecord,
+    TeacherRecord,
+    TrainRecord,
+)
 
 RECORDS: dict[str, type[Record]] = {"prepare": PrepareRecord, "teacher": TeacherRecord, "distill": TrainRecord,
-                                    "sweep": TrainRecord, "evaluate": EvaluateRecord, "register": RegisterRecord}
+                                    "sweep": TrainRecord, "evaluate": EvaluateRecord, "register": RegisterRecord,
+                                    "export": ExportRecord}
 
 
 def record_path(cfg: RunConfig, stage: str) -> str:
