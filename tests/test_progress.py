@@ -155,7 +155,7 @@ def test_workers_get_the_quiet_settings_by_default_and_none_of_them_when_verbose
     assert quiet == {"DISTIL_VERBOSE": "0", "DISTIL_PROGRESS": "lines", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
                      "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning",
                      "MLFLOW_LOGGING_LEVEL": "WARNING", "RAY_DATA_LOG_LEVEL": "WARNING",
-                     "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+                     "HF_HUB_DISABLE_PROGRESS_BARS": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
     loud = runtime.worker_env({}, verbose=True, progress_mode="bar")
     assert loud == {"DISTIL_VERBOSE": "1", "DISTIL_PROGRESS": "bar", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
