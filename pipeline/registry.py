@@ -23,7 +23,6 @@ import math
 import numbers
 import os
 import tempfile
-import warnings
 
 from pipeline import assets, models, storage
 from pipeline.config import TrackingSection
@@ -301,10 +300,8 @@ def register_served(*, name: str, key: str, model_code: str, artifacts: dict[str
         existing = _version_for_checkpoint(client, name, key)
         if existing is not None:
             return _reused(name, existing)
-        with warnings.catch_warnings():  # MLflow's advice to type-hint predict: the served model takes several shapes
-            warnings.filterwarnings("ignore", message=".*type hints to the `predict` method")
-            info = mlflow.pyfunc.log_model(name="served", python_model=model_code, artifacts=artifacts,
-                                           input_example=input_example, pip_requirements=pip_requirements)
+        info = mlflow.pyfunc.log_model(name="served", python_model=model_code, artifacts=artifacts,
+                                       input_example=input_example, pip_requirements=pip_requirements)
         version = str(mlflow.register_model(info.model_uri, name,
                                             tags={k: str(v) for k, v in {CHECKPOINT_TAG: key, **tags}.items()}).version)
         first = keep_first(client, name, version, key)

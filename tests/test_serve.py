@@ -182,3 +182,34 @@ def test_the_serving_benchmark_prints_one_json_line_of_measured_ratios():
         assert fig["size_mb"]["onnx_int8"] < fig["size_mb"]["onnx_fp32"]
         assert fig["max_abs_diff_vs_torch"]["student_ort_fp32"] < 1e-4
         assert fig["parameters"]["student"] < fig["parameters"]["teacher"]
+
+
+def test_bad_input_to_the_export_job_is_one_line_before_any_export(tmp_path, capsys, tokenizer):
+    from conftest import ROOT
+    from jobs import export
+
+    base = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--set", f"run.root={tmp_path}"]
+
+    def refused(*args) -> str:
+        assert export.main([*base, *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        return err
+
+    assert "export.formats is empty" in refused("--set", "export.formats=[]")
+    with pytest.raises(SystemExit) as stop:  # a config problem: the config loader's own list, before the job
+        export.main([*base, "--set", "export.formats=[onnx, int4]"])
+    assert stop.value.code == 2 and "'int4' is not a format" in capsys.readouterr().err
+    assert "not an exported HF model directory" in refused("--model-dir", str(tmp_path / "nope"))
+    err = refused("--model", "models:/nobody-registered-this@champion")
+    assert "the registry has no such model version" in err and "registered models: none" in err
+    assert "give a registry URI" in refused("--model", "runs:/abc/model")
+    # A folder whose model has no fill-mask head (a bare encoder, as a user might export one by mistake)
+    encoder = transformers.DistilBertModel(_student(tokenizer).config)
+    encoder.save_pretrained(tmp_path / "encoder")
+    tokenizer.save_pretrained(tmp_path / "encoder")
+    assert "exports fill-mask students" in refused("--model-dir", str(tmp_path / "encoder"))
+    # A fill-mask folder in a run folder that has no prepared corpus for the quality gate
+    _student(tokenizer).save_pretrained(tmp_path / "student")
+    tokenizer.save_pretrained(tmp_path / "student")
+    assert "run `python -m jobs.prepare` with this config first" in refused("--model-dir", str(tmp_path / "student"))

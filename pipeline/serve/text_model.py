@@ -20,14 +20,10 @@ ValueError naming the input.
 from __future__ import annotations
 
 import json
-import warnings
 
 import mlflow.pyfunc
 import numpy as np
 from mlflow.models import set_model
-
-# MLflow advises type hints on predict at every load; this model takes several input shapes on purpose.
-warnings.filterwarnings("ignore", message=".*type hints to the `predict` method")
 
 
 def as_texts(model_input) -> list[str]:
@@ -57,6 +53,10 @@ def softmax(x: np.ndarray) -> np.ndarray:
 
 class OnnxTextModel(mlflow.pyfunc.PythonModel):
     """A fill-mask or text-classification model run by ONNX Runtime, text in and out (see the module docstring)."""
+
+    # predict takes several input shapes on purpose (a list, a DataFrame, an array); without this MLflow warns at
+    # every load that predict has no type hints (mlflow.pyfunc.PythonModel.__init_subclass__ reads it).
+    _skip_type_hint_validation = True
 
     def load_context(self, context):
         """Read ``serving.json``, load the tokenizer and open an ONNX Runtime CPU session with every graph
