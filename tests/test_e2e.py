@@ -499,7 +499,7 @@ def test_an_int8_export_that_loses_accuracy_is_not_registered(e2e_run, tmp_path,
     monkeypatch.setattr(onnx_export, "quantize_int8", damaged_quantize)
     _mlflow(e2e_run)
     cfg = load_config(str(ROOT / "configs" / "tiny.yaml"),
-                      [*E2E_OVERRIDES, f"run.root={tmp_path}", "run.name=damaged", "export.latency_runs=2"])
+                      [*E2E_OVERRIDES, f"run.root={tmp_path}", "run.name=damaged"])
     (tmp_path / "damaged" / "stages").mkdir(parents=True)
     shutil.copy(e2e_run["root"] / "e2e" / "stages" / "prepare.json", tmp_path / "damaged" / "stages")
     model_dir = tmp_path / "student"

@@ -76,21 +76,40 @@ def ort_logits(session):
     return lambda input_ids, attention_mask: logits(session, input_ids, attention_mask)
 
 
-def parity(reference, candidate, batches: list[MaskedBatch]) -> dict[str, float]:
-    """{"max_abs_diff": largest |Δ logit| over every position, "top1_agreement_pct": % of masked positions where
-    the top-1 tokens agree (or the reference's top two are within twice the largest difference)}."""
+def parity(reference, candidate, batches: list[MaskedBatch]) -> dict:
+    """Compare two models on the same batches in one pass over each:
+
+    {"max_abs_diff": largest |Δ logit| over every unpadded position, "top1_agreement_pct": % of masked positions
+    where the top-1 tokens agree (or the reference's top two are within twice the largest difference),
+    "reference": the reference's masked-LM scores, "candidate": the candidate's (with "agreement_pct" against the
+    reference), "reference_predictions": the reference's top-1 ids at masked positions, one array per batch}.
+    Scores as :func:`masked_lm_scores` gives them."""
     worst, agree, count = 0.0, 0, 0
+    ref_correct = got_correct = same = 0
+    predictions = []
     for b in batches:
         ref, got = reference(b.input_ids, b.attention_mask), candidate(b.input_ids, b.attention_mask)
-        keep = b.attention_mask.astype(bool)
-        worst = max(worst, float(np.abs(ref - got)[keep].max()))
         sel = b.labels != IGNORE_INDEX
         r, g = ref[sel], got[sel]
-        top2 = np.sort(r, axis=-1)[:, -2:]
-        tie = (top2[:, 1] - top2[:, 0]) <= 2 * worst
-        agree += int(((r.argmax(-1) == g.argmax(-1)) | tie).sum())
+        r_pred, g_pred = r.argmax(-1), g.argmax(-1)
+        predictions.append(r_pred)
+        np.subtract(ref, got, out=got)  # in place: a batch of full-vocabulary logits is B×T×V floats
+        np.abs(got, out=got)
+        worst = max(worst, float(got.max(axis=-1)[b.attention_mask.astype(bool)].max()))
+        top2 = np.partition(r, -2, axis=-1)[:, -2:]
+        tie = np.abs(top2[:, 1] - top2[:, 0]) <= 2 * worst
+        agree += int(((r_pred == g_pred) | tie).sum())
+        ref_correct += int((r_pred == b.labels[sel]).sum())
+        got_correct += int((g_pred == b.labels[sel]).sum())
+        same += int((r_pred == g_pred).sum())
         count += int(sel.sum())
-    return {"max_abs_diff": worst, "top1_agreement_pct": 100.0 * agree / max(count, 1)}
+    if count == 0:
+        raise ValueError("no masked token in the validation rows scored: raise export.eval_rows")
+    return {"max_abs_diff": worst, "top1_agreement_pct": 100.0 * agree / count,
+            "reference": {"mlm_acc_pct": 100.0 * ref_correct / count, "masked_tokens": count},
+            "candidate": {"mlm_acc_pct": 100.0 * got_correct / count, "masked_tokens": count,
+                          "agreement_pct": 100.0 * same / count},
+            "reference_predictions": predictions}
 
 
 def masked_lm_scores(candidate, batches: list[MaskedBatch], reference_predictions: list[np.ndarray] | None = None):

@@ -65,7 +65,17 @@ def run(cfg: RunConfig, *, model: str | None = None, model_dir: str | None = Non
 
     with _threads(e.threads):
         pt = gate.torch_logits(student)
-        ref, ref_preds = gate.masked_lm_scores(pt, batches)
+        fp32_dir = os.path.join(work, FP32)
+        fp32_path = onnx_export.export(student, tokenizer, fp32_dir, max_length=student.config.max_position_embeddings,
+                                       threads=e.threads)
+        session = onnx_export.open_session(fp32_path, threads=e.threads)
+        parity = gate.parity(pt, gate.ort_logits(session), batches)
+        if parity["max_abs_diff"] > e.parity_atol:
+            raise ValueError(
+                f"the ONNX export of {source['uri']} differs from PyTorch by up to {parity['max_abs_diff']:.3g} in a "
+                f"logit (export.parity_atol={e.parity_atol:g}); top-1 agrees on {parity['top1_agreement_pct']:.1f} % "
+                "of masked tokens: refused. Report it with the model's config; raising export.parity_atol accepts it")
+        ref, ref_preds = parity["reference"], parity["reference_predictions"]
         reference = {"student": {**ref, "latency_ms": gate.latency_ms(pt, vocab_size=len(tokenizer), seq_len=seq_len,
                                                                       runs=e.latency_runs),
                                  "parameters": _parameters(student), "size_mb": _weights_mb(source["folder"])}}
@@ -78,16 +88,6 @@ def run(cfg: RunConfig, *, model: str | None = None, model_dir: str | None = Non
                                     "parameters": _parameters(teacher), "size_mb": _parameters(teacher) * 4 / 1e6}
             del teacher
 
-        fp32_dir = os.path.join(work, FP32)
-        fp32_path = onnx_export.export(student, tokenizer, fp32_dir, max_length=student.config.max_position_embeddings,
-                                       threads=e.threads)
-        session = onnx_export.open_session(fp32_path, threads=e.threads)
-        parity = gate.parity(pt, gate.ort_logits(session), batches)
-        if parity["max_abs_diff"] > e.parity_atol:
-            raise ValueError(
-                f"the ONNX export of {source['uri']} differs from PyTorch by up to {parity['max_abs_diff']:.3g} in a "
-                f"logit (export.parity_atol={e.parity_atol:g}); top-1 agrees on {parity['top1_agreement_pct']:.1f} % "
-                "of masked tokens: refused. Report it with the model's config; raising export.parity_atol accepts it")
         variants = []
         for fmt in e.formats:
             folder = fp32_dir
@@ -97,7 +97,7 @@ def run(cfg: RunConfig, *, model: str | None = None, model_dir: str | None = Non
                 onnx_export.quantize_int8(fp32_path, os.path.join(folder, "model.onnx"))
             sess = session if fmt == FP32 else onnx_export.open_session(os.path.join(folder, "model.onnx"), threads=e.threads)
             run_v = gate.ort_logits(sess)
-            scores, _ = gate.masked_lm_scores(run_v, batches, ref_preds)
+            scores = parity["candidate"] if fmt == FP32 else gate.masked_lm_scores(run_v, batches, ref_preds)[0]
             drop = ref["mlm_acc_pct"] - scores["mlm_acc_pct"]
             passed = drop <= e.max_drop
             variants.append({
