@@ -1,4 +1,4 @@
-"""Stage 7: ONNX Runtime variants of the registered student (export.formats: onnx, onnx-int8), each checked
+"""Stage 8: ONNX Runtime variants of the registered student (export.formats: onnx, onnx-int8), each checked
 against PyTorch and on the prepared validation split, then registered as <tracking.model_name>-onnx, a text-in
 MLflow pyfunc that `mlflow models serve` serves.
 

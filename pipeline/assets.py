@@ -161,3 +161,16 @@ def export_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def load_classifier(model_dir: str):
+    """(model, tokenizer) of an exported sequence-classification folder (its ``id2label`` holds the task's label
+    names), the model with exactly the tokenizer's vocabulary rows. ValueError naming the folder when it has no
+    tokenizer or fewer rows than it."""
+    import transformers
+
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    if len(tokenizer) == 0:
+        raise ValueError(f"{model_dir}: no tokenizer with a vocabulary beside the classifier: save it into the folder")
+    return fit_vocab(model, tokenizer, what=f"the classifier in {model_dir}"), tokenizer

@@ -241,6 +241,14 @@ def summary(cfg: RunConfig, times: dict[str, tuple[float, bool]], total_s: float
         f"  registered model: {reg.uri}  (version {reg.version})",
         f"    load it: mlflow.transformers.load_model('{reg.uri}')  with MLFLOW_TRACKING_URI={uri}",
     ]
+    distilled = store.load_record(cfg, "task_distill") if cfg.task_distill.tasks else None
+    if distilled is not None:
+        lines += ["", *("  " + line for line in distilled.markdown.splitlines()), ""]
+        for task, t in distilled.tasks.items():
+            reg = (t.get("registered") or {}).get("student")
+            if reg:
+                lines.append(f"  task model for {task}: {reg['uri']}  (version {reg['version']}; "
+                             f"mlflow.transformers.load_model('{reg['uri']}') classifies text)")
     exported = store.load_record(cfg, "export") if cfg.export.formats else None
     if exported is not None:
         served = [v for v in exported.variants if v.get("registered")]

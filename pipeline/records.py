@@ -195,6 +195,21 @@ class ExportRecord(Record):
 
 
 @dataclass(frozen=True, kw_only=True)
+class TaskDistillRecord(Record):
+    """The task distillation stage's record: per task its Table 2, the registered task model and teacher
+    (pipeline/stages/task_distill.py, pipeline/evaluate/table2.py)."""
+
+    name: str  # <run>-task-<settings hash>: the same name is the same work
+    student: str  # the general student every task's student started from
+    # task → {rows: [{model, what, median, min, max, seeds, retention, params, latency_ms}], best_kd, teacher,
+    # max_seq_len, student, registered: {student: {name, version, aliases, uri, new}, teacher: … or None}}
+    tasks: dict[str, Any]
+    markdown: str  # Table 2 of every task, as in the summary and the stage's run
+    seconds: float
+    skipped: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
 class SweepParent(Record):
     """The sweep's MLflow parent run, so a restored sweep logs into the run its trials already use."""
 

@@ -232,10 +232,10 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")  # an
 
 
 def register(cfg: TrackingSection, *, model_dir: str, checkpoint: str, metrics: dict, tags: dict,
-             description: str | None = None) -> dict:
-    """Log the model in the transformers flavor, with exactly its tokenizer's vocabulary rows (:func:`load_student`),
-    and register it; returns name, version, alias and URI. ValueError for a model with fewer rows than its
-    tokenizer, or without ``cfg.select_metric``."""
+             description: str | None = None, task: str = "fill-mask") -> dict:
+    """Log the model in the transformers flavor, with exactly its tokenizer's vocabulary rows (:func:`load_student`,
+    or :func:`pipeline.assets.load_classifier` for ``task="text-classification"``), and register it; returns name, version, alias
+    and URI. ValueError for a model with fewer rows than its tokenizer, or without ``cfg.select_metric``."""
     import mlflow
     import torch
     import transformers
@@ -250,11 +250,11 @@ def register(cfg: TrackingSection, *, model_dir: str, checkpoint: str, metrics: 
         if existing is not None:
             return _reused(cfg.model_name, existing)
 
-        model, tokenizer = load_student(model_dir)
+        model, tokenizer = assets.load_classifier(model_dir) if task == "text-classification" else load_student(model_dir)
         info = mlflow.transformers.log_model(
             transformers_model={"model": model, "tokenizer": tokenizer},
             name="student",
-            task="fill-mask",
+            task=task,
             # pyfunc predict (and `mlflow models serve`) passes these to every pipeline call: a long input is cut to
             # the model's window (the exported tokenizer's model_max_length = max_position_embeddings), not a crash.
             model_config={"tokenizer_kwargs": {"truncation": True}},

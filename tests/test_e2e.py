@@ -20,9 +20,10 @@ def _mlflow(e2e_run):
 
 
 def test_every_stage_wrote_its_record_and_the_summary_is_printed(e2e_run):
-    assert set(e2e_run["records"]) == {"prepare", "teacher", "distill", "sweep", "evaluate", "register", "export"}
+    assert set(e2e_run["records"]) == {"prepare", "teacher", "distill", "sweep", "evaluate", "register", "task_distill",
+                                       "export"}
     out = e2e_run["stdout"]
-    for stage in ("prepare", "teacher", "distill", "sweep", "evaluate", "register", "export", "total"):
+    for stage in ("prepare", "teacher", "distill", "sweep", "evaluate", "register", "task_distill", "export", "total"):
         assert f"    {stage}" in out
     assert "Table 1: dev scores" in out and "Table 3: size and CPU inference time" in out
     assert "models:/e2e-student@champion" in out and "mlflow ui" in out and "Ray dashboard" in out

@@ -177,9 +177,9 @@ def _job_args(root: Path, sets: list[str]) -> list[str]:
     prepare.prepare(cfg.data, data_dir=cfg.data_dir, run_root=cfg.run.root, tokenizer_name=cfg.data.tokenizer,
                     tokenizer_path=assets.resolve_local(cfg.data.tokenizer, str(root / "cache")))
     args = ["python", "-m", "jobs.pipeline", "--config", "configs/tiny.yaml", "--skip-sweep"]
-    # What is tested is training through node failures: no downstream evaluation or serving export after it (the
-    # shared end-to-end run covers both), so the registry selects by the held-out masked-LM loss.
-    for s in ["evaluate.tasks=[]", "export.formats=[]", "tracking.select_metric=val/mlm_loss", *sets]:
+    # What is tested is training through node failures: no downstream evaluation, task distillation or serving export
+    # after it (the shared end-to-end run covers them), so the registry selects by the held-out masked-LM loss.
+    for s in ["evaluate.tasks=[]", "task_distill.tasks=[]", "export.formats=[]", "tracking.select_metric=val/mlm_loss", *sets]:
         args += ["--set", s]
     return args
 

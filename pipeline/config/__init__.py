@@ -42,6 +42,7 @@ from pipeline.config.tree import (
     ScalingSection,
     StudentSection,
     SweepSection,
+    TaskDistillSection,
     TeacherSection,
     TrackingSection,
     ValidationSection,
@@ -51,5 +52,5 @@ from pipeline.config.tree import (
 __all__ = [
     "CheckpointSection", "ComputeSection", "DataSection", "DeepSpeedSection", "EvaluateSection", "ExportSection", "FaultsSection",
     "LossSection", "MaskingSection", "OptimSection", "RunConfig", "RunSection", "ScalingSection", "StudentSection",
-    "SweepSection", "TeacherSection", "TrackingSection", "ValidationSection", "flatten", "load_config",
+    "SweepSection", "TaskDistillSection", "TeacherSection", "TrackingSection", "ValidationSection", "flatten", "load_config",
 ]

@@ -20,6 +20,7 @@ import re
 
 from pipeline.config.metrics import EVAL_METRICS, LOSS_METRICS, VAL_METRICS
 from pipeline.config.export_checks import export_problems
+from pipeline.config.task_distill_checks import task_distill_problems
 from pipeline.config.sweep_checks import probe_samples, space_entry_problems
 from pipeline.config.tree import RunConfig
 from pipeline.config import tasks as task_specs
@@ -41,7 +42,8 @@ def problems(cfg: RunConfig) -> list[str]:
     """Every problem of ``cfg`` itself (not of its sweep's trial configs), one fix-it line each; [] when valid.
     :func:`validate` raises them as one ValueError."""
     return [*_choices(cfg), *_run(cfg), *_data(cfg), *_masking(cfg), *_models(cfg), *_loss(cfg), *_optim(cfg),
-            *_scaling(cfg), *_sweep(cfg), *_tracking(cfg), *_evaluate(cfg), *export_problems(cfg)]
+            *_scaling(cfg), *_sweep(cfg), *_tracking(cfg), *_evaluate(cfg), *task_distill_problems(cfg),
+            *export_problems(cfg)]
 
 
 def _choices(cfg: RunConfig) -> list[str]:

@@ -279,10 +279,27 @@ class EvaluateSection:
 
 
 @dataclass(frozen=True, kw_only=True)
+class TaskDistillSection:
+    """The task_distill stage (pipeline/stages/task_distill.py): a student per task, taught by a fine-tuned teacher."""
+
+    # evaluate.tasks' entries; a mapping may add teacher: <fine-tuned classifier>, else one is fine-tuned here; []: no stage
+    tasks: Annotated[list[Any], PathSetting(keys=("source", "train_file", "dev_file", "teacher"))] = field(default_factory=list)
+    # the general student to start from: "" (registered, else distill's best, else teacher-layers: half the teacher's
+    # layers), or a model folder, hub id, s3:// or models:/…
+    student: Annotated[str, PATH] = ""
+    temperature: float = 2.0  # T of the soft targets (L_kd's T² keeps its gradients' scale)
+    alpha_kd: float = 0.5  # weight of KL(teacher ‖ student) at T over the class logits (regression: MSE to the teacher)
+    alpha_ce: float = 0.5  # weight of the cross-entropy with the gold labels (regression: MSE to the label)
+    alpha_cos: float = 0.0  # weight of 1 − cos between the first token's last hidden states (equal widths only)
+    seeds: int = 3  # runs per (task, student kind), each its own seed; Table 2 reports the median and the range
+    transfer: Annotated[list[str], PATH] = field(default_factory=list)  # unlabelled in-domain text (as data.sources)
+    transfer_examples: int = 10000  # texts taken from the transfer sources (their first lines, in order)
+
+
+@dataclass(frozen=True, kw_only=True)
 class ExportSection:
     """The export stage (pipeline/stages/export.py, pipeline/serve/): ONNX Runtime variants of the registered student,
-    each checked against PyTorch and on the prepared validation split before it is registered as
-    ``<tracking.model_name>-onnx``."""
+    each checked against PyTorch and on the validation split, then registered as ``<tracking.model_name>-onnx``."""
 
     formats: list[str] = field(default_factory=list)  # onnx (fp32) | onnx-int8 (int8 weights); empty: no export stage
     max_drop: float = 1.0  # points of masked-token accuracy a variant may lose against PyTorch and still be registered
@@ -327,6 +344,7 @@ class RunConfig:
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)  # the evaluate stage's downstream tasks
     faults: FaultsSection = field(default_factory=FaultsSection)  # failure rehearsal in every training stage
     tracking: TrackingSection = field(default_factory=TrackingSection)  # MLflow for every stage; the register stage
+    task_distill: TaskDistillSection = field(default_factory=TaskDistillSection)  # a student per downstream task
     export: ExportSection = field(default_factory=ExportSection)  # the export stage's ONNX Runtime variants
 
     # ---- construction -------------------------------------------------------------------------------

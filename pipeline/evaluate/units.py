@@ -18,7 +18,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pipeline import assets, runtime, storage
 from pipeline.config import RunConfig
@@ -47,6 +47,9 @@ class Unit:
     task: str
     seed: int
     name: str  # the Ray Train run name, and the unit's result file name
+    training: str = "finetune"  # the loop's task (pipeline/train/tasks/): finetune | task_distill
+    table: str = ""  # the key of its examples in the tables and data given to run_finetune; "" for ``task``
+    extra: dict = field(default_factory=dict)  # more WorkerConfig.extra settings (the teacher of task_distill, …)
 
 
 def tokenize(data: TaskData, tokenizer, max_seq_len: int) -> dict:
@@ -132,37 +135,41 @@ def units_at_once(cfg: RunConfig, cluster_cpus: float) -> int:
 
 
 def run_finetune(cfg: RunConfig, units: list[Unit], tables: dict, data: dict[str, TaskData], *, cluster_cpus: float,
-                 out_dir: str) -> list[dict]:
+                 out_dir: str, stage: str = "evaluate") -> list[dict]:
     """Run every unit not finished before (its result file in ``out_dir``), as many at once as fit; returns every
-    unit's result dict {model, task, seed, scores, seconds, steps}."""
+    unit's result dict {model, task, seed, scores, seconds, steps, model_dir}: ``model_dir`` is the exported
+    model of a unit whose extra settings say ``keep`` (its final checkpoint is kept), else None. ``stage`` names
+    the stage in the progress lines."""
     import ray
 
     done = {u.name: _read_result(out_dir, u) for u in units}
     todo = [u for u in units if done[u.name] is None]
     at_once = units_at_once(cfg, cluster_cpus)
-    table_refs = {task: ray.put(t) for task, t in tables.items()}  # in the object store once per task
+    table_refs = {key: ray.put(t) for key, t in tables.items()}  # in the object store once per task
     remote = ray.remote(num_cpus=0.01)(_finetune_unit)
     pending, running = list(todo), {}
-    print(f"[distil] evaluate: {len(units)} fine-tuning units ({len(units) - len(todo)} finished earlier), "
+    print(f"[distil] {stage}: {len(units)} fine-tuning units ({len(units) - len(todo)} finished earlier), "
           f"{at_once} at a time", flush=True)
     while pending or running:
         while pending and len(running) < at_once:
             u = pending.pop(0)
-            unit_cfg = unit_config(cfg, data[u.task], u.seed)
-            running[remote.remote(unit_cfg.to_dict(), u, table_refs[u.task], _extra(data[u.task], u))] = u
+            key = u.table or u.task
+            unit_cfg = unit_config(cfg, data[key], u.seed)
+            running[remote.remote(unit_cfg.to_dict(), u, table_refs[key], _extra(data[key], u))] = u
         ready, _ = ray.wait(list(running), num_returns=1)
         u = running.pop(ready[0])
         result = ray.get(ready[0])
         storage.write_json(os.path.join(out_dir, f"{u.name}.json"), result)
         done[u.name] = result
-        print(f"[distil] evaluate: {u.model.key} on {u.task} (seed {u.seed}): score {result['scores'].get('score', float('nan')):.4f} "
+        print(f"[distil] {stage}: {u.model.key} on {u.task} (seed {u.seed}): score {result['scores'].get('score', float('nan')):.4f} "
               f"in {result['seconds']:.0f} s", flush=True)
     return [done[u.name] for u in units]
 
 
 def _extra(data: TaskData, u: Unit) -> dict:
     return {"model_uri": u.model.uri, "task": data.spec.name, "num_labels": data.num_labels,
-            "regression": data.spec.regression, "metrics": list(data.spec.metrics), "num_dev": len(data.dev)}
+            "regression": data.spec.regression, "metrics": list(data.spec.metrics), "num_dev": len(data.dev),
+            "label_names": list(data.label_names), **u.extra}
 
 
 def _read_result(out_dir: str, u: Unit) -> dict | None:
@@ -181,13 +188,17 @@ def _finetune_unit(cfg_dict: dict, unit: Unit, tables: dict, extra: dict) -> dic
     cfg = RunConfig.from_dict(cfg_dict)
     with data_context.scoped(enable_progress_bars=False):  # the datasets keep the option (no bars in job logs)
         datasets = {"train": ray.data.from_arrow(tables["train"]), "val": ray.data.from_arrow(tables["dev"])}
-    work = driver.worker_config(cfg, task="finetune", teacher_uri=None, run_id=None, replicated_data=True, extra=extra)
+    work = driver.worker_config(cfg, task=unit.training, teacher_uri=None, run_id=None, replicated_data=True, extra=extra)
     result = driver.fit(cfg, name=unit.name, datasets=datasets, work=work)
     prefix = f"eval/{extra['task']}/"
     scores = {k.removeprefix(prefix): float(v) for k, v in (result.metrics or {}).items() if k.startswith(prefix)}
-    _delete_run(cfg, unit.name)
+    model_dir = None
+    if extra.get("keep"):
+        model_dir = driver.model_uri(driver.checkpoint_uri(result.checkpoint.path, cfg.storage_path))
+    else:
+        _delete_run(cfg, unit.name)
     return {"model": unit.model.key, "task": extra["task"], "seed": unit.seed, "scores": scores,
-            "seconds": time.perf_counter() - t0, "steps": int((result.metrics or {}).get("step", 0))}
+            "seconds": time.perf_counter() - t0, "steps": int((result.metrics or {}).get("step", 0)), "model_dir": model_dir}
 
 
 def _delete_run(cfg: RunConfig, name: str) -> None:

@@ -15,5 +15,5 @@ A new stage is a new module here with ``run(cfg, ...)``, a job in jobs/, its rec
 :data:`store.RECORDS`, and its place in :data:`ORDER`.
 """
 
-# The stages jobs.pipeline runs, in order (sweep, evaluate and export only when configured).
-ORDER = ("prepare", "teacher", "distill", "sweep", "evaluate", "register", "export")
+# The stages jobs.pipeline runs, in order (sweep, evaluate, task_distill and export only when configured).
+ORDER = ("prepare", "teacher", "distill", "sweep", "evaluate", "register", "task_distill", "export")

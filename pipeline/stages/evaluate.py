@@ -101,9 +101,10 @@ def stage_name(cfg: RunConfig, chosen: list[units.Model]) -> str:
     return f"{cfg.run.name}-eval-{units.settings_hash(cfg)}-{models_hash}"
 
 
-def load_tasks(cfg: RunConfig, *, announce: bool = True) -> dict[str, loaders.TaskData]:
+def load_tasks(cfg: RunConfig, *, announce: bool = True, specs=None, stage: str = "evaluate") -> dict[str, loaders.TaskData]:
     """Every configured task's examples, before any fine-tuning: one ValueError for the first that cannot load.
-    ``announce``: print one line per task (its train and dev sizes, its classes)."""
+    ``announce``: print one line per task (its train and dev sizes, its classes); ``specs``: these tasks instead of
+    ``evaluate.tasks`` (the task distillation stage's), loaded with the evaluate section's settings."""
     e = cfg.evaluate
     src = loaders.Sources(glue_dir=e.glue_dir, cache_dir=os.path.join(cfg.cache_dir, "datasets"),
                           distill_sources=tuple(cfg.data.sources), val_fraction=cfg.data.val_fraction,
@@ -111,11 +112,11 @@ def load_tasks(cfg: RunConfig, *, announce: bool = True) -> dict[str, loaders.Ta
                           dev_fraction=e.dev_fraction, max_train_examples=e.max_train_examples,
                           max_dev_examples=e.max_dev_examples, skip_bad_rows=e.skip_bad_rows)
     out = {}
-    for spec in task_specs.parse_all(e.tasks):
+    for spec in task_specs.parse_all(e.tasks) if specs is None else specs:
         out[spec.name] = loaders.load(spec, src)
         d = out[spec.name]
         if announce:
-            print(f"[distil] evaluate: task {spec.name}: {len(d.train)} train, {len(d.dev)} dev examples, "
+            print(f"[distil] {stage}: task {spec.name}: {len(d.train)} train, {len(d.dev)} dev examples, "
                   f"{'regression' if spec.regression else f'{d.num_labels} classes'}{_left_out(d)}", flush=True)
     return out
 

@@ -21,13 +21,14 @@ from pipeline.records import (
     Record,
     RecordError,
     RegisterRecord,
+    TaskDistillRecord,
     TeacherRecord,
     TrainRecord,
 )
 
 RECORDS: dict[str, type[Record]] = {"prepare": PrepareRecord, "teacher": TeacherRecord, "distill": TrainRecord,
                                     "sweep": TrainRecord, "evaluate": EvaluateRecord, "register": RegisterRecord,
-                                    "export": ExportRecord}
+                                    "task_distill": TaskDistillRecord, "export": ExportRecord}
 
 
 def record_path(cfg: RunConfig, stage: str) -> str:

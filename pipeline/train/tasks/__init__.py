@@ -7,6 +7,7 @@ fine-tuning a classifier downstream.
   metrics it shares with distillation.
 - ``distill.py``: DistilBERT's distillation (Sanh et al. 2019).
 - ``finetune.py``: fine-tuning a sequence classifier, the evaluate stage's unit of work.
+- ``task_distill.py``: a small classifier taught by a fine-tuned teacher classifier (DistilBERT's Table 2).
 
 Adding a task is a new module here with a :class:`~pipeline.train.tasks.base.Task` subclass, one entry in
 :data:`TASKS`, and its config section; the loop (pipeline/train/worker.py) does not change.
@@ -18,9 +19,11 @@ from pipeline.train.tasks.base import Task, WorkerContext
 from pipeline.train.tasks.distill import DistillTask
 from pipeline.train.tasks.finetune import FinetuneTask
 from pipeline.train.tasks.mlm import MLMTask
+from pipeline.train.tasks.task_distill import TaskDistillTask
 
 # Every task of the loop by name: ``WorkerConfig.task`` picks one.
-TASKS: dict[str, type[Task]] = {"mlm": MLMTask, "distill": DistillTask, "finetune": FinetuneTask}
+TASKS: dict[str, type[Task]] = {"mlm": MLMTask, "distill": DistillTask, "finetune": FinetuneTask,
+                               "task_distill": TaskDistillTask}
 
 
 def build(name: str, ctx: WorkerContext) -> Task:

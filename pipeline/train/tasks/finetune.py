@@ -9,7 +9,7 @@ loop yields every prediction and the metrics are GLUE's (pipeline/glue_metrics.p
 per-batch values.
 
 The task's settings come in ``WorkerConfig.extra``: ``model_uri``, ``task``, ``num_labels``, ``regression``,
-``metrics``, ``num_dev``.
+``metrics``, ``num_dev``; ``keep`` and ``label_names`` to export the classifier (a task distillation teacher).
 """
 
 from __future__ import annotations
@@ -122,5 +122,17 @@ class FinetuneTask(Task):
         return digest(batch.input_ids_BT, batch.labels_B)
 
     def export(self, model, out_dir: str) -> str:
-        """Nothing to keep: the fine-tuned classifier's scores are the result (its checkpoint holds the weights)."""
-        return out_dir
+        """With ``extra.keep`` (a teacher for task distillation), the classifier as a Hugging Face folder with the
+        task's label names; else nothing: the fine-tuned classifier's scores are the result."""
+        if not self.ctx.work.extra.get("keep"):
+            return out_dir
+        return export_classifier(model, self.ctx.tokenizer, out_dir, self.ctx.work.extra.get("label_names") or [])
+
+
+def export_classifier(model, tokenizer, out_dir: str, label_names: list[str]) -> str:
+    """A classifier as a standard HF folder (pipeline/assets.py export_model) with ``id2label``/``label2id`` set to
+    ``label_names`` (class id order; left as is for a one-output regression head)."""
+    if label_names and model.config.num_labels == len(label_names):
+        model.config.id2label = dict(enumerate(label_names))
+        model.config.label2id = {n: i for i, n in enumerate(label_names)}
+    return assets.export_model(model, tokenizer, out_dir)
