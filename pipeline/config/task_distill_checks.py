@@ -4,37 +4,51 @@ entries of ``evaluate.tasks`` (pipeline/config/tasks.py), where a mapping may ad
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from pipeline.config import tasks as task_specs
 from pipeline.config.tree import RunConfig
 
-TEACHER_KEY = "teacher"
+TEACHER_KEY, TRANSFER_KEY = "teacher", "transfer"
 TEACHER_LAYERS = "teacher-layers"
 
 
-def parse_tasks(entries: list) -> list[tuple[task_specs.TaskSpec, str]]:
-    """(task spec, its teacher: "" when the stage fine-tunes one) per entry of ``task_distill.tasks``. ValueError,
-    one line naming ``task_distill.tasks``, for a bad entry or two tasks of one name."""
-    specs, teachers = [], []
+@dataclass(frozen=True)
+class TaskEntry:
+    """One entry of ``task_distill.tasks``: the task, its teacher ("" when the stage fine-tunes one) and its transfer
+    set's sources (the entry's own ``transfer:``, else ``task_distill.transfer``)."""
+
+    spec: task_specs.TaskSpec
+    teacher: str
+    transfer: tuple[str, ...]
+
+
+def parse_tasks(entries: list, transfer: list[str] | tuple[str, ...] = ()) -> list[TaskEntry]:
+    """Every entry of ``task_distill.tasks`` parsed; ``transfer``: the section's sources, for entries without their
+    own. ValueError, one line naming ``task_distill.tasks``, for a bad entry or two tasks of one name."""
+    out = []
     for entry in entries:
-        teacher = ""
-        if isinstance(entry, dict) and TEACHER_KEY in entry:
-            teacher = entry[TEACHER_KEY]
-            if not isinstance(teacher, str) or not teacher.strip():
-                raise ValueError(f"task_distill.tasks: {TEACHER_KEY}={teacher!r} must name a fine-tuned classifier (a "
+        teacher, own = "", None
+        if isinstance(entry, dict) and (TEACHER_KEY in entry or TRANSFER_KEY in entry):
+            teacher, own = entry.get(TEACHER_KEY, ""), entry.get(TRANSFER_KEY)
+            if TEACHER_KEY in entry and (not isinstance(teacher, str) or not teacher.strip()):
+                raise ValueError(f"task_distill.tasks: teacher={teacher!r} must name a fine-tuned classifier (a "
                                  "folder, hub id, s3:// or models:/…), or be left out to fine-tune one here")
-            entry = {k: v for k, v in entry.items() if k != TEACHER_KEY}
+            if own is not None and not (isinstance(own, list) and all(isinstance(x, str) and x.strip() for x in own)):
+                raise ValueError(f"task_distill.tasks: transfer={own!r} must be a list of sources (as data.sources), "
+                                 "e.g. [/data/unlabelled.txt]; [] for none")
+            entry = {k: v for k, v in entry.items() if k not in (TEACHER_KEY, TRANSFER_KEY)}
             if set(entry) == {"task"}:
                 entry = entry["task"]  # {task: package:bbc_news, teacher: …}: the named task as it is
         try:
-            specs.append(task_specs.parse_all([entry])[0])
+            spec = task_specs.parse_all([entry])[0]
         except ValueError as err:
             raise ValueError(str(err).replace("evaluate.tasks", "task_distill.tasks")) from None
-        teachers.append(teacher.strip())
-    names = [s.name for s in specs]
+        out.append(TaskEntry(spec, teacher.strip(), tuple(transfer if own is None else own)))
+    names = [e.spec.name for e in out]
     if dup := sorted({n for n in names if names.count(n) > 1}):
         raise ValueError(f"task_distill.tasks: task name(s) {dup} given twice: each task gets one student")
-    return list(zip(specs, teachers))
+    return out
 
 
 def task_distill_problems(cfg: RunConfig) -> list[str]:
@@ -43,7 +57,7 @@ def task_distill_problems(cfg: RunConfig) -> list[str]:
     if not t.tasks:
         return p
     try:
-        parsed = parse_tasks(t.tasks)
+        parsed = parse_tasks(t.tasks, t.transfer)
     except ValueError as err:
         return [str(err)]
     for key in ("temperature", "alpha_kd", "alpha_ce", "alpha_cos"):
@@ -53,20 +67,21 @@ def task_distill_problems(cfg: RunConfig) -> list[str]:
     if t.alpha_kd == 0 and t.alpha_ce == 0:
         p.append("task_distill.alpha_kd and task_distill.alpha_ce are both 0: the student would learn nothing; the "
                  "paper's second step uses both (e.g. 0.5 and 0.5)")
-    if t.transfer and t.alpha_kd == 0 and t.alpha_cos == 0:
+    if any(e.transfer for e in parsed) and t.alpha_kd == 0 and t.alpha_cos == 0:
         p.append("task_distill.transfer is set with alpha_kd=0 and alpha_cos=0: its texts have no gold label, so only "
                  "the teacher's terms learn from them; raise alpha_kd or leave transfer empty")
     for key, value, low in (("seeds", t.seeds, 1), ("transfer_examples", t.transfer_examples, 1)):
         if value < low:
             p.append(f"task_distill.{key}={value}: must be >= {low}")
-    for spec, _ in parsed:
-        if t.transfer and spec.text_pair_field:
+    for e in parsed:
+        spec = e.spec
+        if e.transfer and spec.text_pair_field:
             p.append(f"task_distill.transfer with task {spec.name!r}: its examples are text pairs and a transfer set is "
                      "single texts; leave transfer empty, or distil the pair task without it")
         if spec.max_seq_len and not 8 <= spec.max_seq_len <= cfg.teacher.max_position_embeddings:
             p.append(f"task_distill.tasks: task {spec.name!r}: max_seq_len={spec.max_seq_len:g} must be in [8, "
                      f"teacher.max_position_embeddings={cfg.teacher.max_position_embeddings}]")
-    p += _names(cfg, [s.name for s, _ in parsed])
+    p += _names(cfg, [e.spec.name for e in parsed])
     return p
 
 
@@ -76,9 +91,10 @@ def _names(cfg: RunConfig, tasks: list[str]) -> list[str]:
 
     out = []
     for task in tasks:
+        name = f"{cfg.tracking.model_name}-{task}-teacher"  # the longest name the stage registers for the task
         try:
-            validation._validate_model_name(f"{cfg.tracking.model_name}-{task}")
+            validation._validate_model_name(name)
         except MlflowException as err:
-            out.append(f"task_distill.tasks: the task model registers as {cfg.tracking.model_name}-{task}, which "
+            out.append(f"task_distill.tasks: the stage registers {cfg.tracking.model_name}-{task} and {name}, which "
                        f"MLflow refuses ({err.message}); pick a shorter tracking.model_name or task name")
     return out

@@ -282,8 +282,8 @@ class EvaluateSection:
 class TaskDistillSection:
     """The task_distill stage (pipeline/stages/task_distill.py): a student per task, taught by a fine-tuned teacher."""
 
-    # evaluate.tasks' entries; a mapping may add teacher: <fine-tuned classifier>, else one is fine-tuned here; []: no stage
-    tasks: Annotated[list[Any], PathSetting(keys=("source", "train_file", "dev_file", "teacher"))] = field(default_factory=list)
+    # evaluate.tasks' entries (a mapping may add teacher: <fine-tuned classifier>, transfer: [sources]); []: no stage
+    tasks: Annotated[list[Any], PathSetting(keys=("source", "train_file", "dev_file", "teacher", "transfer"))] = field(default_factory=list)
     # the general student to start from: "" (registered, else distill's best, else teacher-layers: half the teacher's
     # layers), or a model folder, hub id, s3:// or models:/…
     student: Annotated[str, PATH] = ""
@@ -292,8 +292,8 @@ class TaskDistillSection:
     alpha_ce: float = 0.5  # weight of the cross-entropy with the gold labels (regression: MSE to the label)
     alpha_cos: float = 0.0  # weight of 1 − cos between the first token's last hidden states (equal widths only)
     seeds: int = 3  # runs per (task, student kind), each its own seed; Table 2 reports the median and the range
-    transfer: Annotated[list[str], PATH] = field(default_factory=list)  # unlabelled in-domain text (as data.sources)
-    transfer_examples: int = 10000  # texts taken from the transfer sources (their first lines, in order)
+    transfer: Annotated[list[str], PATH] = field(default_factory=list)  # unlabelled in-domain text, as data.sources
+    transfer_examples: int = 10000  # texts taken from the transfer sources (their first documents, in order)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -3,8 +3,9 @@ that the teacher labels for the student with its soft targets, beside the task's
 2015 §2 call it the transfer set).
 
 The sources are read as the prepare stage reads a corpus (pipeline/corpus/: local or s3://, any format, compressed
-or not) through Ray Data; each non-empty line of a document is one text. Texts equal to a dev example of the task
-(after whitespace and case folding) are left out, so that the student never sees the dev set, and counted.
+or not, ``data.text_separator`` for text files) through Ray Data; each document is one text, its whitespace
+folded. Texts equal to a dev example of the task (after whitespace and case folding) are left out, so that the
+student never sees the dev set, and counted.
 """
 
 from __future__ import annotations
@@ -12,41 +13,39 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from pipeline.corpus import prepare, readers, sources
+from pipeline.corpus import packing, prepare, readers, sources
 
 
-def texts(cfg, data, tokenizer) -> tuple[list[str], str]:
-    """(texts, a one-line report): up to ``task_distill.transfer_examples`` lines of the transfer sources, in
-    order, none equal to a dev example of ``data``'s task. ValueError (one line) when the sources give none."""
+def texts(cfg, data, tokenizer, transfer_sources: list[str]) -> tuple[list[str], str]:
+    """(texts, a one-line report): up to ``task_distill.transfer_examples`` documents of ``transfer_sources`` (as
+    data.sources), in order, none equal to a dev example of ``data``'s task. ValueError (one line) when they give
+    none."""
     want = cfg.task_distill.transfer_examples
-    data_cfg = dataclasses.replace(cfg.data, sources=list(cfg.task_distill.transfer))
+    data_cfg = dataclasses.replace(cfg.data, sources=list(transfer_sources))
     groups = sources.resolve(data_cfg, os.path.join(cfg.run.root, "corpora"))
     stats = prepare.file_stats(groups)
     parts = [readers.read_group(g, data_cfg, [stats[p][0] for p in g.paths]) for g in groups if g.paths]
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    dev = {_key(t) for t in data.dev.texts}
+    dev = {_key(t) for t in data.dev.texts}  # folded as each document is below
     out, dropped = [], 0
     for batch in ds.iter_batches(batch_size=256, batch_format="numpy"):
         for text, event in zip(batch["text"], batch["event"]):
-            if event:
+            clean, _ = packing.clean_document(str(text), cfg.data.max_line_chars)  # as the task loaders clean
+            doc = " ".join(clean.split())
+            if event or not doc:
                 continue
-            for line in str(text).splitlines():
-                if not line.strip():
-                    continue
-                if _key(line) in dev:
-                    dropped += 1
-                    continue
-                out.append(line.strip())
-                if len(out) >= want:
-                    break
+            if doc.lower() in dev:
+                dropped += 1
+                continue
+            out.append(doc)
             if len(out) >= want:
                 break
         if len(out) >= want:
             break
     if not out:
-        raise ValueError(f"task_distill.transfer={list(cfg.task_distill.transfer)}: no text read (every line empty or a "
-                         "dev example): give sources with in-domain text")
-    return out, f"{len(out):,} texts from {', '.join(cfg.task_distill.transfer)} ({dropped:,} dev examples left out)"
+        raise ValueError(f"task_distill: the transfer set {list(transfer_sources)} of {data.spec.name}: no text read (every document empty "
+                         "or a dev example): give sources with in-domain text")
+    return out, f"{len(out):,} texts from {', '.join(transfer_sources)} ({dropped:,} dev examples left out)"
 
 
 def extended(data, tables: dict, extra_texts: list[str], tokenizer, max_seq_len: int):
@@ -70,4 +69,4 @@ def extended(data, tables: dict, extra_texts: list[str], tokenizer, max_seq_len:
 
 
 def _key(text: str) -> str:
-    return " ".join(str(text).lower().split())
+    return " ".join(str(text).split()).lower()

@@ -47,17 +47,18 @@ class Plan:
     teachers: dict  # task → a given teacher's folder, "" for one fine-tuned here
     data: dict
     earlier: object = None
+    transfer: dict = dataclasses.field(default_factory=dict)  # task → its transfer set's sources ([] for none)
 
 
 def check(cfg: RunConfig) -> None:
     """What can be checked before the stages ahead of this one run (jobs.pipeline, before Ray): every task's
     examples load and every named teacher fits its task and the run's tokenizer. One ValueError naming the fix."""
-    parsed = parse_tasks(cfg.task_distill.tasks)
-    data = evaluate.load_tasks(cfg, specs=[s for s, _ in parsed], announce=False)
+    parsed = parse_tasks(cfg.task_distill.tasks, cfg.task_distill.transfer)
+    data = evaluate.load_tasks(cfg, specs=[e.spec for e in parsed], announce=False)
     tokenizer = assets.load_tokenizer(cfg.data.tokenizer, cfg.cache_dir)
-    for spec, uri in parsed:
-        if uri:
-            table2.check_teacher(uri, data[spec.name], tokenizer, cfg)
+    for e in parsed:
+        if e.teacher:
+            table2.check_teacher(e.teacher, data[e.spec.name], tokenizer, cfg)
     print(f"[distil] {STAGE}: {len(data)} task(s) checked before training: {', '.join(data)}", flush=True)
 
 
@@ -67,22 +68,23 @@ def make_plan(cfg: RunConfig) -> Plan:
     if not cfg.task_distill.tasks:
         raise ValueError("task_distill.tasks is empty: list the tasks to distil a student for, e.g. task_distill: "
                          "{tasks: [package:rotten_tomatoes]} (entries as evaluate.tasks, with an optional teacher:)")
-    parsed = parse_tasks(cfg.task_distill.tasks)
+    parsed = parse_tasks(cfg.task_distill.tasks, cfg.task_distill.transfer)
     student = resolve_student(cfg)
     tokenizer = assets.load_tokenizer(cfg.data.tokenizer, cfg.cache_dir)
-    given = {spec.name: uri for spec, uri in parsed}
+    given = {e.spec.name: e.teacher for e in parsed}
+    transfer_sources = {e.spec.name: list(e.transfer) for e in parsed}
     name = f"{cfg.run.name}-task-{_hash(cfg, student, given)}"
     earlier = optional(cfg, STAGE)
     if earlier is not None and earlier.name == name:
         return Plan(name=name, student=student, teachers={}, data={}, earlier=earlier)
-    data = evaluate.load_tasks(cfg, specs=[s for s, _ in parsed], stage=STAGE)
+    data = evaluate.load_tasks(cfg, specs=[e.spec for e in parsed], stage=STAGE)
     folders = {t: table2.check_teacher(uri, data[t], tokenizer, cfg) if uri else "" for t, uri in given.items()}
     if not all(folders.values()) and load_record(cfg, "teacher") is None:
         missing = [t for t, f in folders.items() if not f]
         raise ValueError(f"task_distill: no teacher for {missing}: name a fine-tuned classifier per task "
                          "({task: …, teacher: <folder | hub id | models:/…>}), or run the teacher stage so that one "
                          "is fine-tuned here from the pipeline's teacher")
-    return Plan(name=name, student=student, teachers=folders, data=data)
+    return Plan(name=name, student=student, teachers=folders, data=data, transfer=transfer_sources)
 
 
 def resolve_student(cfg: RunConfig) -> units.Model:
@@ -143,8 +145,8 @@ def run(cfg: RunConfig, *, cluster_cpus: float, plan: Plan | None = None) -> Tas
         for t, d in plan.data.items():
             tables[t] = units.tokenize(d, tokenizer, units.max_seq_len(cfg, d.spec))
             tables[f"{t}+kd"], data[f"{t}+kd"] = table2.with_labelled(tables[t]), d
-            if td.transfer:
-                texts, report = transfer.texts(cfg, d, tokenizer)
+            if plan.transfer.get(t):
+                texts, report = transfer.texts(cfg, d, tokenizer, plan.transfer[t])
                 print(f"[distil] {STAGE}: transfer set for {t}: {report}", flush=True)
                 data[f"{t}+transfer"], tables[f"{t}+transfer"] = transfer.extended(
                     d, tables[f"{t}+kd"], texts, tokenizer, units.max_seq_len(cfg, d.spec))
@@ -159,7 +161,7 @@ def run(cfg: RunConfig, *, cluster_cpus: float, plan: Plan | None = None) -> Tas
                                        name=f"{plan.name}-ce-{t}-s{s}"))
                 todo.append(units.Unit(model=dataclasses.replace(plan.student, key="kd"), task=t, seed=s,
                                        name=f"{plan.name}-kd-{t}-s{s}", training=STAGE, table=f"{t}+kd", extra=kd_extra))
-                if td.transfer:
+                if plan.transfer.get(t):
                     todo.append(units.Unit(model=dataclasses.replace(plan.student, key="kd+transfer"), task=t, seed=s,
                                            name=f"{plan.name}-kdtransfer-{t}-s{s}", training=STAGE, table=f"{t}+transfer",
                                            extra=kd_extra))
