@@ -1,6 +1,7 @@
 """Stage 8: ONNX Runtime variants of the registered student (export.formats: onnx, onnx-int8), each checked
 against PyTorch and on the prepared validation split, then registered as <tracking.model_name>-onnx, a text-in
-MLflow pyfunc that `mlflow models serve` serves.
+MLflow pyfunc that `mlflow models serve` serves; without flags, the same for every registered task model
+(<tracking.model_name>-<task>-onnx, gated on its task's dev score).
 
 Without flags: the version the register stage chose (else models:/<tracking.model_name>@<tracking.alias>).
   --model URI       a registered version, models:/<name>@<alias> or models:/<name>/<version>
@@ -34,8 +35,13 @@ def main(argv=None) -> int:
         record = export.run(cfg, model=args.model, model_dir=args.model_dir)
         print(json.dumps({"stage": "export", "source": record.source, "skipped": record.skipped,
                           "variants": [{k: v[k] for k in ("format", "passed", "mlm_acc_pct", "drop", "latency_ms")}
-                                       | {"uri": (v["registered"] or {}).get("uri")} for v in record.variants]}))
+                                       | {"uri": (v["registered"] or {}).get("uri")} for v in record.variants],
+                          "tasks": {t: [{"format": v["format"], "passed": v["passed"], "score": v["score"], "drop": v["drop"],
+                                         "uri": (v["registered"] or {}).get("uri")} for v in x["variants"]]
+                                    for t, x in record.tasks.items()}}))
         print(record.markdown)
+        for x in record.tasks.values():
+            print(x["markdown"])
 
     return cli.main_guard(run, cfg, job="export")
 

@@ -255,6 +255,10 @@ def summary(cfg: RunConfig, times: dict[str, tuple[float, bool]], total_s: float
         lines += [f"  served model: {v['registered']['uri']} ({v['format']}, {v['latency_ms']:.1f} ms at batch 1, "
                   f"{v['drop']:+.2f} points of masked-token accuracy below PyTorch)" for v in served]
         lines += [f"  not served: {v['reason']}" for v in exported.variants if not v["passed"]]
+        for task, t in exported.tasks.items():
+            lines += [f"  served {task} model: {v['registered']['uri']} ({v['format']}, {v['latency_ms']:.1f} ms at batch 1, "
+                      f"{v['drop']:+.2f} points of dev score below PyTorch)" for v in t["variants"] if v.get("registered")]
+            lines += [f"  not served: {v['reason']}" for v in t["variants"] if not v["passed"]]
         lead = next((v["registered"] for v in served if v["registered"]["aliases"]), None)
         if lead:
             lines.append(f"    serve it: source .venv/bin/activate; MLFLOW_TRACKING_URI={uri} mlflow models serve "

@@ -192,6 +192,9 @@ class ExportRecord(Record):
     markdown: str  # the serving table, as in the summary and the stage's run
     seconds: float
     skipped: bool = False
+    # task → {source, key, reference, variants, markdown}: the registered task models' variants
+    # (pipeline/stages/export_tasks.py)
+    tasks: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,6 +1,7 @@
 """The task distillation stage in the shared end-to-end run (configs/tiny.yaml: Rotten Tomatoes, one seed): Table 2
 in the record, the stage's run and the summary; the registered task model classifies text with the task's label
-names; a resubmitted stage reruns only the unit whose result is missing."""
+names, and the export stage gates and serves its ONNX Runtime variants; a resubmitted stage reruns only the unit
+whose result is missing."""
 
 import json
 import subprocess
@@ -75,3 +76,21 @@ def test_a_resubmitted_stage_reruns_only_the_unit_that_did_not_finish(e2e_run):
         assert again["tasks"]["rotten_tomatoes"]["registered"]["student"]["new"] is False  # the same checkpoint: reused
     finally:
         record.write_text(saved)
+
+
+def test_the_task_model_is_exported_gated_on_its_dev_score_and_served_as_text(e2e_run):
+    rec = e2e_run["records"]["export"]["tasks"]["rotten_tomatoes"]
+    table = e2e_run["records"]["task_distill"]["tasks"]["rotten_tomatoes"]
+    assert rec["key"] == table["best_kd"]["model_dir"]
+    assert [v["format"] for v in rec["variants"]] == ["onnx", "onnx-int8"]
+    fp32, int8 = rec["variants"]
+    assert fp32["max_abs_diff"] <= 1e-3 and abs(fp32["drop"] - 100 * (rec["reference"]["score"] - fp32["score"])) < 1e-9
+    # the same dev set and model, scored in the worker's loop then here (a near-tie may flip an example or two)
+    assert abs(rec["reference"]["score"] - table["best_kd"]["score"]) <= 2 / 400
+    for v in rec["variants"]:
+        assert v["passed"] == (v["drop"] <= 1.0) and (v["registered"] is not None) == v["passed"]
+    mlflow = _mlflow(e2e_run)
+    served = mlflow.pyfunc.load_model("models:/e2e-student-rotten_tomatoes-onnx@champion")
+    answers = served.predict(["a warm and funny film", "dull from start to end"])
+    assert {a["label"] for a in answers} <= {"rotten", "fresh"}
+    assert "served rotten_tomatoes model: models:/e2e-student-rotten_tomatoes-onnx/" in e2e_run["stdout"]

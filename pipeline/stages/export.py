@@ -15,6 +15,9 @@ folder), for each of ``export.formats``:
    in the model card. The fastest variant that passed takes the source's alias (``champion``) when the source
    holds it, else ``challenger``.
 
+Then, without a source given by hand, the same for every task model the task_distill stage registered
+(pipeline/stages/export_tasks.py: gated on its task's dev score, registered as ``<model_name>-<task>-onnx``).
+
 Resubmitting skips a source whose variants are registered already. Run by ``jobs.export`` and, when
 ``export.formats`` is set, by ``jobs.pipeline`` after register.
 """
@@ -32,6 +35,7 @@ from pipeline import assets, registry, teachers, tracking
 from pipeline.config import RunConfig
 from pipeline.records import ExportRecord
 from pipeline.serve import gate, onnx_export
+from pipeline.stages import export_tasks
 from pipeline.stages.store import load_record, optional, write_record
 
 FP32, INT8 = "onnx", "onnx-int8"
@@ -49,7 +53,11 @@ def run(cfg: RunConfig, *, model: str | None = None, model_dir: str | None = Non
     if previous is not None and _still_registered(cfg, previous, source["key"]):
         print(f"[distil] export: {source['uri']} was exported before (versions of {served_name(cfg)} in place): skipped",
               flush=True)
-        return write_record(cfg, "export", dataclasses.replace(previous, skipped=True))
+        tasks = previous.tasks
+        if _task_models(cfg, model, model_dir) is not None:
+            with tracking.stage_run("export", params={"source": "task models"}), _threads(cfg.export.threads):
+                tasks = _tasks(cfg, previous, model=model, model_dir=model_dir)
+        return write_record(cfg, "export", dataclasses.replace(previous, skipped=True, tasks=tasks))
 
     student, tokenizer = _load(source["folder"])
     prepared = optional(cfg, "prepare")
@@ -135,8 +143,10 @@ def run(cfg: RunConfig, *, model: str | None = None, model_dir: str | None = Non
                       "distil.drop_points": f"{v['drop']:.4f}", "distil.latency_ms": f"{v['latency_ms']:.3f}"},
                 description=model_card(cfg, source, v, markdown),
                 aliases=[lead_alias] if v is passing[0] else [])
+        with _threads(e.threads):
+            tasks = _tasks(cfg, previous, model=model, model_dir=model_dir)
     markdown = serving_table(reference, variants, seq_len=seq_len, threads=e.threads)  # now with the versions
-    record = ExportRecord(source=source["uri"], key=source["key"], variants=variants, reference=reference,
+    record = ExportRecord(source=source["uri"], key=source["key"], variants=variants, reference=reference, tasks=tasks,
                           markdown=markdown, seconds=time.perf_counter() - t0)
     return write_record(cfg, "export", record)
 
@@ -216,6 +226,22 @@ def _load(folder: str):
         raise ValueError(f"{folder} holds a {', '.join(architectures) or 'model without a head'}: the export stage "
                          "exports fill-mask students (*ForMaskedLM), which the register stage registers")
     return registry.load_student(folder)
+
+
+def _task_models(cfg: RunConfig, model, model_dir):
+    """The task_distill stage's record when its task models are to be exported too (no source given by hand)."""
+    if model is not None or model_dir is not None or not cfg.task_distill.tasks:
+        return None
+    return optional(cfg, "task_distill")
+
+
+def _tasks(cfg: RunConfig, previous: ExportRecord | None, *, model, model_dir) -> dict:
+    """Every registered task model's variants (pipeline/stages/export_tasks.py), or {} without task models."""
+    rec = _task_models(cfg, model, model_dir)
+    if rec is None:
+        return {}
+    return export_tasks.run(cfg, rec, previous=previous.tasks if previous else {}, text_model=_text_model_file(),
+                            requirements=_requirements())
 
 
 def _teacher(cfg: RunConfig, tokenizer):
