@@ -125,6 +125,12 @@ def logits(session, input_ids_BT: np.ndarray, attention_mask_BT: np.ndarray) -> 
                                     "attention_mask": attention_mask_BT.astype(np.int64)})[0]
 
 
+def weights_mb(folder: str) -> float:
+    """Size of a Hugging Face folder's weight files (``*.safetensors``, ``*.bin``), in MB (10^6 bytes)."""
+    return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)
+               if f.endswith((".safetensors", ".bin"))) / 1e6
+
+
 def file_mb(path: str) -> float:
     """Size of a file or a folder's files, in MB (10^6 bytes)."""
     if os.path.isdir(path):

@@ -38,7 +38,7 @@ from pipeline.serve import gate, onnx_export
 from pipeline.stages import export_tasks
 from pipeline.stages.store import load_record, optional, write_record
 
-FP32, INT8 = "onnx", "onnx-int8"
+FP32, INT8 = onnx_export.FORMATS
 
 
 def run(cfg: RunConfig, *, model: str | None = None, model_dir: str | None = None) -> ExportRecord:
@@ -86,7 +86,7 @@ def run(cfg: RunConfig, *, model: str | None = None, model_dir: str | None = Non
         ref, ref_preds = parity["reference"], parity["reference_predictions"]
         reference = {"student": {**ref, "latency_ms": gate.latency_ms(pt, vocab_size=len(tokenizer), seq_len=seq_len,
                                                                       runs=e.latency_runs),
-                                 "parameters": _parameters(student), "size_mb": _weights_mb(source["folder"])}}
+                                 "parameters": _parameters(student), "size_mb": onnx_export.weights_mb(source["folder"])}}
         teacher = _teacher(cfg, tokenizer)
         if teacher is not None:
             t_run = gate.torch_logits(teacher)
@@ -262,11 +262,6 @@ def _still_registered(cfg: RunConfig, previous: ExportRecord, key: str) -> bool:
 
 def _parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def _weights_mb(folder: str) -> float:
-    return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)
-               if f.endswith((".safetensors", ".bin"))) / 1e6
 
 
 def _text_model_file() -> str:

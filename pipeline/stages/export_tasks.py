@@ -24,7 +24,7 @@ from pipeline.evaluate import units
 from pipeline.serve import gate, onnx_export
 from pipeline.stages import evaluate
 
-FP32, INT8 = "onnx", "onnx-int8"
+FP32, INT8 = onnx_export.FORMATS
 
 
 def run(cfg: RunConfig, task_record, *, previous: dict, text_model: str, requirements: list[str]) -> dict:
@@ -70,7 +70,7 @@ def _export_one(cfg: RunConfig, task: str, spec, key: str, reg: dict, *, text_mo
     pt = gate.torch_logits(model)
     ref_logits = _all_logits(pt, ids, mask)
     reference = {"score": _score(spec, ref_logits, labels), "latency_ms": gate.latency_ms(
-        pt, vocab_size=len(tokenizer), seq_len=seq_len, runs=e.latency_runs), "size_mb": _weights_mb(folder),
+        pt, vocab_size=len(tokenizer), seq_len=seq_len, runs=e.latency_runs), "size_mb": onnx_export.weights_mb(folder),
         "parameters": sum(p.numel() for p in model.parameters())}
     fp32_dir = os.path.join(work, FP32)
     fp32_path = onnx_export.export(model, tokenizer, fp32_dir, max_length=seq_len, threads=e.threads)
@@ -148,8 +148,3 @@ def _all_logits(run, ids: np.ndarray, mask: np.ndarray, batch: int = 64) -> np.n
 def _score(spec, logits: np.ndarray, labels: list) -> float:
     preds = logits[:, 0].tolist() if spec.regression else logits.argmax(-1).tolist()
     return metrics.scores(spec.metrics, preds, labels)["score"]
-
-
-def _weights_mb(folder: str) -> float:
-    return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)
-               if f.endswith((".safetensors", ".bin"))) / 1e6
