@@ -164,6 +164,7 @@ def test_a_teacher_that_fits_its_task_is_accepted(tokenizer, tmp_path):
     ("kind", r"is a classification head and stsb is a regression task"),
     ("fill-mask", r"is a BertForMaskedLM, not a fine-tuned sequence classifier"),
     ("vocabulary", r"has another vocabulary than the run's tokenizer"),
+    ("missing", r"\(/no/such/classifier\): no such folder"),
 ])
 def test_a_teacher_that_does_not_fit_is_refused_in_one_line(tokenizer, tmp_path, case, match):
     from transformers import BertTokenizerFast
@@ -177,6 +178,8 @@ def test_a_teacher_that_does_not_fit_is_refused_in_one_line(tokenizer, tmp_path,
         data = _data(TaskSpec(name="stsb", source="glue", kind="regression", metrics=("pearson",)), [])
     if case == "fill-mask":
         teacher = general
+    if case == "missing":
+        teacher = "/no/such/classifier"
     if case == "vocabulary":
         vocab = tmp_path / "vocab.txt"
         vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad"]) + "\n")

@@ -27,6 +27,9 @@ def check_teacher(uri: str, data, tokenizer, cfg) -> str:
     where = f"task_distill.tasks: the teacher of {task} ({uri})"
     folder = (registry.download_model(uri, cfg.cache_dir, flag=where) if uri.startswith("models:/")
               else assets.resolve_local(uri, cfg.cache_dir))
+    if folder.startswith(("/", "./", "../", "~")) and not os.path.isdir(folder):
+        raise ValueError(f"{where}: no such folder; give a fine-tuned classifier's folder (config.json, weights, "
+                         "tokenizer), a hub id, s3:// or models:/…")
     try:
         config = AutoConfig.from_pretrained(folder)
     except (OSError, ValueError) as e:
