@@ -98,7 +98,7 @@ def _path_fields() -> dict[str, tuple[str, ...] | None]:
     import dataclasses
     import typing
 
-    from pipeline.config.tree import PathSetting
+    from pipeline.config.paths import PathSetting
 
     out = {}
     for section in dataclasses.fields(RunConfig):

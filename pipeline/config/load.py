@@ -18,7 +18,8 @@ from pathlib import Path
 
 from pipeline.config import checks, yaml_reader
 from pipeline.config.build import parse_overrides, shown
-from pipeline.config.tree import PathSetting, RunConfig
+from pipeline.config.paths import PathSetting
+from pipeline.config.tree import RunConfig
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> RunConfig:
