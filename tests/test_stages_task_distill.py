@@ -38,6 +38,25 @@ def test_table2_holds_the_teacher_and_both_students_and_the_summary_prints_it(e2
     assert files == {"task_distill/table2.md", "task_distill/table2.json", "task_distill/table2.png"}
 
 
+def test_the_loss_settings_are_searched_and_the_students_train_with_the_best(e2e_run):
+    rec = e2e_run["records"]["task_distill"]
+    table = rec["tasks"]["rotten_tomatoes"]
+    search = table["search"]
+    assert sorted(t["settings"]["temperature"] for t in search["trials"]) == [1.0, 4.0]  # the grid, one trial each
+    assert search["trials"][0]["score"] >= search["trials"][1]["score"] and search["seed"] == 0
+    assert table["settings"] == {"temperature": search["trials"][0]["settings"]["temperature"], "alpha_kd": 0.5,
+                                 "alpha_ce": 0.5, "alpha_cos": 0.0}
+    # The kd student of seed 0 is the best trial's run again (same seed, data and settings): the same dev score.
+    # A student trained with the config's T (2) or the other trial's would not reproduce it.
+    assert table["best_kd"]["seed"] == 0 and table["best_kd"]["score"] == search["trials"][0]["score"]
+    assert "Loss settings searched on rotten_tomatoes (seed 0, 2 points" in rec["markdown"]
+    version = _mlflow(e2e_run).MlflowClient().get_model_version(table["registered"]["student"]["name"],
+                                                                 table["registered"]["student"]["version"])
+    assert json.loads(version.tags["distil.settings"])["temperature"] == search["best"]["temperature"]
+    storage = e2e_run["root"] / "e2e" / "ray"
+    assert not list(storage.glob(f"{rec['name']}-search-rotten_tomatoes-*/checkpoint_*"))  # a point's score is its result
+
+
 def test_the_registered_task_model_classifies_text_with_the_tasks_label_names(e2e_run):
     mlflow = _mlflow(e2e_run)
     reg = e2e_run["records"]["task_distill"]["tasks"]["rotten_tomatoes"]["registered"]
@@ -69,6 +88,7 @@ def test_a_resubmitted_stage_reruns_only_the_unit_that_did_not_finish(e2e_run):
         out = proc.stdout + proc.stderr
         assert "task_distill: 1 fine-tuning units (1 finished earlier)" in out  # the teacher
         assert "task_distill: 2 fine-tuning units (1 finished earlier)" in out  # ce reruns, kd does not
+        assert "searching the loss settings" not in out and "the search's best loss settings" in out  # read, not rerun
         again = json.loads(record.read_text())
         first = rec["tasks"]["rotten_tomatoes"]
         assert again["tasks"]["rotten_tomatoes"]["best_kd"] == first["best_kd"]

@@ -3,14 +3,17 @@ entries of ``evaluate.tasks`` (pipeline/config/tasks.py), where a mapping may ad
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 from pipeline.config import tasks as task_specs
+from pipeline.config import sweep_checks
 from pipeline.config.tree import RunConfig
 
 TEACHER_KEY, TRANSFER_KEY = "teacher", "transfer"
 TEACHER_LAYERS = "teacher-layers"
+LOSS_KEYS = ("temperature", "alpha_kd", "alpha_ce", "alpha_cos")  # what task_distill.space may search
 
 
 @dataclass(frozen=True)
@@ -60,16 +63,10 @@ def task_distill_problems(cfg: RunConfig) -> list[str]:
         parsed = parse_tasks(t.tasks, t.transfer)
     except ValueError as err:
         return [str(err)]
-    for key in ("temperature", "alpha_kd", "alpha_ce", "alpha_cos"):
-        value = getattr(t, key)
-        if not math.isfinite(value) or value < 0 or (key == "temperature" and value == 0):
-            p.append(f"task_distill.{key}={value}: must be a finite number {'> 0' if key == 'temperature' else '>= 0'}")
-    if t.alpha_kd == 0 and t.alpha_ce == 0:
-        p.append("task_distill.alpha_kd and task_distill.alpha_ce are both 0: the student would learn nothing; the "
-                 "paper's second step uses both (e.g. 0.5 and 0.5)")
-    if any(e.transfer for e in parsed) and t.alpha_kd == 0 and t.alpha_cos == 0:
-        p.append("task_distill.transfer is set with alpha_kd=0 and alpha_cos=0: its texts have no gold label, so only "
-                 "the teacher's terms learn from them; raise alpha_kd or leave transfer empty")
+    p += _loss_problems(t, any(e.transfer for e in parsed))
+    p += _space_problems(cfg, any(e.transfer for e in parsed))
+    if t.num_samples < 1:
+        p.append(f"task_distill.num_samples={t.num_samples}: must be >= 1")
     for key, value, low in (("seeds", t.seeds, 1), ("transfer_examples", t.transfer_examples, 1)):
         if value < low:
             p.append(f"task_distill.{key}={value}: must be >= {low}")
@@ -82,6 +79,44 @@ def task_distill_problems(cfg: RunConfig) -> list[str]:
             p.append(f"task_distill.tasks: task {spec.name!r}: max_seq_len={spec.max_seq_len:g} must be in [8, "
                      f"teacher.max_position_embeddings={cfg.teacher.max_position_embeddings}]")
     p += _names(cfg, [e.spec.name for e in parsed])
+    return p
+
+
+def _loss_problems(t, transfer: bool, where: str = "") -> list[str]:
+    """The loss settings' problems (``where``: the sampled point they come from, for the messages)."""
+    p = []
+    for key in LOSS_KEYS:
+        value = getattr(t, key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0 or (
+                key == "temperature" and value == 0):
+            p.append(f"task_distill.{key}={value!r}{where}: must be a finite number {'> 0' if key == 'temperature' else '>= 0'}")
+    if p:
+        return p
+    if t.alpha_kd == 0 and t.alpha_ce == 0:
+        p.append(f"task_distill.alpha_kd and task_distill.alpha_ce are both 0{where}: the student would learn nothing; "
+                 "the paper's second step uses both (e.g. 0.5 and 0.5)")
+    if transfer and t.alpha_kd == 0 and t.alpha_cos == 0:
+        p.append(f"task_distill.transfer is set with alpha_kd=0 and alpha_cos=0{where}: its texts have no gold label, so "
+                 "only the teacher's terms learn from them; raise alpha_kd or leave transfer empty")
+    return p
+
+
+def _space_problems(cfg: RunConfig, transfer: bool) -> list[str]:
+    """``task_distill.space``: entries of the sweep grammar over the loss settings only, and every point its
+    probes stand for a valid loss (as the sweep stage probes its space)."""
+    space, p = cfg.task_distill.space, []
+    for key, spec in space.items():
+        if key not in [f"task_distill.{k}" for k in LOSS_KEYS]:
+            p.append(f"task_distill.space key {key!r}: the stage searches its loss settings only: "
+                     f"{', '.join(f'task_distill.{k}' for k in LOSS_KEYS)}")
+            continue
+        p += sweep_checks.space_entry_problems(key, spec, where="task_distill.space")
+    if p:
+        return p
+    for sample in sweep_checks.probe_samples(cfg, space):
+        point = dataclasses.replace(cfg.task_distill, **{k.removeprefix("task_distill."): v for k, v in sample.items()})
+        if found := _loss_problems(point, transfer, where=f" (a point of task_distill.space: {sample})"):
+            return found[:1]
     return p
 
 

@@ -9,7 +9,7 @@ import statistics
 
 from pipeline import assets, models, registry
 from pipeline import glue_metrics as metrics
-from pipeline.evaluate import report
+from pipeline.evaluate import report, task_search
 
 GENERIC = "LABEL_"  # transformers' default label names (LABEL_0, …): a head that says nothing of its classes
 KINDS = {"ce": "student, fine-tuned alone (cross-entropy)", "kd": "student, task-distilled",
@@ -84,12 +84,12 @@ def dev_score(folder: str, dev, spec, batch: int = 32) -> float:
 
 def task_table(cfg, task: str, data, teacher: dict, student, results: list[dict], *, seq_len: int) -> dict:
     """One task's Table 2: {"rows": [{model, what, median, min, max, seeds, retention, params, latency_ms}],
-    "best_kd": {model_dir, score, seed}, "teacher": teacher, "max_seq_len"}; retention in % of the teacher's score;
+    "best_kd": {model_dir, score, seed, model}: the best task-distilled student (kd or kd+transfer), "teacher": teacher, "max_seq_len"}; retention in % of the teacher's score;
     latency: batch 1 × ``seq_len`` tokens (the task's length) on CPU (median of 20), the students' measured on the task-distilled one
     (the same architecture)."""
     teacher_model, _ = assets.quiet_from_pretrained(_classifier(), assets.resolve_local(teacher["model_dir"], cfg.cache_dir))
-    kd = [r for r in results if r["model"] == "kd"]
-    best = max(kd, key=lambda r: r["scores"].get("score", float("-inf")))
+    kd = [r for r in results if r["model"] in ("kd", "kd+transfer")]  # the task-distilled students, with or without
+    best = max(kd, key=lambda r: r["scores"].get("score", float("-inf")))  # a transfer set: the first best is kept
     student_model, _ = assets.quiet_from_pretrained(_classifier(), assets.resolve_local(best["model_dir"], cfg.cache_dir))
     t_fig = {"params": models.count_parameters(teacher_model), "latency_ms": registry.cpu_latency_ms(teacher_model, seq_len=seq_len)}
     s_fig = {"params": models.count_parameters(student_model), "latency_ms": registry.cpu_latency_ms(student_model, seq_len=seq_len)}
@@ -107,7 +107,8 @@ def task_table(cfg, task: str, data, teacher: dict, student, results: list[dict]
         retention = None if teacher_at_chance or not teacher["score"] else 100.0 * med / teacher["score"]
         rows.append({"model": kind, "what": KINDS[kind], "median": med, "min": min(scores), "max": max(scores),
                      "seeds": len(scores), "retention": retention, "at_chance": med <= chance, **s_fig})
-    return {"rows": rows, "best_kd": {"model_dir": best["model_dir"], "score": best["scores"]["score"], "seed": best["seed"]},
+    return {"rows": rows, "best_kd": {"model_dir": best["model_dir"], "score": best["scores"]["score"], "seed": best["seed"],
+                                     "model": best["model"]},
             "teacher": teacher, "max_seq_len": seq_len, "student": student.source, "majority": baseline, "chance": chance}
 
 
@@ -124,9 +125,14 @@ def markdown(task: str, table: dict) -> str:
     lines += ["", f"Always answering the training set's majority class scores {table['majority']:.4f}; a score up to "
               f"{table['chance']:.4f} (two standard errors above it) is marked ≈ chance"
               + ("; the teacher scores at chance, so no retention is claimed." if table["rows"][0].get("at_chance") else ".")]
+    if table.get("settings"):
+        lines += ["", "Task distillation's loss settings: " + ", ".join(f"{k} {v:g}" for k, v in table["settings"].items())
+                  + (" (the best point of the search below)." if table.get("search") else " (the config's).")]
+    if table.get("search"):
+        lines += ["", task_search.markdown(task, table["search"]).rstrip()]
     reg = table.get("registered") or {}
     if reg.get("student"):
-        lines += ["", f"Registered: {reg['student']['uri']} (seed {table['best_kd']['seed']}, dev score "
+        lines += ["", f"Registered: {reg['student']['uri']} ({table['best_kd'].get('model', 'kd')}, seed {table['best_kd']['seed']}, dev score "
                   f"{table['best_kd']['score']:.4f}); the student started from {table['student']}."]
     return "\n".join(lines) + "\n"
 

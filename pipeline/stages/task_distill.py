@@ -9,7 +9,8 @@ and the run's vocabulary. Then, on Ray, as the evaluate stage's units (pipeline/
 1. a teacher per task without one: the pipeline's teacher fine-tuned on the task (kept: the students learn from it);
 2. per (task, seed): the student fine-tuned on the gold labels alone ("ce", the baseline), and the student taught by
    the teacher (the loop's ``task_distill`` task, pipeline/train/tasks/task_distill.py), plus the same with the
-   transfer set when ``task_distill.transfer`` is set;
+   transfer set when ``task_distill.transfer`` is set; when ``task_distill.space`` is set, the loss settings of
+   the task-distilled students are first searched per task (pipeline/evaluate/task_search.py);
 3. Table 2 per task (pipeline/evaluate/table2.py), and the best task-distilled student of each task registered as
    ``<tracking.model_name>-<task>`` (a text-classification pipeline with the task's label names; the fine-tuned
    teacher as ``<tracking.model_name>-<task>-teacher``).
@@ -28,8 +29,8 @@ from dataclasses import dataclass
 
 from pipeline import assets, models, registry, teachers, tracking
 from pipeline.config import RunConfig, TrackingSection, flatten
-from pipeline.config.task_distill_checks import TEACHER_LAYERS, parse_tasks
-from pipeline.evaluate import table2, transfer, units
+from pipeline.config.task_distill_checks import LOSS_KEYS, TEACHER_LAYERS, parse_tasks
+from pipeline.evaluate import table2, task_search, transfer, units
 from pipeline.records import TaskDistillRecord
 from pipeline.stages import evaluate
 from pipeline.stages.store import load_record, optional, record_path, write_record
@@ -152,10 +153,18 @@ def run(cfg: RunConfig, *, cluster_cpus: float, plan: Plan | None = None) -> Tas
                     d, tables[f"{t}+kd"], texts, tokenizer, units.max_seq_len(cfg, d.spec))
         out_dir = os.path.join(cfg.run_dir, STAGE, plan.name)
         teacher_dirs = _teachers(cfg, plan, tables, data, cluster_cpus=cluster_cpus, out_dir=out_dir)
-        todo = []
+        todo, searched, chosen = [], {}, {}
         for t in plan.data:
-            kd_extra = {"teacher_uri": teacher_dirs[t]["model_dir"], "temperature": td.temperature, "alpha_kd": td.alpha_kd,
-                        "alpha_ce": td.alpha_ce, "alpha_cos": td.alpha_cos, "keep": True}
+            chosen[t] = {k: getattr(td, k) for k in LOSS_KEYS}
+            kd_extra = {"teacher_uri": teacher_dirs[t]["model_dir"], **chosen[t], "keep": True}
+            if td.space:  # the loss settings searched on the first seed; every student then trains with the best
+                probe = units.Unit(model=dataclasses.replace(plan.student, key="kd"), task=t, seed=cfg.run.seed,
+                                   name=f"{plan.name}-search-{t}", training=STAGE, table=f"{t}+kd", extra=kd_extra)
+                searched[t] = task_search.search(cfg, probe, tables, data, cluster_cpus=cluster_cpus, out_dir=out_dir)
+                chosen[t] = {**chosen[t], **searched[t]["best"]}
+                kd_extra = {**kd_extra, **searched[t]["best"]}
+                print(f"[distil] {STAGE}: {t}: the search's best loss settings {searched[t]['best']} (dev score "
+                      f"{searched[t]['trials'][0]['score']:.4f} on seed {cfg.run.seed})", flush=True)
             for s in range(cfg.run.seed, cfg.run.seed + td.seeds):
                 todo.append(units.Unit(model=dataclasses.replace(plan.student, key="ce"), task=t, seed=s,
                                        name=f"{plan.name}-ce-{t}-s{s}"))
@@ -171,6 +180,9 @@ def run(cfg: RunConfig, *, cluster_cpus: float, plan: Plan | None = None) -> Tas
             per_task[t] = table2.task_table(cfg, t, d, teacher_dirs[t], plan.student,
                                             [r for r in results if r["task"] == d.spec.name],
                                             seq_len=units.max_seq_len(cfg, d.spec))
+            per_task[t]["settings"] = chosen[t]
+            if t in searched:
+                per_task[t]["search"] = searched[t]
             per_task[t]["registered"] = _register(cfg, t, d, per_task[t], teacher_dirs[t], plan)
         markdown = "\n\n".join(table2.markdown(t, per_task[t]) for t in per_task)
         _log(markdown, per_task)
@@ -205,8 +217,7 @@ def _register(cfg: RunConfig, task: str, d, table: dict, teacher: dict, plan: Pl
     metric = f"eval/{task}/score"
     best = table["best_kd"]
     lineage = {"distil.task": task, "distil.teacher": teacher["source"], "distil.general_student": plan.student.source,
-               "distil.data": d.train.origin or d.spec.source, "distil.settings": json.dumps(
-                   {k: getattr(cfg.task_distill, k) for k in ("temperature", "alpha_kd", "alpha_ce", "alpha_cos")}),
+               "distil.data": d.train.origin or d.spec.source, "distil.settings": json.dumps(table["settings"]),
                "git_sha": tracking.git_sha()}
     section = TrackingSection(model_name=f"{cfg.tracking.model_name}-{task}", alias=cfg.tracking.alias,
                               select_metric=metric, select_mode="max")
@@ -231,12 +242,16 @@ def _log(markdown: str, per_task: dict) -> None:
     mlflow.log_text(markdown, f"{STAGE}/table2.md")
     mlflow.log_dict(per_task, f"{STAGE}/table2.json")
     mlflow.log_figure(table2.figure(per_task), f"{STAGE}/table2.png")
-    mlflow.log_metrics({f"{STAGE}/{t}/{row['model']}/score": row["median"] for t, tab in per_task.items()
+    # MLflow's metric names take no "+": kd+transfer is logged as kd_transfer
+    mlflow.log_metrics({f"{STAGE}/{t}/{row['model'].replace('+', '_')}/score": row["median"] for t, tab in per_task.items()
                         for row in tab["rows"] if row["median"] is not None})
 
 
 def _hash(cfg: RunConfig, student: units.Model, teachers: dict) -> str:
     """8 hex digits over what shapes the stage's results: its section, the evaluate recipe, the student, the teachers."""
-    shaping = {"task_distill": cfg.to_dict()[STAGE], "evaluate": units.settings_hash(cfg), "student": student.uri,
+    section = cfg.to_dict()[STAGE]
+    if not section["space"]:  # only when searched: the defaults keep the names of stages run before the search
+        del section["space"], section["num_samples"]
+    shaping = {"task_distill": section, "evaluate": units.settings_hash(cfg), "student": student.uri,
                "teachers": teachers}
     return hashlib.sha256(json.dumps(shaping, sort_keys=True, default=str).encode()).hexdigest()[:8]
