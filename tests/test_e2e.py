@@ -394,6 +394,16 @@ def test_evaluate_fine_tunes_a_model_given_by_folder_with_ray_train(e2e_run, tmp
     assert 0.0 <= unit["scores"]["accuracy"] <= 1.0
     assert "finetune rotten_tomatoes: DistilBertForSequenceClassification" in proc.stdout + proc.stderr
     assert not list((tmp_path / "ft" / "ray").glob(f"{rec['name']}-*/checkpoint_*")), "a unit's checkpoints are deleted"
+    # Table 3 as served: the fine-tuned model kept until measured, in PyTorch and each ONNX Runtime variant
+    serving = rec["table3"]["serving"]
+    assert [(r["model"], r["runtime"]) for r in serving["rows"]] == [
+        ("given", "PyTorch fp32"), ("given", "ONNX Runtime fp32"), ("given", "ONNX Runtime int8")]
+    torch_row, fp32, int8 = serving["rows"]
+    assert torch_row["score"] == pytest.approx(unit["scores"]["score"])  # the unit's own model, re-scored
+    assert fp32["max_abs_diff"] < 1e-3 and fp32["score"] == torch_row["score"] and fp32["drop"] == 0.0
+    assert int8["drop"] == pytest.approx(100 * (torch_row["score"] - int8["score"])) and int8["size_mb"] < fp32["size_mb"]
+    assert all(r["latency_ms"] > 0 and r["parameters"] == torch_row["parameters"] for r in serving["rows"])
+    assert "Table 3, as served: fine-tuned on rotten_tomatoes" in rec["markdown"] and "| ONNX Runtime int8 |" in rec["markdown"]
 
 
 # ---- the export stage (pipeline/stages/export.py) ---------------------------------------------------------------

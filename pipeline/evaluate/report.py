@@ -123,6 +123,25 @@ def table3_markdown(t3: dict) -> str:
     return "\n".join(lines)
 
 
+def serving_markdown(serving: dict) -> str:
+    """Table 3's serving rows as markdown: each model fine-tuned on the task (the first seed), as served: runtime,
+    parameters, size on disk, batch-1 CPU latency at the task's length and its ratio to the teacher's, dev score."""
+    teacher = next((r for r in serving["rows"] if r["is_teacher"]), None)
+    lines = [f"Table 3, as served: fine-tuned on {serving['task']} (first seed), batch 1 × {serving['seq_len']} tokens on "
+             f"CPU, {serving['threads']} thread(s), median latency", "",
+             "| model | runtime | parameters (M) | size (MB) | latency (ms) | latency / teacher | dev score |",
+             "|---|---|---|---|---|---|---|"]
+    for r in serving["rows"]:
+        ratio = f"{r['latency_ms'] / teacher['latency_ms']:.2f}" if teacher else "—"
+        score = f"{r['score']:.4f}" + (f" ({-r['drop'] + 0.0:+.2f})" if "drop" in r else "")
+        name = _label(r) if r["runtime"] == "PyTorch fp32" else r["model"]
+        lines.append(f"| {name} | {r['runtime']} | {r['parameters'] / 1e6:.2f} | {r['size_mb']:.1f} | "
+                     f"{r['latency_ms']:.2f} | {ratio} | {score} |")
+    if any(r.get("reason") for r in serving["rows"]):
+        lines += ["", *(f"- {r['model']}, {r['runtime']}: {r['reason']}" for r in serving["rows"] if r.get("reason"))]
+    return "\n".join(lines)
+
+
 def majority_baseline(data) -> float:
     """The task score (pipeline/glue_metrics.py) of always answering the training set's most common class, or its
     mean for regression, on the dev set of ``data`` (a loaders.TaskData): what a model that learned nothing scores."""

@@ -18,10 +18,10 @@ import os
 import time
 from dataclasses import dataclass
 
-from pipeline import assets, models, registry, tracking
+from pipeline import assets, models, registry, storage, tracking
 from pipeline.config import RunConfig, flatten
 from pipeline.config import tasks as task_specs
-from pipeline.evaluate import loaders, report, units
+from pipeline.evaluate import loaders, report, serving, units
 from pipeline.records import EvaluateRecord
 from pipeline.stages.store import load_record, optional, record_path, write_record
 from pipeline.train import driver
@@ -179,13 +179,20 @@ def _score(cfg: RunConfig, plan: Plan, *, cluster_cpus: float) -> dict:
     if cfg.evaluate.mode == "probe":
         results = units.run_probe(cfg, chosen, data, tables, out_dir=out_dir)
     else:
-        todo = [units.Unit(model=m, task=t, seed=s, name=f"{name}-{m.key}-{t}-s{s}") for m in chosen for t in data for s in seeds]
+        # the first seed's run on Table 3's task is kept until its serving rows are measured
+        todo = [units.Unit(model=m, task=t, seed=s, name=f"{name}-{m.key}-{t}-s{s}",
+                           extra={"keep": True} if (t, s) == (table3_task(data), cfg.run.seed) else {})
+                for m in chosen for t in data for s in seeds]
         results = units.run_finetune(cfg, todo, tables, data, cluster_cpus=cluster_cpus, out_dir=out_dir)
     baselines = {t: report.majority_baseline(d) for t, d in data.items()}
     chance = {t: report.chance_level(baselines[t], len(d.dev.labels)) for t, d in data.items()}
     t1 = report.table1(results, chosen, list(data), chance)
     t3 = _table3(cfg, chosen, t1, data)
     markdown = report.table1_markdown(t1) + "\n\n" + report.table3_markdown(t3)
+    if cfg.evaluate.mode == "finetune":
+        t3["serving"] = _serving(cfg, name, results, t1, data, out_dir=out_dir)
+        if t3["serving"]:
+            markdown += "\n\n" + report.serving_markdown(t3["serving"])
     mlflow.log_text(markdown, "evaluation/tables.md")
     mlflow.log_dict({"table1": t1, "table3": t3, "results": results}, "evaluation/tables.json")
     mlflow.log_figure(report.scores_figure(t1, baselines), "evaluation/scores.png")
@@ -209,11 +216,58 @@ def _metrics(t1: dict) -> dict[str, dict[str, float]]:
     return out
 
 
+def table3_task(data: dict) -> str:
+    """The task Table 3 times the models on: STS-B when evaluated (the paper's), else the first task."""
+    return "stsb" if "stsb" in data else next(iter(data))
+
+
+def _best_student(t1: dict) -> str | None:
+    students = [r for r in t1["rows"] if not r["is_teacher"] and r["macro"] is not None]
+    return max(students, key=lambda r: r["macro"])["model"] if students else None
+
+
+def _serving(cfg: RunConfig, name: str, results: list[dict], t1: dict, data: dict, *, out_dir: str) -> dict | None:
+    """Table 3's serving rows: the teacher and the best student fine-tuned on Table 3's task (the first seed's
+    runs), PyTorch fp32 each, and the student's ONNX Runtime variants of ``export.formats``: dev score, size,
+    batch-1 latency (pipeline/evaluate/serving.py). The kept runs are deleted after; the rows are kept in a file
+    of the stage's folder, so a resubmission does not need them. None when a kept model is missing (a unit
+    finished by an earlier version, which did not keep it)."""
+    path = os.path.join(out_dir, "serving.json")
+    try:
+        if (earlier := storage.read_json(path)) is not None:
+            return earlier
+    except storage.DamagedFile:
+        pass  # measured again
+    task, best = table3_task(data), _best_student(t1)
+    teachers = [r["model"] for r in t1["rows"] if r["is_teacher"]]
+    firsts = {r["model"]: r for r in results if r["task"] == task and r["seed"] == cfg.run.seed}
+    want = [k for k in [*teachers[:1], best] if k]
+    if not want or any(not (firsts.get(k) or {}).get("model_dir") for k in want):
+        print(f"[distil] evaluate: no serving rows in Table 3: the fine-tuned {task} models of {want} were not kept "
+              "(their units ran before this version; delete the stage's folder to rerun them)", flush=True)
+        return None
+    out = {"task": task, "seq_len": units.max_seq_len(cfg, data[task].spec), "threads": cfg.export.threads, "rows": []}
+    for key in want:
+        folder = assets.resolve_local(firsts[key]["model_dir"], cfg.cache_dir)
+        is_teacher = key in teachers
+        m = serving.measure(cfg, folder, data[task], formats=() if is_teacher else cfg.export.formats,
+                            work=os.path.join(out_dir, "serving", key))
+        out["rows"].append({"model": key, "runtime": "PyTorch fp32", "is_teacher": is_teacher, **m["reference"]})
+        out["rows"] += [{"model": key, "runtime": f"ONNX Runtime {'int8' if v['format'] == serving.INT8 else 'fp32'}",
+                         "is_teacher": False, "parameters": m["reference"]["parameters"],
+                         **{k: v[k] for k in ("score", "latency_ms", "size_mb", "drop", "max_abs_diff", "reason")}}
+                        for v in m["variants"]]
+    storage.write_json(path, out)
+    for r in results:
+        if r.get("model_dir"):
+            units.delete_run(cfg, f"{name}-{r['model']}-{r['task']}-s{r['seed']}")
+    return out
+
+
 def _table3(cfg: RunConfig, chosen: list[units.Model], t1: dict, data: dict) -> dict:
     """Parameters and the CPU batch-1 dev pass of the teacher and the best student (by eval/macro)."""
-    students = [r for r in t1["rows"] if not r["is_teacher"] and r["macro"] is not None]
-    best = max(students, key=lambda r: r["macro"])["model"] if students else None
-    task = "stsb" if "stsb" in data else next(iter(data))
+    best = _best_student(t1)
+    task = table3_task(data)
     dev = data[task].dev
     n = min(len(dev), cfg.evaluate.speed_examples or len(dev))
     tokenizer = assets.load_tokenizer(cfg.data.tokenizer, cfg.cache_dir)

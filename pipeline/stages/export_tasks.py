@@ -12,16 +12,12 @@ length, threads pinned to ``export.threads``.
 from __future__ import annotations
 
 import os
-import shutil
-
-import numpy as np
 
 from pipeline import assets, registry, tracking
-from pipeline import glue_metrics as metrics
 from pipeline.config import RunConfig
 from pipeline.config.task_distill_checks import parse_tasks
-from pipeline.evaluate import units
-from pipeline.serve import gate, onnx_export
+from pipeline.evaluate import serving, units
+from pipeline.serve import onnx_export
 from pipeline.stages import evaluate
 
 FP32, INT8 = onnx_export.FORMATS
@@ -56,46 +52,17 @@ def served_name(cfg: RunConfig, task: str) -> str:
 
 def _export_one(cfg: RunConfig, task: str, spec, key: str, reg: dict, *, text_model: str, requirements: list[str]) -> dict:
     e = cfg.export
-    folder = assets.resolve_local(key, cfg.cache_dir)
-    model, tokenizer = assets.load_classifier(folder)
-    model.eval()
     data = evaluate.load_tasks(cfg, specs=[spec], announce=False)[task]
     seq_len = units.max_seq_len(cfg, spec)
-    dev = units.tokenize(data, tokenizer, seq_len)["dev"]
-    ids = dev["input_ids"].combine_chunks().to_numpy_ndarray().astype(np.int64)
-    mask = dev["attention_mask"].combine_chunks().to_numpy_ndarray().astype(np.int64)
-    labels = dev["labels"].to_pylist()
-    work = os.path.join(cfg.run_dir, "export", f"task-{task}")
-    shutil.rmtree(work, ignore_errors=True)
-    pt = gate.torch_logits(model)
-    ref_logits = _all_logits(pt, ids, mask)
-    reference = {"score": _score(spec, ref_logits, labels), "latency_ms": gate.latency_ms(
-        pt, vocab_size=len(tokenizer), seq_len=seq_len, runs=e.latency_runs), "size_mb": onnx_export.weights_mb(folder),
-        "parameters": sum(p.numel() for p in model.parameters())}
-    fp32_dir = os.path.join(work, FP32)
-    fp32_path = onnx_export.export(model, tokenizer, fp32_dir, max_length=seq_len, threads=e.threads)
-    variants = []
-    for fmt in e.formats:
-        path = fp32_path
-        if fmt == INT8:
-            shutil.copytree(fp32_dir, os.path.join(work, INT8), ignore=shutil.ignore_patterns("model.onnx*"))
-            path = onnx_export.quantize_int8(fp32_path, os.path.join(work, INT8, "model.onnx"))
-        run_v = gate.ort_logits(onnx_export.open_session(path, threads=e.threads))
-        logits = _all_logits(run_v, ids, mask)
-        diff = float(np.abs(logits - ref_logits).max())
-        if fmt == FP32 and diff > e.parity_atol:
-            raise ValueError(f"the ONNX export of the {task} model {reg['uri']} differs from PyTorch by up to {diff:.3g} in "
-                             f"a logit (export.parity_atol={e.parity_atol:g}): refused. Raising export.parity_atol accepts it")
-        score = _score(spec, logits, labels)
-        drop = 100.0 * (reference["score"] - score)
-        passed = drop <= e.max_drop
-        variants.append({"format": fmt, "folder": os.path.dirname(path), "passed": passed, "score": score, "drop": drop,
-                         "max_abs_diff": diff, "agreement_pct": 100.0 * float(np.mean(logits.argmax(-1) == ref_logits.argmax(-1))),
-                         "latency_ms": gate.latency_ms(run_v, vocab_size=len(tokenizer), seq_len=seq_len, runs=e.latency_runs),
-                         "size_mb": onnx_export.file_mb(path), "registered": None,
-                         "reason": None if passed else (
-                             f"{fmt} of the {task} model loses {drop:.2f} points of dev score ({100 * score:.2f} against "
-                             f"PyTorch's {100 * reference['score']:.2f}), more than export.max_drop={e.max_drop:g}: not registered")})
+    measured = serving.measure(cfg, assets.resolve_local(key, cfg.cache_dir), data, formats=e.formats,
+                               work=os.path.join(cfg.run_dir, "export", f"task-{task}"))
+    reference, variants = measured["reference"], measured["variants"]
+    for v in variants:
+        if v["format"] == FP32 and v["max_abs_diff"] > e.parity_atol:
+            raise ValueError(f"the ONNX export of the {task} model {reg['uri']}: {v['reason']}: refused")
+        v["registered"] = None
+        if v["reason"]:
+            v["reason"] = f"the {task} model: {v['reason']}: not registered"
     passing = sorted((v for v in variants if v["passed"]), key=lambda v: v["latency_ms"])
     name = served_name(cfg, task)
     lineage = {"distil.source": reg.get("version_uri") or reg["uri"], "distil.source_key": key, "distil.task": task,
@@ -139,12 +106,3 @@ def _card(name: str, task: str, variant: dict, table: str) -> str:
         f"# {name}: {variant['format']}", "", f"The {task} task model in ONNX Runtime: text in, `{{label, score}}` out.", "",
         "```python", "import mlflow", f'model = mlflow.pyfunc.load_model("models:/{name}@champion")',
         'model.predict(["a text to classify"])  # [{"label": …, "score": …}]', "```", "", table])
-
-
-def _all_logits(run, ids: np.ndarray, mask: np.ndarray, batch: int = 64) -> np.ndarray:
-    return np.concatenate([run(ids[i:i + batch], mask[i:i + batch]) for i in range(0, len(ids), batch)])
-
-
-def _score(spec, logits: np.ndarray, labels: list) -> float:
-    preds = logits[:, 0].tolist() if spec.regression else logits.argmax(-1).tolist()
-    return metrics.scores(spec.metrics, preds, labels)["score"]
