@@ -224,8 +224,9 @@ def summary(cfg: RunConfig, times: dict[str, tuple[float, bool]], total_s: float
     reg = store.read_record(cfg, "register", needed_by="summary")
     teacher = store.read_record(cfg, "teacher", needed_by="summary")
     lines = ["", "distil: pipeline finished", "  stage times:"]
-    lines += [f"    {k:<9} {s:7.1f} s" + ("  (finished earlier: skipped)" if skipped else "") for k, (s, skipped) in times.items()]
-    lines.append(f"    {'total':<9} {total_s:7.1f} s")
+    width = max([len("total"), *map(len, times)])
+    lines += [f"    {k:<{width}} {s:7.1f} s" + ("  (finished earlier: skipped)" if skipped else "") for k, (s, skipped) in times.items()]
+    lines.append(f"    {'total':<{width}} {total_s:7.1f} s")
     lines.append(f"  teacher:  {teacher.teacher_uri}")
     lines += [f"    teacher {k} = {teacher.metrics[k]:.4f}" for k in ("val/mlm_loss", "val/mlm_acc", "val/perplexity")
               if k in teacher.metrics]
