@@ -49,9 +49,9 @@ def test_tunes_tensorboard_hint_only_where_tensorboard_is_installed(monkeypatch)
 
     env = sweep_lib.AUTO_LOGGERS_ENV
     monkeypatch.delenv(env, raising=False)
-    with sweep_lib.tensorboard_hint_only_with_tensorboard():
+    with sweep_lib._tensorboard_hint_only_with_tensorboard():
         assert os.environ.get(env) == ("1" if importlib.util.find_spec("tensorboard") is None else None)
     assert env not in os.environ
     monkeypatch.setenv(env, "0")  # the user's own choice stands
-    with sweep_lib.tensorboard_hint_only_with_tensorboard():
+    with sweep_lib._tensorboard_hint_only_with_tensorboard():
         assert os.environ[env] == "0"

@@ -146,7 +146,7 @@ def run_finetune(cfg: RunConfig, units: list[Unit], tables: dict, data: dict[str
     todo = [u for u in units if done[u.name] is None]
     at_once = units_at_once(cfg, cluster_cpus)
     table_refs = {key: ray.put(t) for key, t in tables.items()}  # in the object store once per task
-    remote = ray.remote(num_cpus=0.01)(finetune_unit)
+    remote = ray.remote(num_cpus=0.01)(_finetune_unit)
     pending, running = list(todo), {}
     print(f"[distil] {stage}: {len(units)} fine-tuning units ({len(units) - len(todo)} finished earlier), "
           f"{at_once} at a time", flush=True)
@@ -155,7 +155,7 @@ def run_finetune(cfg: RunConfig, units: list[Unit], tables: dict, data: dict[str
             u = pending.pop(0)
             key = u.table or u.task
             unit_cfg = unit_config(cfg, data[key], u.seed)
-            running[remote.remote(unit_cfg.to_dict(), u, table_refs[key], unit_extra(data[key], u))] = u
+            running[remote.remote(unit_cfg.to_dict(), u, table_refs[key], _extra(data[key], u))] = u
         ready, _ = ray.wait(list(running), num_returns=1)
         u = running.pop(ready[0])
         result = ray.get(ready[0])
@@ -166,7 +166,7 @@ def run_finetune(cfg: RunConfig, units: list[Unit], tables: dict, data: dict[str
     return [done[u.name] for u in units]
 
 
-def unit_extra(data: TaskData, u: Unit) -> dict:
+def _extra(data: TaskData, u: Unit) -> dict:
     """The WorkerConfig.extra settings of unit ``u`` on ``data``: the model, the task and its labels, and the
     unit's own (its teacher, loss settings, keep)."""
     return {"model_uri": u.model.uri, "task": data.spec.name, "num_labels": data.num_labels,
@@ -181,7 +181,7 @@ def _read_result(out_dir: str, u: Unit) -> dict | None:
         return None
 
 
-def finetune_unit(cfg_dict: dict, unit: Unit, tables: dict, extra: dict) -> dict:
+def _finetune_unit(cfg_dict: dict, unit: Unit, tables: dict, extra: dict) -> dict:
     """In a Ray task: fit one fine-tuning run and return its dev scores; its checkpoints are deleted after."""
     import ray.data
 

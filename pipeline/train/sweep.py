@@ -123,13 +123,13 @@ def run(cfg: RunConfig, trial: TrialConfig, *, datasets: dict, cluster_cpus: flo
                                       callbacks=[progress.trial_end_lines(metric=cfg.sweep.metric, total=cfg.optim.max_steps),
                                                  CSVLoggerCallback(), JsonLoggerCallback()]),
         )
-    with tensorboard_hint_only_with_tensorboard():
+    with _tensorboard_hint_only_with_tensorboard():
         results = tuner.fit()
     return candidates(results, cfg, run_ids=close_trial_runs(results, cfg, parent_run_id=trial.parent_run_id))
 
 
 @contextlib.contextmanager
-def tensorboard_hint_only_with_tensorboard():
+def _tensorboard_hint_only_with_tensorboard():
     """Tune adds its TensorBoard logger whenever tensorboardX imports (it comes with Ray's dependencies) and then
     prints "To visualize your results with TensorBoard, run: tensorboard --logdir ..." although the tensorboard
     command is not installed. Without tensorboard, Tune's automatic loggers are turned off for the fit and its CSV
