@@ -240,7 +240,8 @@ def summary(cfg: RunConfig, times: dict[str, tuple[float, bool]], total_s: float
     uri = tracking.tracking_uri(cfg.run.root)
     lines += [
         f"  registered model: {reg.uri}  (version {reg.version})",
-        f"    load it: mlflow.transformers.load_model('{reg.uri}')  with MLFLOW_TRACKING_URI={uri}",
+        f"    load it: mlflow.transformers.load_model('{reg.uri}', tokenizer_kwargs={{'truncation': True}})"
+        f"  with MLFLOW_TRACKING_URI={uri}",
     ]
     distilled = store.load_record(cfg, "task_distill") if cfg.task_distill.tasks else None
     if distilled is not None:

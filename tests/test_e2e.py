@@ -91,6 +91,17 @@ def test_registered_champion_loads_as_a_fill_mask_pipeline(e2e_run):
     fill = mlflow.transformers.load_model("models:/e2e-student@champion")
     preds = fill("the movie was a [MASK] of time .")
     assert len(preds) == 5 and all("token_str" in p for p in preds)
+    # A review of 331 tokens, called as a user calls a pipeline: the model reads 512 positions, as BERT does.
+    review = "the movie was a [MASK] of time . " + "the plot drags and the jokes fall flat . " * 32 + "sadly"
+    assert len(fill.tokenizer(review)["input_ids"]) == 331
+    assert len(fill(review)) == 5
+    # Longer than the window: loaded as the summary prints it, every call cuts the text to the model's window.
+    cut = mlflow.transformers.load_model("models:/e2e-student@champion", tokenizer_kwargs={"truncation": True})
+    assert cut.tokenizer.model_max_length == 512
+    longer = review + " and the plot drags ." * 140  # 1,171 tokens
+    assert [p["token_str"] for p in cut(longer)] == [p["token_str"] for p in cut(longer + " the end .")]
+    with pytest.raises(Exception, match="size|index|range"):  # a plain call on 1,171 tokens: what truncation avoids
+        fill(longer)
 
 
 def test_registration_is_idempotent(e2e_run):
