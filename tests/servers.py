@@ -23,6 +23,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def ray_node_ports() -> list[str]:
+    """`ray start` flags giving a node's agents free ports: beside the session's own Ray, the defaults are taken."""
+    return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
+
+
 def wait_http(url: str, timeout_s: float = 120, *, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
     """Wait until ``url`` answers; with ``proc``, fail at once (with ``log``'s tail) when that server exits first."""
     deadline = time.time() + timeout_s

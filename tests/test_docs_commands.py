@@ -70,11 +70,9 @@ def test_a_job_submitted_as_the_page_says_runs_in_the_projects_python(tmp_path, 
     assert env["PATH"].split(os.pathsep)[0] == venv_bin and env["RAY_AUTH_MODE"] == "token"
 
     port, dash = servers.free_port(), servers.free_port()
-    agents = [f"--dashboard-agent-listen-port={servers.free_port()}", f"--dashboard-agent-grpc-port={servers.free_port()}",
-              f"--runtime-env-agent-port={servers.free_port()}", f"--metrics-export-port={servers.free_port()}"]
     start = SUBMIT_FLOW[3].split() + ["--block", f"--port={port}", f"--dashboard-port={dash}", "--num-cpus=2",
                                       f"--temp-dir={tmp_path_factory.mktemp('ray')}",  # short: a socket path holds at most 107 bytes
-                                      f"--object-store-memory={300 * 2**20}", *agents]
+                                      f"--object-store-memory={300 * 2**20}", *servers.ray_node_ports()]
     head_log = tmp_path / "head.log"
     with head_log.open("w") as log:
         head = subprocess.Popen(start, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -31,10 +31,8 @@ DEADLINE_S = 20  # the spot notice's warning time in the preemption test (EC2 gi
 
 
 def _ray_start(bin_dir: Path, env: dict, *args: str) -> subprocess.Popen:
-    ports = [f"--dashboard-agent-listen-port={servers.free_port()}", f"--dashboard-agent-grpc-port={servers.free_port()}",
-             f"--runtime-env-agent-port={servers.free_port()}", f"--metrics-export-port={servers.free_port()}"]
     cmd = [str(bin_dir / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
-           f"--object-store-memory={300 * 2**20}", *ports, *args]
+           f"--object-store-memory={300 * 2**20}", *servers.ray_node_ports(), *args]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
 
