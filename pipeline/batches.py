@@ -20,7 +20,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from pipeline import masking
+from pipeline import families, masking
 from pipeline.config import MaskingSection
 from pipeline.corpus import data_context, loading
 
@@ -86,11 +86,13 @@ class Masker:
     continuation_V: torch.Tensor | None = None
 
     @classmethod
-    def build(cls, cfg: MaskingSection, tokenizer, *, token_counts=None, device="cpu") -> "Masker":
+    def build(cls, cfg: MaskingSection, tokenizer, *, token_counts=None, device="cpu", starts_word=None) -> "Masker":
         """The masker for ``tokenizer``, its tables on ``device``. Never chooses the tokenizer's special ids.
 
         ``token_counts`` (V counts over the training split, the manifest's ``token_counts``) is needed only
-        when ``cfg.smoothing`` is on; without it that raises ValueError (re-run prepare).
+        when ``cfg.smoothing`` is on; without it that raises ValueError (re-run prepare). ``starts_word`` (a
+        vocabulary entry → whether it begins a word: the family's
+        :meth:`~pipeline.families.base.Family.starts_word`) is needed only when ``cfg.whole_word`` is on.
         """
         special = sorted(set(tokenizer.all_special_ids))
         weights = continuation = None
@@ -99,7 +101,9 @@ class Masker:
                 raise ValueError("masking.smoothing needs the token counts of the prepare stage's manifest: re-run prepare")
             weights = masking.smoothing_weights(token_counts, special, cfg.smoothing).to(device)
         if cfg.whole_word:
-            continuation = masking.continuation_table(tokenizer).to(device)
+            if starts_word is None:
+                raise ValueError("masking.whole_word needs the family's word boundaries: pass starts_word")
+            continuation = masking.continuation_table(tokenizer, starts_word).to(device)
         return cls(cfg=cfg, special_ids=torch.tensor(special, device=device), mask_id=tokenizer.mask_token_id,
                    vocab_size=len(tokenizer), token_weights_V=weights, continuation_V=continuation)
 
@@ -136,7 +140,8 @@ def preview(cfg, manifest, dataset, tokenizer, num_batches: int):
     replicated = loading.fits_in_memory(manifest, "train", cfg.data.materialize_max_gib)
     micro, world = cfg.optim.micro_batch_size, cfg.scaling.num_workers
     per_iter = micro * world if replicated else micro
-    masker = Masker.build(cfg.masking, tokenizer, token_counts=manifest.token_counts)
+    masker = Masker.build(cfg.masking, tokenizer, token_counts=manifest.token_counts,
+                          starts_word=families.get(cfg.teacher.family).starts_word)
     with data_context.scoped(preserve_order=True):  # as driver.fit runs training
         raws = epoch_batches(dataset, per_iter, shuffle_rows=cfg.data.shuffle_buffer_rows, shuffle_seed=cfg.run.seed * 10_007)
         for i, raw in zip(range(num_batches), raws):

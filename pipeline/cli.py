@@ -14,8 +14,8 @@ import sys
 import tempfile
 import traceback
 
-from pipeline import assets, batches, checkpoint as checkpoint_lib, hold as hold_lib, preflight, registry, runtime, storage
-from pipeline import tracking
+from pipeline import assets, batches, checkpoint as checkpoint_lib, families, hold as hold_lib, preflight, registry
+from pipeline import runtime, storage, tracking
 from pipeline.config import RunConfig, load_config
 from pipeline.evaluate import units
 from pipeline.evaluate.units import Model
@@ -329,7 +329,8 @@ def given_model(cfg: RunConfig, *, model: str | None, checkpoint: str | None, mo
 
 
 def _check_model_folder(cfg: RunConfig, path: str, *, flag: str) -> None:
-    """An exported BERT or DistilBERT folder with weights, whose vocabulary holds the run's tokenizer."""
+    """An exported model folder with weights, of the run's family (``teacher.family``: BERT or DistilBERT for
+    bert, RoBERTa for roberta), whose vocabulary holds the run's tokenizer."""
     if not os.path.exists(os.path.join(path, "config.json")):
         raise ValueError(f"{flag} {path}: not an exported HF model directory (no config.json)")
     if not any(f.endswith((".safetensors", ".bin")) for f in os.listdir(path)):
@@ -340,8 +341,10 @@ def _check_model_folder(cfg: RunConfig, path: str, *, flag: str) -> None:
         config = AutoConfig.from_pretrained(path)
     except Exception as e:  # noqa: BLE001 -- transformers' errors for an unknown or broken config
         raise ValueError(f"{flag} {path}: config.json is not a model config transformers reads ({str(e).splitlines()[0][:150]})") from None
-    if config.model_type not in ("bert", "distilbert"):
-        raise ValueError(f"{flag} {path}: a {config.model_type!r} model; the evaluate stage fine-tunes BERT and DistilBERT")
+    family = families.get(cfg.teacher.family)
+    if config.model_type not in family.model_types:
+        raise ValueError(f"{flag} {path}: a {config.model_type!r} model, but this run's teacher.family is {family.name} "
+                         f"({', '.join(family.model_types)}): give a model of that family or set teacher.family")
     vocab = len(assets.load_tokenizer(cfg.data.tokenizer, cfg.cache_dir))
     if config.vocab_size < vocab:
         raise ValueError(f"{flag} {path}: its vocabulary ({config.vocab_size}) is smaller than data.tokenizer's ({vocab})")

@@ -30,10 +30,10 @@ def forward_flops_per_token(*, layers: int, d: int, f: int, seq_len: int, vocab:
 
 
 def shape_of(config) -> dict:
-    """(layers, d, f, vocab) from a BERT or DistilBERT HF config."""
-    if getattr(config, "model_type", "") == "distilbert":
-        return {"layers": config.n_layers, "d": config.dim, "f": config.hidden_dim, "vocab": config.vocab_size}
-    return {"layers": config.num_hidden_layers, "d": config.hidden_size, "f": config.intermediate_size, "vocab": config.vocab_size}
+    """(layers, d, f, vocab) from an HF config of any family (:meth:`pipeline.families.base.Family.shape`)."""
+    from pipeline import families  # deferred: flops is pure arithmetic at import; families load transformers
+
+    return families.of(config).shape(config)
 
 
 def step_flops_per_token(student_config, teacher_config, *, seq_len: int, mask_prob: float) -> float:

@@ -37,7 +37,7 @@ def mask_tokens(
 
     ``token_weights_V`` (HF's frequency smoothing): choose exactly ceil(mask_prob × eligible) tokens per batch,
     without replacement, with probability ∝ the token's weight. ``continuation_V`` (whole-word masking): a
-    WordPiece continuation ("##…") is chosen together with the token that starts its word.
+    continuation (WordPiece's "##…", :func:`continuation_table`) is chosen together with the token that starts its word.
     """
     eligible_BT = attention_mask_BT.bool() & ~torch.isin(input_ids_BT, special_ids)
     draw_BT = torch.rand(input_ids_BT.shape, generator=generator, device=input_ids_BT.device)
@@ -86,12 +86,13 @@ def smoothing_weights(counts_V, special_ids: list[int], exponent: float) -> torc
     return w_V
 
 
-def continuation_table(tokenizer) -> torch.Tensor:
-    """True for WordPiece continuation tokens ("##ing"): they belong to the word before them."""
+def continuation_table(tokenizer, starts_word) -> torch.Tensor:
+    """True for the vocabulary entries that continue a word (WordPiece's "##ing", a byte-level BPE entry without
+    its leading "Ġ"): they belong to the word before them. ``starts_word``: entry → bool, the family's rule."""
     vocab = tokenizer.get_vocab()
     table = torch.zeros(max(len(tokenizer), max(vocab.values()) + 1), dtype=torch.bool)
     for token, i in vocab.items():
-        table[i] = token.startswith("##")
+        table[i] = not starts_word(token)
     return table
 
 

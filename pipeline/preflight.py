@@ -1,7 +1,8 @@
 """Checks that need the file system or a model, run by every job before Ray or MLflow start.
 
 pipeline/config/checks.py judges the config on its own; here the config meets the world: the run folders
-must be creatable and writable, and a pretrained teacher must be a BERT masked LM with a trained head, enough
+must be creatable and writable, ``data.tokenizer`` must be of ``teacher.family``, and a pretrained teacher must be
+a masked LM of that family with a trained head, enough
 positions for ``data.max_seq_len`` and the vocabulary of ``data.tokenizer``. Every problem is collected and
 raised as one ValueError, which the job prints as one ``error:`` line per problem.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import os
 import uuid
 
-from pipeline import assets, models, storage, teachers
+from pipeline import assets, families, models, storage, teachers
 from pipeline.config import RunConfig
 
 
@@ -30,19 +31,23 @@ def check(cfg: RunConfig, *, teacher: bool = True) -> None:
             tokenizer = assets.load_tokenizer(cfg.data.tokenizer, cache)
         except ValueError as e:
             raise ValueError(f"cannot start:\n  - data.tokenizer: {e}") from None
+        family = families.get(cfg.teacher.family)
         if len(tokenizer) < MIN_VOCAB:
             problems.append(f"data.tokenizer={cfg.data.tokenizer!r} has only {len(tokenizer)} tokens: its folder holds no "
-                            "vocabulary (vocab.txt or tokenizer.json); point at a BERT WordPiece tokenizer")
+                            f"vocabulary (vocab.txt or tokenizer.json); point at a tokenizer like {family.example_tokenizer}")
+        elif family.tokenizer_problem(tokenizer, cfg.data.tokenizer):
+            problems.append(family.tokenizer_problem(tokenizer, cfg.data.tokenizer))
         elif cfg.teacher.init_from:
             try:
                 start, _ = teachers.teacher_from_encoder(cfg.teacher.init_from, cache_root=cache, vocab_size=len(tokenizer),
-                                                       max_seq_len=cfg.data.max_seq_len, seed=cfg.run.seed)
+                                                       max_seq_len=cfg.data.max_seq_len, seed=cfg.run.seed,
+                                                       family=family.name)
                 problems += _layer_map_problems(cfg, start.config.num_hidden_layers, f"teacher.init_from={cfg.teacher.init_from!r}")
             except (ValueError, OSError) as e:
                 problems.append(f"teacher.init_from: {str(e).splitlines()[0]}")
         elif cfg.teacher.source != "pretrain":
             found = teachers.check_teacher(cfg.teacher.source, cache_root=cache, tokenizer=tokenizer,
-                                         max_seq_len=cfg.data.max_seq_len)
+                                         max_seq_len=cfg.data.max_seq_len, family=family.name)
             problems += found or _layer_map_problems(cfg, teachers.teacher_num_layers(cfg.teacher.source, cache),
                                                      f"teacher.source={cfg.teacher.source!r}")
     if problems:

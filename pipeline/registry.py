@@ -24,7 +24,7 @@ import numbers
 import os
 import tempfile
 
-from pipeline import assets, models, storage
+from pipeline import assets, families, models, storage
 from pipeline.config import TrackingSection
 from pipeline.config.metrics import metric_mode
 from pipeline.records import Candidate
@@ -172,9 +172,10 @@ def model_card(*, name: str, model, teacher=None, metrics: dict, lineage: dict, 
     teacher, the settings that made it, and its lineage. The whole config is not pasted: it is the register run's
     ``config.json`` artifact (:data:`CONFIG_ARTIFACT`)."""
     s_params, s_ms = models.count_parameters(model), cpu_latency_ms(model)
+    shape = families.of(model).shape(model.config)
     lines = [f"# {name}", "",
-             f"A {model.config.model_type} fill-mask student ({getattr(model.config, 'n_layers', '?')} layers, width "
-             f"{getattr(model.config, 'dim', '?')}) distilled by distil (Sanh et al. 2019). Load it with "
+             f"A {model.config.model_type} fill-mask student ({shape['layers']} layers, width {shape['d']}) distilled by "
+             f"distil (Sanh et al. 2019). Load it with "
              f"`mlflow.transformers.load_model(\"models:/{name}@champion\")`.", "", "## How good", ""]
     shown = [(k, metrics[k]) for k in CARD_METRICS if isinstance(metrics.get(k), (int, float))]
     shown += sorted((k, v) for k, v in metrics.items() if k.startswith("eval/") and k.endswith("/score"))

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline import losses
+from pipeline import families, losses
 from pipeline.config import LossSection
 from pipeline.masking import IGNORE_INDEX
 
@@ -45,15 +45,14 @@ def kd_mask(batch: Batch, kd_positions: str) -> torch.Tensor:
 
 
 def encode(model: torch.nn.Module, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor | None):
-    """(last hidden state B×T×D, MLM logits B×T×V) of a BERT or DistilBERT masked LM, called through its submodules:
-    no tuple of every layer's hidden states (``output_hidden_states``), no output dataclass. For a frozen model
-    (the teacher) or the inside of an engine; a trained model under DDP must be called through its wrapper."""
+    """(last hidden state B×T×D, LM logits B×T×V) of a masked LM of any family, called through its encoder and
+    head (pipeline/families/): no tuple of every layer's hidden states (``output_hidden_states``), no output
+    dataclass. For a frozen model (the teacher) or the inside of an engine; a trained model under DDP must be
+    called through its wrapper."""
     m = model.module if hasattr(model, "module") else model
-    if hasattr(m, "distilbert"):
-        hidden_BTD = m.distilbert(input_ids=input_ids_BT, attention_mask=attention_mask_BT).last_hidden_state
-        return hidden_BTD, m.vocab_projector(m.vocab_layer_norm(m.activation(m.vocab_transform(hidden_BTD))))
-    hidden_BTD = m.bert(input_ids=input_ids_BT, attention_mask=attention_mask_BT).last_hidden_state
-    return hidden_BTD, m.cls(hidden_BTD)
+    family = families.of(m)
+    hidden_BTD = family.encoder(m)(input_ids=input_ids_BT, attention_mask=attention_mask_BT).last_hidden_state
+    return hidden_BTD, family.lm_logits(m, hidden_BTD)
 
 
 def count_supervised(batch: Batch, kd_positions: str) -> torch.Tensor:
@@ -109,20 +108,16 @@ def distill_step(
 def mlm_step(
     model: torch.nn.Module, batch: Batch, *, norm_mlm: torch.Tensor | float | None = None
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Masked-LM training of a BERT or DistilBERT: the distillation step with L_ce and L_cos switched off.
+    """Masked-LM training of a masked LM of any family: the distillation step with L_ce and L_cos switched off.
 
     Only ~15 % of positions carry a label, so the vocabulary projection (the largest matmul at a small
     width) runs on those positions alone: N×D @ D×V instead of B·T×D @ D×V.
     """
     m = model.module if hasattr(model, "module") else model  # unwrap a DeepSpeed engine
+    family = families.of(m)
     selected_BT = batch.labels_BT != IGNORE_INDEX
-    if hasattr(m, "distilbert"):
-        hidden_BTD = m.distilbert(input_ids=batch.input_ids_BT, attention_mask=batch.model_attention_mask).last_hidden_state
-        x_ND = m.vocab_layer_norm(m.activation(m.vocab_transform(hidden_BTD[selected_BT])))
-        logits_NV = m.vocab_projector(x_ND)
-    else:
-        hidden_BTD = m.bert(input_ids=batch.input_ids_BT, attention_mask=batch.model_attention_mask).last_hidden_state
-        logits_NV = m.cls(hidden_BTD[selected_BT])
+    hidden_BTD = family.encoder(m)(input_ids=batch.input_ids_BT, attention_mask=batch.model_attention_mask).last_hidden_state
+    logits_NV = family.lm_logits(m, hidden_BTD[selected_BT])
     mlm = losses.mlm_loss(logits_NV.unsqueeze(0), batch.labels_BT[selected_BT].unsqueeze(0), normalizer=norm_mlm)
     return losses.combine({"mlm": mlm}, {"mlm": 1.0})
 

@@ -1,6 +1,7 @@
 """A pretrained teacher: loading it, continuing its pre-training from an encoder, and checking it before Ray.
 
-Only BERT-family masked LMs are supported today (``SUPPORTED_TEACHERS``). A teacher must carry a trained
+A teacher is a masked LM of a supported family (pipeline/families/: BERT, RoBERTa), the family the config's
+``teacher.family`` names. It must carry a trained
 masked-LM head (an encoder-only ``BertModel`` would teach the student a random head), enough positions for
 ``data.max_seq_len`` and the vocabulary of ``data.tokenizer``. :func:`check_teacher` finds these problems from
 the teacher's config, tensor names and tokenizer files without building the model (preflight); :func:`load_teacher`
@@ -14,68 +15,63 @@ from __future__ import annotations
 import os
 
 import torch
-from transformers import AutoModelForMaskedLM, AutoTokenizer, BertForMaskedLM, PreTrainedTokenizerBase
+from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from pipeline import models
+from pipeline import families, models
 from pipeline.assets import checkpoint_keys, local_or_error, quiet_from_pretrained, resolve_local
 
-SUPPORTED_TEACHERS = ("bert",)
 
-MLM_HEAD_PREFIX = "cls.predictions."
-
-
-def load_teacher(source: str, *, cache_root: str, dtype: str = "fp32", num_tokens: int | None = None) -> BertForMaskedLM:
+def load_teacher(source: str, *, cache_root: str, dtype: str = "fp32", num_tokens: int | None = None) -> PreTrainedModel:
     """Load a pretrained masked-LM teacher (hub id, local directory or s3://), frozen and in eval mode.
 
     ``num_tokens`` (the tokenizer's rows, pipeline.assets.tokenizer_rows): a vocabulary with more rows is cut to
     them in place (:func:`pipeline.models.cut_vocab`), so that its logits cover exactly the tokenizer's ids.
-    Raises ValueError for a folder without config.json, a model that is not BERT, a checkpoint without trained
-    masked-LM head weights (an encoder-only ``BertModel``: its head would be random), and a vocabulary with fewer
-    rows than ``num_tokens``.
+    Raises ValueError for a folder without config.json, a model of no supported family, a checkpoint without
+    trained masked-LM head weights (an encoder-only ``BertModel``: its head would be random), and a vocabulary
+    with fewer rows than ``num_tokens``.
     """
     path = resolve_local(source, cache_root)
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
         raise ValueError(f"teacher {source!r} is a directory without config.json: point at a saved HF model directory")
     model, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
-    if model.config.model_type not in SUPPORTED_TEACHERS:
-        raise ValueError(
-            f"teacher {source!r} is a {model.config.model_type!r} model; supported teachers are BERT-family "
-            f"masked LMs ({', '.join(SUPPORTED_TEACHERS)}), e.g. bert-base-uncased"
-        )
-    missing_head = sorted(k for k in info["missing_keys"] if k.startswith(MLM_HEAD_PREFIX))
+    family = _family_of(source, model.config)
+    missing_head = sorted(k for k in info["missing_keys"] if k.startswith(family.head_prefix))
     if missing_head:
-        raise ValueError(_no_head_message(source, f"{len(missing_head)} head weights missing, e.g. {missing_head[0]}"))
+        raise ValueError(_no_head_message(source, family, f"{len(missing_head)} head weights missing, e.g. {missing_head[0]}"))
     if num_tokens is not None:
         _fit_vocab(model, num_tokens, f"teacher {source!r}")
     model.requires_grad_(False).eval()
     return model.to(torch.bfloat16) if dtype == "bf16" else model
 
 
-def teacher_from_encoder(source: str, *, cache_root: str, vocab_size: int, max_seq_len: int, seed: int):
-    """The start of continued MLM pre-training (``teacher.init_from``): a pretrained BERT encoder (package:NAME,
-    a folder, a hub id, s3://) with a new masked-LM head whose decoder is tied to the word embeddings, as BERT's,
-    its vocabulary cut to the tokenizer's ``vocab_size`` rows when it has more. Returns (model, one line naming the
-    new and the left-out tensors). ValueError for a model that is not BERT, a vocabulary smaller than the
-    tokenizer's (``vocab_size``) or fewer positions than ``max_seq_len``."""
+def teacher_from_encoder(source: str, *, cache_root: str, vocab_size: int, max_seq_len: int, seed: int,
+                         family: str = "bert"):
+    """The start of continued MLM pre-training (``teacher.init_from``): a pretrained encoder of ``family``
+    (package:NAME, a folder, a hub id, s3://) with a new masked-LM head whose decoder is tied to the word
+    embeddings, its vocabulary cut to the tokenizer's ``vocab_size`` rows when it has more. Returns (model, one
+    line naming the new and the left-out tensors). ValueError for a model of another family, a vocabulary smaller
+    than the tokenizer's (``vocab_size``) or fewer positions than ``max_seq_len``."""
+    fam = families.get(family)
     torch.manual_seed(seed)  # the new head's initialisation
     path = resolve_local(source, cache_root)
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path) if os.path.isdir(path) else None
-    if config is not None and config.model_type != "bert":
-        raise ValueError(f"teacher.init_from {source!r} is a {config.model_type!r} model: give a BERT encoder")
-    model, line = quiet_from_pretrained(BertForMaskedLM, path)
+    if config is not None and config.model_type != fam.teacher_type:
+        raise ValueError(f"teacher.init_from {source!r} is a {config.model_type!r} model, but teacher.family is "
+                         f"{fam.name}: give a {fam.teacher_type} encoder or set teacher.family")
+    model, line = quiet_from_pretrained(fam.teacher_class(), path)
     if model.config.vocab_size < vocab_size:
         raise ValueError(f"teacher.init_from {source!r}: its vocabulary ({model.config.vocab_size}) is smaller than "
                          f"data.tokenizer's ({vocab_size}): use the tokenizer it was trained with")
-    if model.config.max_position_embeddings < max_seq_len:
-        raise ValueError(f"teacher.init_from {source!r} has {model.config.max_position_embeddings} positions, fewer than "
+    if fam.max_tokens(model.config) < max_seq_len:
+        raise ValueError(f"teacher.init_from {source!r} has {fam.max_tokens(model.config)} positions, fewer than "
                          f"data.max_seq_len={max_seq_len}")
     models.cut_vocab(model, vocab_size)
     return model, line
 
 
-def _fit_vocab(model: BertForMaskedLM, num_tokens: int, what: str) -> None:
+def _fit_vocab(model: PreTrainedModel, num_tokens: int, what: str) -> None:
     """Cut ``model``'s vocabulary to ``num_tokens`` rows in place; ValueError (one line) when it has fewer."""
     rows = model.get_input_embeddings().num_embeddings
     if rows < num_tokens:
@@ -85,16 +81,36 @@ def _fit_vocab(model: BertForMaskedLM, num_tokens: int, what: str) -> None:
     models.cut_vocab(model, num_tokens)
 
 
-def _no_head_message(source: str, what: str) -> str:
-    return (f"teacher {source!r} has no trained masked-LM head ({what}): "
-            "it is an encoder only (BertModel), and distilling from a random head teaches noise. Use a "
-            "BertForMaskedLM checkpoint (e.g. bert-base-uncased), or teacher.source: pretrain")
+def _no_head_message(source: str, family, what: str) -> str:
+    cls = family.teacher_class().__name__
+    return (f"teacher {source!r} has no trained masked-LM head ({what}): it is an encoder only "
+            f"({cls.replace('ForMaskedLM', 'Model')}), and distilling from a random head teaches noise. Use a {cls} "
+            f"checkpoint (e.g. {family.example_teacher}), or teacher.source: pretrain")
 
 
-def check_teacher(source: str, *, cache_root: str, tokenizer: PreTrainedTokenizerBase, max_seq_len: int) -> list[str]:
+def _family_of(source: str, config, expected: str | None = None):
+    """The family of a teacher's config; ValueError (one line) for an unsupported model type, or for one of
+    another family than ``expected`` (``teacher.family``)."""
+    try:
+        family = families.of(config)
+    except ValueError:
+        raise ValueError(f"teacher {source!r} is a {config.model_type!r} model; teachers are masked LMs of a supported "
+                         f"family: {families.supported_types()}") from None
+    if family.teacher_type != config.model_type:
+        raise ValueError(f"teacher {source!r} is a {config.model_type!r} model, a student: give the {family.teacher_type} "
+                         "teacher it was distilled from")
+    if expected is not None and family.name != expected:
+        raise ValueError(f"teacher {source!r} is a {family.name} model but teacher.family is {expected}: set "
+                         f"teacher.family: {family.name}")
+    return family
+
+
+def check_teacher(source: str, *, cache_root: str, tokenizer: PreTrainedTokenizerBase, max_seq_len: int,
+                  family: str = "bert") -> list[str]:
     """Problems of a pretrained teacher, found from its config, tensor names and tokenizer files, without
-    building the model: not BERT, no masked-LM head, fewer positions than ``max_seq_len``, a vocabulary that
-    does not match ``tokenizer`` (either way). Returns one message per problem."""
+    building the model: of no supported family or not of ``family`` (``teacher.family``), no masked-LM head, fewer
+    positions than ``max_seq_len``, a vocabulary that does not match ``tokenizer`` (either way). Returns one
+    message per problem."""
     from transformers import AutoConfig
 
     try:
@@ -108,9 +124,10 @@ def check_teacher(source: str, *, cache_root: str, tokenizer: PreTrainedTokenize
     except Exception as e:  # OSError, JSON errors, transformers' strict config validation
         return [f"teacher {source!r} cannot be loaded ({' '.join(str(e).split())[:300]}): give a hub id this machine "
                 "can reach, a local HF folder or s3://"]
-    if config.model_type not in SUPPORTED_TEACHERS:
-        return [f"teacher {source!r} is a {config.model_type!r} model; supported teachers are BERT-family masked LMs "
-                f"({', '.join(SUPPORTED_TEACHERS)}), e.g. bert-base-uncased"]
+    try:
+        fam = _family_of(source, config, family)
+    except ValueError as e:
+        return [str(e)]
     problems = []
     try:
         keys = checkpoint_keys(path) if os.path.isdir(path) else None
@@ -118,11 +135,11 @@ def check_teacher(source: str, *, cache_root: str, tokenizer: PreTrainedTokenize
         return [f"teacher {source!r}: its weights cannot be read ({type(e).__name__}: {' '.join(str(e).split())[:200]})"]
     if os.path.isdir(path) and keys is None:
         problems.append(f"teacher {source!r} holds no weights (model.safetensors or pytorch_model.bin)")
-    elif keys is not None and not any(k.startswith(MLM_HEAD_PREFIX + "transform.") for k in keys):
-        problems.append(_no_head_message(source, f"its weights hold no {MLM_HEAD_PREFIX}* tensors"))
-    if max_seq_len > config.max_position_embeddings:
-        problems.append(f"data.max_seq_len={max_seq_len} > the teacher's max_position_embeddings="
-                        f"{config.max_position_embeddings} ({source}): lower data.max_seq_len")
+    elif keys is not None and not any(k.startswith(fam.head_prefix) and "decoder.weight" not in k for k in keys):
+        problems.append(_no_head_message(source, fam, f"its weights hold no {fam.head_prefix}* tensors"))
+    if max_seq_len > fam.max_tokens(config):
+        problems.append(f"data.max_seq_len={max_seq_len} > the {fam.max_tokens(config)} tokens the teacher's positions "
+                        f"take ({source}): lower data.max_seq_len")
     problems.extend(vocabulary_problems(source, path, config.vocab_size, tokenizer))
     return problems
 

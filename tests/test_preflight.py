@@ -43,7 +43,7 @@ def test_a_good_pretrained_teacher_passes(tmp_path, tokenizer):
 
 def test_a_sequence_longer_than_the_teachers_position_table_is_refused(tmp_path, tokenizer):
     teacher = _teacher(tmp_path / "t", tokenizer, positions=128)
-    with pytest.raises(ValueError, match=r"data.max_seq_len=256 > the teacher's max_position_embeddings=128"):
+    with pytest.raises(ValueError, match=r"data.max_seq_len=256 > the 128 tokens the teacher's positions take"):
         preflight.check(_cfg(tmp_path, teacher, "data.max_seq_len=256"))
 
 
@@ -198,7 +198,7 @@ def test_a_teacher_init_from_that_is_no_bert_encoder_stops_before_ray(tmp_path):
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     cfg = load_config("configs/tiny.yaml", [f"run.root={tmp_path}", f"teacher.init_from={folder}"])
-    with pytest.raises(ValueError, match=r"cannot start:\n  - teacher.init_from: .* is a 'gpt2' model: give a BERT encoder"):
+    with pytest.raises(ValueError, match=r"cannot start:\n  - teacher.init_from: .* is a 'gpt2' model, but teacher.family is bert: give a bert encoder or set teacher.family"):
         preflight.check(cfg)
 
 

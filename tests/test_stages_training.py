@@ -7,13 +7,14 @@ from pipeline.config import load_config
 from pipeline.evaluate import units
 from pipeline.stages import evaluate, training
 
-# Made by the code before the stages became a package (the same names since the `compute` section was added;
-# tiny.yaml's since its teacher took 512 positions).
+# The names since the teacher section gained `family` (model families: BERT and RoBERTa).
 PINNED = {
-    "configs/tiny.yaml": ("tiny-teacher-5b2a8c4a", "tiny-distill-27337f4b", "tiny-sweep-1fedba32"),
-    "configs/distilbert-base.yaml": ("distilbert-base-teacher-5cb5112d", "distilbert-base-distill-48b9f021",
-                                     "distilbert-base-sweep-f5985edb"),
-    "configs/teacher-minilm.yaml": ("minilm-teacher-29a532b7", "minilm-distill-fcf11d09", "minilm-sweep-ee4d5758"),
+    "configs/tiny.yaml": ("tiny-teacher-b1b9550d", "tiny-distill-6df154ca", "tiny-sweep-1363e2d9"),
+    "configs/distilbert-base.yaml": ("distilbert-base-teacher-cbaffb6d", "distilbert-base-distill-d96977a7",
+                                     "distilbert-base-sweep-6882a0e2"),
+    "configs/teacher-minilm.yaml": ("minilm-teacher-6bcbc2cb", "minilm-distill-542ad2bf", "minilm-sweep-e13dd3bd"),
+    "configs/tiny-roberta.yaml": ("tiny-roberta-teacher-b7094a39", "tiny-roberta-distill-cd178651",
+                                  "tiny-roberta-sweep-117ebebc"),
 }
 PINNED_EVALUATION = {"configs/tiny.yaml": "tiny-eval-401faef7-98813e",
                      "configs/teacher-minilm.yaml": "minilm-eval-f36b4b5d-98813e"}

@@ -29,10 +29,17 @@ def test_local_teacher_directory_loads_frozen_and_export_round_trips(tokenizer, 
     assert len(fill("the movie was [MASK] .")) == 5
 
 
-def test_non_bert_teacher_is_refused(tokenizer, tmp_path):
+def test_a_student_or_an_unsupported_family_is_refused_as_teacher(tokenizer, tmp_path):
+    from transformers import AlbertConfig, AlbertForMaskedLM
+
     DistilBertForMaskedLM(DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=2, hidden_dim=64)).save_pretrained(tmp_path / "d")
-    with pytest.raises(ValueError, match="BERT-family"):
+    with pytest.raises(ValueError, match="is a 'distilbert' model, a student: give the bert teacher it was distilled from"):
         teachers.load_teacher(str(tmp_path / "d"), cache_root=str(tmp_path))
+    AlbertForMaskedLM(AlbertConfig(vocab_size=100, embedding_size=16, hidden_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, intermediate_size=64)).save_pretrained(tmp_path / "a")
+    with pytest.raises(ValueError, match=r"is a 'albert' model; teachers are masked LMs of a supported family: "
+                                         r"supported are bert \(bert, distilbert, e.g. bert-base-uncased\); roberta"):
+        teachers.load_teacher(str(tmp_path / "a"), cache_root=str(tmp_path))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="config.json"):
         teachers.load_teacher(str(tmp_path / "empty"), cache_root=str(tmp_path))

@@ -31,6 +31,7 @@ from pipeline.config.tree import (
     ComputeSection,
     DataSection,
     DeepSpeedSection,
+    FAMILY_NAMES,
     EvaluateSection,
     ExportSection,
     FaultsSection,
@@ -50,7 +51,8 @@ from pipeline.config.tree import (
 )
 
 __all__ = [
-    "CheckpointSection", "ComputeSection", "DataSection", "DeepSpeedSection", "EvaluateSection", "ExportSection", "FaultsSection",
+    "CheckpointSection", "ComputeSection", "DataSection", "DeepSpeedSection", "EvaluateSection", "ExportSection", "FAMILY_NAMES",
+    "FaultsSection",
     "LossSection", "MaskingSection", "OptimSection", "RunConfig", "RunSection", "ScalingSection", "StudentSection",
     "SweepSection", "TaskDistillSection", "TeacherSection", "TrackingSection", "ValidationSection", "flatten", "load_config",
 ]

@@ -22,7 +22,7 @@ from pipeline.config.metrics import EVAL_METRICS, LOSS_METRICS, VAL_METRICS
 from pipeline.config.export_checks import export_problems
 from pipeline.config.task_distill_checks import task_distill_problems
 from pipeline.config.sweep_checks import probe_samples, space_entry_problems
-from pipeline.config.tree import RunConfig
+from pipeline.config.tree import FAMILY_NAMES, RunConfig
 from pipeline.config import tasks as task_specs
 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -54,6 +54,7 @@ def _choices(cfg: RunConfig) -> list[str]:
         "deepspeed.precision": (cfg.deepspeed.precision, {"auto", "fp32", "bf16", "fp16"}),
         "scaling.strategy": (cfg.scaling.strategy, {"deepspeed", "ddp"}),
         "teacher.dtype": (cfg.teacher.dtype, {"fp32", "bf16"}),
+        "teacher.family": (cfg.teacher.family, set(FAMILY_NAMES)),
         "student.init": (cfg.student.init, {"teacher", "random"}),
         "loss.kd_positions": (cfg.loss.kd_positions, {"all", "masked"}),
         "sweep.mode": (cfg.sweep.mode, {"min", "max"}),

@@ -141,7 +141,7 @@ def run(cfg: RunConfig, *, model: str | None = None, model_dir: str | None = Non
                 input_example=[f"the movie was {tokenizer.mask_token} ."], pip_requirements=_requirements(),
                 tags={**lineage, "distil.format": v["format"], "distil.mlm_acc_pct": f"{v['mlm_acc_pct']:.4f}",
                       "distil.drop_points": f"{v['drop']:.4f}", "distil.latency_ms": f"{v['latency_ms']:.3f}"},
-                description=model_card(cfg, source, v, markdown),
+                description=model_card(cfg, source, v, markdown, mask_token=tokenizer.mask_token),
                 aliases=[lead_alias] if v is passing[0] else [])
         with _threads(e.threads):
             tasks = _tasks(cfg, previous, model=model, model_dir=model_dir)
@@ -181,18 +181,19 @@ def serving_table(reference: dict, variants: list[dict], *, seq_len: int, thread
     return "\n".join(lines) + "\n"
 
 
-def model_card(cfg: RunConfig, source: dict, variant: dict, table: str) -> str:
-    """The served version's card: what it is, how to load and serve it, how good and fast, its lineage."""
+def model_card(cfg: RunConfig, source: dict, variant: dict, table: str, *, mask_token: str = "[MASK]") -> str:
+    """The served version's card: what it is, how to load and serve it (an example with the tokenizer's
+    ``mask_token``), how good and fast, its lineage."""
     name = served_name(cfg)
     kind = "fp32" if variant["format"] == FP32 else "int8 weights (ONNX Runtime dynamic quantisation)"
     return "\n".join([
         f"# {name}: {variant['format']}", "",
         f"The student {source['uri']} in ONNX Runtime, {kind}: a fill-mask model that takes text.", "",
         "```python", "import mlflow", f'model = mlflow.pyfunc.load_model("models:/{name}@champion")',
-        'model.predict(["the movie was [MASK] ."])  # per text: [{"score", "token", "token_str", "sequence"}, ...]',
+        f'model.predict(["the movie was {mask_token} ."])  # per text: [{{"score", "token", "token_str", "sequence"}}, ...]',
         "```", "",
         f"Serve it: `mlflow models serve -m models:/{name}@champion --env-manager local -p 5001`, then POST "
-        '`{"inputs": ["the movie was [MASK] ."]}` to `http://127.0.0.1:5001/invocations`.', "",
+        f'`{{"inputs": ["the movie was {mask_token} ."]}}` to `http://127.0.0.1:5001/invocations`.', "",
         "## How good", "",
         f"- masked-token accuracy {variant['mlm_acc_pct']:.2f} % ({variant['drop']:+.2f} points below PyTorch; "
         f"export.max_drop {cfg.export.max_drop:g})",

@@ -1,11 +1,11 @@
-"""DistilBERT's distillation task (Sanh et al. 2019): the student learns from a frozen teacher with the triple
+"""DistilBERT's distillation task (Sanh et al. 2019), for every masked-LM family: the student learns from a frozen teacher with the triple
 loss of pipeline/step.py and pipeline/losses.py."""
 
 from __future__ import annotations
 
 import torch
 
-from pipeline import assets, flops, models, step as step_lib, storage, teachers
+from pipeline import assets, families, flops, models, step as step_lib, storage, teachers
 from pipeline.batches import Masker
 from pipeline.config import OptimSection
 from pipeline.train.tasks.base import WorkerContext
@@ -23,7 +23,7 @@ class DistillTask(MaskedLMTask):
 
     def _train_masker(self) -> Masker:
         return Masker.build(self.ctx.cfg.masking, self.ctx.tokenizer, token_counts=self._token_counts(),
-                            device=self.ctx.device)
+                            device=self.ctx.device, starts_word=families.get(self.ctx.cfg.teacher.family).starts_word)
 
     def _token_counts(self):
         """The training corpus's token counts (frequency-smoothed masking), from the prepare stage's manifest."""
@@ -50,7 +50,8 @@ class DistillTask(MaskedLMTask):
         student = models.build_student(cfg.student, self.teacher, seed=cfg.run.seed)
         models.mask_padded_logits(student, self.real_vocab)  # a random-init student has no −inf bias to copy
         if cfg.compute.compile != "none":
-            for module in (self.teacher.bert, self.teacher.cls, student):
+            family = families.of(self.teacher)
+            for module in (family.encoder(self.teacher), *family.head_modules(self.teacher), student):
                 module.compile(mode=cfg.compute.compile)
         return student
 

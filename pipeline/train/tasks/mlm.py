@@ -1,4 +1,4 @@
-"""Masked-LM tasks: pre-training a fresh BERT teacher (:class:`MLMTask`) and what it shares with distillation
+"""Masked-LM tasks: pre-training a fresh teacher of the configured family (:class:`MLMTask`) and what it shares with distillation
 (:class:`MaskedLMTask`: dynamic masking, masked-LM held-out metrics)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from pipeline import flops, models, step as step_lib, teachers
+from pipeline import families, flops, models, step as step_lib, teachers
 from pipeline.batches import Masker
 from pipeline.config import OptimSection
 from pipeline.masking import step_generator
@@ -49,14 +49,15 @@ class MaskedLMTask(Task):
 
 
 class MLMTask(MaskedLMTask):
-    """Masked-LM pre-training of a fresh BERT teacher (Devlin et al. 2019), uniform masking."""
+    """Masked-LM pre-training of a fresh teacher (Devlin et al. 2019; Liu et al. 2019 for RoBERTa), uniform masking."""
 
     role = "teacher"
 
     def _train_masker(self) -> Masker:
         # HF's frequency smoothing is a distillation recipe: the teacher's own pre-training masks as BERT does.
         plain = dataclasses.replace(self.ctx.cfg.masking, smoothing=0.0)
-        return Masker.build(plain, self.ctx.tokenizer, device=self.ctx.device)
+        return Masker.build(plain, self.ctx.tokenizer, device=self.ctx.device,
+                            starts_word=families.get(self.ctx.cfg.teacher.family).starts_word)
 
     @property
     def optim(self) -> OptimSection:

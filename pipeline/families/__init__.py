@@ -1,0 +1,48 @@
+"""Model families: everything that differs between BERT and RoBERTa teachers, one object per family.
+
+The rest of the pipeline asks a family (:func:`get` by the config's ``teacher.family``, :func:`of` by a model or
+config) and never tests a family's name:
+
+| family | teacher | student | tokenizer | objective | exported as |
+|---|---|---|---|---|---|
+| ``bert`` | ``BertForMaskedLM`` | ``DistilBertForMaskedLM`` (Sanh et al. 2019) | WordPiece, [CLS] … [SEP] | MLM | fill-mask |
+| ``roberta`` | ``RobertaForMaskedLM`` | ``RobertaForMaskedLM``, half the layers (HF's DistilRoBERTa) | byte-level BPE, <s> … </s> | MLM | fill-mask |
+
+A family is a :class:`~pipeline.families.base.Family` in its own module, registered in :data:`FAMILIES`; the names
+the config accepts (``pipeline.config.FAMILY_NAMES``) are these keys (tests/test_families.py checks it).
+"""
+
+from __future__ import annotations
+
+from pipeline.families.base import Family
+from pipeline.families.bert import BERT
+from pipeline.families.roberta import ROBERTA
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (BERT, ROBERTA)}
+
+
+def get(name: str) -> Family:
+    """The family called ``name`` (``teacher.family``); ValueError naming the supported ones."""
+    if name not in FAMILIES:
+        raise ValueError(f"model family {name!r} is not supported: supported families are {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def of(model_or_config) -> Family:
+    """The family of an HF model or config, by its ``model_type`` (a teacher's or a student's); ValueError, one
+    line naming the supported model types, for any other (ALBERT, ELECTRA, T5, …)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(config, "model_type", "")
+    for family in FAMILIES.values():
+        if model_type in family.model_types:
+            return family
+    raise ValueError(f"a {model_type!r} model is not supported: {supported_types()}")
+
+
+def supported_types() -> str:
+    """One phrase naming the model types the pipeline reads, for error messages."""
+    return "supported are " + "; ".join(f"{f.name} ({', '.join(f.model_types)}, e.g. {f.example_teacher})"
+                                        for f in FAMILIES.values())
+
+
+__all__ = ["BERT", "FAMILIES", "Family", "ROBERTA", "get", "of", "supported_types"]

