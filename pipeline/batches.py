@@ -116,6 +116,23 @@ class Masker:
         )
 
 
+@dataclass
+class NextToken:
+    """A causal LM's labels, as a :class:`Masker` is called: ``labeler(input_ids_BT, attention_mask_BT, generator)``
+    returns (the input ids unchanged, :func:`pipeline.masking.next_token_labels`); nothing is drawn."""
+
+    def __call__(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor, generator: torch.Generator):
+        return input_ids_BT, masking.next_token_labels(input_ids_BT, attention_mask_BT)
+
+
+def labeler(objective: str, cfg: MaskingSection, tokenizer, *, token_counts=None, device="cpu", starts_word=None):
+    """What turns a packed batch into (inputs, labels) for a family's objective: a :class:`Masker` for "mlm", a
+    :class:`NextToken` for "clm" (the family's ``objective``)."""
+    if objective == "clm":
+        return NextToken()
+    return Masker.build(cfg, tokenizer, token_counts=token_counts, device=device, starts_word=starts_word)
+
+
 def digest(input_ids, labels) -> str:
     """A short fingerprint of a masked batch: equal digests mean the same tokens and the same masks."""
     import hashlib
@@ -140,8 +157,9 @@ def preview(cfg, manifest, dataset, tokenizer, num_batches: int):
     replicated = loading.fits_in_memory(manifest, "train", cfg.data.materialize_max_gib)
     micro, world = cfg.optim.micro_batch_size, cfg.scaling.num_workers
     per_iter = micro * world if replicated else micro
-    masker = Masker.build(cfg.masking, tokenizer, token_counts=manifest.token_counts,
-                          starts_word=families.get(cfg.teacher.family).starts_word)
+    family = families.get(cfg.teacher.family)
+    masker = labeler(family.objective, cfg.masking, tokenizer, token_counts=manifest.token_counts,
+                     starts_word=family.starts_word)
     with data_context.scoped(preserve_order=True):  # as driver.fit runs training
         raws = epoch_batches(dataset, per_iter, shuffle_rows=cfg.data.shuffle_buffer_rows, shuffle_seed=cfg.run.seed * 10_007)
         for i, raw in zip(range(num_batches), raws):
@@ -154,7 +172,12 @@ def preview(cfg, manifest, dataset, tokenizer, num_batches: int):
 
 
 def render(batch: dict[str, np.ndarray], tokenizer, max_rows: int) -> str:
-    """Decoded rows with the chosen positions marked: [MASK:orig], {orig→random}, <orig> (kept unchanged)."""
+    """Decoded rows with the chosen positions marked: [MASK:orig], {orig→random}, <orig> (kept unchanged); a
+    causal LM's rows (no mask token: every position predicts the next) as their tokens."""
+    if tokenizer.mask_token_id is None:
+        return "\n".join(f"row {row} ({int(batch['attention_mask'][row].sum())} tokens, each predicting the next): " +
+                         " ".join(tokenizer.convert_ids_to_tokens(batch["input_ids"][row][batch["attention_mask"][row].astype(bool)].tolist()))
+                         for row in range(min(max_rows, len(batch["input_ids"]))))
     lines = []
     for row in range(min(max_rows, len(batch["input_ids"]))):
         ids, am, labels = batch["input_ids"][row], batch["attention_mask"][row], batch["labels"][row]

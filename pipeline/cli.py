@@ -228,11 +228,13 @@ def summary(cfg: RunConfig, times: dict[str, tuple[float, bool]], total_s: float
     lines += [f"    {k:<{width}} {s:7.1f} s" + ("  (finished earlier: skipped)" if skipped else "") for k, (s, skipped) in times.items()]
     lines.append(f"    {'total':<{width}} {total_s:7.1f} s")
     lines.append(f"  teacher:  {teacher.teacher_uri}")
-    lines += [f"    teacher {k} = {teacher.metrics[k]:.4f}" for k in ("val/mlm_loss", "val/mlm_acc", "val/perplexity")
+    lines += [f"    teacher {k} = {teacher.metrics[k]:.4f}" for k in ("val/mlm_loss", "val/mlm_acc", "val/clm_loss",
+                                                                           "val/clm_acc", "val/perplexity")
               if k in teacher.metrics]
     lines.append(f"  chosen student: {reg.chosen.source}")
     lines += [f"    student {k} = {reg.chosen.metrics[k]:.4f}"
-              for k in ("eval/macro", "val/mlm_loss", "val/mlm_acc", "val/teacher_agreement", "val/perplexity", "loss/total")
+              for k in ("eval/macro", "val/mlm_loss", "val/mlm_acc", "val/clm_loss", "val/clm_acc", "val/teacher_agreement",
+                        "val/perplexity", "loss/total")
               if k in reg.chosen.metrics]
     evaluated = store.load_record(cfg, "evaluate") if cfg.evaluate.tasks else None
     if evaluated is not None:
@@ -240,8 +242,9 @@ def summary(cfg: RunConfig, times: dict[str, tuple[float, bool]], total_s: float
     uri = tracking.tracking_uri(cfg.run.root)
     lines += [
         f"  registered model: {reg.uri}  (version {reg.version})",
-        f"    load it: mlflow.transformers.load_model('{reg.uri}', tokenizer_kwargs={{'truncation': True}})"
-        f"  with MLFLOW_TRACKING_URI={uri}",
+        f"    load it: mlflow.transformers.load_model('{reg.uri}'"
+        + "".join(f", {k}={v!r}" for k, v in families.get(cfg.teacher.family).pipeline_kwargs.items())
+        + f")  with MLFLOW_TRACKING_URI={uri}",
     ]
     distilled = store.load_record(cfg, "task_distill") if cfg.task_distill.tasks else None
     if distilled is not None:

@@ -59,6 +59,17 @@ def mask_tokens(
     return out_BT, labels_BT
 
 
+def next_token_labels(input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor) -> torch.Tensor:
+    """The causal-LM labels (GPT-2, Radford et al. 2019), B×T int64: position t's label is token t + 1 where both
+    are real, −100 elsewhere (the last position, padding). Aligned with the logits, so that L_clm is the
+    cross-entropy of logits and labels position by position — the shift HF's ``GPT2LMHeadModel`` makes inside its
+    loss — and the KD term compares teacher and student at the same positions."""
+    labels_BT = torch.full_like(input_ids_BT, IGNORE_INDEX)
+    both_BT = attention_mask_BT[:, :-1].bool() & attention_mask_BT[:, 1:].bool()
+    labels_BT[:, :-1] = torch.where(both_BT, input_ids_BT[:, 1:], torch.full_like(input_ids_BT[:, 1:], IGNORE_INDEX))
+    return labels_BT
+
+
 def _choose_weighted(ids_BT, eligible_BT, weights_V, mask_prob, draw_BT) -> torch.Tensor:
     """Weighted sampling without replacement by the Gumbel top-k trick: the k largest log w − log(−log u)."""
     w_BT = torch.where(eligible_BT, weights_V[ids_BT], torch.zeros((), dtype=weights_V.dtype, device=ids_BT.device))

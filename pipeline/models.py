@@ -75,8 +75,15 @@ def pad_vocab(model: torch.nn.Module, multiple: int) -> int:
 @torch.no_grad()
 def mask_padded_logits(model: torch.nn.Module, real_vocab: int) -> None:
     """Set the LM head's output bias to −inf past ``real_vocab`` (the family's
-    :meth:`~pipeline.families.base.Family.output_bias`); nothing to do for an unpadded model."""
-    families.of(model).output_bias(model)[real_vocab:] = float("-inf")
+    :meth:`~pipeline.families.base.Family.output_bias`); nothing to do for an unpadded model. ValueError for a
+    padded model whose head has no bias (GPT-2's)."""
+    if model.get_input_embeddings().num_embeddings <= real_vocab:
+        return
+    bias = families.of(model).output_bias(model)
+    if bias is None:
+        raise ValueError(f"a {model.config.model_type} LM head has no output bias to give padded vocabulary rows −inf "
+                         "logits: set compute.pad_vocab_multiple: 0")
+    bias[real_vocab:] = float("-inf")
 
 
 def unpadded(model: torch.nn.Module, real_vocab: int) -> torch.nn.Module:

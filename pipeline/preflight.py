@@ -9,11 +9,12 @@ raised as one ValueError, which the job prints as one ``error:`` line per proble
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import uuid
 
 from pipeline import assets, families, models, storage, teachers
-from pipeline.config import RunConfig
+from pipeline.config import MaskingSection, RunConfig
 
 
 MIN_VOCAB = 1000  # a WordPiece vocabulary smaller than this is a folder without its vocabulary file
@@ -32,6 +33,7 @@ def check(cfg: RunConfig, *, teacher: bool = True) -> None:
         except ValueError as e:
             raise ValueError(f"cannot start:\n  - data.tokenizer: {e}") from None
         family = families.get(cfg.teacher.family)
+        problems += family_problems(cfg, family)
         if len(tokenizer) < MIN_VOCAB:
             problems.append(f"data.tokenizer={cfg.data.tokenizer!r} has only {len(tokenizer)} tokens: its folder holds no "
                             f"vocabulary (vocab.txt or tokenizer.json); point at a tokenizer like {family.example_tokenizer}")
@@ -52,6 +54,31 @@ def check(cfg: RunConfig, *, teacher: bool = True) -> None:
                                                      f"teacher.source={cfg.teacher.source!r}")
     if problems:
         raise ValueError("cannot start:\n  - " + "\n  - ".join(problems))
+
+
+def family_problems(cfg: RunConfig, family) -> list[str]:
+    """Settings the family cannot honour: masking for a causal LM (it predicts every next token, nothing is
+    masked), a held-out metric of the other objective (val/mlm_* for GPT-2, val/clm_* for BERT), a padded
+    vocabulary for a head without an output bias. One message each."""
+    problems = []
+    other = "clm" if family.objective == "mlm" else "mlm"
+    if family.objective == "clm" and cfg.masking != MaskingSection():
+        changed = [f"masking.{f.name}" for f in dataclasses.fields(MaskingSection)
+                   if getattr(cfg.masking, f.name) != getattr(MaskingSection(), f.name)]
+        problems.append(f"{', '.join(changed)}: a {family.name} teacher is a causal LM (every position predicts the next "
+                        "token, nothing is masked): remove the masking section")
+    for key, metric in (("sweep.metric", cfg.sweep.metric), ("tracking.select_metric", cfg.tracking.select_metric)):
+        if metric.startswith((f"val/{other}_", f"loss/{other}")):
+            fixed = metric.replace(other, family.objective)
+            problems.append(f"{key}={metric}: a {family.name} run reports {family.objective} metrics, not {other}: "
+                            f"set {key}: {fixed}")
+    if cfg.export.formats and family.pipeline_task != "fill-mask":
+        problems.append(f"export.formats={cfg.export.formats}: the export stage serves fill-mask students (and their "
+                        f"task classifiers); a {family.name} student is {family.pipeline_task}: set export.formats: []")
+    if cfg.compute.pad_vocab_multiple > 0 and not family.pads_vocabulary:
+        problems.append(f"compute.pad_vocab_multiple={cfg.compute.pad_vocab_multiple}: a {family.name} LM head has no "
+                        "output bias to give padded rows −inf logits: set compute.pad_vocab_multiple: 0")
+    return problems
 
 
 def _layer_map_problems(cfg: RunConfig, num_layers: int, teacher: str) -> list[str]:

@@ -86,14 +86,16 @@ def format_losses(metrics: dict[str, float]) -> str:
     return f"loss {total:.4g}" + (f" ({parts})" if parts else "")
 
 
+VAL_LOSSES = ("val/mlm_loss", "val/clm_loss")  # the held-out loss of a masked or a causal LM
+
+
 def format_line(*, stage: str, step: int, total: int, metrics: dict[str, float], eta: float | None) -> str:
     """One progress line; ``metrics`` are a log step's (``loss/*``, ``throughput/tokens_per_s``, and at an
-    evaluation step ``val/mlm_loss``)."""
+    evaluation step ``val/mlm_loss``, or a causal LM's ``val/clm_loss``)."""
     width = len(str(total))
     pct = 100 * step // max(total, 1)
     fields = [f"[distil] {stage}  step {step:>{width}}/{total} ({pct:>2}%)", format_losses(metrics)]
-    if "val/mlm_loss" in metrics:
-        fields.append(f"val {metrics['val/mlm_loss']:.4g}")
+    fields += [f"val {metrics[k]:.4g}" for k in VAL_LOSSES if k in metrics]
     if "throughput/tokens_per_s" in metrics:
         fields.append(format_rate(metrics["throughput/tokens_per_s"]))
     fields.append(f"ETA {format_duration(eta)}")
@@ -103,8 +105,7 @@ def format_line(*, stage: str, step: int, total: int, metrics: dict[str, float],
 def bar_description(stage: str, metrics: dict[str, float]) -> str:
     """The text beside the bar (the bar itself shows step/total, the pace and the ETA)."""
     fields = [f"[distil] {stage}", format_losses(metrics)]
-    if "val/mlm_loss" in metrics:
-        fields.append(f"val {metrics['val/mlm_loss']:.4g}")
+    fields += [f"val {metrics[k]:.4g}" for k in VAL_LOSSES if k in metrics]
     if "throughput/tokens_per_s" in metrics:
         fields.append(format_rate(metrics["throughput/tokens_per_s"]))
     return " | ".join(fields)

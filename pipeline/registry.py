@@ -160,8 +160,8 @@ def cpu_latency_ms(model, *, seq_len: int = 128, runs: int = 20) -> float:
 
 
 # What the card shows of a student's metrics: how good it is; every metric stays in the register run.
-CARD_METRICS = ("eval/macro", "eval/retention_pct", "val/mlm_loss", "val/mlm_acc", "val/teacher_agreement",
-                "val/perplexity")
+CARD_METRICS = ("eval/macro", "eval/retention_pct", "val/mlm_loss", "val/mlm_acc", "val/clm_loss", "val/clm_acc",
+                "val/teacher_agreement", "val/perplexity")
 CONFIG_ARTIFACT = "config.json"  # the resolved config the student was trained with, in the register run
 
 
@@ -174,7 +174,8 @@ def model_card(*, name: str, model, teacher=None, metrics: dict, lineage: dict, 
     s_params, s_ms = models.count_parameters(model), cpu_latency_ms(model)
     shape = families.of(model).shape(model.config)
     lines = [f"# {name}", "",
-             f"A {model.config.model_type} fill-mask student ({shape['layers']} layers, width {shape['d']}) distilled by "
+             f"A {model.config.model_type} {families.of(model).pipeline_task} student ({shape['layers']} layers, width "
+             f"{shape['d']}) distilled by "
              f"distil (Sanh et al. 2019). Load it with "
              f"`mlflow.transformers.load_model(\"models:/{name}@champion\")`.", "", "## How good", ""]
     shown = [(k, metrics[k]) for k in CARD_METRICS if isinstance(metrics.get(k), (int, float))]
@@ -211,19 +212,22 @@ def _settings_lines(config: dict) -> list[str]:
 
 
 def load_student(model_dir: str):
-    """(model, tokenizer) of an exported fill-mask folder, the model with exactly the tokenizer's vocabulary rows
-    (:func:`pipeline.assets.fit_vocab`). The tokenizer is the folder's own, or, in a model downloaded from the
-    registry, the transformers flavor's ``components/tokenizer`` beside it. Raises ValueError naming the folder
-    when it has fewer rows, or when no tokenizer with a vocabulary is found."""
+    """(model, tokenizer) of an exported student folder (a masked LM, or a causal LM for GPT-2: its family's
+    ``objective``), the model with exactly the tokenizer's vocabulary rows (:func:`pipeline.assets.fit_vocab`). The
+    tokenizer is the folder's own, or, in a model downloaded from the registry, the transformers flavor's
+    ``components/tokenizer`` beside it. Raises ValueError naming the folder when it has fewer rows, or when no
+    tokenizer with a vocabulary (and, for a masked LM, a mask token) is found."""
     import transformers
 
-    model = transformers.AutoModelForMaskedLM.from_pretrained(model_dir)
+    family = families.of(transformers.AutoConfig.from_pretrained(model_dir))
+    auto = transformers.AutoModelForCausalLM if family.objective == "clm" else transformers.AutoModelForMaskedLM
+    model = auto.from_pretrained(model_dir)
     tokenizer_dir = model_dir
     sibling = os.path.join(os.path.dirname(os.path.abspath(model_dir)), "components", "tokenizer")
     if not any(os.path.exists(os.path.join(model_dir, f)) for f in TOKENIZER_FILES) and os.path.isdir(sibling):
         tokenizer_dir = sibling  # mlflow.transformers stores the model in model/ and its tokenizer in components/
     tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
-    if len(tokenizer) == 0 or tokenizer.mask_token_id is None:
+    if len(tokenizer) == 0 or (family.objective == "mlm" and tokenizer.mask_token_id is None):
         raise ValueError(f"{model_dir}: no tokenizer with a vocabulary and a mask token beside the model (looked in "
                          f"{tokenizer_dir}): save the tokenizer into the folder (tokenizer.save_pretrained)")
     return assets.fit_vocab(model, tokenizer, what=f"the model in {model_dir}"), tokenizer
@@ -256,9 +260,10 @@ def register(cfg: TrackingSection, *, model_dir: str, checkpoint: str, metrics: 
             transformers_model={"model": model, "tokenizer": tokenizer},
             name="student",
             task=task,
-            # pyfunc predict (and `mlflow models serve`) passes these to every pipeline call: a long input is cut to
-            # the model's window (the exported tokenizer's model_max_length = max_position_embeddings), not a crash.
-            model_config={"tokenizer_kwargs": {"truncation": True}},
+            # pyfunc predict (and `mlflow models serve`) passes these to every pipeline call: a long fill-mask input is
+            # cut to the model's window (the exported tokenizer's model_max_length), not a crash (Family.pipeline_kwargs)
+            model_config=families.of(model).pipeline_kwargs if task != "text-classification" else
+            {"tokenizer_kwargs": {"truncation": True}},
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}"],
         )
         score = metrics[cfg.select_metric]

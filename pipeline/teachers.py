@@ -15,14 +15,15 @@ from __future__ import annotations
 import os
 
 import torch
-from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline import families, models
 from pipeline.assets import checkpoint_keys, local_or_error, quiet_from_pretrained, resolve_local
 
 
 def load_teacher(source: str, *, cache_root: str, dtype: str = "fp32", num_tokens: int | None = None) -> PreTrainedModel:
-    """Load a pretrained masked-LM teacher (hub id, local directory or s3://), frozen and in eval mode.
+    """Load a pretrained teacher (hub id, local directory or s3://) as its family's LM class (a masked LM, or
+    GPT-2's causal LM), frozen and in eval mode.
 
     ``num_tokens`` (the tokenizer's rows, pipeline.assets.tokenizer_rows): a vocabulary with more rows is cut to
     them in place (:func:`pipeline.models.cut_vocab`), so that its logits cover exactly the tokenizer's ids.
@@ -33,14 +34,15 @@ def load_teacher(source: str, *, cache_root: str, dtype: str = "fp32", num_token
     path = resolve_local(source, cache_root)
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
         raise ValueError(f"teacher {source!r} is a directory without config.json: point at a saved HF model directory")
-    model, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
-    family = _family_of(source, model.config)
-    missing_head = sorted(k for k in info["missing_keys"] if k.startswith(family.head_prefix))
+    family = _family_of(source, AutoConfig.from_pretrained(path))
+    model, info = family.teacher_class().from_pretrained(path, output_loading_info=True)
+    prefix = family.head_prefix
+    missing_head = sorted(k for k in info["missing_keys"] if prefix is not None and k.startswith(prefix))
     if missing_head:
         raise ValueError(_no_head_message(source, family, f"{len(missing_head)} head weights missing, e.g. {missing_head[0]}"))
     if num_tokens is not None:
         _fit_vocab(model, num_tokens, f"teacher {source!r}")
-    model.requires_grad_(False).eval()
+    family.for_lm(model).requires_grad_(False).eval()
     return model.to(torch.bfloat16) if dtype == "bf16" else model
 
 
@@ -54,8 +56,6 @@ def teacher_from_encoder(source: str, *, cache_root: str, vocab_size: int, max_s
     fam = families.get(family)
     torch.manual_seed(seed)  # the new head's initialisation
     path = resolve_local(source, cache_root)
-    from transformers import AutoConfig
-
     config = AutoConfig.from_pretrained(path) if os.path.isdir(path) else None
     if config is not None and config.model_type != fam.teacher_type:
         raise ValueError(f"teacher.init_from {source!r} is a {config.model_type!r} model, but teacher.family is "
@@ -111,8 +111,6 @@ def check_teacher(source: str, *, cache_root: str, tokenizer: PreTrainedTokenize
     building the model: of no supported family or not of ``family`` (``teacher.family``), no masked-LM head, fewer
     positions than ``max_seq_len``, a vocabulary that does not match ``tokenizer`` (either way). Returns one
     message per problem."""
-    from transformers import AutoConfig
-
     try:
         path = local_or_error(source, cache_root, what="teacher")
     except ValueError as e:
@@ -135,7 +133,8 @@ def check_teacher(source: str, *, cache_root: str, tokenizer: PreTrainedTokenize
         return [f"teacher {source!r}: its weights cannot be read ({type(e).__name__}: {' '.join(str(e).split())[:200]})"]
     if os.path.isdir(path) and keys is None:
         problems.append(f"teacher {source!r} holds no weights (model.safetensors or pytorch_model.bin)")
-    elif keys is not None and not any(k.startswith(fam.head_prefix) and "decoder.weight" not in k for k in keys):
+    elif keys is not None and fam.head_prefix is not None and \
+            not any(k.startswith(fam.head_prefix) and "decoder.weight" not in k for k in keys):
         problems.append(_no_head_message(source, fam, f"its weights hold no {fam.head_prefix}* tensors"))
     if max_seq_len > fam.max_tokens(config):
         problems.append(f"data.max_seq_len={max_seq_len} > the {fam.max_tokens(config)} tokens the teacher's positions "
@@ -172,6 +171,4 @@ def _own_tokenizer(path: str):
 
 def teacher_num_layers(source: str, cache_root: str) -> int:
     """The encoder depth of a pretrained teacher (read from its config only); ValueError when it cannot be found."""
-    from transformers import AutoConfig
-
     return AutoConfig.from_pretrained(local_or_error(source, cache_root, what="teacher")).num_hidden_layers

@@ -14,6 +14,9 @@ pytestmark = pytest.mark.slow
 
 OVERRIDES = [
     "data.max_docs=3000",
+    "data.max_seq_len=32",  # half the demo's rows: the stages' code paths, not their statistics
+    "evaluate.max_seq_len=32",
+    "eval.max_batches=2",
     "teacher_optim.max_steps=40",
     "optim.max_steps=12",
     "checkpoint.every_steps=6",

@@ -44,10 +44,11 @@ def roberta_teacher(bpe):
 
 def test_the_config_accepts_exactly_the_registered_families():
     assert set(FAMILY_NAMES) == set(families.FAMILIES)
-    with pytest.raises(ValueError, match=r"teacher.family='albert': use one of \['bert', 'roberta'\]"):
+    with pytest.raises(ValueError, match=r"teacher.family='albert': use one of \['bert', 'gpt2', 'roberta'\]"):
         load_config("configs/tiny.yaml", ["teacher.family=albert"])
-    with pytest.raises(ValueError, match="model family 'gpt2' is not supported: supported families are bert, roberta"):
-        families.get("gpt2")
+    with pytest.raises(ValueError, match="model family 'electra' is not supported: supported families are bert, "
+                                         "roberta, gpt2"):
+        families.get("electra")
 
 
 def test_the_packaged_roberta_tokenizer_is_gpt2s_bpe_with_robertas_specials(bpe, cache):
@@ -176,3 +177,152 @@ def test_configs_carry_the_reference_recipes():
     base = load_config("configs/roberta-base.yaml", [])
     assert (base.teacher.family, base.teacher.source, base.data.tokenizer) == ("roberta", "roberta-base", "roberta-base")
     assert (base.loss.temperature, base.loss.alpha_ce, base.loss.alpha_mlm, base.loss.alpha_cos) == (2.0, 5.0, 2.0, 1.0)
+
+
+# ---- GPT-2: a causal LM ------------------------------------------------------------------------------------------
+GPT2_TINY = TeacherSection(family="gpt2", num_layers=4, hidden_size=32, num_heads=2, intermediate_size=64,
+                           max_position_embeddings=64)
+
+
+@pytest.fixture(scope="module")
+def gpt2_bpe(cache):
+    return assets.load_tokenizer("package:gpt2-bpe", cache)
+
+
+@pytest.fixture(scope="module")
+def gpt2_teacher(gpt2_bpe):
+    t = models.build_teacher_for_pretraining(GPT2_TINY, vocab_size=len(gpt2_bpe), pad_token_id=gpt2_bpe.pad_token_id,
+                                             seed=0)
+    with torch.no_grad():
+        for p in t.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return t.eval()
+
+
+def test_the_packaged_gpt2_tokenizer_is_gpt2s_own_and_pads_with_end_of_text(gpt2_bpe):
+    assert len(gpt2_bpe) == 50_257 and gpt2_bpe("Hello world").input_ids == [15_496, 995]
+    assert gpt2_bpe.eos_token_id == gpt2_bpe.pad_token_id == 50_256 and gpt2_bpe.mask_token_id is None
+    assert families.GPT2.tokenizer_problem(gpt2_bpe, "package:gpt2-bpe") is None
+
+
+def test_a_causal_lm_packs_unframed_rows_separated_by_end_of_text(gpt2_bpe):
+    worker = WorkerTokenizer.of(gpt2_bpe)
+    assert worker.special == packing.SpecialIds(cls=None, sep=50_256, pad=50_256, unk=None, mask=None)
+    docs = worker.encode(["A good film.", "It says <|endoftext|> in its text."])
+    assert all(50_256 not in d for d in docs), "special-token text in a document stays text"
+    stream = [*docs[0], 50_256, *docs[1]]
+    rows, dropped = packing.pack_documents(docs, max_seq_len=8, special=worker.special, min_seq_tokens=3,
+                                           max_unk_fraction=0.5)
+    real = [r[m.astype(bool)].tolist() for r, m in zip(rows["input_ids"], rows["attention_mask"])]
+    assert [t for r in real for t in r] == stream[:len([t for r in real for t in r])]
+    assert all(len(r) == 8 for r in real[:-1]) and real[0][0] == docs[0][0], "no [CLS]: a row starts with text"
+
+
+def test_next_token_labels_and_the_causal_loss_against_hfs_own(gpt2_teacher, gpt2_bpe):
+    """L_clm = HF's GPT2LMHeadModel loss (its own shift inside), padding ignored; the KD term at temperature T over
+    every real position equals T² · KL(softmax(t/T) ‖ softmax(s/T)) averaged by hand with F.kl_div."""
+    import torch.nn.functional as F
+
+    from pipeline import losses
+    from pipeline.masking import next_token_labels
+
+    first = gpt2_bpe("a fine film with a good cast and a bad end").input_ids
+    ids = torch.tensor([first, [5, 6, 7] + [50_256] * (len(first) - 3)])
+    am = torch.ones_like(ids)
+    am[1, 3:] = 0
+    labels = next_token_labels(ids, am)
+    assert labels[0].tolist() == ids[0, 1:].tolist() + [IGNORE_INDEX]
+    assert labels[1].tolist() == [6, 7] + [IGNORE_INDEX] * (len(first) - 2)
+    student = models.build_student(StudentSection(), gpt2_teacher, seed=0).eval()
+    with torch.no_grad():
+        logits = student(input_ids=ids, attention_mask=am).logits
+        hf_labels = torch.where(am.bool(), ids, torch.full_like(ids, IGNORE_INDEX))
+        hf = student(input_ids=ids, attention_mask=am, labels=hf_labels).loss
+        t_logits = gpt2_teacher(input_ids=ids, attention_mask=am).logits
+    assert losses.mlm_loss(logits, labels).item() == pytest.approx(hf.item(), rel=1e-5)
+    T = 2.0
+    real = am.bool()
+    by_hand = T**2 * F.kl_div(F.log_softmax(logits[real] / T, -1), F.log_softmax(t_logits[real] / T, -1),
+                              log_target=True, reduction="batchmean")
+    assert losses.ce_loss(logits, t_logits, real, temperature=T).item() == pytest.approx(by_hand.item(), rel=1e-5)
+    batch = step.Batch(input_ids_BT=ids, attention_mask_BT=am, labels_BT=labels)
+    total, metrics = step.distill_step(student, gpt2_teacher, batch, loss_cfg=LossSection(), fused=False)
+    assert metrics["loss/mlm"].item() == pytest.approx(hf.item(), rel=1e-5)
+    assert metrics["loss/ce"].item() == pytest.approx(by_hand.item(), rel=1e-5)
+
+
+def test_gpt2_student_copies_every_tensor_but_the_unmapped_blocks(gpt2_teacher):
+    from transformers import GPT2LMHeadModel
+
+    student = models.build_student(StudentSection(layer_map=[1, 3]), gpt2_teacher, seed=0)
+    assert isinstance(student, GPT2LMHeadModel) and student.config.n_layer == 2
+    t_state = gpt2_teacher.state_dict()
+    for key, value in student.state_dict().items():
+        src = key
+        if key.startswith("transformer.h."):
+            i = int(key.split(".")[2])
+            src = key.replace(f"transformer.h.{i}.", f"transformer.h.{[1, 3][i]}.", 1)
+        assert torch.equal(value, t_state[src]), key
+    assert flops_shape(student) == {"layers": 2, "d": 32, "f": 64, "vocab": 50_257}
+
+
+def flops_shape(model):
+    from pipeline import flops
+
+    return flops.shape_of(model.config)
+
+
+def test_the_exported_gpt2_student_answers_as_a_text_generation_pipeline(gpt2_teacher, gpt2_bpe, tmp_path):
+    student = models.build_student(StudentSection(), gpt2_teacher, seed=0)
+    out = assets.export_model(student, gpt2_bpe, str(tmp_path / "student"))
+    generate = hf_pipeline("text-generation", model=out, tokenizer=out)
+    (answer,) = generate("the movie was", max_new_tokens=4, do_sample=False)
+    assert answer["generated_text"].startswith("the movie was") and generate.tokenizer.model_max_length == 64
+    # trained as an LM without a pad id (no host check of every packed row's ends); the folder carries the
+    # tokenizer's, so HF's classifier finds each text's last real token in a padded batch
+    assert student.config.pad_token_id is None and gpt2_teacher.config.pad_token_id is None
+    classifier, _ = assets.load_for_downstream(out, num_labels=2)
+    assert type(classifier).__name__ == "GPT2ForSequenceClassification" and classifier.config.pad_token_id == 50_256
+    batch = gpt2_bpe(["a good film", "bad"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        padded = classifier(**batch).logits[1]
+        alone = classifier(**gpt2_bpe(["bad"], return_tensors="pt")).logits[0]
+    assert torch.allclose(padded, alone, atol=1e-5)
+
+
+@pytest.mark.parametrize("sets, expected", [
+    (["masking.whole_word=true"], "masking.whole_word: a gpt2 teacher is a causal LM (every position predicts the next "
+                                  "token, nothing is masked): remove the masking section"),
+    (["sweep.metric=val/mlm_loss"], "sweep.metric=val/mlm_loss: a gpt2 run reports clm metrics, not mlm: set "
+                                    "sweep.metric: val/clm_loss"),
+    (["export.formats=[onnx]"], "export.formats=['onnx']: the export stage serves fill-mask students (and their task "
+                                "classifiers); a gpt2 student is text-generation: set export.formats: []"),
+    (["compute.pad_vocab_multiple=64"], "compute.pad_vocab_multiple=64: a gpt2 LM head has no output bias to give "
+                                        "padded rows −inf logits: set compute.pad_vocab_multiple: 0"),
+    (["data.tokenizer=package:roberta-bpe"], "data.tokenizer 'package:roberta-bpe' is a masked LM's tokenizer (it has a "
+                                             "mask token) or has no end-of-text token, but a gpt2 teacher reads GPT-2's "
+                                             "own: use package:gpt2-bpe"),
+])
+def test_settings_a_causal_teacher_cannot_honour_stop_before_ray(sets, expected, tmp_path):
+    cfg = load_config("configs/tiny-gpt2.yaml", [f"run.root={tmp_path}", *sets])
+    with pytest.raises(ValueError) as e:
+        preflight.check(cfg)
+    assert str(e.value) == "cannot start:\n  - " + expected
+
+
+def test_a_masked_lm_run_refuses_causal_metrics(tmp_path):
+    cfg = load_config("configs/tiny.yaml", [f"run.root={tmp_path}", "sweep.metric=val/clm_loss"])
+    with pytest.raises(ValueError, match=r"sweep.metric=val/clm_loss: a bert run reports mlm metrics, not clm: set "
+                                         r"sweep.metric: val/mlm_loss"):
+        preflight.check(cfg)
+
+
+def test_the_gpt2_configs_carry_the_reference_recipe():
+    tiny = load_config("configs/tiny-gpt2.yaml", [])
+    assert (tiny.teacher.family, tiny.data.tokenizer, tiny.sweep.metric, tiny.export.formats) == \
+        ("gpt2", "package:gpt2-bpe", "val/clm_loss", [])
+    base = load_config("configs/gpt2.yaml", [])
+    assert (base.teacher.source, base.teacher.family, base.data.tokenizer, base.tracking.select_metric) == \
+        ("gpt2", "gpt2", "gpt2", "val/clm_loss")
+    assert (base.loss.temperature, base.loss.alpha_ce, base.loss.alpha_mlm, base.loss.alpha_cos) == (2.0, 5.0, 2.0, 1.0)
+    assert base.optim.micro_batch_size * base.optim.grad_accum * base.scaling.num_workers == 4096

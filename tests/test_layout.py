@@ -5,7 +5,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # Test files about the whole system rather than one place: what each covers is in docs/testing.md.
-SUBJECTS = {"e2e", "e2e_roberta", "multinode", "layering", "layout", "docstrings", "docs", "install"}
+SUBJECTS = {"e2e", "e2e_roberta", "e2e_gpt2", "multinode", "layering", "layout", "docstrings", "docs", "install"}
 
 
 def place(stem: str) -> str | None:

@@ -7,7 +7,7 @@ from pipeline.config import load_config
 from pipeline.evaluate import units
 from pipeline.stages import evaluate, training
 
-# The names since the teacher section gained `family` (model families: BERT and RoBERTa).
+# The names since the teacher section gained `family` (model families: BERT, RoBERTa, GPT-2).
 PINNED = {
     "configs/tiny.yaml": ("tiny-teacher-b1b9550d", "tiny-distill-6df154ca", "tiny-sweep-1363e2d9"),
     "configs/distilbert-base.yaml": ("distilbert-base-teacher-cbaffb6d", "distilbert-base-distill-d96977a7",
@@ -15,6 +15,7 @@ PINNED = {
     "configs/teacher-minilm.yaml": ("minilm-teacher-6bcbc2cb", "minilm-distill-542ad2bf", "minilm-sweep-e13dd3bd"),
     "configs/tiny-roberta.yaml": ("tiny-roberta-teacher-b7094a39", "tiny-roberta-distill-cd178651",
                                   "tiny-roberta-sweep-117ebebc"),
+    "configs/tiny-gpt2.yaml": ("tiny-gpt2-teacher-2c125bd7", "tiny-gpt2-distill-bc8a72ae", "tiny-gpt2-sweep-e9205046"),
 }
 PINNED_EVALUATION = {"configs/tiny.yaml": "tiny-eval-401faef7-98813e",
                      "configs/teacher-minilm.yaml": "minilm-eval-f36b4b5d-98813e"}

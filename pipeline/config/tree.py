@@ -25,7 +25,7 @@ from pipeline.config.build import build, set_dotted
 from pipeline.config.downstream import EvaluateSection, ExportSection, TaskDistillSection
 from pipeline.config.paths import PATH
 
-FAMILY_NAMES = ("bert", "roberta")  # teacher.family: the keys of pipeline.families.FAMILIES
+FAMILY_NAMES = ("bert", "roberta", "gpt2")  # teacher.family: the keys of pipeline.families.FAMILIES
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,8 +102,9 @@ class TeacherSection:
     # "pretrain" builds a fresh BERT from the arch fields below and pre-trains it with MLM (the offline
     # default); anything else is a pretrained masked-LM teacher: a hub id, a local directory or s3://.
     source: Annotated[str, PATH] = "pretrain"
-    # the model family (pipeline/families/): bert (student: DistilBERT) | roberta (student: a half-depth RoBERTa);
-    # a pretrain teacher is built as one, a pretrained teacher must be one, data.tokenizer must be the family's
+    # the model family (pipeline/families/): bert (student: DistilBERT) | roberta (student: a half-depth RoBERTa) |
+    # gpt2 (causal LM; student: a half-depth GPT-2); a pretrain teacher is built as one, a pretrained teacher must
+    # be one, data.tokenizer must be the family's
     family: str = "bert"
     num_layers: int = 4  # transformer layers of a pretrain teacher (the student has half by default)
     hidden_size: int = 128  # hidden width d of a pretrain teacher (the student keeps it); a multiple of num_heads

@@ -1,7 +1,9 @@
 """Pure batch transforms for the prepare stage: clean, split, pack. No Ray here.
 
 A batch is ``dict[str, np.ndarray]``. Packing concatenates the token ids of consecutive documents, separated
-by [SEP], and cuts the stream into rows of exactly ``max_seq_len`` tokens: [CLS] + body + [SEP]. A long
+by [SEP], and cuts the stream into rows of exactly ``max_seq_len`` tokens: [CLS] + body + [SEP] (RoBERTa's
+<s> + body + </s>). A causal LM's tokenizer has no [CLS] (GPT-2): documents are separated by its end-of-text
+token and a row is ``max_seq_len`` tokens of the stream, unframed, as GPT-2 was trained. A long
 document is therefore split across rows, and short documents share a row, so there is no padding except in
 the last row of a batch. Rows with too few real tokens, or with too many [UNK], are dropped and counted.
 """
@@ -21,13 +23,14 @@ _LINE = re.compile(r"\r\n?|\n")
 @dataclass(frozen=True, kw_only=True)
 class SpecialIds:
     """The tokenizer's ids of [CLS], [SEP], [PAD], [UNK] and [MASK] (packing frames rows with [CLS]/[SEP], pads
-    with [PAD] and counts [UNK])."""
+    with [PAD] and counts [UNK]). A causal LM's: ``cls`` and ``mask`` None, ``sep`` and ``pad`` its end-of-text
+    token, ``unk`` None (byte-level BPE has no unknown token)."""
 
-    cls: int
+    cls: int | None
     sep: int
     pad: int
-    unk: int
-    mask: int
+    unk: int | None
+    mask: int | None
 
 
 def clean_text(text: str) -> str:
@@ -67,7 +70,8 @@ def pack_documents(
     max_unk_fraction: float,
 ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """Pack tokenised documents into fixed-length rows. Returns (rows, counts of dropped rows by reason)."""
-    body = max_seq_len - 2
+    frame = 0 if special.cls is None else 2
+    body = max_seq_len - frame
     stream: list[int] = []
     for ids in token_ids:
         if ids:
@@ -77,13 +81,13 @@ def pack_documents(
     rows, dropped = [], {"short_sequence": 0, "unk_heavy": 0}
     for start in range(0, len(stream), body):
         chunk = stream[start : start + body]
-        if len(chunk) + 2 < min_seq_tokens:
+        if len(chunk) + frame < min_seq_tokens:
             dropped["short_sequence"] += 1
             continue
         if chunk.count(special.unk) >= max_unk_fraction * len(chunk):
             dropped["unk_heavy"] += 1
             continue
-        rows.append([special.cls, *chunk, special.sep])
+        rows.append([special.cls, *chunk, special.sep] if frame else chunk)
     input_ids = np.full((len(rows), max_seq_len), special.pad, dtype=np.int32)
     attention_mask = np.zeros((len(rows), max_seq_len), dtype=np.int8)
     for i, row in enumerate(rows):

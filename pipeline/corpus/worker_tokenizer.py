@@ -49,8 +49,13 @@ class WorkerTokenizer:
         """From a transformers fast tokenizer; ValueError for a slow one (the prepare stage needs tokenizer.json)."""
         if not getattr(tok, "is_fast", False):
             raise ValueError(f"{type(tok).__name__} is not a fast tokenizer: the prepare stage needs one (tokenizer.json)")
-        special = packing.SpecialIds(cls=tok.cls_token_id, sep=tok.sep_token_id, pad=tok.pad_token_id,
-                                     unk=tok.unk_token_id, mask=tok.mask_token_id)
+        eos = tok.eos_token_id
+        if tok.cls_token_id is None:  # a causal LM's (GPT-2's): its end-of-text token separates and pads
+            special = packing.SpecialIds(cls=None, sep=eos, pad=eos if tok.pad_token_id is None else tok.pad_token_id,
+                                         unk=None if tok.unk_token_id == eos else tok.unk_token_id, mask=None)
+        else:
+            special = packing.SpecialIds(cls=tok.cls_token_id, sep=tok.sep_token_id, pad=tok.pad_token_id,
+                                         unk=tok.unk_token_id, mask=tok.mask_token_id)
         ids = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
         ids |= {special.cls, special.sep, special.pad, special.mask}
         control = tuple(sorted(i for i in ids if i is not None and i != special.unk))
@@ -62,7 +67,9 @@ class WorkerTokenizer:
             return []
         control = frozenset(self.control)
         ids = [e.ids for e in _backend(self.json).encode_batch(docs, add_special_tokens=False)]
-        return [i if control.isdisjoint(i) else [self.special.unk if t in control else t for t in i] for i in ids]
+        unk = self.special.unk  # None (byte-level BPE): a control id is dropped rather than replaced
+        return [i if control.isdisjoint(i) else [unk if t in control else t for t in i if unk is not None or t not in control]
+                for i in ids]
 
 
 @functools.lru_cache(maxsize=4)

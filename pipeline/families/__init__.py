@@ -1,4 +1,4 @@
-"""Model families: everything that differs between BERT and RoBERTa teachers, one object per family.
+"""Model families: everything that differs between BERT, RoBERTa and GPT-2 teachers, one object per family.
 
 The rest of the pipeline asks a family (:func:`get` by the config's ``teacher.family``, :func:`of` by a model or
 config) and never tests a family's name:
@@ -7,6 +7,7 @@ config) and never tests a family's name:
 |---|---|---|---|---|---|
 | ``bert`` | ``BertForMaskedLM`` | ``DistilBertForMaskedLM`` (Sanh et al. 2019) | WordPiece, [CLS] … [SEP] | MLM | fill-mask |
 | ``roberta`` | ``RobertaForMaskedLM`` | ``RobertaForMaskedLM``, half the layers (HF's DistilRoBERTa) | byte-level BPE, <s> … </s> | MLM | fill-mask |
+| ``gpt2`` | ``GPT2LMHeadModel`` | ``GPT2LMHeadModel``, half the layers (HF's DistilGPT2) | byte-level BPE, <|endoftext|> between documents | causal LM | text-generation |
 
 A family is a :class:`~pipeline.families.base.Family` in its own module, registered in :data:`FAMILIES`; the names
 the config accepts (``pipeline.config.FAMILY_NAMES``) are these keys (tests/test_families.py checks it).
@@ -16,9 +17,10 @@ from __future__ import annotations
 
 from pipeline.families.base import Family
 from pipeline.families.bert import BERT
+from pipeline.families.gpt2 import GPT2
 from pipeline.families.roberta import ROBERTA
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (BERT, ROBERTA)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (BERT, ROBERTA, GPT2)}
 
 
 def get(name: str) -> Family:
@@ -45,4 +47,4 @@ def supported_types() -> str:
                                         for f in FAMILIES.values())
 
 
-__all__ = ["BERT", "FAMILIES", "Family", "ROBERTA", "get", "of", "supported_types"]
+__all__ = ["BERT", "FAMILIES", "Family", "GPT2", "ROBERTA", "get", "of", "supported_types"]

@@ -21,12 +21,21 @@ class Family(abc.ABC):
     name: str  # the config's teacher.family
     teacher_type: str  # the HF model_type of its teachers ("bert")
     student_type: str  # the HF model_type of its students ("distilbert")
-    head_prefix: str  # state-dict prefix of the trained LM head ("cls.predictions.")
+    head_prefix: str | None  # state-dict prefix of the trained LM head ("cls.predictions."); None: tied, no own tensors
     tokenizer_model: str  # the `tokenizers` model of its tokenizers: "WordPiece" | "BPE"
     example_tokenizer: str  # a tokenizer of the family this machine has, for messages
     example_teacher: str  # a hub teacher of the family, for messages
     pipeline_task: str = "fill-mask"  # what MLflow's transformers flavour serves its exported folder as
-    objective: str = "mlm"  # the label term of the teacher's pre-training and of distillation
+
+    @property
+    def pipeline_kwargs(self) -> dict:
+        """What every call of the registered pipeline gets (MLflow's ``model_config``, and the summary's load line):
+        a fill-mask pipeline cuts a long text to the model's window (``tokenizer_kwargs``; a call-time
+        ``truncation=`` is a TypeError there); a text-generation pipeline takes none (it would hand
+        ``tokenizer_kwargs`` to ``generate``)."""
+        return {"tokenizer_kwargs": {"truncation": True}} if self.pipeline_task == "fill-mask" else {}
+    objective: str = "mlm"  # the label term of the teacher's pre-training and of distillation: "mlm" | "clm"
+    pads_vocabulary: bool = True  # its LM head has an output bias, so padded vocabulary rows can get −inf logits
 
     @property
     def model_types(self) -> tuple[str, ...]:
@@ -68,6 +77,11 @@ class Family(abc.ABC):
     @abc.abstractmethod
     def head_modules(self, model: PreTrainedModel) -> list[torch.nn.Module]:
         """The modules of the LM head (to compile beside the encoder)."""
+
+    def for_lm(self, model: PreTrainedModel) -> PreTrainedModel:
+        """``model`` set up to train or teach as a language model (in place; returned): nothing to change for a
+        masked LM."""
+        return model
 
     def encoder(self, model: PreTrainedModel) -> torch.nn.Module:
         """The model without its head (HF's ``base_model``): input ids → ``last_hidden_state`` B×T×D."""

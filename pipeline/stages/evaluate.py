@@ -18,7 +18,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from pipeline import assets, models, registry, storage, tracking
+from pipeline import assets, families, models, registry, storage, tracking
 from pipeline.config import RunConfig, flatten
 from pipeline.config import tasks as task_specs
 from pipeline.evaluate import loaders, report, serving, units
@@ -88,7 +88,8 @@ def models_to_evaluate(cfg: RunConfig, *, given: units.Model | list[units.Model]
         raise ValueError("no student to evaluate: run the distill or sweep stage first, or pass --model, --checkpoint "
                          "or --model-dir")
     if cfg.evaluate.candidates != "all":
-        candidates = registry.ranked(candidates, "val/mlm_loss", "min")[: int(cfg.evaluate.candidates)]
+        held_out = f"val/{families.get(cfg.teacher.family).objective}_loss"  # val/mlm_loss, a causal LM's val/clm_loss
+        candidates = registry.ranked(candidates, held_out, "min")[: int(cfg.evaluate.candidates)]
     for c in candidates:
         key = "distill" if c.source == "distill" else "trial-" + c.source.split()[2] if c.source.startswith("sweep trial") else c.source
         out.append(units.Model(key=key, source=c.source, uri=c.model_dir or driver.model_uri(c.checkpoint), checkpoint=c.checkpoint))
@@ -298,7 +299,7 @@ def _log_loss_curves(cfg: RunConfig) -> None:
     client = MlflowClient()
     try:
         history = {k: [(m.step, m.value) for m in client.get_metric_history(run_id, k) if math.isfinite(m.value)]
-                   for k in ("loss/total", "loss/ce", "loss/mlm", "loss/cos")}
+                   for k in ("loss/total", "loss/ce", "loss/mlm", "loss/clm", "loss/cos")}
     except Exception as e:  # noqa: BLE001 -- the distill run lives in another tracking store: no plot, say so
         print(f"[distil] evaluate: no loss curves (the distill run {run_id} is not in this tracking store: {e})", flush=True)
         return

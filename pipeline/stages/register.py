@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from pipeline import assets, checkpoint as checkpoint_lib, registry, storage, teachers, tracking
+from pipeline import assets, checkpoint as checkpoint_lib, families, registry, storage, teachers, tracking
 from pipeline.config import RunConfig
 from pipeline.records import Candidate, EvaluateRecord, RegisterRecord
 from pipeline.stages.store import load_record, optional, write_record
@@ -45,7 +45,7 @@ def run(cfg: RunConfig, *, stages: tuple[str, ...] = ("distill", "sweep"), candi
 
             mlflow.log_dict(ckpt_config["config"], registry.CONFIG_ARTIFACT)
         reg = registry.register(cfg.tracking, model_dir=model_dir, checkpoint=best.checkpoint, metrics=best.metrics,
-                                tags=lineage, description=card)
+                                tags=lineage, description=card, task=families.get(cfg.teacher.family).pipeline_task)
     return write_record(cfg, "register", RegisterRecord(**reg, chosen=best, seconds=time.perf_counter() - t0))
 
 

@@ -27,7 +27,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from pipeline import assets, models, registry, teachers, tracking
+from pipeline import assets, families, models, registry, teachers, tracking
 from pipeline.config import RunConfig, TrackingSection, flatten
 from pipeline.config.task_distill_checks import LOSS_KEYS, TEACHER_LAYERS, parse_tasks
 from pipeline.evaluate import table2, task_search, transfer, units
@@ -106,7 +106,7 @@ def resolve_student(cfg: RunConfig) -> units.Model:
                                uri=c.model_dir or driver.model_uri(c.checkpoint))
         candidates = [c for stage in ("distill", "sweep") if (r := optional(cfg, stage)) for c in r.candidates]
         if candidates:
-            c = registry.ranked(candidates, "val/mlm_loss", "min")[0]
+            c = registry.ranked(candidates, f"val/{families.get(cfg.teacher.family).objective}_loss", "min")[0]
             return units.Model(key="student", source=c.source, checkpoint=c.checkpoint,
                                uri=c.model_dir or driver.model_uri(c.checkpoint))
     return _from_teacher_layers(cfg)

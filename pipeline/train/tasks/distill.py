@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from pipeline import assets, families, flops, models, step as step_lib, storage, teachers
-from pipeline.batches import Masker
+from pipeline.batches import labeler
 from pipeline.config import OptimSection
 from pipeline.train.tasks.base import WorkerContext
 from pipeline.train.tasks.mlm import MaskedLMTask
@@ -21,9 +21,9 @@ class DistillTask(MaskedLMTask):
         self.teacher, self.real_vocab = None, 0
         super().__init__(ctx)
 
-    def _train_masker(self) -> Masker:
-        return Masker.build(self.ctx.cfg.masking, self.ctx.tokenizer, token_counts=self._token_counts(),
-                            device=self.ctx.device, starts_word=families.get(self.ctx.cfg.teacher.family).starts_word)
+    def _train_masker(self):
+        return labeler(self.family.objective, self.ctx.cfg.masking, self.ctx.tokenizer, token_counts=self._token_counts(),
+                       device=self.ctx.device, starts_word=self.family.starts_word)
 
     def _token_counts(self):
         """The training corpus's token counts (frequency-smoothed masking), from the prepare stage's manifest."""
@@ -62,8 +62,8 @@ class DistillTask(MaskedLMTask):
         return step_lib.count_supervised(batch, self.ctx.cfg.loss.kd_positions)  # [N_ce, N_mlm]
 
     def loss(self, model, batch, norms_K):
-        return step_lib.distill_step(model, self.teacher, batch, loss_cfg=self.ctx.cfg.loss, norm_ce=norms_K[0],
-                                     norm_mlm=norms_K[1])
+        return self._named(step_lib.distill_step(model, self.teacher, batch, loss_cfg=self.ctx.cfg.loss,
+                                                 norm_ce=norms_K[0], norm_mlm=norms_K[1]))
 
     def flops_per_token(self, model) -> float:
         cfg = self.ctx.cfg

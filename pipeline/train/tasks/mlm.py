@@ -1,4 +1,4 @@
-"""Masked-LM tasks: pre-training a fresh teacher of the configured family (:class:`MLMTask`) and what it shares with distillation
+"""Language-model tasks: pre-training a fresh teacher of the configured family (masked LM, or causal LM for GPT-2) (:class:`MLMTask`) and what it shares with distillation
 (:class:`MaskedLMTask`: dynamic masking, masked-LM held-out metrics)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import math
 import torch
 
 from pipeline import families, flops, models, step as step_lib, teachers
-from pipeline.batches import Masker
+from pipeline.batches import labeler
 from pipeline.config import OptimSection
 from pipeline.masking import step_generator
 from pipeline.train.tasks.base import RawBatch, Task, WorkerContext
@@ -23,14 +23,16 @@ class MaskedLMTask(Task):
 
     def __init__(self, ctx: WorkerContext):
         super().__init__(ctx)
-        # Validation always masks as BERT does (uniform, token by token): comparable across runs and tasks.
+        self.family = families.get(ctx.cfg.teacher.family)
+        # Validation always masks as BERT does (uniform, token by token): comparable across runs and tasks. A causal
+        # family's labels are the next tokens, drawn from nothing.
         uniform = dataclasses.replace(ctx.cfg.masking, smoothing=0.0, whole_word=False)
-        self.val_masker = Masker.build(uniform, ctx.tokenizer, device=ctx.device)
+        self.val_masker = labeler(self.family.objective, uniform, ctx.tokenizer, device=ctx.device)
         self.masker = self._train_masker()
 
     @abc.abstractmethod
-    def _train_masker(self) -> Masker:
-        """The masker of training batches (the task's masking recipe)."""
+    def _train_masker(self):
+        """The labeler of training batches (the task's masking recipe; :func:`pipeline.batches.labeler`)."""
 
     def train_batch(self, raw: RawBatch, generator: torch.Generator) -> step_lib.Batch:
         return _masked(self.masker, raw, generator)
@@ -42,7 +44,14 @@ class MaskedLMTask(Task):
         return step_lib.eval_sums(model, self._teacher(), batch)
 
     def eval_metrics(self, sums: list[float]) -> dict[str, float]:
-        return masked_lm_metrics(sums, with_teacher=self._teacher() is not None)
+        return masked_lm_metrics(sums, with_teacher=self._teacher() is not None, objective=self.family.objective)
+
+    def _named(self, loss_and_metrics):
+        """(loss, metrics) with the label term named by the objective: loss/mlm, or loss/clm for a causal family."""
+        loss, metrics = loss_and_metrics
+        if self.family.objective != "mlm" and "loss/mlm" in metrics:
+            metrics = {("loss/" + self.family.objective if k == "loss/mlm" else k): v for k, v in metrics.items()}
+        return loss, metrics
 
     def _teacher(self):
         return None
@@ -53,11 +62,11 @@ class MLMTask(MaskedLMTask):
 
     role = "teacher"
 
-    def _train_masker(self) -> Masker:
+    def _train_masker(self):
         # HF's frequency smoothing is a distillation recipe: the teacher's own pre-training masks as BERT does.
         plain = dataclasses.replace(self.ctx.cfg.masking, smoothing=0.0)
-        return Masker.build(plain, self.ctx.tokenizer, device=self.ctx.device,
-                            starts_word=families.get(self.ctx.cfg.teacher.family).starts_word)
+        return labeler(self.family.objective, plain, self.ctx.tokenizer, device=self.ctx.device,
+                       starts_word=self.family.starts_word)
 
     @property
     def optim(self) -> OptimSection:
@@ -78,28 +87,31 @@ class MLMTask(MaskedLMTask):
         return step_lib.count_supervised(batch, self.ctx.cfg.loss.kd_positions)[1:]  # [N_mlm]
 
     def loss(self, model, batch, norms_K):
-        return step_lib.mlm_step(model, batch, norm_mlm=norms_K[0])
+        return self._named(step_lib.mlm_step(model, batch, norm_mlm=norms_K[0]))
 
     def flops_per_token(self, model) -> float:
         cfg = self.ctx.cfg
-        return flops.step_flops_per_token(model.config, None, seq_len=cfg.data.max_seq_len, mask_prob=cfg.masking.mask_prob)
+        share = cfg.masking.mask_prob if self.family.objective == "mlm" else 1.0  # a causal LM predicts every position
+        return flops.step_flops_per_token(model.config, None, seq_len=cfg.data.max_seq_len, mask_prob=share)
 
 
-def masked_lm_metrics(sums: list[float], *, with_teacher: bool) -> dict[str, float]:
+def masked_lm_metrics(sums: list[float], *, with_teacher: bool, objective: str = "mlm") -> dict[str, float]:
     """val/mlm_loss (nats per masked token), val/mlm_acc, val/perplexity and val/teacher_agreement (the share
     of masked positions where student and teacher predict the same token), from the summed
-    [CE sum, correct, count, agreement] of :func:`pipeline.step.eval_sums`. No masked token: no value, never
+    [CE sum, correct, count, agreement] of :func:`pipeline.step.eval_sums`; for a causal LM (``objective`` "clm")
+    val/clm_loss and val/clm_acc over every next-token prediction instead. No labelled token: no value, never
     a perfect-looking 0.0 loss."""
     ce, correct, count, agree = sums
     if count == 0:
         return {}
-    out = {"val/mlm_loss": ce / count, "val/mlm_acc": correct / count, "val/perplexity": math.exp(min(ce / count, 50.0))}
+    out = {f"val/{objective}_loss": ce / count, f"val/{objective}_acc": correct / count,
+           "val/perplexity": math.exp(min(ce / count, 50.0))}
     if with_teacher:
         out["val/teacher_agreement"] = agree / count
     return out
 
 
-def _masked(masker: Masker, raw: RawBatch, generator: torch.Generator) -> step_lib.Batch:
+def _masked(masker, raw: RawBatch, generator: torch.Generator) -> step_lib.Batch:
     ids_BT, labels_BT = masker(raw["input_ids"], raw["attention_mask"], generator)
     return step_lib.Batch(input_ids_BT=ids_BT, attention_mask_BT=raw["attention_mask"], labels_BT=labels_BT,
                           packed=bool(raw.get("packed", False)))
