@@ -59,7 +59,7 @@ def build_student(cfg: StudentSection, teacher: PreTrainedModel, *, seed: int) -
 
 
 def pad_vocab(model: torch.nn.Module, multiple: int) -> int:
-    """Pad the vocabulary of a masked LM in place to a multiple of ``multiple`` rows (word
+    """Pad the vocabulary of a language model in place to a multiple of ``multiple`` rows (word
     embeddings, the tied MLM decoder and its bias), so that the vocabulary matmuls run on aligned shapes (30,522 is
     not a multiple of 64; 30,528 is). The padded output logits are −inf (:func:`mask_padded_logits`): every loss
     gives them probability 0, value 0 and gradient 0 (pipeline/losses.py), and no input id reaches the new rows.
@@ -75,15 +75,11 @@ def pad_vocab(model: torch.nn.Module, multiple: int) -> int:
 @torch.no_grad()
 def mask_padded_logits(model: torch.nn.Module, real_vocab: int) -> None:
     """Set the LM head's output bias to −inf past ``real_vocab`` (the family's
-    :meth:`~pipeline.families.base.Family.output_bias`); nothing to do for an unpadded model. ValueError for a
-    padded model whose head has no bias (GPT-2's)."""
+    :meth:`~pipeline.families.base.Family.padding_bias`: its own bias, or for a head without one, GPT-2's, a
+    frozen zero bias added for the padded rows and dropped again at export); nothing to do for an unpadded model."""
     if model.get_input_embeddings().num_embeddings <= real_vocab:
         return
-    bias = families.of(model).output_bias(model)
-    if bias is None:
-        raise ValueError(f"a {model.config.model_type} LM head has no output bias to give padded vocabulary rows −inf "
-                         "logits: set compute.pad_vocab_multiple: 0")
-    bias[real_vocab:] = float("-inf")
+    families.of(model).padding_bias(model)[real_vocab:] = float("-inf")
 
 
 def unpadded(model: torch.nn.Module, real_vocab: int) -> torch.nn.Module:
@@ -108,6 +104,7 @@ def cut_vocab(model: torch.nn.Module, num_rows: int) -> None:
         raise ValueError(f"cannot cut a vocabulary of {rows:,} rows to {num_rows:,}: it has fewer")
     if rows > num_rows:
         model.resize_token_embeddings(num_rows, mean_resizing=False)
+        families.of(model).drop_padding_bias(model)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -58,8 +58,8 @@ def check(cfg: RunConfig, *, teacher: bool = True) -> None:
 
 def family_problems(cfg: RunConfig, family) -> list[str]:
     """Settings the family cannot honour: masking for a causal LM (it predicts every next token, nothing is
-    masked), a held-out metric of the other objective (val/mlm_* for GPT-2, val/clm_* for BERT), a padded
-    vocabulary for a head without an output bias. One message each."""
+    masked), a held-out metric of the other objective (val/mlm_* for GPT-2, val/clm_* for BERT), an export of a
+    student the export stage does not serve. One message each."""
     problems = []
     other = "clm" if family.objective == "mlm" else "mlm"
     if family.objective == "clm" and cfg.masking != MaskingSection():
@@ -75,9 +75,6 @@ def family_problems(cfg: RunConfig, family) -> list[str]:
     if cfg.export.formats and family.pipeline_task != "fill-mask":
         problems.append(f"export.formats={cfg.export.formats}: the export stage serves fill-mask students (and their "
                         f"task classifiers); a {family.name} student is {family.pipeline_task}: set export.formats: []")
-    if cfg.compute.pad_vocab_multiple > 0 and not family.pads_vocabulary:
-        problems.append(f"compute.pad_vocab_multiple={cfg.compute.pad_vocab_multiple}: a {family.name} LM head has no "
-                        "output bias to give padded rows −inf logits: set compute.pad_vocab_multiple: 0")
     return problems
 
 

@@ -297,8 +297,6 @@ def test_the_exported_gpt2_student_answers_as_a_text_generation_pipeline(gpt2_te
                                     "sweep.metric: val/clm_loss"),
     (["export.formats=[onnx]"], "export.formats=['onnx']: the export stage serves fill-mask students (and their task "
                                 "classifiers); a gpt2 student is text-generation: set export.formats: []"),
-    (["compute.pad_vocab_multiple=64"], "compute.pad_vocab_multiple=64: a gpt2 LM head has no output bias to give "
-                                        "padded rows −inf logits: set compute.pad_vocab_multiple: 0"),
     (["data.tokenizer=package:roberta-bpe"], "data.tokenizer 'package:roberta-bpe' is a masked LM's tokenizer (it has a "
                                              "mask token) or has no end-of-text token, but a gpt2 teacher reads GPT-2's "
                                              "own: use package:gpt2-bpe"),
@@ -326,3 +324,48 @@ def test_the_gpt2_configs_carry_the_reference_recipe():
         ("gpt2", "gpt2", "gpt2", "val/clm_loss")
     assert (base.loss.temperature, base.loss.alpha_ce, base.loss.alpha_mlm, base.loss.alpha_cos) == (2.0, 5.0, 2.0, 1.0)
     assert base.optim.micro_batch_size * base.optim.grad_accum * base.scaling.num_workers == 4096
+
+
+def test_token_types_go_to_the_models_that_read_them_as_segments():
+    """GPT-2 would add the embedding of token 0 to every position for segment ids 0: its classifiers get none."""
+    from transformers import (AlbertConfig, AlbertForSequenceClassification, BertConfig, BertForSequenceClassification,
+                              DistilBertConfig, DistilBertForSequenceClassification, GPT2Config,
+                              GPT2ForSequenceClassification, RobertaConfig, RobertaForSequenceClassification)
+
+    small = {"vocab_size": 100, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32}
+    assert families.takes_segments(BertForSequenceClassification(BertConfig(**small)))
+    assert families.takes_segments(RobertaForSequenceClassification(RobertaConfig(**small)))
+    assert not families.takes_segments(DistilBertForSequenceClassification(DistilBertConfig(vocab_size=100, dim=16,
+                                                                                             n_layers=1, n_heads=2, hidden_dim=32)))
+    assert not families.takes_segments(GPT2ForSequenceClassification(GPT2Config(vocab_size=100, n_embd=16, n_layer=1,
+                                                                                n_head=2)))
+    assert families.takes_segments(AlbertForSequenceClassification(AlbertConfig(**small, embedding_size=8)))
+
+
+def test_a_gpt2_vocabulary_pads_to_a_multiple_with_minus_inf_logits_and_exports_cut_back(gpt2_teacher, gpt2_bpe, tmp_path):
+    """GPT-2's head has no bias: padding adds a frozen zero bias for the padded rows' −inf logits, which export
+    drops again with the rows (50,257 → 50,304 → 50,257)."""
+    from transformers import GPT2LMHeadModel
+
+    teacher = copy.deepcopy(gpt2_teacher)
+    ids = torch.tensor([gpt2_bpe("a fine film with a good cast").input_ids])
+    with torch.no_grad():
+        before = teacher(input_ids=ids).logits
+    real = models.pad_vocab(teacher, 64)
+    assert (real, teacher.get_input_embeddings().num_embeddings) == (50_257, 50_304)
+    assert "lm_head.bias" in teacher.state_dict() and all("lm_head.bias" not in n for n, _ in teacher.named_parameters())
+    student = models.build_student(StudentSection(), teacher, seed=0)
+    models.mask_padded_logits(student, real)
+    with torch.no_grad():
+        after = teacher(input_ids=ids).logits
+    assert torch.allclose(after[..., :real], before, atol=1e-5) and torch.isinf(after[..., real:]).all()
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[:, :-1] = ids[:, 1:]
+    batch = step.Batch(input_ids_BT=ids, attention_mask_BT=torch.ones_like(ids), labels_BT=labels, packed=True)
+    loss, _ = step.distill_step(student, teacher, batch, loss_cfg=LossSection())
+    loss.backward()
+    assert torch.isfinite(loss) and student.lm_head.weight.grad[real:].abs().sum() == 0
+    out = assets.export_model(student, gpt2_bpe, str(tmp_path / "padded"))
+    again, info = GPT2LMHeadModel.from_pretrained(out, output_loading_info=True)
+    assert again.config.vocab_size == 50_257 and not info["unexpected_keys"] and not info["missing_keys"]
+    assert student.get_input_embeddings().num_embeddings == 50_304, "export cuts a copy, not the training model"

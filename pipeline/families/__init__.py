@@ -41,10 +41,24 @@ def of(model_or_config) -> Family:
     raise ValueError(f"a {model_type!r} model is not supported: {supported_types()}")
 
 
+def takes_segments(model) -> bool:
+    """Whether ``model`` (a classifier or encoder of any HF type) should be given ``token_type_ids``: its forward
+    takes them and, for a family's model, the family reads them as segments (DistilBERT's forward has none; GPT-2's
+    would add the embedding of token 0 to every position)."""
+    import inspect
+
+    if "token_type_ids" not in inspect.signature(model.forward).parameters:
+        return False
+    try:
+        return of(model).token_types
+    except ValueError:  # a model type of no family (a task teacher given by the user): its signature decides
+        return True
+
+
 def supported_types() -> str:
     """One phrase naming the model types the pipeline reads, for error messages."""
     return "supported are " + "; ".join(f"{f.name} ({', '.join(f.model_types)}, e.g. {f.example_teacher})"
                                         for f in FAMILIES.values())
 
 
-__all__ = ["BERT", "FAMILIES", "Family", "GPT2", "ROBERTA", "get", "of", "supported_types"]
+__all__ = ["BERT", "FAMILIES", "Family", "GPT2", "ROBERTA", "get", "of", "supported_types", "takes_segments"]

@@ -35,7 +35,7 @@ class Family(abc.ABC):
         ``tokenizer_kwargs`` to ``generate``)."""
         return {"tokenizer_kwargs": {"truncation": True}} if self.pipeline_task == "fill-mask" else {}
     objective: str = "mlm"  # the label term of the teacher's pre-training and of distillation: "mlm" | "clm"
-    pads_vocabulary: bool = True  # its LM head has an output bias, so padded vocabulary rows can get −inf logits
+    token_types: bool = True  # its models read token_type_ids as segments (GPT-2's would embed them as words)
 
     @property
     def model_types(self) -> tuple[str, ...]:
@@ -73,6 +73,15 @@ class Family(abc.ABC):
     @abc.abstractmethod
     def output_bias(self, model: PreTrainedModel) -> torch.nn.Parameter:
         """The LM head's output bias (V), where padded vocabulary rows get −inf."""
+
+    def padding_bias(self, model: PreTrainedModel) -> torch.Tensor:
+        """The V-row bias whose padded rows get −inf (:func:`pipeline.models.mask_padded_logits`): the LM head's
+        own output bias."""
+        return self.output_bias(model)
+
+    def drop_padding_bias(self, model: PreTrainedModel) -> None:
+        """Undo what :meth:`padding_bias` added once the padded rows are cut (export): nothing, for a head with its
+        own bias."""
 
     @abc.abstractmethod
     def head_modules(self, model: PreTrainedModel) -> list[torch.nn.Module]:

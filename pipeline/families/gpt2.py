@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 
+import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from pipeline.families.base import SameClassFamily
@@ -31,7 +32,7 @@ class Gpt2(SameClassFamily):
     layer_pattern = re.compile(r"^transformer\.h\.(\d+)\.")
     pipeline_task = "text-generation"
     objective = "clm"
-    pads_vocabulary = False  # no output bias: compute.pad_vocab_multiple must stay 0
+    token_types = False  # GPT2Model adds wte(token_type_ids): segment ids 0 would add the embedding of token 0
 
     def teacher_config(self, *, num_layers, hidden_size, num_heads, intermediate_size, max_tokens, vocab_size,
                        pad_token_id) -> GPT2Config:
@@ -60,7 +61,24 @@ class Gpt2(SameClassFamily):
         return model.lm_head(hidden_NxD)
 
     def output_bias(self, model):
-        return None  # GPT-2's head has no bias: a padded vocabulary cannot get −inf logits this way
+        return model.lm_head.bias  # None: GPT-2's head has no bias (:meth:`padding_bias` adds one for padded rows)
+
+    def padding_bias(self, model):
+        """A bias for the padded rows' −inf logits: GPT-2's head has none, so a zero buffer (frozen: not a parameter,
+        so no optimizer moves it; in the state dict, so checkpoints keep it) is added, once."""
+        head = model.lm_head
+        if head.bias is None:
+            rows = head.weight.shape[0]
+            del head.bias
+            head.register_buffer("bias", torch.zeros(rows, dtype=head.weight.dtype, device=head.weight.device))
+        return head.bias
+
+    def drop_padding_bias(self, model):
+        """Back to GPT-2's head without a bias, once the padded rows are cut: the real rows' bias is 0."""
+        head = model.lm_head
+        if head.bias is not None:
+            del head.bias
+            head.register_parameter("bias", None)
 
     def head_modules(self, model):
         return [model.lm_head]

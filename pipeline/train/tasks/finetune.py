@@ -14,13 +14,12 @@ The task's settings come in ``WorkerConfig.extra``: ``model_uri``, ``task``, ``n
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from pipeline import assets, flops
+from pipeline import assets, families, flops
 from pipeline.batches import digest
 from pipeline.config import OptimSection
 from pipeline import glue_metrics as metrics
@@ -65,7 +64,7 @@ class FinetuneTask(Task):
         model, line = assets.load_for_downstream(path, num_labels=self.num_labels, regression=self.regression)
         if self.ctx.is_rank0:
             print(f"[distil] finetune {self.name}: {line}", flush=True)
-        self.takes_segments = "token_type_ids" in inspect.signature(model.forward).parameters  # DistilBERT has none
+        self.takes_segments = families.takes_segments(model)  # DistilBERT has none; GPT-2 would embed them as words
         return model
 
     def train_batch(self, raw, generator: torch.Generator) -> ClassifyBatch:

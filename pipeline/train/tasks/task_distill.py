@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pipeline import assets
+from pipeline import assets, families
 from pipeline.train.tasks.finetune import ClassifyBatch, FinetuneTask, export_classifier
 
 
@@ -64,12 +64,10 @@ class TaskDistillTask(FinetuneTask):
     def build(self) -> torch.nn.Module:
         """The student classifier (a new head, seeded by ``run.seed``), with the teacher classifier loaded frozen on
         the worker's device. ValueError when ``alpha_cos`` is set and the widths differ."""
-        import inspect
-
         cfg, extra = self.ctx.cfg, self.ctx.work.extra
         teacher, _ = assets.quiet_from_pretrained(_classifier_class(), assets.resolve_local(extra["teacher_uri"], cfg.cache_dir))
         self.teacher = teacher.eval().requires_grad_(False).to(self.ctx.device)
-        self.teacher_segments = "token_type_ids" in inspect.signature(teacher.forward).parameters
+        self.teacher_segments = families.takes_segments(teacher)
         student = super().build()
         if self.alphas["cos"] and student.config.hidden_size != teacher.config.hidden_size:
             raise ValueError(f"task_distill.alpha_cos={self.alphas['cos']:g} compares hidden states, and the student's "
