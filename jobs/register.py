@@ -24,7 +24,8 @@ def main(argv=None) -> int:
     cfg, args = cli.parse(__doc__, argv, extra=_flags, job="register")
 
     def run():
-        candidate = cli.hand_candidate(checkpoint=args.checkpoint, model_dir=args.model_dir, metric_pairs=args.metric)
+        candidate = cli.hand_candidate(checkpoint=args.checkpoint, model_dir=args.model_dir, metric_pairs=args.metric,
+                                       cfg=cfg)
         cli.start(cfg, with_ray=False)
         record = register.run(cfg, candidate=candidate)
         print(json.dumps({"stage": "register", "uri": record.uri, "version": record.version, "new": record.new,

@@ -137,6 +137,43 @@ def local_or_error(source: str, cache_root: str, *, what: str) -> str:
                          "credentials and AWS_ENDPOINT_URL") from None
 
 
+def check_model_folder(path: str, *, flag: str, family: str, tokenizer: str, cache_root: str,
+                       max_seq_len: int | None = None) -> None:
+    """An exported model folder a job was given by hand (``--model-dir``): config.json and readable weights, a model
+    of ``family`` (``teacher.family``: its teacher's or student's model type), a vocabulary that holds ``tokenizer``'s
+    ids, and, with ``max_seq_len``, positions for that many tokens. Raises ValueError, one line naming ``flag``."""
+    from transformers import AutoConfig
+
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise ValueError(f"{flag} {path}: not an exported HF model directory (no config.json)")
+    try:
+        keys = checkpoint_keys(path)
+    except Exception as e:  # a cut-off or foreign weights file: safetensors, torch and OS errors
+        raise ValueError(f"{flag} {path}: its weights cannot be read ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:160]}): export the model again") from None
+    if keys is None:
+        raise ValueError(f"{flag} {path}: no weights (model.safetensors or pytorch_model.bin) beside config.json")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 -- transformers' errors for an unknown or broken config
+        raise ValueError(f"{flag} {path}: config.json is not a model config transformers reads "
+                         f"({str(e).splitlines()[0][:150]})") from None
+    fam = families.get(family)
+    if config.model_type not in fam.model_types:
+        try:
+            hint = f"set teacher.family: {families.of(config).name}"
+        except ValueError:
+            hint = families.supported_types()
+        raise ValueError(f"{flag} {path}: a {config.model_type!r} model, but this run's teacher.family is {fam.name} "
+                         f"({', '.join(fam.model_types)}): give a model of that family, or {hint}")
+    vocab = tokenizer_rows(load_tokenizer(tokenizer, cache_root))
+    if config.vocab_size < vocab:
+        raise ValueError(f"{flag} {path}: its vocabulary ({config.vocab_size}) is smaller than data.tokenizer's ({vocab})")
+    if max_seq_len is not None and fam.max_tokens(config) < max_seq_len:
+        raise ValueError(f"{flag} {path}: its positions take {fam.max_tokens(config)} tokens, fewer than "
+                         f"evaluate.max_seq_len={max_seq_len}: lower evaluate.max_seq_len")
+
+
 def load_for_downstream(path: str, *, num_labels: int | None = None, regression: bool = False):
     """An exported BERT or DistilBERT with a new head for downstream use, and one line saying what changed.
 

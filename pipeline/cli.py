@@ -275,10 +275,11 @@ def summary(cfg: RunConfig, times: dict[str, tuple[float, bool]], total_s: float
     return "\n".join(lines)
 
 
-def hand_candidate(*, checkpoint: str | None, model_dir: str | None, metric_pairs: list[str]) -> Candidate | None:
+def hand_candidate(*, checkpoint: str | None, model_dir: str | None, metric_pairs: list[str],
+                   cfg: RunConfig | None = None) -> Candidate | None:
     """The candidate ``jobs.register`` was given by hand (``--checkpoint``, ``--model-dir``, ``--metric K=V``), or
     None. Raises ValueError for a missing, damaged or incomplete checkpoint, a folder without an exported model,
-    or a malformed metric."""
+    or a malformed metric; with ``cfg``, a folder of another family than the run's (:func:`pipeline.assets.check_model_folder`)."""
     metrics = _metrics(metric_pairs)
     if checkpoint:
         if not storage.is_s3(checkpoint) and not os.path.isdir(checkpoint):
@@ -294,6 +295,9 @@ def hand_candidate(*, checkpoint: str | None, model_dir: str | None, metric_pair
         if not os.path.exists(os.path.join(model_dir, "config.json")):
             raise ValueError(f"--model-dir {model_dir}: not an exported HF model directory (no config.json)")
         path = os.path.abspath(model_dir)
+        if cfg is not None:  # of the run's family, with its tokenizer's vocabulary
+            assets.check_model_folder(path, flag="--model-dir", family=cfg.teacher.family, tokenizer=cfg.data.tokenizer,
+                                      cache_root=cfg.cache_dir)
         return Candidate(source="hand:model_dir", checkpoint=path, model_dir=path, metrics=metrics)
     if metric_pairs:
         raise ValueError("--metric goes with --checkpoint or --model-dir")
@@ -332,25 +336,10 @@ def given_model(cfg: RunConfig, *, model: str | None, checkpoint: str | None, mo
 
 
 def _check_model_folder(cfg: RunConfig, path: str, *, flag: str) -> None:
-    """An exported model folder with weights, of the run's family (``teacher.family``: BERT or DistilBERT for
-    bert, RoBERTa for roberta), whose vocabulary holds the run's tokenizer."""
-    if not os.path.exists(os.path.join(path, "config.json")):
-        raise ValueError(f"{flag} {path}: not an exported HF model directory (no config.json)")
-    if not any(f.endswith((".safetensors", ".bin")) for f in os.listdir(path)):
-        raise ValueError(f"{flag} {path}: no weights (model.safetensors or pytorch_model.bin) beside config.json")
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except Exception as e:  # noqa: BLE001 -- transformers' errors for an unknown or broken config
-        raise ValueError(f"{flag} {path}: config.json is not a model config transformers reads ({str(e).splitlines()[0][:150]})") from None
-    family = families.get(cfg.teacher.family)
-    if config.model_type not in family.model_types:
-        raise ValueError(f"{flag} {path}: a {config.model_type!r} model, but this run's teacher.family is {family.name} "
-                         f"({', '.join(family.model_types)}): give a model of that family or set teacher.family")
-    vocab = len(assets.load_tokenizer(cfg.data.tokenizer, cfg.cache_dir))
-    if config.vocab_size < vocab:
-        raise ValueError(f"{flag} {path}: its vocabulary ({config.vocab_size}) is smaller than data.tokenizer's ({vocab})")
+    """:func:`pipeline.assets.check_model_folder` for the run's family and tokenizer, and the evaluate stage's
+    ``evaluate.max_seq_len``."""
+    assets.check_model_folder(path, flag=flag, family=cfg.teacher.family, tokenizer=cfg.data.tokenizer,
+                              cache_root=cfg.cache_dir, max_seq_len=cfg.evaluate.max_seq_len)
 
 
 def registered_model_dir(cfg: RunConfig, uri: str) -> str:

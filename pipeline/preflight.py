@@ -37,6 +37,8 @@ def check(cfg: RunConfig, *, teacher: bool = True) -> None:
         if len(tokenizer) < MIN_VOCAB:
             problems.append(f"data.tokenizer={cfg.data.tokenizer!r} has only {len(tokenizer)} tokens: its folder holds no "
                             f"vocabulary (vocab.txt or tokenizer.json); point at a tokenizer like {family.example_tokenizer}")
+        elif mismatch := _teacher_family_problem(cfg, family):
+            problems.append(mismatch)  # before the tokenizer's: the fix is teacher.family, not another tokenizer
         elif family.tokenizer_problem(tokenizer, cfg.data.tokenizer):
             problems.append(family.tokenizer_problem(tokenizer, cfg.data.tokenizer))
         elif cfg.teacher.init_from:
@@ -45,8 +47,11 @@ def check(cfg: RunConfig, *, teacher: bool = True) -> None:
                                                        max_seq_len=cfg.data.max_seq_len, seed=cfg.run.seed,
                                                        family=family.name)
                 problems += _layer_map_problems(cfg, start.config.num_hidden_layers, f"teacher.init_from={cfg.teacher.init_from!r}")
-            except (ValueError, OSError) as e:
-                problems.append(f"teacher.init_from: {str(e).splitlines()[0]}")
+            except ValueError as e:
+                problems.append(str(e).splitlines()[0])
+            except Exception as e:  # noqa: BLE001 -- transformers', safetensors' and OS errors of a damaged folder
+                problems.append(f"teacher.init_from {cfg.teacher.init_from!r} cannot be loaded ({type(e).__name__}: "
+                                f"{' '.join(str(e).split())[:160]})")
         elif cfg.teacher.source != "pretrain":
             found = teachers.check_teacher(cfg.teacher.source, cache_root=cache, tokenizer=tokenizer,
                                          max_seq_len=cfg.data.max_seq_len, family=family.name)
@@ -76,6 +81,26 @@ def family_problems(cfg: RunConfig, family) -> list[str]:
         problems.append(f"export.formats={cfg.export.formats}: the export stage serves fill-mask students (and their "
                         f"task classifiers); a {family.name} student is {family.pipeline_task}: set export.formats: []")
     return problems
+
+
+def _teacher_family_problem(cfg: RunConfig, family) -> str | None:
+    """A pretrained teacher (or ``teacher.init_from``) whose config says another family than ``teacher.family``;
+    None when it agrees or cannot be read yet (the teacher's own checks then say why)."""
+    from transformers import AutoConfig
+
+    key, source = ("teacher.init_from", cfg.teacher.init_from) if cfg.teacher.init_from else ("teacher", cfg.teacher.source)
+    if source == "pretrain":
+        return None
+    try:
+        path = assets.local_or_error(source, cfg.cache_dir, what=key)
+        if not os.path.isdir(path):  # a hub id: its config is fetched once, by the teacher's own checks
+            return None
+        found = families.of(AutoConfig.from_pretrained(path))
+    except Exception:  # noqa: BLE001 -- unreadable, unreachable or of no family: the teacher's own checks say so
+        return None
+    if found.name == family.name:
+        return None
+    return f"{key} {source!r} is a {found.name} model but teacher.family is {family.name}: set teacher.family: {found.name}"
 
 
 def _layer_map_problems(cfg: RunConfig, num_layers: int, teacher: str) -> list[str]:

@@ -146,7 +146,7 @@ def cpu_latency_ms(model, *, seq_len: int = 128, runs: int = 20) -> float:
 
     import torch
 
-    seq_len = min(seq_len, model.config.max_position_embeddings)
+    seq_len = min(seq_len, families.of(model).max_tokens(model.config))
     ids = torch.randint(1000, model.config.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(0))
     model = model.eval()
     times = []

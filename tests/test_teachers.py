@@ -37,8 +37,9 @@ def test_a_student_or_an_unsupported_family_is_refused_as_teacher(tokenizer, tmp
         teachers.load_teacher(str(tmp_path / "d"), cache_root=str(tmp_path))
     AlbertForMaskedLM(AlbertConfig(vocab_size=100, embedding_size=16, hidden_size=32, num_hidden_layers=1,
                                    num_attention_heads=2, intermediate_size=64)).save_pretrained(tmp_path / "a")
-    with pytest.raises(ValueError, match=r"is a 'albert' model; teachers are masked LMs of a supported family: "
-                                         r"supported are bert \(bert, distilbert, e.g. bert-base-uncased\); roberta"):
+    with pytest.raises(ValueError, match=r"has model_type 'albert', of no family distil distils: the teacher families "
+                                         r"are bert \(e.g. bert-base-uncased\), roberta \(e.g. roberta-base\), gpt2 "
+                                         r"\(e.g. gpt2\)"):
         teachers.load_teacher(str(tmp_path / "a"), cache_root=str(tmp_path))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="config.json"):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import statistics
 
-from pipeline import assets, models, registry
+from pipeline import assets, families, models, registry
 from pipeline import glue_metrics as metrics
 from pipeline.evaluate import report, task_search
 
@@ -49,6 +49,14 @@ def check_teacher(uri: str, data, tokenizer, cfg) -> str:
     if not spec.regression and not all(n.startswith(GENERIC) for n in names) and names != list(data.label_names):
         raise ValueError(f"{where} has labels {names} (by id) and {task} has {list(data.label_names)}: the ids must mean "
                          "the same classes; name a teacher fine-tuned on this task's labels")
+    try:
+        family = families.of(config).name
+    except ValueError:
+        family = None  # a model type of no family (ELECTRA reads BERT's WordPiece): its vocabulary decides below
+    if family is not None and family != cfg.teacher.family:
+        raise ValueError(f"{where} is a {family} classifier and this run's teacher.family is {cfg.teacher.family}: the "
+                         f"student reads the teacher's inputs, so both need one family's tokens; name a "
+                         f"{cfg.teacher.family} classifier")
     if any(os.path.exists(os.path.join(folder, f)) for f in registry.TOKENIZER_FILES):
         if AutoTokenizer.from_pretrained(folder).get_vocab() != tokenizer.get_vocab():
             raise ValueError(f"{where} has another vocabulary than the run's tokenizer (data.tokenizer="

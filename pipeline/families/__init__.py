@@ -38,7 +38,7 @@ def of(model_or_config) -> Family:
     for family in FAMILIES.values():
         if model_type in family.model_types:
             return family
-    raise ValueError(f"a {model_type!r} model is not supported: {supported_types()}")
+    raise ValueError(f"model_type {model_type!r} is of no family distil distils: {supported_types()}")
 
 
 def takes_segments(model) -> bool:
@@ -56,9 +56,9 @@ def takes_segments(model) -> bool:
 
 
 def supported_types() -> str:
-    """One phrase naming the model types the pipeline reads, for error messages."""
-    return "supported are " + "; ".join(f"{f.name} ({', '.join(f.model_types)}, e.g. {f.example_teacher})"
-                                        for f in FAMILIES.values())
+    """One phrase naming the teacher families, for error messages: "the teacher families are bert (e.g.
+    bert-base-uncased), …"."""
+    return "the teacher families are " + ", ".join(f"{f.name} (e.g. {f.example_teacher})" for f in FAMILIES.values())
 
 
 __all__ = ["BERT", "FAMILIES", "Family", "GPT2", "ROBERTA", "get", "of", "supported_types", "takes_segments"]

@@ -36,7 +36,8 @@ class Roberta(SameClassFamily):
                              pad_token_id=pad_token_id)
 
     def max_tokens(self, config) -> int:
-        return config.max_position_embeddings - config.pad_token_id - 1
+        pad = 1 if config.pad_token_id is None else config.pad_token_id  # RoBERTa's padding_idx, 1 unless set
+        return config.max_position_embeddings - pad - 1
 
     def teacher_class(self):
         return RobertaForMaskedLM

@@ -31,7 +31,7 @@ import os
 import shutil
 import time
 
-from pipeline import assets, registry, teachers, tracking
+from pipeline import assets, families, registry, teachers, tracking
 from pipeline.config import RunConfig
 from pipeline.records import ExportRecord
 from pipeline.serve import gate, onnx_export
@@ -69,12 +69,13 @@ def run(cfg: RunConfig, *, model: str | None = None, model_dir: str | None = Non
     work = os.path.join(cfg.run_dir, "export", hashlib.sha256(source["key"].encode()).hexdigest()[:12])
     shutil.rmtree(work, ignore_errors=True)  # a half-written export of an interrupted job is redone whole
     e = cfg.export
-    seq_len = min(e.latency_seq_len, student.config.max_position_embeddings)
+    window = families.of(student).max_tokens(student.config)  # tokens, not position rows (RoBERTa's 514 take 512)
+    seq_len = min(e.latency_seq_len, window)
 
     with _threads(e.threads):
         pt = gate.torch_logits(student)
         fp32_dir = os.path.join(work, FP32)
-        fp32_path = onnx_export.export(student, tokenizer, fp32_dir, max_length=student.config.max_position_embeddings,
+        fp32_path = onnx_export.export(student, tokenizer, fp32_dir, max_length=window,
                                        threads=e.threads)
         session = onnx_export.open_session(fp32_path, threads=e.threads)
         parity = gate.parity(pt, gate.ort_logits(session), batches)
@@ -206,8 +207,8 @@ def _source(cfg: RunConfig, *, model: str | None, model_dir: str | None) -> dict
     """{uri, key, folder, champion} of the model to export. ValueError (one line) when it cannot be found."""
     if model_dir is not None:
         path = os.path.abspath(os.path.expanduser(model_dir))
-        if not os.path.exists(os.path.join(path, "config.json")):
-            raise ValueError(f"--model-dir {model_dir}: not an exported HF model directory (no config.json)")
+        assets.check_model_folder(path, flag="--model-dir", family=cfg.teacher.family, tokenizer=cfg.data.tokenizer,
+                                  cache_root=cfg.cache_dir)
         return {"uri": path, "key": path, "folder": path, "champion": False}
     if model is None:
         reg = optional(cfg, "register")

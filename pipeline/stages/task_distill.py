@@ -97,6 +97,9 @@ def resolve_student(cfg: RunConfig) -> units.Model:
         if want.startswith("models:/"):
             return units.Model(key="student", source=want, uri=registry.download_model(want, cfg.cache_dir,
                                                                                       flag="task_distill.student"))
+        if os.path.isdir(os.path.expanduser(want)):  # a folder given by hand: of the run's family and vocabulary
+            assets.check_model_folder(os.path.expanduser(want), flag="task_distill.student", family=cfg.teacher.family,
+                                      tokenizer=cfg.data.tokenizer, cache_root=cfg.cache_dir)
         return units.Model(key="student", source=want, uri=want)
     if not want:
         reg = optional(cfg, "register")
