@@ -146,12 +146,7 @@ def check_model_folder(path: str, *, flag: str, family: str, tokenizer: str, cac
 
     if not os.path.exists(os.path.join(path, "config.json")):
         raise ValueError(f"{flag} {path}: not an exported HF model directory (no config.json)")
-    try:
-        keys = checkpoint_keys(path)
-    except Exception as e:  # a cut-off or foreign weights file: safetensors, torch and OS errors
-        raise ValueError(f"{flag} {path}: its weights cannot be read ({type(e).__name__}: "
-                         f"{' '.join(str(e).split())[:160]}): export the model again") from None
-    if keys is None:
+    if not any(f.endswith((".safetensors", ".bin")) for f in os.listdir(path)):
         raise ValueError(f"{flag} {path}: no weights (model.safetensors or pytorch_model.bin) beside config.json")
     try:
         config = AutoConfig.from_pretrained(path)
@@ -159,13 +154,20 @@ def check_model_folder(path: str, *, flag: str, family: str, tokenizer: str, cac
         raise ValueError(f"{flag} {path}: config.json is not a model config transformers reads "
                          f"({str(e).splitlines()[0][:150]})") from None
     fam = families.get(family)
-    if config.model_type not in fam.model_types:
+    if config.model_type not in fam.model_types:  # the family first: its fix is another model or teacher.family
         try:
             hint = f"set teacher.family: {families.of(config).name}"
         except ValueError:
             hint = families.supported_types()
         raise ValueError(f"{flag} {path}: a {config.model_type!r} model, but this run's teacher.family is {fam.name} "
                          f"({', '.join(fam.model_types)}): give a model of that family, or {hint}")
+    try:
+        keys = checkpoint_keys(path)
+    except Exception as e:  # a cut-off or foreign weights file: safetensors, torch and OS errors
+        raise ValueError(f"{flag} {path}: its weights cannot be read ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:160]}): export the model again") from None
+    if keys is None:
+        raise ValueError(f"{flag} {path}: no weights (model.safetensors or pytorch_model.bin) beside config.json")
     vocab = tokenizer_rows(load_tokenizer(tokenizer, cache_root))
     if config.vocab_size < vocab:
         raise ValueError(f"{flag} {path}: its vocabulary ({config.vocab_size}) is smaller than data.tokenizer's ({vocab})")
